@@ -1,0 +1,286 @@
+"""Campaign configuration: one pydantic model tree, loaded from YAML.
+
+Every field has a default that works on a laptop; a campaign file only says what differs.
+Validation errors name the field (``mlip.model: ...``) so the CLI can print them one per
+line. Paths in the file are taken relative to the current working directory, like any
+other command-line path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from matdisc.errors import UserError
+
+#: Calculators that need no ``module:Class`` spelling.
+BUILTIN_CALCULATORS = ("gpaw", "emt")
+#: Scheduler spellings besides an address.
+LOCAL_SCHEDULERS = ("local", "slurm")
+_ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc)://[^\s:/]+(:\d+)?$")
+_MODEL_SUFFIXES = (".model", ".pt", ".pth")
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors: a typo in a campaign file must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerationConfig(_Strict):
+    """What candidate structures to build each round."""
+
+    max_atoms: int = Field(8, ge=1, le=64, description="largest cell (atoms) a candidate may have")
+    seed: int = Field(0, description="seed for every random choice of the generators")
+    prototypes: list[str] | None = Field(
+        None, description="prototype names to decorate (None: every prototype in the library)"
+    )
+    max_candidates: int | None = Field(
+        None, ge=1, description="cap on new candidates per round, after dedup (None: no cap)"
+    )
+
+
+class TrainingConfig(_Strict):
+    """MACE hyperparameters for training on the campaign's own DFT data (CPU-sized defaults)."""
+
+    num_channels: int = Field(16, ge=4, description="MACE hidden channels")
+    max_L: int = Field(0, ge=0, le=3, description="max L of equivariant features")
+    r_max: float = Field(5.0, gt=1.0, description="cutoff radius in Å")
+    max_num_epochs: int = Field(60, ge=1, description="training epochs")
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.01, gt=0)
+    valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="validation split, by structure")
+    forces_weight: float = Field(10.0, ge=0)
+    energy_weight: float = Field(10.0, ge=0)
+
+
+class ColdStartConfig(_Strict):
+    """Seed DFT data when no starting model exists."""
+
+    prototypes: list[str] = Field(
+        default_factory=lambda: ["fcc", "bcc", "hcp", "B2", "L1_0", "L1_2"],
+        description="prototypes relaxed with the reference calculator to seed training",
+    )
+    perturbed_per_structure: int = Field(
+        3, ge=0, description="rattled + strained static calculations per relaxed seed structure"
+    )
+    rattle_stdev: float = Field(0.05, ge=0, description="Å, Gaussian displacement of perturbed seeds")
+    strain: float = Field(0.04, ge=0, lt=0.3, description="max isotropic/shear strain of perturbed seeds")
+
+
+class MLIPConfig(_Strict):
+    """Which MACE model screens candidates, and how relaxations are run."""
+
+    model: str = Field(
+        "cold-start",
+        description="cold-start, a mace_mp foundation name (e.g. medium-mpa-0), or a local .model file",
+    )
+    ensemble: int = Field(1, ge=1, le=16, description="committee size (uncertainty = spread of members)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    dtype: Literal["float32", "float64"] = Field("float64")
+    fmax: float = Field(0.05, gt=0, description="eV/Å, relaxation force criterion")
+    max_steps: int = Field(300, ge=1, description="relaxation steps before a structure counts as unconverged")
+    structures_per_task: int = Field(200, ge=1, description="structures relaxed by one Dask task")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value == "cold-start":
+            return value
+        if value.endswith(_MODEL_SUFFIXES) or "/" in value:
+            if not Path(value).is_file():
+                raise ValueError(f"model file {value!r} does not exist")
+            return value
+        names = mace_mp_names()
+        if value not in names:
+            raise ValueError(
+                f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})"
+            )
+        return value
+
+    @property
+    def is_cold_start(self) -> bool:
+        return self.model == "cold-start"
+
+    @property
+    def is_model_file(self) -> bool:
+        return self.model.endswith(_MODEL_SUFFIXES) or "/" in self.model
+
+
+class ReferenceConfig(_Strict):
+    """The reference (DFT) calculator that verifies hits and produces training data."""
+
+    calculator: str = Field("gpaw", description="gpaw, emt, or module:Class of any ASE calculator")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the calculator (merged over gpaw defaults)"
+    )
+    kpoint_density: float = Field(
+        2.5, gt=0, description="k-points per Å⁻¹ of reciprocal length, when parameters set no kpts"
+    )
+    fmax: float = Field(0.05, gt=0, description="eV/Å, DFT relaxation force criterion")
+    max_steps: int = Field(60, ge=0, description="DFT relaxation steps (0: static only)")
+    relax_cell: bool = Field(True, description="relax the cell as well as positions")
+
+    @field_validator("calculator")
+    @classmethod
+    def _known_calculator(cls, value: str) -> str:
+        if value in BUILTIN_CALCULATORS:
+            return value
+        if ":" not in value:
+            raise ValueError(f"unknown calculator {value!r}: use gpaw, emt, or module:Class")
+        module, _, attr = value.partition(":")
+        if not module or not attr or importlib.util.find_spec(module) is None:
+            raise ValueError(f"unknown calculator {value!r}: module {module!r} cannot be imported")
+        if not hasattr(importlib.import_module(module), attr):
+            raise ValueError(f"unknown calculator {value!r}: {module} has no {attr}")
+        return value
+
+
+class ActiveLearningConfig(_Strict):
+    """How many rounds, and how much DFT each round may spend."""
+
+    rounds: int = Field(2, ge=1, description="active-learning rounds")
+    dft_budget: int = Field(8, ge=0, description="DFT verifications per round")
+    hull_tolerance: float = Field(
+        0.0, ge=0, description="eV/atom: a verified candidate within this of the DFT hull is a hit"
+    )
+
+
+class SlurmConfig(_Strict):
+    """dask-jobqueue SLURMCluster settings (pip install matdisc[hpc])."""
+
+    queue: str | None = None
+    account: str | None = None
+    cores: int = Field(8, ge=1, description="cores per DFT job")
+    memory: str = "16GB"
+    walltime: str = "04:00:00"
+    dft_jobs: int = Field(2, ge=0, description="maximum DFT (CPU) jobs under adaptive scaling")
+    mlip_jobs: int = Field(1, ge=0, description="maximum MLIP (GPU) jobs under adaptive scaling")
+    gpus_per_mlip_job: int = Field(1, ge=0)
+    job_extra_directives: list[str] = Field(default_factory=list)
+
+
+class ComputeConfig(_Strict):
+    """Where tasks run: a local Dask cluster, an existing scheduler, or Slurm."""
+
+    scheduler: str = Field("local", description="local, slurm, or a scheduler address tcp://host:8786")
+    dft_workers: int | None = Field(None, ge=1, description="local DFT workers (None: cores - mlip workers)")
+    mlip_workers: int = Field(1, ge=1, description="local MLIP workers (one per GPU when CUDA is present)")
+    threads_per_dft_worker: int = Field(1, ge=1, description="OMP_NUM_THREADS of each DFT worker")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value in LOCAL_SCHEDULERS or _ADDRESS.match(value):
+            return value
+        raise ValueError(f"{value!r} is not local, slurm, or an address like tcp://host:8786")
+
+
+class CampaignConfig(_Strict):
+    """A whole discovery campaign."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="campaign name")
+    chemsys: list[str] = Field(..., description="elements of the chemical system, e.g. [Cu, Pd]")
+    store: Path | None = Field(None, description="campaign store (default runs/NAME.zarr)")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    mlip: MLIPConfig = Field(default_factory=MLIPConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+
+    @field_validator("chemsys")
+    @classmethod
+    def _elements(cls, value: list[str]) -> list[str]:
+        from pymatgen.core import Element
+
+        if not value:
+            raise ValueError("empty chemical system: name at least one element")
+        for symbol in value:
+            if not Element.is_valid_symbol(symbol):
+                raise ValueError(f"unknown element {symbol!r}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated element in {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_and_cross_checks(self) -> CampaignConfig:
+        if self.store is None:
+            object.__setattr__(self, "store", Path("runs") / f"{self.name}.zarr")
+        if self.reference.calculator == "emt":
+            from ase.calculators.emt import parameters
+
+            missing = [el for el in self.chemsys if el not in parameters]
+            if missing:
+                raise ValueError(
+                    f"reference.calculator: emt has no parameters for {', '.join(missing)} "
+                    f"(it knows {', '.join(sorted(parameters))})"
+                )
+        return self
+
+    @property
+    def store_path(self) -> Path:
+        assert self.store is not None
+        return self.store
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def mace_mp_names() -> list[str]:
+    """Foundation model names that ``mace.calculators.mace_mp`` accepts."""
+    try:
+        from mace.calculators.foundations_models import mace_mp_names as names
+    except ImportError:  # pragma: no cover - mace is a hard dependency
+        return ["small", "medium", "large", "medium-mpa-0"]
+    return [n for n in names if n]
+
+
+def format_validation_error(err: ValidationError) -> list[str]:
+    """One line per problem: ``field.path: message``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        if msg.startswith(loc + ": "):  # cross-field checks name their own field
+            lines.append(msg)
+        else:
+            lines.append(f"{loc}: {msg}")
+    return lines
+
+
+def parse_config(data: dict[str, Any], *, default_name: str = "campaign") -> CampaignConfig:
+    """Validate a mapping; raises :class:`UserError` with one line per problem."""
+    if not isinstance(data, dict):
+        raise UserError("config: the campaign file must be a mapping of keys to values")
+    data = {"name": default_name, **data}
+    try:
+        return CampaignConfig.model_validate(data)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err)) from None
+
+
+def load_config(path: str | Path) -> CampaignConfig:
+    """Load and validate a campaign YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config: {path} is not valid YAML{where}") from None
+    return parse_config(data or {}, default_name=path.stem)

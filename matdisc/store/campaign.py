@@ -1,0 +1,224 @@
+"""The campaign store: what a campaign knows, as append-only tables.
+
+Tables (all append-only; a later row for the same key supersedes an earlier one):
+
+- ``candidates``  id, formula, round, source, prototype + initial structure
+- ``mlip``        id, round, model_sha256, status, reason, energy, e_mlip_per_atom, sigma + relaxed structure
+- ``dft``         id, round, settings_hash, status, reason, energy, e_dft_per_atom + relaxed structure
+- ``frames``      training frames: id, round, source, energy, stress + structure and forces
+- ``scores``      id, round, e_form/e_hull (MLIP and DFT), is_hit: recomputed every round
+- ``rounds``      per-round metrics (candidates, relaxed, dft_verified, hits, model, MAE, ...)
+- ``models``      model registry: round, sha256, path, n_train_frames, metrics
+- ``runs``        provenance of each ``matdisc run``: config, package versions, calculator
+
+Model files live beside the tables in ``models/<sha256>.model``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pymatgen.core import Structure
+
+from matdisc.errors import StoreError, UserError
+from matdisc.store.frames import Frames
+from matdisc.store.tables import TableStore
+
+#: Row dimension names, so ``xarray.open_zarr(store, group=table)`` has meaningful dims.
+ROW_DIMS = {
+    "candidates": "candidate",
+    "mlip": "relaxation",
+    "dft": "calculation",
+    "frames": "frame",
+    "scores": "score",
+    "rounds": "round_record",
+    "models": "model",
+    "runs": "run",
+}
+STAGES = {"initial": "candidates", "mlip": "mlip", "dft": "dft"}
+
+
+def _latest(df: pd.DataFrame, key: str | list[str]) -> pd.DataFrame:
+    """Last row per key: later appends supersede earlier ones."""
+    if df.empty:
+        return df
+    return df.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
+
+
+def _frame(cols: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    return pd.DataFrame({k: (list(v) if v.ndim > 1 else v) for k, v in cols.items()})
+
+
+class Campaign:
+    """Read-only view of a campaign store (what notebooks and ``matdisc status`` use)."""
+
+    def __init__(self, path: str | Path, *, _tables: TableStore | None = None):
+        self.path = Path(path)
+        if _tables is None and not self.path.exists():
+            raise StoreError(f"campaign store {str(self.path)!r} does not exist")
+        self.tables = _tables or TableStore(self.path)
+
+    # -- tables as DataFrames ---------------------------------------------------------------
+    def table(self, name: str) -> pd.DataFrame:
+        """All committed rows of a table (including superseded ones), in append order."""
+        if name not in self.tables.tables():
+            return pd.DataFrame()
+        return _frame(self.tables.read(name))
+
+    def candidates(self) -> pd.DataFrame:
+        """One row per candidate with its latest MLIP, DFT and hull results."""
+        cand = self.table("candidates")
+        if cand.empty:
+            return pd.DataFrame(
+                columns=["id", "formula", "round", "source", "status", "e_mlip_per_atom", "e_hull_mlip",
+                         "sigma", "e_dft_per_atom", "e_hull_dft", "is_hit"]
+            )
+        cand = _latest(cand, "id")
+        mlip = _latest(self.table("mlip"), "id")
+        if not mlip.empty:
+            mlip = mlip[["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]]
+            mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
+            cand = cand.merge(mlip, on="id", how="left")
+        dft = _latest(self.table("dft"), "id")
+        if not dft.empty:
+            dft = dft[["id", "status", "reason", "e_dft_per_atom", "settings_hash"]]
+            dft = dft.rename(columns={"status": "dft_status", "reason": "dft_reason"})
+            cand = cand.merge(dft, on="id", how="left")
+        scores = _latest(self.table("scores"), "id")
+        if not scores.empty:
+            cand = cand.merge(scores.drop(columns=["round"]), on="id", how="left")
+        for col in ("e_mlip_per_atom", "sigma", "e_dft_per_atom", "e_form_mlip", "e_hull_mlip", "e_form_dft",
+                    "e_hull_dft"):
+            if col not in cand:
+                cand[col] = np.nan
+        for col in ("mlip_status", "dft_status"):
+            if col not in cand:
+                cand[col] = ""
+            cand[col] = cand[col].fillna("")
+        cand["is_hit"] = cand["is_hit"].fillna(False).astype(bool) if "is_hit" in cand else False
+        cand["status"] = [_status(m, d, h) for m, d, h in zip(cand["mlip_status"], cand["dft_status"], cand["is_hit"])]
+        return cand
+
+    def structure(self, candidate_id: str, stage: str = "initial") -> Structure:
+        """The structure of a candidate at a stage: ``initial``, ``mlip`` or ``dft``."""
+        if stage not in STAGES:
+            raise UserError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+        table = STAGES[stage]
+        if table not in self.tables.tables():
+            raise KeyError(f"no {stage} structures in {self.path}")
+        ids = self.tables.read(table, ["id"])["id"]
+        rows = np.flatnonzero(ids == candidate_id)
+        if not len(rows):
+            raise KeyError(f"candidate {candidate_id!r} has no {stage} structure")
+        return self.tables.read_frames(table, [int(rows[-1])]).structure(0)
+
+    def frames(self, table: str = "frames") -> Frames:
+        return self.tables.read_frames(table)
+
+    def rounds(self) -> pd.DataFrame:
+        df = _latest(self.table("rounds"), "round")
+        return df.sort_values("round").reset_index(drop=True) if not df.empty else df
+
+    def models(self) -> pd.DataFrame:
+        return self.table("models")
+
+    def runs(self) -> pd.DataFrame:
+        return self.table("runs")
+
+    def summary(self) -> dict[str, Any]:
+        """What ``matdisc status --json`` prints."""
+        rounds = self.rounds()
+        cand = self.candidates()
+        round_rows = []
+        for rec in rounds.to_dict("records"):
+            round_rows.append(
+                {
+                    "round": int(rec["round"]),
+                    "candidates": int(rec["candidates"]),
+                    "relaxed": int(rec["relaxed"]),
+                    "dft_verified": int(rec["dft_verified"]),
+                    "hits": int(rec["hits"]),
+                    "model_sha256": rec["model_sha256"],
+                    "mae_mev_per_atom": None if pd.isna(rec["mae_mev_per_atom"]) else float(rec["mae_mev_per_atom"]),
+                }
+            )
+        hits = cand[cand["is_hit"]] if not cand.empty else cand
+        return {
+            "store": str(self.path),
+            "rounds": round_rows,
+            "hits": [
+                {"id": r["id"], "formula": r["formula"], "prototype": r.get("prototype", ""),
+                 "e_hull_dft": float(r["e_hull_dft"])}
+                for r in hits.to_dict("records")
+            ],
+        }
+
+
+def _status(mlip: str, dft: str, is_hit: bool) -> str:
+    if dft:
+        return ("hit" if is_hit else "dft_verified") if dft == "ok" else f"dft_{dft}"
+    if mlip:
+        return "relaxed" if mlip == "ok" else f"mlip_{mlip}"
+    return "generated"
+
+
+class CampaignWriter(Campaign):
+    """The single writer of a campaign store (the orchestrating process)."""
+
+    def __init__(self, path: str | Path):
+        tables = TableStore(path, write=True)
+        super().__init__(path, _tables=tables)
+        (self.path / "models").mkdir(exist_ok=True)
+
+    def close(self) -> None:
+        self.tables.close()
+
+    def __enter__(self) -> CampaignWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def has_batch(self, table: str, key: str) -> bool:
+        return self.tables.has_batch(table, key)
+
+    def append(self, table: str, key: str, columns: Mapping[str, Any], frames: Frames | None = None) -> bool:
+        """Append one batch atomically (False: that batch was committed before)."""
+        return self.tables.append(table, key, columns, frames, row_dim=ROW_DIMS.get(table, "row"))
+
+    def append_records(
+        self, table: str, key: str, records: Sequence[Mapping[str, Any]], frames: Frames | None = None
+    ) -> bool:
+        """Append dict records (same keys each); ``frames`` holds one structure per record."""
+        if not records:
+            return self.append(table, key, {}, frames) if frames is not None and len(frames) == 0 else False
+        names = list(records[0])
+        columns = {n: [_plain(r.get(n)) for r in records] for n in names}
+        return self.append(table, key, columns, frames)
+
+    def record_run(self, config_json: str, versions: Mapping[str, str], calculator: Mapping[str, Any]) -> None:
+        """Provenance of one ``matdisc run``: config, package versions, calculator parameters."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self.append_records(
+            "runs",
+            f"run-{time.time_ns()}",
+            [{"started": stamp, "config": config_json, "versions": json.dumps(dict(versions)),
+              "calculator": json.dumps(dict(calculator), default=str)}],
+        )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    return value
+
+
+def open_campaign(path: str | Path) -> Campaign:
+    """Open a campaign store read-only."""
+    return Campaign(path)

@@ -1,0 +1,359 @@
+"""Append-only tables in a Zarr v3 group, with batches that commit atomically.
+
+Layout of a table ``T`` inside the store directory::
+
+    T/<column>            one array per column, first dimension = rows
+    T/numbers, positions  per-atom arrays (ragged structures), when the table holds structures
+    T/forces              per-atom forces, when given
+    T/cell, pbc, offsets  per-structure arrays; offsets has rows + 1 entries
+    _commits/T.jsonl      the commit log: one JSON line per complete batch
+
+Crash safety: a batch first grows and fills every array, and only then appends its line
+to the commit log. Readers see only the rows the log covers, so a batch cut short by an
+exception or ``kill -9`` is invisible; the next writer truncates the arrays back to the
+log and the batch is redone. Every key (chunk or metadata) is written with zarr's
+atomic LocalStore writes (temporary file + rename), so rewriting a chunk that already
+holds committed rows never exposes a torn chunk. A torn last line of the log (no newline)
+is ignored and removed by the next writer.
+
+Why one writer: the orchestrating process owns the store and the workers return results
+to it. Appends are then sequential, batches are contiguous, and the log is a plain
+high-water mark; an exclusive ``flock`` on ``_commits/writer.lock`` makes a second writer fail fast
+instead of interleaving. Workers never open the store for writing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+from zarr.storage import LocalStore
+
+from matdisc.errors import StoreError
+from matdisc.store.frames import Frames
+
+ROW_CHUNK = 8192
+ATOM_CHUNK = 65536
+_FLOAT_CODEC = (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
+_INT_CODEC = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"),)
+_STRUCTURE_ARRAYS = ("numbers", "positions", "forces", "cell", "pbc", "offsets")
+#: Forces are stored as float32: 1e-7 relative precision is far below any DFT or MLIP
+#: force error, and it keeps the store under 40 bytes/atom. Everything else is exact.
+_STORED_DTYPES = {"forces": np.float32, "numbers": np.int16}
+#: Sub-groups of the store root that hold files, not tables.
+SIDE_GROUPS = ("_commits", "models")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One committed batch: its key and the half-open row and atom ranges it added."""
+
+    key: str
+    rows: tuple[int, int]
+    atoms: tuple[int, int]
+
+
+def _read_log(path: Path) -> tuple[list[Commit], int]:
+    """Valid commits, and the byte length of the valid prefix (a torn tail is excluded)."""
+    commits: list[Commit] = []
+    if not path.exists():
+        return commits, 0
+    data = path.read_bytes()
+    good = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            rec = json.loads(line)
+            commits.append(Commit(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"])))  # type: ignore[arg-type]
+        except (ValueError, KeyError, TypeError):
+            break
+        good += len(line)
+    return commits, good
+
+
+def _column_array(values: Any) -> np.ndarray:
+    """Normalise a column to the dtype it is stored with."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "OUS":
+        return np.array(["" if v is None else str(v) for v in arr.ravel()], dtype=object).reshape(arr.shape)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float64)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "b":
+        return arr
+    raise TypeError(f"unsupported column dtype {arr.dtype}")
+
+
+def _fill_value(dtype: np.dtype | str) -> Any:
+    kind = np.dtype(dtype).kind if dtype != str else "O"
+    return {"f": np.nan, "i": -1, "u": 0, "b": False}.get(kind, "")
+
+
+class TableStore:
+    """The tables of one store directory: committed reads, and (with ``write=True``) appends."""
+
+    def __init__(self, path: str | Path, *, write: bool = False):
+        self.path = Path(path)
+        self.write = write
+        self._lock_fd: int | None = None
+        self._logs: dict[str, list[Commit]] = {}
+        if write:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
+            self.root = zarr.open_group(store=LocalStore(self.path), mode="a", zarr_format=3)
+            for side in SIDE_GROUPS:  # zarr groups, so zarr and xarray see known nodes only
+                if side not in self.root:
+                    self.root.create_group(side, attributes={"matdisc": "files, not arrays"})
+            self._repair()
+        else:
+            if not (self.path / "zarr.json").exists():
+                raise StoreError(f"{self.path} is not a campaign store (no zarr.json)")
+            self.root = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+
+    # -- locking -----------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        (self.path / "_commits").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / "_commits" / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(f"store {self.path} is being written by {holder}; wait for it or stop it") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> TableStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commit log ----------------------------------------------------------------------
+    def _log_path(self, table: str) -> Path:
+        return self.path / "_commits" / f"{table}.jsonl"
+
+    def commits(self, table: str) -> list[Commit]:
+        if table not in self._logs or not self.write:
+            self._logs[table] = _read_log(self._log_path(table))[0]
+        return self._logs[table]
+
+    def committed(self, table: str) -> tuple[int, int]:
+        """(rows, atoms) that readers may see."""
+        log = self.commits(table)
+        return (log[-1].rows[1], log[-1].atoms[1]) if log else (0, 0)
+
+    def has_batch(self, table: str, key: str) -> bool:
+        return any(c.key == key for c in self.commits(table))
+
+    def tables(self) -> list[str]:
+        log_dir = self.path / "_commits"
+        return sorted(p.stem for p in log_dir.glob("*.jsonl")) if log_dir.exists() else []
+
+    def _repair(self) -> None:
+        """Drop what an interrupted writer left beyond the last commit."""
+        for partial in self.path.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
+        for table in [t for t in self.root.group_keys() if t not in SIDE_GROUPS]:
+            log_path = self._log_path(table)
+            _, good = _read_log(log_path)
+            if log_path.exists() and good < log_path.stat().st_size:
+                with open(log_path, "r+b") as f:
+                    f.truncate(good)
+            rows, atoms = self.committed(table)
+            group = self.root[table]
+            for name, arr in group.arrays():
+                target = self._length_for(name, rows, atoms)
+                if arr.shape[0] != target:
+                    arr.resize((target, *arr.shape[1:]))
+
+    @staticmethod
+    def _length_for(name: str, rows: int, atoms: int) -> int:
+        if name in ("numbers", "positions", "forces"):
+            return atoms
+        if name == "offsets":
+            return rows + 1
+        return rows
+
+    # -- append --------------------------------------------------------------------------
+    def append(
+        self,
+        table: str,
+        key: str,
+        columns: Mapping[str, Any],
+        frames: Frames | None = None,
+        *,
+        row_dim: str = "row",
+    ) -> bool:
+        """Append one batch atomically; returns False if ``key`` was committed before."""
+        if not self.write:
+            raise StoreError(f"store {self.path} is open read-only")
+        if self.has_batch(table, key):
+            return False
+        cols = {name: _column_array(v) for name, v in columns.items()}
+        lengths = {len(v) for v in cols.values()} | ({len(frames)} if frames is not None else set())
+        if len(lengths) != 1:
+            raise ValueError(f"batch {key!r} of {table!r}: columns have different lengths {sorted(lengths)}")
+        n = lengths.pop()
+        rows, atoms = self.committed(table)
+        group = self.root.require_group(table)
+        if "_row_dim" not in group.attrs:
+            group.attrs["_row_dim"] = row_dim
+        row_dim = group.attrs["_row_dim"]
+
+        for name in {*cols, *(k for k, _ in group.arrays() if k not in _STRUCTURE_ARRAYS)}:
+            if name in _STRUCTURE_ARRAYS:
+                raise ValueError(f"column name {name!r} is reserved for structures")
+            values = cols.get(name)
+            arr = self._require(group, name, values, rows, row_dim)
+            if values is None:  # a column this batch does not have: pad
+                values = np.full((n, *arr.shape[1:]), _fill_value(arr.dtype))
+            self._put(arr, rows, values)
+
+        if frames is not None:
+            n_new = int(frames.offsets[-1])
+            self._put(self._require(group, "numbers", frames.numbers.astype(np.int16), atoms, "atom"), atoms, frames.numbers)
+            self._put(self._require(group, "positions", frames.positions, atoms, "atom"), atoms, frames.positions)
+            self._put(self._require(group, "cell", frames.cell, rows, row_dim), rows, frames.cell)
+            self._put(self._require(group, "pbc", frames.pbc, rows, row_dim), rows, frames.pbc)
+            offsets = self._require(group, "offsets", frames.offsets, rows + 1, "offset", initial=[0])
+            self._put(offsets, rows + 1, atoms + frames.offsets[1:])
+            if frames.forces is not None or "forces" in group:
+                forces = frames.forces if frames.forces is not None else np.full((n_new, 3), np.nan)
+                self._put(self._require(group, "forces", forces, atoms, "atom"), atoms, forces)
+        else:
+            n_new = 0
+        self._commit(table, Commit(key, (rows, rows + n), (atoms, atoms + n_new)))
+        return True
+
+    def _require(
+        self,
+        group: zarr.Group,
+        name: str,
+        values: np.ndarray | None,
+        length: int,
+        dim: str,
+        initial: list[Any] | None = None,
+    ) -> zarr.Array:
+        if name in group:
+            return group[name]
+        assert values is not None
+        values = np.asarray(values)
+        tail = values.shape[1:]
+        if values.dtype.kind == "O":
+            dtype: Any = str
+            codecs: Any = "auto"
+        else:
+            dtype = _STORED_DTYPES.get(name, values.dtype)
+            codecs = _FLOAT_CODEC if values.dtype.kind == "f" else _INT_CODEC
+        chunk = ATOM_CHUNK if dim == "atom" else ROW_CHUNK
+        arr = group.create_array(
+            name,
+            shape=(length, *tail),
+            dtype=dtype,
+            chunks=(chunk, *tail),
+            compressors=codecs,
+            fill_value=_fill_value(dtype),
+            dimension_names=(dim, *self._tail_dims(name, tail)),
+        )
+        if initial is not None:
+            arr[: len(initial)] = np.asarray(initial, dtype=values.dtype)
+        elif length:
+            arr[:length] = np.full((length, *tail), _fill_value(dtype), dtype=object if dtype is str else dtype)
+        return arr
+
+    @staticmethod
+    def _tail_dims(name: str, tail: tuple[int, ...]) -> tuple[str, ...]:
+        if name in ("positions", "forces"):
+            return ("xyz",)
+        if name == "cell":
+            return ("cell_vector", "xyz")
+        if name == "pbc":
+            return ("xyz",)
+        if name == "stress":
+            return ("voigt",)
+        return tuple(f"{name}_{i}" for i in range(len(tail)))
+
+    @staticmethod
+    def _put(arr: zarr.Array, start: int, values: np.ndarray) -> None:
+        stop = start + len(values)
+        if arr.shape[0] != stop:
+            arr.resize((stop, *arr.shape[1:]))
+        if len(values):
+            arr[start:stop] = values
+
+    def _commit(self, table: str, commit: Commit) -> None:
+        path = self._log_path(table)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": commit.key, "rows": commit.rows, "atoms": commit.atoms, "time": time.time()})
+        with open(path, "ab") as f:
+            f.write(line.encode() + b"\n")
+            f.flush()
+        self._logs.setdefault(table, []).append(commit)
+
+    # -- read ----------------------------------------------------------------------------
+    def columns(self, table: str) -> list[str]:
+        if table not in self.root:
+            return []
+        return sorted(k for k, _ in self.root[table].arrays() if k not in _STRUCTURE_ARRAYS)
+
+    def read(self, table: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Committed values of the named columns (all columns by default)."""
+        rows, _ = self.committed(table)
+        names = self.columns(table) if names is None else list(names)
+        if not rows:
+            return {name: np.zeros(0) for name in names}
+        group = self.root[table]
+        return {name: np.asarray(group[name][:rows]) for name in names}
+
+    def read_frames(self, table: str, rows: slice | np.ndarray | None = None) -> Frames:
+        """Committed structures of a table (all, or the given row indices)."""
+        n, n_atoms = self.committed(table)
+        group = self.root[table]
+        offsets = np.asarray(group["offsets"][: n + 1]) if n else np.zeros(1, np.int64)
+        has_forces = "forces" in group
+        if rows is None:
+            return Frames(
+                numbers=np.asarray(group["numbers"][:n_atoms]),
+                positions=np.asarray(group["positions"][:n_atoms]),
+                cell=np.asarray(group["cell"][:n]),
+                pbc=np.asarray(group["pbc"][:n]),
+                offsets=offsets,
+                forces=np.asarray(group["forces"][:n_atoms]) if has_forces else None,
+            )
+        idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        if not len(idx):
+            return Frames.from_atoms([])
+        if idx.min() < 0 or idx.max() >= n:
+            raise IndexError(f"row out of range for table {table!r} with {n} committed rows")
+        # read the smallest contiguous span that covers the requested rows, then pick
+        r_lo, r_hi = int(idx.min()), int(idx.max()) + 1
+        lo, hi = int(offsets[r_lo]), int(offsets[r_hi])
+        counts = offsets[idx + 1] - offsets[idx]
+        atom_idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]) - lo
+        return Frames(
+            numbers=np.asarray(group["numbers"][lo:hi])[atom_idx],
+            positions=np.asarray(group["positions"][lo:hi])[atom_idx],
+            cell=np.asarray(group["cell"][r_lo:r_hi])[idx - r_lo],
+            pbc=np.asarray(group["pbc"][r_lo:r_hi])[idx - r_lo],
+            offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            forces=np.asarray(group["forces"][lo:hi])[atom_idx] if has_forces else None,
+        )

@@ -1,0 +1,189 @@
+"""The Zarr campaign store: exact round-trips, atomic batches, crash safety, xarray."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+from ase import Atoms
+
+from matdisc.errors import StoreError
+from matdisc.store import CampaignWriter, Frames, TableStore, open_campaign
+
+
+def random_batch(seed: int, n: int) -> tuple[list[Atoms], list[np.ndarray], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    atoms, forces = [], []
+    for _ in range(n):
+        k = int(rng.integers(1, 41))
+        cell = rng.uniform(2, 12, (3, 3))
+        atoms.append(Atoms(numbers=rng.integers(1, 95, k), positions=rng.uniform(-5, 15, (k, 3)),
+                           cell=cell, pbc=rng.random(3) < 0.8))
+        forces.append(rng.normal(0, 2, (k, 3)))
+    return atoms, forces, rng.normal(-3, 1, n)
+
+
+def test_round_trip_1000_structures_exactly(tmp_path):
+    atoms, forces, energy = random_batch(0, 1000)
+    with CampaignWriter(tmp_path / "c.zarr") as w:
+        for i in range(4):  # several batches, so offsets are stitched across appends
+            sl = slice(250 * i, 250 * (i + 1))
+            w.append("frames", f"b{i}", {"energy": energy[sl], "id": [f"s{j}" for j in range(1000)][sl]},
+                     Frames.from_atoms(atoms[sl], forces=forces[sl]))
+    camp = open_campaign(tmp_path / "c.zarr")
+    back = camp.frames()
+    assert len(back) == 1000
+    for i in (0, 1, 249, 250, 777, 999):
+        a = back.atoms(i)
+        assert np.array_equal(a.numbers, atoms[i].numbers)
+        assert np.array_equal(a.positions, atoms[i].positions)
+        assert np.array_equal(a.cell[:], atoms[i].cell[:])
+        assert np.array_equal(a.pbc, atoms[i].pbc)
+        # forces are stored as float32 by design (documented): exact at that precision
+        assert np.array_equal(back.forces_of(i), forces[i].astype(np.float32))
+    allpos = np.concatenate([a.positions for a in atoms])
+    assert np.array_equal(back.positions, allpos)
+    table = camp.table("frames")
+    assert np.array_equal(table["energy"].to_numpy(), energy)
+    assert list(table["id"][:3]) == ["s0", "s1", "s2"]
+    # random access of a few rows
+    sub = camp.tables.read_frames("frames", [999, 3])
+    assert np.array_equal(sub.atoms(0).positions, atoms[999].positions)
+    assert np.array_equal(sub.atoms(1).numbers, atoms[3].numbers)
+
+
+def test_xarray_opens_the_arrays(tmp_path):
+    atoms, forces, energy = random_batch(1, 20)
+    with CampaignWriter(tmp_path / "c.zarr") as w:
+        w.append("frames", "b0", {"energy": energy, "stress": np.zeros((20, 6))}, Frames.from_atoms(atoms, forces=forces))
+    ds = xr.open_zarr(tmp_path / "c.zarr", group="frames", consolidated=False)
+    assert ds["positions"].dims == ("atom", "xyz")
+    assert ds["cell"].dims == ("frame", "cell_vector", "xyz")
+    assert ds["stress"].dims == ("frame", "voigt")
+    assert ds.sizes["atom"] == sum(len(a) for a in atoms)
+    assert np.array_equal(ds["energy"].values, energy)
+
+
+def test_exception_inside_batch_leaves_batch_invisible(tmp_path, monkeypatch):
+    path = tmp_path / "c.zarr"
+    a0, f0, e0 = random_batch(2, 50)
+    a1, f1, e1 = random_batch(3, 60)
+    with CampaignWriter(path) as w:
+        w.append("frames", "b0", {"energy": e0}, Frames.from_atoms(a0, forces=f0))
+    calls = {"n": 0}
+    real_put = TableStore._put
+
+    def failing_put(arr, start, values):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after some arrays of the batch are already grown and written
+            raise RuntimeError("disk on fire")
+        return real_put(arr, start, values)
+
+    monkeypatch.setattr(TableStore, "_put", staticmethod(failing_put))
+    with CampaignWriter(path) as w, pytest.raises(RuntimeError):
+        w.append("frames", "b1", {"energy": e1}, Frames.from_atoms(a1, forces=f1))
+    monkeypatch.setattr(TableStore, "_put", staticmethod(real_put))
+
+    camp = open_campaign(path)
+    assert len(camp.frames()) == 50
+    assert np.array_equal(camp.table("frames")["energy"].to_numpy(), e0)
+    # the batch is redone on resume and lands whole
+    with CampaignWriter(path) as w:
+        assert not w.has_batch("frames", "b1")
+        assert w.append("frames", "b1", {"energy": e1}, Frames.from_atoms(a1, forces=f1))
+        assert not w.append("frames", "b1", {"energy": e1}, Frames.from_atoms(a1, forces=f1))  # idempotent
+    back = open_campaign(path).frames()
+    assert len(back) == 110
+    assert np.array_equal(back.atoms(50).positions, a1[0].positions)
+    assert np.array_equal(back.atoms(109).positions, a1[-1].positions)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_store import random_batch
+    from matdisc.store import CampaignWriter, Frames
+    w = CampaignWriter({path!r})
+    for i in range(1000):
+        atoms, forces, energy = random_batch(100 + i, 400)
+        print("writing", i, flush=True)
+        w.append("frames", f"b{{i}}", {{"energy": energy}}, Frames.from_atoms(atoms, forces=forces))
+    """
+)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.09])
+def test_kill_9_mid_write_leaves_store_readable(tmp_path, delay):
+    path = tmp_path / "c.zarr"
+    code = WRITER.format(tests=os.path.dirname(__file__), path=str(path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.strip() == "writing 3":
+            break
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    camp = open_campaign(path)
+    done = [c.key for c in camp.tables.commits("frames")]
+    assert done == [f"b{i}" for i in range(len(done))] and len(done) >= 3
+    frames = camp.frames()
+    energies = camp.table("frames")["energy"].to_numpy()
+    expected = [random_batch(100 + i, 400) for i in range(len(done))]
+    assert len(frames) == 400 * len(done)
+    assert np.array_equal(energies, np.concatenate([e for _, _, e in expected]))
+    assert np.array_equal(frames.positions, np.concatenate([a.positions for b in expected for a in b[0]]))
+
+    # a new writer repairs the tail and appends after the last committed batch
+    a, f, e = random_batch(7, 10)
+    with CampaignWriter(path) as w:
+        w.append("frames", "after", {"energy": e}, Frames.from_atoms(a, forces=f))
+    back = open_campaign(path)
+    assert len(back.frames()) == 400 * len(done) + 10
+    assert np.array_equal(back.frames().atoms(400 * len(done)).positions, a[0].positions)
+    ds = xr.open_zarr(path, group="frames", consolidated=False)
+    assert ds.sizes["frame"] == 400 * len(done) + 10
+
+
+def test_second_writer_is_refused(tmp_path):
+    with CampaignWriter(tmp_path / "c.zarr"):
+        with pytest.raises(StoreError, match="being written by pid"):
+            CampaignWriter(tmp_path / "c.zarr")
+
+
+def test_open_missing_store_is_a_user_error(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        open_campaign(tmp_path / "nope.zarr")
+
+
+def test_candidates_view_takes_latest_results(tmp_path):
+    atoms, _, _ = random_batch(5, 3)
+    with CampaignWriter(tmp_path / "c.zarr") as w:
+        w.append_records("candidates", "r0", [
+            {"id": f"c{i}", "formula": atoms[i].get_chemical_formula(), "round": 0, "source": "prototype",
+             "prototype": "x"} for i in range(3)], Frames.from_atoms(atoms))
+        w.append_records("mlip", "r0-mlip", [
+            {"id": "c0", "round": 0, "status": "ok", "reason": "", "model_sha256": "m", "energy": -1.0,
+             "e_mlip_per_atom": -1.0, "sigma": 0.01, "n_steps": 3},
+            {"id": "c1", "round": 0, "status": "exploded", "reason": "NaN energy", "model_sha256": "m",
+             "energy": np.nan, "e_mlip_per_atom": np.nan, "sigma": np.nan, "n_steps": 1}],
+            Frames.from_atoms(atoms[:2]))
+        w.append_records("dft", "r0-dft", [
+            {"id": "c0", "round": 0, "status": "ok", "reason": "", "settings_hash": "h", "energy": -1.1,
+             "e_dft_per_atom": -1.1, "n_steps": 4}], Frames.from_atoms(atoms[:1]))
+        w.append_records("scores", "r0-s", [{"id": "c0", "round": 0, "e_hull_mlip": 0.2, "is_hit": False}])
+        w.append_records("scores", "r1-s", [{"id": "c0", "round": 1, "e_hull_mlip": 0.0, "is_hit": True}])
+    cand = open_campaign(tmp_path / "c.zarr").candidates().set_index("id")
+    assert cand.loc["c0", "e_hull_mlip"] == 0.0 and cand.loc["c0", "status"] == "hit"
+    assert cand.loc["c1", "status"] == "mlip_exploded"
+    assert cand.loc["c2", "status"] == "generated"
+    s = open_campaign(tmp_path / "c.zarr").structure("c1", "mlip")
+    assert np.allclose(s.cart_coords, atoms[1].positions)
