@@ -50,7 +50,7 @@ _STRUCTURE_ARRAYS = ("numbers", "positions", "forces", "cell", "pbc", "offsets")
 #: force error, and it keeps the store under 40 bytes/atom. Everything else is exact.
 _STORED_DTYPES = {"forces": np.float32, "numbers": np.int16}
 #: Sub-groups of the store root that hold files, not tables.
-SIDE_GROUPS = ("_commits", "models")
+SIDE_GROUPS = ("_commits", "models", "calculations", "training")
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class TableStore:
         """Drop what an interrupted writer left beyond the last commit."""
         for partial in self.path.rglob("*.partial"):
             partial.unlink(missing_ok=True)
-        for table in [t for t in self.root.group_keys() if t not in SIDE_GROUPS]:
+        for table in [p.name for p in self.path.iterdir() if (p / "zarr.json").exists() and p.name not in SIDE_GROUPS]:
             log_path = self._log_path(table)
             _, good = _read_log(log_path)
             if log_path.exists() and good < log_path.stat().st_size:

@@ -1,0 +1,164 @@
+"""The campaign flow: a thin Prefect layer over ``matdisc``.
+
+Tasks call one matdisc function each and run on Dask workers routed by resources (MLIP
+vs DFT). The flow body only decides order and writes results to the store as each task
+completes (it is the store's single writer), so a crash loses at most the tasks in flight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import as_completed
+
+from matdisc import loop
+from matdisc.active import select_greedy  # noqa: F401  (re-exported for notebooks)
+from matdisc.cluster import DFT, MLIP
+from matdisc.config import CampaignConfig, ReferenceConfig, TrainingConfig
+from matdisc.dft import run_reference, settings_hash
+from matdisc.dft.protocol import run_static
+from matdisc.mlip import relax_many, resolve_device, train_committee
+from matdisc.mlip.model import foundation_model_path, model_elements
+from matdisc.store import CampaignWriter
+
+# Retries only for transient infrastructure failures: the matdisc functions themselves
+# return failed calculations as results, so an exception here means a lost worker or similar.
+RETRY = {"retries": 2, "retry_delay_seconds": [5, 30]}
+
+
+@task(name="relax-mace", **RETRY)
+def relax_task(batch: list, model_paths: list[str], fmax: float, max_steps: int, device: str, dtype: str) -> list:
+    return relax_many(batch, model_paths, fmax=fmax, max_steps=max_steps, device=device, dtype=dtype)
+
+
+@task(name="reference-relax-static", **RETRY)
+def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
+    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
+
+
+@task(name="reference-static", **RETRY)
+def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
+    return run_static(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
+
+
+@task(name="train-mace", retries=1)
+def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
+               device: str, dtype: str, foundation: str | None) -> list[str]:
+    paths = train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
+                            device=resolve_device(device), dtype=dtype, foundation_model=foundation)
+    return [str(p) for p in paths]
+
+
+def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: list, *, verified: bool,
+                     static: bool = False) -> None:
+    """Run reference calculations on DFT workers; record each as it completes."""
+    log = get_run_logger()
+    if not jobs:
+        return
+    settings = settings_hash(cfg.reference)
+    workdir = str(w.path / "calculations" / f"r{round_}")
+    fn = static_task if static else reference_task
+    with dask.annotate(resources=DFT):
+        futures = [fn.submit(cid, atoms, cfg.reference.model_dump(), workdir) for cid, atoms in jobs]
+    for n, fut in enumerate(as_completed(futures), 1):
+        res = fut.result()
+        loop.record_reference(w, round_, res, settings, verified=verified)
+        log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
+
+
+def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, foundation: str | None) -> dict:
+    log = get_run_logger()
+    frames, groups = loop.training_set(w, cfg)
+    log.info("training MACE (%d members) on %d reference frames", cfg.mlip.ensemble, len(frames))
+    with dask.annotate(resources=MLIP):
+        fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
+                                cfg.mlip.training.model_dump(), cfg.mlip.ensemble, cfg.generation.seed + 100 * round_,
+                                cfg.mlip.device, cfg.mlip.dtype, foundation)
+    paths = fut.result()
+    return loop.register_model(w, round_, paths, n_frames=len(frames), source="trained")
+
+
+def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
+    """Round 0: the configured model, or (cold start) seed reference data and a first MACE."""
+    log = get_run_logger()
+    model = loop.current_model(w)
+    if model is not None:
+        return model
+    if not cfg.mlip.is_cold_start:
+        path = cfg.mlip.model if cfg.mlip.is_model_file else foundation_model_path(cfg.mlip.model)
+        missing = set(cfg.chemsys) - model_elements(path)
+        if missing:
+            raise ValueError(f"mlip.model {cfg.mlip.model} has no {', '.join(sorted(missing))}")
+        return loop.register_model(w, 0, [path], n_frames=0, source=cfg.mlip.model, copy=False)
+    seeds = loop.seed_candidates(cfg)
+    loop.add_candidates(w, seeds, 0, "seed")
+    done = loop.dft_done(w)
+    jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
+    log.info("cold start: %d seed structures with the reference calculator", len(jobs))
+    _reference_stage(w, cfg, 0, jobs, verified=True)
+    _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
+    return _train(w, cfg, 0, None)
+
+
+def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dict) -> None:
+    log = get_run_logger()
+    pending = loop.pending_relaxations(w, model["sha256"])
+    size = cfg.mlip.structures_per_task
+    batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+    with dask.annotate(resources=MLIP):
+        futures = {relax_task.submit(b, model["paths"], cfg.mlip.fmax, cfg.mlip.max_steps, cfg.mlip.device,
+                                     cfg.mlip.dtype): k for k, b in enumerate(batches)}
+    n = 0
+    for fut in as_completed(list(futures)):
+        results = fut.result()
+        loop.record_relaxations(w, f"r{round_}/mlip/{model['sha256'][:12]}/{futures[fut]}", round_, results,
+                                model["sha256"])
+        n += len(results)
+        log.info("MLIP relaxed %d/%d structures", n, len(pending))
+
+
+@flow(name="matdisc-campaign", log_prints=True)
+def campaign_flow(config: dict, rounds: int | None = None) -> dict:
+    """Run (or resume) a campaign: cold start, then generate → relax → score → verify → retrain."""
+    cfg = CampaignConfig.model_validate(config)
+    log = get_run_logger()
+    n_rounds = rounds if rounds is not None else cfg.active_learning.rounds
+    with CampaignWriter(cfg.store_path) as w:
+        loop.record_run(w, cfg)
+        model = _initial_model(w, cfg)
+        done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
+        if 0 not in done_rounds:
+            loop.update_scores(w, cfg, 0, "r0/scores")
+            w.append_records("rounds", "r0", [{**loop.round_metrics(w, 0, model["sha256"]),
+                                              "trained_model_sha256": model["sha256"]}])
+        foundation = None if cfg.mlip.is_cold_start else model["paths"][0]
+        for r in range(1, n_rounds + 1):
+            if r in done_rounds:
+                continue
+            model = loop.current_model(w, before_round=r)
+            new = loop.round_candidates(w, cfg)
+            n_new = loop.add_candidates(w, new, r, "generated")
+            log.info("round %d: %d new candidates", r, n_new)
+            _relax_stage(w, cfg, r, model)
+            loop.update_scores(w, cfg, r, f"r{r}/scores-mlip")
+            picks = loop.select_for_reference(w, cfg, r)
+            done = loop.dft_done(w)
+            log.info("round %d: verifying %d candidates with %s", r, len(picks), cfg.reference.calculator)
+            _reference_stage(w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done],
+                             verified=True)
+            cand = loop.update_scores(w, cfg, r, f"r{r}/scores")
+            metrics = loop.round_metrics(w, r, model["sha256"])
+            trained = loop.current_model(w, before_round=r + 1)
+            if trained is None or trained["round"] != r:
+                trained = _train(w, cfg, r, foundation)
+            metrics["trained_model_sha256"] = trained["sha256"]
+            w.append_records("rounds", f"r{r}", [metrics])
+            create_markdown_artifact(key=f"{cfg.name.lower().replace('_', '-').replace('.', '-')}-round-{r}",
+                                     markdown=loop.round_report(cfg, metrics, cand),
+                                     description=f"{cfg.name} round {r}")
+            log.info("round %d: %s", r, metrics)
+        return w.summary()

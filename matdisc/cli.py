@@ -1,0 +1,142 @@
+"""The ``matdisc`` command: run, status, validate, server stop.
+
+User errors (bad config, missing store, unknown element) print one line per problem on
+stderr and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from matdisc.errors import UserError
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from matdisc.config import load_config
+
+    cfg = load_config(args.config)
+    print(f"{args.config}: valid campaign {cfg.name!r} over {'-'.join(cfg.chemsys)}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from matdisc.store import open_campaign
+
+    summary = open_campaign(args.store).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"campaign store {summary['store']}")
+    for col in ("round", "candidates", "relaxed", "DFT verified", "hits", "model", "MAE meV/atom"):
+        table.add_column(col, justify="right")
+    for r in summary["rounds"]:
+        mae = "-" if r["mae_mev_per_atom"] is None or math.isnan(r["mae_mev_per_atom"]) else f"{r['mae_mev_per_atom']:.1f}"
+        table.add_row(str(r["round"]), str(r["candidates"]), str(r["relaxed"]), str(r["dft_verified"]),
+                      str(r["hits"]), r["model_sha256"][:12], mae)
+    console = Console()
+    console.print(table)
+    _print_hits(console, args.store)
+    return 0
+
+
+def _print_hits(console, store: str | Path) -> None:
+    from rich.table import Table
+
+    from matdisc.store import open_campaign
+
+    cand = open_campaign(store).candidates()
+    hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
+    table = Table(title="stable phases found (DFT-verified)")
+    for col in ("formula", "prototype", "E_form DFT eV/atom", "E_hull DFT eV/atom", "MLIP - DFT meV/atom"):
+        table.add_column(col, justify="right")
+    for r in hits.to_dict("records"):
+        table.add_row(r["formula"], r["prototype"], f"{r['e_form_dft']:.3f}", f"{r['e_hull_dft']:.3f}",
+                      f"{(r['e_mlip_per_atom'] - r['e_dft_per_atom']) * 1000:.1f}")
+    console.print(table if len(hits) else "no DFT-verified stable compound yet")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from matdisc.config import load_config
+
+    cfg = load_config(args.config)
+    if args.store:
+        cfg = cfg.model_copy(update={"store": Path(args.store)})
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError("--rounds: must be at least 1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from matdisc.server import ensure_api, ui_url
+
+    api = ensure_api()
+    print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
+    from prefect_dask import DaskTaskRunner
+
+    from flows.campaign import campaign_flow
+    from matdisc.cluster import campaign_cluster
+
+    with campaign_cluster(cfg.compute) as address:
+        runner = DaskTaskRunner(address=address)
+        flow = campaign_flow.with_options(task_runner=runner, flow_run_name=f"{cfg.name}")
+        flow(config=cfg.model_dump(mode="json"), rounds=args.rounds)
+    from rich.console import Console
+
+    console = Console()
+    _print_hits(console, cfg.store_path)
+    console.print(f"store: {cfg.store_path}\nPrefect UI: {ui_url(api)}  (stop the server: matdisc server stop)")
+    return 0
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from matdisc import server
+
+    if args.action == "stop":
+        print(server.stop())
+    else:
+        print(f"Prefect API: {server.ensure_api()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="matdisc", description="materials discovery campaigns")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run or resume a campaign")
+    p.add_argument("config")
+    p.add_argument("--store", help="campaign store path (overrides the config)")
+    p.add_argument("--rounds", type=int, help="total active-learning rounds (overrides the config)")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("status", help="per-round table of a campaign store")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("validate", help="check a campaign file")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("server", help="the local Prefect server matdisc starts")
+    p.add_argument("action", choices=["start", "stop"])
+    p.set_defaults(func=_cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad usage
+    try:
+        return args.func(args)
+    except UserError as err:
+        for line in err.problems:
+            print(f"matdisc: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("matdisc: interrupted; completed batches are kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

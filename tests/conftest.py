@@ -1,0 +1,40 @@
+"""Shared fixtures: one Prefect test harness per session, a small EMT campaign config."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def emt_config(tmp_path, **over) -> dict:
+    """Cu-Pd with EMT as the reference: instant, real physics with ordered compounds."""
+    cfg = {
+        "name": "cu-pd-emt",
+        "chemsys": ["Cu", "Pd"],
+        "store": str(tmp_path / "cu-pd.zarr"),
+        "generation": {"max_atoms": 8, "seed": 0},
+        "mlip": {
+            "model": "cold-start", "ensemble": 1, "device": "cpu", "fmax": 0.05, "max_steps": 200,
+            "structures_per_task": 10,
+            "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 30, "batch_size": 4},
+            "cold_start": {"perturbed_per_structure": 3},
+        },
+        "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 200},
+        "active_learning": {"rounds": 2, "dft_budget": 3, "hull_tolerance": 0.0},
+        "compute": {"scheduler": "local", "dft_workers": 1, "mlip_workers": 1},
+    }
+    for key, value in over.items():
+        cfg[key] = value
+    return cfg

@@ -1,0 +1,102 @@
+"""The whole campaign flow: Prefect (test harness) + Dask LocalCluster + EMT + tiny MACE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import emt_config
+from matdisc.config import CampaignConfig
+from matdisc.store import open_campaign
+
+
+@pytest.fixture(scope="module")
+def campaign_store(prefect_api, tmp_path_factory):
+    from prefect_dask import DaskTaskRunner
+
+    from flows.campaign import campaign_flow
+    from matdisc.cluster import campaign_cluster
+
+    tmp = tmp_path_factory.mktemp("flow")
+    cfg = CampaignConfig.model_validate(emt_config(tmp))
+    with campaign_cluster(cfg.compute) as address:
+        flow = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address))
+        summary = flow(config=cfg.model_dump(mode="json"))
+    return cfg, summary
+
+
+def test_store_holds_candidates_mlip_and_dft(campaign_store):
+    cfg, _ = campaign_store
+    camp = open_campaign(cfg.store_path)
+    cand = camp.candidates()
+    assert len(cand) >= 15
+    assert set(cand["round"]) == {0, 1}  # seeds in round 0, generated in round 1 (dedup against seeds)
+    verified = cand[cand["dft_status"] == "ok"]
+    assert len(verified) >= len(cand[cand["round"] == 0])  # every seed, plus the picks
+    assert verified["e_dft_per_atom"].notna().all()
+    relaxed = cand[cand["mlip_status"] == "ok"]
+    assert relaxed["e_mlip_per_atom"].notna().all() and len(relaxed) >= 0.8 * len(cand)
+    # a verified candidate has MLIP and DFT energies; the relaxed DFT structure reads back
+    cid = verified[verified["round"] == 1]["id"].iloc[0]
+    s = camp.structure(cid, "dft")
+    assert s.composition.reduced_formula == verified.set_index("id").loc[cid, "formula"]
+
+
+def test_a_retrained_model_per_round_with_sha256(campaign_store):
+    cfg, _ = campaign_store
+    camp = open_campaign(cfg.store_path)
+    models = camp.models()
+    assert list(models["round"]) == [0, 1, 2]
+    assert models["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert models["sha256"].nunique() == 3
+    assert (models["n_train_frames"].diff().dropna() > 0).all()  # DFT frames join the training set
+    for paths in models["paths"]:
+        for p in json.loads(paths):
+            assert (cfg.store_path / p).is_file()
+    rounds = camp.rounds()
+    assert list(rounds["round"]) == [0, 1, 2]
+    sha = list(models["sha256"])
+    assert list(rounds["model_sha256"]) == [sha[0], sha[0], sha[1]]  # round r is screened by model r-1
+    assert list(rounds["trained_model_sha256"]) == sha  # ... and ends by training model r
+    mlip = camp.table("mlip")
+    assert set(mlip[mlip["round"] == 2]["model_sha256"]) == {sha[1]}  # every result names its model
+
+
+def test_a_verified_compound_lies_on_the_emt_hull_below_the_elements(campaign_store):
+    cfg, summary = campaign_store
+    cand = open_campaign(cfg.store_path).candidates()
+    hits = cand[cand["is_hit"]]
+    assert len(hits) >= 1
+    assert (hits["e_hull_dft"] <= 1e-9).all() and (hits["e_form_dft"] < 0).all()
+    # independent check of one hit against EMT itself
+    from ase.calculators.emt import EMT
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    camp = open_campaign(cfg.store_path)
+    hit = hits.iloc[0]
+    atoms = AseAtomsAdaptor.get_atoms(camp.structure(hit["id"], "dft"))
+    atoms.calc = EMT()
+    assert np.isclose(atoms.get_potential_energy() / len(atoms), hit["e_dft_per_atom"], atol=1e-6)
+    assert {h["formula"] for h in summary["hits"]} == set(hits["formula"])
+
+
+def test_status_json_reports_the_store_counts(campaign_store):
+    cfg, _ = campaign_store
+    out = subprocess.run([sys.executable, "-m", "matdisc.cli", "status", str(cfg.store_path), "--json"],
+                         capture_output=True, text=True, check=True)
+    status = json.loads(out.stdout)
+    camp = open_campaign(cfg.store_path)
+    cand, mlip, dft = camp.candidates(), camp.table("mlip"), camp.table("dft")
+    for row in status["rounds"]:
+        r = row["round"]
+        assert row["candidates"] == int((cand["round"] == r).sum())
+        assert row["dft_verified"] == int(((dft["round"] == r) & (dft["status"] == "ok")).sum())
+        assert row["relaxed"] == int(((mlip["round"] == r) & (mlip["status"] == "ok")).sum())
+    assert len(status["hits"]) == int(cand["is_hit"].sum())
+    assert status["rounds"][-1]["hits"] == int(cand["is_hit"].sum())
+    r1 = status["rounds"][1]
+    assert r1["mae_mev_per_atom"] is not None and r1["mae_mev_per_atom"] >= 0
