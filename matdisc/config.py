@@ -254,7 +254,7 @@ def format_validation_error(err: ValidationError) -> list[str]:
             msg = "unknown field"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        if msg.startswith(loc + ": "):  # cross-field checks name their own field
+        if not e["loc"] and re.match(r"^[\w.]+: ", msg):  # cross-field checks name their own field
             lines.append(msg)
         else:
             lines.append(f"{loc}: {msg}")

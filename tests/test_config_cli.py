@@ -1,0 +1,95 @@
+"""Campaign config validation and the CLI's user-error contract (exit 2, one line, no traceback)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import emt_config
+from matdisc.cli import main
+from matdisc.config import CampaignConfig, load_config
+
+
+def write(tmp_path, cfg) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_valid_config_loads_with_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, {"chemsys": ["Cu", "Pd"]}))
+    assert cfg.name == "c" and cfg.reference.calculator == "gpaw" and cfg.mlip.model == "cold-start"
+    assert str(cfg.store_path) == "runs/c.zarr"
+    assert main(["validate", write(tmp_path, emt_config(tmp_path))]) == 0
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "words"),
+    [
+        ({"chemsys": ["Cu", "Xx"]}, "chemsys", "unknown element 'Xx'"),
+        ({"chemsys": []}, "chemsys", "empty chemical system"),
+        ({"active_learning": {"dft_budget": -1}}, "active_learning.dft_budget", "greater than or equal to 0"),
+        ({"reference": {"calculator": "vasp9000"}}, "reference.calculator", "unknown calculator"),
+        ({"reference": {"calculator": "nosuchmodule:Calc"}}, "reference.calculator", "cannot be imported"),
+        ({"mlip": {"model": "models/missing.model"}}, "mlip.model", "does not exist"),
+        ({"mlip": {"model": "huge-9"}}, "mlip.model", "mace_mp name"),
+        ({"mlip": {"fmx": 0.1}}, "mlip.fmx", "unknown field"),
+        ({"compute": {"scheduler": "mars"}}, "compute.scheduler", "tcp://host:8786"),
+        ({"chemsys": ["Cu", "Si"], "reference": {"calculator": "emt"}}, "reference.calculator", "no parameters for Si"),
+    ],
+)
+def test_invalid_config_exits_2_naming_the_field(tmp_path, capsys, patch, field, words):
+    cfg = {"name": "x", "chemsys": ["Cu", "Pd"], **patch}
+    assert main(["validate", write(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"matdisc: {field}: ") and words in err[0], err[0]
+
+
+def test_several_problems_one_line_each(tmp_path, capsys):
+    cfg = {"chemsys": ["Qq"], "active_learning": {"rounds": 0, "dft_budget": -2}}
+    assert main(["validate", write(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("matdisc: ") for line in err)
+
+
+def test_cli_user_errors_have_no_traceback(tmp_path):
+    cases = [
+        ["validate", str(tmp_path / "missing.yaml")],
+        ["status", str(tmp_path / "missing.zarr")],
+        ["run", str(tmp_path / "missing.yaml")],
+    ]
+    (tmp_path / "bad.yaml").write_text("chemsys: [Cu\n")
+    cases.append(["validate", str(tmp_path / "bad.yaml")])
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "matdisc.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bad_run_leaves_no_store(tmp_path):
+    cfg = emt_config(tmp_path)
+    cfg["active_learning"]["dft_budget"] = -1
+    assert main(["run", write(tmp_path, cfg)]) == 2
+    assert not (tmp_path / "cu-pd.zarr").exists()
+
+
+def test_readme_documents_every_config_field():
+    """The README's configuration reference stays in sync with the pydantic models."""
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+
+    def fields(model, prefix=""):
+        for name, info in model.model_fields.items():
+            ann = info.annotation
+            if isinstance(ann, type) and issubclass(ann, CampaignConfig.__mro__[1]):
+                yield from fields(ann, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}"
+
+    missing = [f for f in fields(CampaignConfig) if f"`{f}`" not in readme]
+    assert not missing, f"README lacks {missing}"
