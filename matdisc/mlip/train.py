@@ -47,7 +47,7 @@ def train_mace(
     foundation_model: str | None = None,
 ) -> Path:
     """Train one MACE model on labelled frames (REF_energy/REF_forces/REF_stress); returns its path."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # mace runs with this as its cwd
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)

@@ -59,7 +59,7 @@ class Campaign:
     """Read-only view of a campaign store (what notebooks and ``matdisc status`` use)."""
 
     def __init__(self, path: str | Path, *, _tables: TableStore | None = None):
-        self.path = Path(path)
+        self.path = Path(path).absolute()  # workers and subprocesses may run elsewhere
         if _tables is None and not self.path.exists():
             raise StoreError(f"campaign store {str(self.path)!r} does not exist")
         self.tables = _tables or TableStore(self.path)
