@@ -140,9 +140,9 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             if r in done_rounds:
                 continue
             model = loop.current_model(w, before_round=r)
-            new = loop.round_candidates(w, cfg)
-            n_new = loop.add_candidates(w, new, r, "generated")
-            log.info("round %d: %d new candidates", r, n_new)
+            new, keys = loop.round_candidates(w, cfg, r)
+            n_new = loop.add_candidates(w, new, r, "generated", keys)
+            log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
             _relax_stage(w, cfg, r, model)
             loop.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = loop.select_for_reference(w, cfg, r)

@@ -33,17 +33,64 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class PrototypeSourceConfig(_Strict):
+    """Decorated prototypes from the built-in library."""
+
+    enabled: bool = True
+    names: list[str] | None = Field(
+        None, description="prototype names to decorate (None: the library for the chemistry, ionic ones only "
+        "for ionic systems)"
+    )
+    per_round: int | None = Field(None, ge=0, description="cap on new prototype candidates per round (None: all)")
+
+    @field_validator("names")
+    @classmethod
+    def _known_prototypes(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            from matdisc.generate.prototypes import PROTOTYPES
+
+            unknown = [n for n in value if n not in PROTOTYPES]
+            if unknown:
+                raise ValueError(f"unknown prototype {unknown[0]!r} (library: {', '.join(PROTOTYPES)})")
+        return value
+
+
+class SubstitutionSourceConfig(_Strict):
+    """Data-mined ionic substitution (pymatgen's lambda table) of known structures."""
+
+    enabled: bool = True
+    threshold: float = Field(
+        1e-3, gt=0, lt=1, description="minimum substitution probability (per element for metallic systems)"
+    )
+    from_prototypes: bool = Field(True, description="substitute into the library's namesake compounds")
+    from_hits: bool = Field(True, description="substitute into the campaign's verified hits")
+    per_round: int | None = Field(100, ge=0, description="most probable substitutions kept per round")
+
+
+class RandomSourceConfig(_Strict):
+    """PyXtal random symmetric crystals (AIRSS-like)."""
+
+    enabled: bool = True
+    per_round: int = Field(20, ge=0, description="random crystals attempted per round")
+    min_distance: float = Field(0.7, gt=0, le=1.2, description="closest approach, × sum of covalent radii")
+    max_attempts: int = Field(5, ge=1, description="draws per wanted structure before giving up")
+
+
 class GenerationConfig(_Strict):
     """What candidate structures to build each round."""
 
     max_atoms: int = Field(8, ge=1, le=64, description="largest cell (atoms) a candidate may have")
-    seed: int = Field(0, description="seed for every random choice of the generators")
-    prototypes: list[str] | None = Field(
-        None, description="prototype names to decorate (None: every prototype in the library)"
+    max_elements: int | None = Field(
+        None, ge=1, description="most elements in one candidate (None: all of chemsys)"
     )
+    seed: int = Field(0, description="seed for every random choice of the generators")
     max_candidates: int | None = Field(
         None, ge=1, description="cap on new candidates per round, after dedup (None: no cap)"
     )
+    dedup_workers: int = Field(1, ge=1, description="processes for deduplication (buckets in parallel)")
+    prototype: PrototypeSourceConfig = Field(default_factory=PrototypeSourceConfig)
+    substitution: SubstitutionSourceConfig = Field(default_factory=SubstitutionSourceConfig)
+    random: RandomSourceConfig = Field(default_factory=RandomSourceConfig)
 
 
 class TrainingConfig(_Strict):

@@ -13,17 +13,19 @@ import re
 import shutil
 from importlib.metadata import version
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from ase import Atoms
+from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from matdisc.active import select_greedy
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
-from matdisc.generate import Candidate, generate, prototype_candidates
+from matdisc.generate import Candidate, fingerprint, generate, prototype_candidates, unique_against
 from matdisc.mlip.model import committee_sha256, file_sha256
 from matdisc.records import RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.store import CampaignWriter, Frames
@@ -47,15 +49,24 @@ def record_run(w: CampaignWriter, cfg: CampaignConfig) -> None:
 
 
 # -- candidates --------------------------------------------------------------------------------
-def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, source: str) -> int:
-    """Append this round's candidates once (key ``r{round}/{source}``); returns how many are new."""
+def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, source: str,
+                   keys: list[str] | None = None) -> int:
+    """Append this round's candidates once (key ``r{round}/{source}``); returns how many are new.
+
+    Each row carries its provenance (generator, prototype, parent, probability, space group,
+    PyXtal seed) and its dedup key, so later rounds dedup without re-reducing the store.
+    """
     key = f"r{round_}/{source}"
     if w.has_batch("candidates", key):
         return 0
+    if keys is None:
+        keys = [fingerprint(c.structure)[0] for c in cands]
     records, atoms = [], []
-    for i, c in enumerate(cands):
-        records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype}", "formula": c.formula,
-                        "round": round_, "source": source, "prototype": c.prototype,
+    for i, (c, k) in enumerate(zip(cands, keys)):
+        records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}", "formula": c.formula,
+                        "round": round_, "source": c.source, "prototype": c.prototype, "parent": c.parent,
+                        "probability": float(c.probability), "spacegroup": int(c.spacegroup),
+                        "gen_seed": int(c.seed), "detail": c.detail, "dedup_key": k,
                         "n_atoms": len(c.structure)})
         atoms.append(AseAtomsAdaptor.get_atoms(c.structure))
     w.append_records("candidates", key, records, Frames.from_atoms(atoms))
@@ -65,23 +76,58 @@ def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, sourc
 def seed_candidates(cfg: CampaignConfig) -> list[Candidate]:
     """Cold start: elements in fcc/bcc/hcp and a few small ordered compounds."""
     cands = prototype_candidates(cfg.chemsys, cfg.generation, names=cfg.mlip.cold_start.prototypes)
-    from matdisc.generate import unique_against
-
-    keep = unique_against([c.structure for c in cands], [])
-    return [cands[i] for i in keep]
-
-
-def round_candidates(w: CampaignWriter, cfg: CampaignConfig) -> list[Candidate]:
-    """New structures for a round, deduplicated against everything already stored."""
-    existing = [s for s in stored_structures(w, "candidates")]
-    return generate(cfg.chemsys, cfg.generation, existing)
+    keep = unique_against([c.structure for c in cands])
+    out = [cands[i] for i in keep]
+    for c in out:
+        c.source = "seed"
+    return out
 
 
-def stored_structures(w: CampaignWriter, table: str) -> list:
-    if table not in w.tables.tables():
+def verified_hits(w: CampaignWriter) -> list[tuple[str, Structure]]:
+    """(id, DFT-relaxed structure) of every verified hit: the parents of substitution."""
+    cand = w.candidates()
+    if cand.empty:
         return []
-    frames = w.frames(table)
-    return [frames.structure(i) for i in range(len(frames))]
+    return [(cid, w.structure(cid, "dft")) for cid in cand["id"][cand["is_hit"]]]
+
+
+def _stored_by_key(w: CampaignWriter) -> Callable[[set[str]], dict[str, list[Structure]]]:
+    """Lazy access to stored candidates by dedup key: only touched buckets are read."""
+
+    def fetch(keys: set[str]) -> dict[str, list[Structure]]:
+        table = w.table("candidates")
+        if table.empty:
+            return {}
+        rows = [i for i, k in enumerate(table["dedup_key"]) if k in keys]
+        frames = w.tables.read_frames("candidates", rows) if rows else None
+        out: dict[str, list[Structure]] = {}
+        for j, i in enumerate(rows):
+            out.setdefault(table["dedup_key"].iloc[i], []).append(frames.structure(j))
+        return out
+
+    return fetch
+
+
+def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tuple[list[Candidate], list[str]]:
+    """New structures for a round, deduplicated against everything already stored.
+
+    The generation report (counts per source, composition cuts, skips with reasons,
+    timings) is stored in ``generation`` and ``generation_skips`` once per round.
+    """
+    cands, keys, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=_stored_by_key(w),
+                                   hits=verified_hits(w) if cfg.generation.substitution.from_hits else [])
+    key = f"r{round_}/generation"
+    if not w.has_batch("generation", key):
+        w.append_records("generation", key, [
+            {"round": round_, "source": src, "generated": report.generated.get(src, 0), "new": report.new.get(src, 0),
+             "seconds": float(report.seconds.get(src, 0.0))} for src in report.generated
+        ] + [{"round": round_, "source": "dedup", "generated": sum(report.generated.values()),
+              "new": len(cands), "seconds": float(report.seconds.get("dedup", 0.0))}])
+        skips = report.skips + [{"source": "composition", "formula": f, "spacegroup": 0, "reason": r}
+                                for f, r in report.cut.items()]
+        if skips:
+            w.append_records("generation_skips", key, [{"round": round_, **s} for s in skips])
+    return cands, keys
 
 
 def candidate_atoms(w: CampaignWriter, ids: list[str] | None = None) -> list[tuple[str, Atoms]]:
@@ -273,10 +319,32 @@ def round_metrics(w: CampaignWriter, round_: int, model_sha: str) -> dict[str, A
     }
 
 
+def generation_summary(w: CampaignWriter, round_: int) -> str:
+    """One line: new candidates per source and how many draws were skipped."""
+    gen = w.table("generation")
+    gen = gen[(gen["round"] == round_) & (gen["source"] != "dedup")] if not gen.empty else gen
+    skips = w.table("generation_skips")
+    n_skips = int((skips["round"] == round_).sum()) if not skips.empty else 0
+    parts = [f"{r['source']} {r['new']}/{r['generated']}" for r in gen.to_dict("records")]
+    return ", ".join(parts) + f"; {n_skips} skipped (see generation_skips)"
+
+
+def hits_by_source(cand: pd.DataFrame) -> pd.DataFrame:
+    """Candidates, DFT-verified and hits per generator: which source produced the hits."""
+    if cand.empty:
+        return pd.DataFrame(columns=["source", "candidates", "verified", "hits"])
+    return (cand.assign(verified=cand["dft_status"] == "ok")
+            .groupby("source").agg(candidates=("id", "size"), verified=("verified", "sum"), hits=("is_hit", "sum"))
+            .reset_index())
+
+
 def round_report(cfg: CampaignConfig, metrics: dict[str, Any], cand: pd.DataFrame) -> str:
-    """Markdown for the Prefect UI: the round's numbers and the current hits."""
+    """Markdown for the Prefect UI: the round's numbers, hits per generator and current hits."""
     lines = [f"# {cfg.name}: round {metrics['round']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in metrics.items() if k != "round"]
+    lines += ["", "## Candidates by generator", "", "| source | candidates | DFT verified | hits |", "|---|---|---|---|"]
+    lines += [f"| {r['source']} | {r['candidates']} | {r['verified']} | {r['hits']} |"
+              for r in hits_by_source(cand).to_dict("records")]
     hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
     lines += ["", "## Verified stable compounds", "",
               "| formula | prototype | E_form DFT (eV/atom) | E_hull DFT | E MLIP - DFT (meV/atom) |",

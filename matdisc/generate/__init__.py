@@ -1,46 +1,206 @@
-"""Candidate generation: prototype decoration and deduplication (more sources in later rounds)."""
+"""Candidate generation: compositions, prototypes, substitution, random crystals, dedup.
+
+``generate`` is what a round calls: it screens compositions, runs each enabled source in a
+fixed order (prototypes, substitution, random), drops duplicates of each other and of the
+store, and returns candidates with their provenance plus a report of what was cut, skipped
+and merged, and how long each step took. Same config, seed and round give the same
+candidates.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 from pymatgen.core import Structure
 
 from matdisc.config import GenerationConfig
-from matdisc.generate.dedup import unique_against
-from matdisc.generate.prototypes import PROTOTYPES, decorate, prototype_names
+from matdisc.generate.compositions import CompositionScreen, enumerate_compositions, is_ionic, screen
+from matdisc.generate.dedup import Deduplicator, fingerprint, unique, unique_against
+from matdisc.generate.prototypes import PROTOTYPES, Prototype, decorate, prototype_names
+from matdisc.generate.random_search import random_crystals
+from matdisc.generate.substitution import substitute
+
+SOURCES = ("prototype", "substitution", "random")
 
 
 @dataclass
 class Candidate:
-    """A generated structure and where it came from."""
+    """A generated structure and where it came from (provenance is stored with it)."""
 
     structure: Structure
-    source: str
-    prototype: str
+    source: str  # prototype | substitution | random | seed
+    prototype: str = ""  # prototype name (for substitution: the parent's, when known)
+    parent: str = ""  # substitution parent: candidate id or library compound
+    probability: float = math.nan  # substitution probability
+    spacegroup: int = 0  # space group the generator built (PyXtal's draw, or the prototype's)
+    seed: int = -1  # PyXtal random_state
+    detail: str = ""  # decoration or substitution map, e.g. "A=Cu B=Pd" or "Na+->Li+"
 
     @property
     def formula(self) -> str:
         return self.structure.composition.reduced_formula
 
 
-def prototype_candidates(chemsys: list[str], cfg: GenerationConfig, names: list[str] | None = None) -> list[Candidate]:
-    """Decorate prototypes over the chemical system (elements alone included)."""
-    out = []
-    for name in prototype_names(chemsys, names if names is not None else cfg.prototypes):
-        for s in decorate(PROTOTYPES[name], chemsys, max_atoms=cfg.max_atoms):
-            out.append(Candidate(s, "prototype", name))
+@dataclass
+class GenerationReport:
+    """What a round's generation did, for logs, the Prefect UI and the store."""
+
+    compositions: int = 0
+    compositions_kept: int = 0
+    cut_reasons: dict[str, int] = field(default_factory=dict)
+    cut: dict[str, str] = field(default_factory=dict)  # composition -> why it was cut
+    generated: dict[str, int] = field(default_factory=dict)
+    new: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    skips: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"compositions": self.compositions, "compositions_kept": self.compositions_kept,
+                "cut_reasons": self.cut_reasons, "generated": self.generated, "new": self.new,
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "skips": len(self.skips),
+                "skip_reasons": _count(s["reason"].split(":")[0] for s in self.skips)}
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
     return out
 
 
-def generate(chemsys: list[str], cfg: GenerationConfig, existing: list[Structure]) -> list[Candidate]:
-    """New, unique candidates for this round (deduplicated also against ``existing``)."""
-    cands = prototype_candidates(chemsys, cfg)
-    keep = unique_against([c.structure for c in cands], existing)
-    cands = [cands[i] for i in keep]
-    if cfg.max_candidates is not None:
-        cands = cands[: cfg.max_candidates]
-    return cands
+def composition_screen(chemsys: list[str], cfg: GenerationConfig) -> CompositionScreen:
+    return screen(chemsys, enumerate_compositions(chemsys, cfg.max_atoms, cfg.max_elements))
 
 
-__all__ = ["Candidate", "PROTOTYPES", "generate", "prototype_candidates", "unique_against"]
+def prototype_candidates(
+    chemsys: list[str], cfg: GenerationConfig, names: list[str] | None = None,
+    comp_screen: CompositionScreen | None = None,
+) -> list[Candidate]:
+    """Every symmetry-distinct decoration of the library over the chemical system."""
+    comp_screen = comp_screen or composition_screen(chemsys, cfg)
+    max_el = cfg.max_elements or len(chemsys)
+    out = []
+    for name in prototype_names(is_ionic(chemsys), names if names is not None else cfg.prototype.names):
+        p = PROTOTYPES[name]
+        if len(p.labels) > max_el:
+            continue
+        for species, s in decorate(p, chemsys, max_atoms=cfg.max_atoms, oxidation=comp_screen.oxidation):
+            if comp_screen.allows(s.composition.reduced_formula):
+                detail = " ".join(f"{lb}={el}" for lb, el in zip(p.labels, species))
+                out.append(Candidate(s, "prototype", name, spacegroup=p.spacegroup_number, detail=detail))
+    return out
+
+
+def library_parents(chemsys: list[str], max_elements: int) -> list[tuple[str, Structure, Prototype]]:
+    """The library's namesake compounds (NaCl, MgAl2O4, ...) as substitution parents."""
+    out = []
+    for p in PROTOTYPES.values():
+        if 1 < len(p.labels) <= max_elements:
+            out.append((f"{p.compound} ({p.name})", p.build(dict(zip(p.labels, p.example))), p))
+    return out
+
+
+def substitution_candidates(
+    chemsys: list[str], cfg: GenerationConfig, comp_screen: CompositionScreen,
+    hits: list[tuple[str, Structure]] = (),
+) -> list[Candidate]:
+    sc = cfg.substitution
+    parents: list[tuple[str, Structure]] = []
+    prototype_of: dict[str, str] = {}
+    if sc.from_prototypes:
+        for label, s, p in library_parents(chemsys, cfg.max_elements or len(chemsys)):
+            parents.append((label, s))
+            prototype_of[label] = p.name
+    if sc.from_hits:
+        parents.extend(hits)
+    subs = substitute(parents, chemsys, comp_screen, threshold=sc.threshold, max_atoms=cfg.max_atoms)
+    return [Candidate(r.structure, "substitution", prototype_of.get(r.parent, ""), parent=r.parent,
+                      probability=r.probability, detail=r.substitution) for r in subs]
+
+
+def round_seed(seed: int, round_: int) -> np.random.Generator:
+    """The generator of a round's random choices: (campaign seed, round) → same draws on a rerun."""
+    return np.random.default_rng([seed, round_])
+
+
+def generate(
+    chemsys: list[str],
+    cfg: GenerationConfig,
+    *,
+    round_: int = 1,
+    existing: list[Structure] = (),
+    existing_keys: list[str] | None = None,
+    existing_by_key: Callable[[set[str]], dict[str, list[Structure]]] | None = None,
+    hits: list[tuple[str, Structure]] = (),
+) -> tuple[list[Candidate], list[str], GenerationReport]:
+    """New, unique candidates for a round, their dedup keys, and the report.
+
+    ``existing`` are the structures already in the store (with their stored dedup keys when
+    known), or ``existing_by_key`` fetches them by bucket; ``hits`` are verified
+    (id, structure) pairs that seed substitution.
+    """
+    report = GenerationReport()
+    t0 = time.perf_counter()
+    comp_screen = composition_screen(chemsys, cfg)
+    report.compositions = len(comp_screen.kept) + len(comp_screen.cut)
+    report.compositions_kept = len(comp_screen.kept)
+    report.cut_reasons = comp_screen.cut_reasons
+    report.cut = dict(comp_screen.cut)
+    report.seconds["compositions"] = time.perf_counter() - t0
+
+    per_source: dict[str, list[Candidate]] = {}
+    if cfg.prototype.enabled:
+        t0 = time.perf_counter()
+        per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen)
+        report.seconds["prototype"] = time.perf_counter() - t0
+    if cfg.substitution.enabled:
+        t0 = time.perf_counter()
+        per_source["substitution"] = substitution_candidates(chemsys, cfg, comp_screen, hits)
+        report.seconds["substitution"] = time.perf_counter() - t0
+    if cfg.random.enabled and cfg.random.per_round:
+        t0 = time.perf_counter()
+        rc = cfg.random
+        crystals, skips = random_crystals(comp_screen, rc.per_round, rng=round_seed(cfg.seed, round_),
+                                          max_atoms=cfg.max_atoms, min_distance=rc.min_distance,
+                                          max_attempts=rc.max_attempts)
+        per_source["random"] = [Candidate(c.structure, "random", spacegroup=c.spacegroup, seed=c.seed)
+                                for c in crystals]
+        report.skips.extend({"source": "random", "formula": s.formula, "spacegroup": s.spacegroup,
+                             "reason": s.reason} for s in skips)
+        report.seconds["random"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cands = [c for src in SOURCES for c in per_source.get(src, [])]
+    report.generated = {src: len(v) for src, v in per_source.items()}
+    keep, keys = unique([c.structure for c in cands], existing, existing_keys=existing_keys,
+                        existing_by_key=existing_by_key, workers=cfg.dedup_workers)
+    report.seconds["dedup"] = time.perf_counter() - t0
+
+    caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round,
+            "random": None}
+    taken: dict[str, int] = {}
+    out, out_keys = [], []
+    for i in keep:
+        src = cands[i].source
+        cap = caps.get(src)
+        if cap is not None and taken.get(src, 0) >= cap:
+            continue
+        if cfg.max_candidates is not None and len(out) >= cfg.max_candidates:
+            break
+        taken[src] = taken.get(src, 0) + 1
+        out.append(cands[i])
+        out_keys.append(keys[i])
+    report.new = {src: taken.get(src, 0) for src in per_source}
+    return out, out_keys, report
+
+
+__all__ = [
+    "Candidate", "CompositionScreen", "Deduplicator", "GenerationReport", "PROTOTYPES", "SOURCES",
+    "composition_screen", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates", "round_seed",
+    "screen", "substitution_candidates", "unique", "unique_against",
+]

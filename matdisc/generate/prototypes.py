@@ -1,18 +1,26 @@
 """A library of crystal prototypes, built from space group + Wyckoff sites, and their decoration.
 
-Each prototype has sublattices (labels ``A``, ``B``, ``C``) that decoration assigns
-elements to: every assignment of distinct elements to sublattices gives one candidate
-(so L1₂ over Cu-Pd gives both Cu₃Pd and CuPd₃). Lattice parameters are scaled so the
-volume per atom is the mean of the elements' atomic volumes; relaxation does the rest.
+Each prototype names its space group and one representative position per Wyckoff site,
+grouped into sublattices (labels ``A``, ``B``, ``C``); pymatgen's
+``Structure.from_spacegroup`` expands them, and the primitive cell is kept. Decoration
+assigns distinct elements of the chemical system to the sublattices; assignments that give
+the same crystal (NaCl and ClNa) are kept once. Lattice parameters come from element sizes
+(:mod:`matdisc.generate.geometry`); internal parameters (wurtzite u, rutile x, spinel x)
+are the textbook values of the named compound.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
-from pymatgen.core import Element, Lattice, Structure
+from pymatgen.core import Lattice, Structure
+
+from matdisc.generate.geometry import scale_to_alloy_volume, scale_to_ionic_radii
+
+Coords = tuple[float, float, float]
 
 
 @dataclass(frozen=True)
@@ -21,88 +29,144 @@ class Prototype:
 
     name: str
     strukturbericht: str
+    example: tuple[str, ...]  # the compound it is named after, one element per label
     spacegroup: str
+    spacegroup_number: int
     lattice: tuple[float, float, float, float, float, float]  # a, b, c, alpha, beta, gamma
-    sites: tuple[tuple[str, tuple[float, float, float]], ...]  # (sublattice label, frac coords)
-    ionic: bool = False
+    sites: tuple[tuple[str, Coords], ...]  # (sublattice label, representative frac coords)
+    ionic: bool = False  # only decorated for ionic systems unless asked for by name
+
+    @property
+    def compound(self) -> str:
+        return self.build(dict(zip(self.labels, self.example))).composition.reduced_formula
 
     @property
     def labels(self) -> list[str]:
         return sorted({label for label, _ in self.sites})
 
     def build(self, species: dict[str, str]) -> Structure:
-        a, b, c, alpha, beta, gamma = self.lattice
-        # build at a physical scale (a = 4 Å): symmetry tolerances are in Å
-        lat = Lattice.from_parameters(4 * a, 4 * b, 4 * c, alpha, beta, gamma)
-        labels = [label for label, _ in self.sites]
-        coords = [xyz for _, xyz in self.sites]
-        s = Structure.from_spacegroup(self.spacegroup, lat, [species[lb] for lb in labels], coords)
-        return s.get_primitive_structure()
+        """The primitive cell with ``species`` on the sublattices, at a = 4 Å (unscaled)."""
+        return _build(self, tuple(species[label] for label in self.labels))
 
 
-_C = 1.0  # cubic
-_H = (1.0, 1.0, 1.633, 90, 90, 120)  # ideal hcp c/a
+@lru_cache(maxsize=None)
+def _skeleton(p: Prototype) -> Structure:
+    """The primitive cell decorated with the example compound, built once per prototype
+    (pymatgen's SpaceGroup setup costs ~0.5 s; decoration is then a species swap)."""
+    a, b, c, alpha, beta, gamma = p.lattice
+    # build at a physical scale (a = 4 Å): symmetry tolerances are in Å
+    lat = Lattice.from_parameters(4 * a, 4 * b, 4 * c, alpha, beta, gamma)
+    by_label = dict(zip(p.labels, p.example))
+    s = Structure.from_spacegroup(p.spacegroup, lat, [by_label[lb] for lb, _ in p.sites], [x for _, x in p.sites])
+    return s.get_primitive_structure()
 
+
+def _build(p: Prototype, species: tuple[str, ...]) -> Structure:
+    s = _skeleton(p).copy()
+    s.replace_species(dict(zip(p.example, species)))
+    return s
+
+
+_CUBIC = (1.0, 1.0, 1.0, 90.0, 90.0, 90.0)
+
+
+def _hex(c_over_a: float, a: float = 1.0) -> tuple[float, float, float, float, float, float]:
+    return (a, a, a * c_over_a, 90.0, 90.0, 120.0)
+
+
+def _tet(c_over_a: float, a: float = 1.0) -> tuple[float, float, float, float, float, float]:
+    return (a, a, a * c_over_a, 90.0, 90.0, 90.0)
+
+
+_P = Prototype
+_Q = 1 / np.sqrt(2)
 PROTOTYPES: dict[str, Prototype] = {
     p.name: p
     for p in [
-        Prototype("fcc", "A1", "Fm-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)),)),
-        Prototype("bcc", "A2", "Im-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)),)),
-        Prototype("hcp", "A3", "P6_3/mmc", _H, (("A", (1 / 3, 2 / 3, 0.25)),)),
-        Prototype("B2", "B2", "Pm-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)))),
-        Prototype("L1_0", "L1_0", "P4/mmm", (1 / np.sqrt(2), 1 / np.sqrt(2), 1, 90, 90, 90),
-                  (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)))),
-        Prototype("L1_2", "L1_2", "Pm-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0.5, 0.5)), ("B", (0, 0, 0)))),
-        Prototype("L1_1", "L1_1", "R-3m", (1 / np.sqrt(2), 1 / np.sqrt(2), 2 * np.sqrt(3), 90, 90, 120),
-                  (("A", (0, 0, 0)), ("B", (0, 0, 0.5)))),
-        Prototype("D0_3", "D0_3", "Fm-3m", (1, 1, 1, 90, 90, 90),
-                  (("A", (0.25, 0.25, 0.25)), ("A", (0.5, 0.5, 0.5)), ("B", (0, 0, 0)))),
-        Prototype("D0_22", "D0_22", "I4/mmm", (1, 1, 2, 90, 90, 90),
-                  (("A", (0, 0.5, 0.25)), ("A", (0, 0, 0.5)), ("B", (0, 0, 0)))),
-        Prototype("D0_19", "D0_19", "P6_3/mmc", (2, 2, 1.633, 90, 90, 120),
-                  (("A", (5 / 6, 2 / 3, 0.25)), ("B", (1 / 3, 2 / 3, 0.25)))),
-        Prototype("C15", "C15", "Fd-3m", (1, 1, 1, 90, 90, 90),
-                  (("A", (0.5, 0.5, 0.5)), ("B", (0.125, 0.125, 0.125)))),
-        Prototype("B1", "B1", "Fm-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5))), True),
-        Prototype("B3", "B3", "F-43m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)), ("B", (0.25, 0.25, 0.25))), True),
-        Prototype("C1", "C1", "Fm-3m", (1, 1, 1, 90, 90, 90), (("A", (0, 0, 0)), ("B", (0.25, 0.25, 0.25))), True),
-        Prototype("E2_1", "E2_1", "Pm-3m", (1, 1, 1, 90, 90, 90),
-                  (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)), ("C", (0.5, 0.5, 0))), True),
+        # elements
+        _P("fcc", "A1", ('Cu',), "Fm-3m", 225, _CUBIC, (("A", (0, 0, 0)),)),
+        _P("bcc", "A2", ('W',), "Im-3m", 229, _CUBIC, (("A", (0, 0, 0)),)),
+        _P("hcp", "A3", ('Mg',), "P6_3/mmc", 194, _hex(1.633), (("A", (1 / 3, 2 / 3, 0.25)),)),
+        _P("diamond", "A4", ('Si',), "Fd-3m:2", 227, _CUBIC, (("A", (1 / 8, 1 / 8, 1 / 8)),), ionic=True),
+        # fcc / bcc / hcp orderings and intermetallics
+        _P("B2", "B2", ('Cs', 'Cl'), "Pm-3m", 221, _CUBIC, (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)))),
+        _P("L1_0", "L1_0", ('Cu', 'Au'), "P4/mmm", 123, (_Q, _Q, 1, 90, 90, 90), (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)))),
+        _P("L1_2", "L1_2", ('Cu', 'Au'), "Pm-3m", 221, _CUBIC, (("A", (0, 0.5, 0.5)), ("B", (0, 0, 0)))),
+        _P("L1_1", "L1_1", ('Cu', 'Pt'), "R-3m", 166, (_Q, _Q, 2 * np.sqrt(3), 90, 90, 120),
+           (("A", (0, 0, 0)), ("B", (0, 0, 0.5)))),
+        _P("D0_3", "D0_3", ('Fe', 'Al'), "Fm-3m", 225, _CUBIC,
+           (("A", (0.25, 0.25, 0.25)), ("A", (0.5, 0.5, 0.5)), ("B", (0, 0, 0)))),
+        _P("D0_22", "D0_22", ('Al', 'Ti'), "I4/mmm", 139, _tet(2.0), (("A", (0, 0.5, 0.25)), ("A", (0, 0, 0.5)), ("B", (0, 0, 0)))),
+        _P("D0_19", "D0_19", ('Ni', 'Sn'), "P6_3/mmc", 194, _hex(0.8165, 2.0),
+           (("A", (5 / 6, 2 / 3, 0.25)), ("B", (1 / 3, 2 / 3, 0.25)))),
+        _P("C32", "C32", ('Al', 'B'), "P6/mmm", 191, _hex(1.08), (("A", (0, 0, 0)), ("B", (1 / 3, 2 / 3, 0.5)))),
+        _P("B8_1", "B8_1", ('Ni', 'As'), "P6_3/mmc", 194, _hex(1.39), (("A", (0, 0, 0)), ("B", (1 / 3, 2 / 3, 0.25)))),
+        # Laves phases (cubic MgCu2, hexagonal MgZn2)
+        _P("C15", "C15", ('Mg', 'Cu'), "Fd-3m:2", 227, _CUBIC, (("A", (1 / 8, 1 / 8, 1 / 8)), ("B", (0.5, 0.5, 0.5)))),
+        _P("C14", "C14", ('Mg', 'Zn'), "P6_3/mmc", 194, _hex(1.64),
+           (("A", (1 / 3, 2 / 3, 0.0629)), ("B", (0, 0, 0)), ("B", (0.8305, 0.661, 0.25)))),
+        # Heusler and half-Heusler (ternary)
+        _P("L2_1", "L2_1", ('Cu', 'Mn', 'Al'), "Fm-3m", 225, _CUBIC,
+           (("A", (0.25, 0.25, 0.25)), ("B", (0, 0, 0)), ("C", (0.5, 0.5, 0.5)))),
+        _P("C1_b", "C1_b", ('Mg', 'Ag', 'As'), "F-43m", 216, _CUBIC,
+           (("A", (0.25, 0.25, 0.25)), ("B", (0, 0, 0)), ("C", (0.5, 0.5, 0.5)))),
+        # ionic binaries
+        _P("B1", "B1", ('Na', 'Cl'), "Fm-3m", 225, _CUBIC, (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5))), ionic=True),
+        _P("B3", "B3", ('Zn', 'S'), "F-43m", 216, _CUBIC, (("A", (0, 0, 0)), ("B", (0.25, 0.25, 0.25))), ionic=True),
+        _P("B4", "B4", ('Zn', 'O'), "P6_3mc", 186, _hex(1.633),
+           (("A", (1 / 3, 2 / 3, 0)), ("B", (1 / 3, 2 / 3, 0.375))), ionic=True),
+        # fluorite; decorated both ways it is also antifluorite (Li2O)
+        _P("C1", "C1", ('Ca', 'F'), "Fm-3m", 225, _CUBIC, (("A", (0, 0, 0)), ("B", (0.25, 0.25, 0.25))), ionic=True),
+        _P("C4", "C4", ('Ti', 'O'), "P4_2/mnm", 136, _tet(0.644), (("A", (0, 0, 0)), ("B", (0.305, 0.305, 0))), ionic=True),
+        _P("C6", "C6", ('Cd', 'I'), "P-3m1", 164, _hex(1.61), (("A", (0, 0, 0)), ("B", (1 / 3, 2 / 3, 0.25))), ionic=True),
+        # ionic ternaries
+        _P("E2_1", "E2_1", ('Ca', 'Ti', 'O'), "Pm-3m", 221, _CUBIC,
+           (("A", (0, 0, 0)), ("B", (0.5, 0.5, 0.5)), ("C", (0.5, 0.5, 0))), ionic=True),
+        _P("H1_1", "H1_1", ("Mg", "Al", "O"), "Fd-3m:2", 227, (2.0, 2.0, 2.0, 90, 90, 90),
+           (("A", (1 / 8, 1 / 8, 1 / 8)), ("B", (0.5, 0.5, 0.5)), ("C", (0.2625, 0.2625, 0.2625))), ionic=True),
     ]
 }
 #: Prototypes for metallic systems (ionic ones are added when the chemistry is ionic).
 ALLOY_PROTOTYPES = [name for name, p in PROTOTYPES.items() if not p.ionic]
 
 
-def atomic_volume(symbol: str) -> float:
-    """Volume per atom (Å³) of an element, from its metallic (else atomic) radius, fcc packing."""
-    el = Element(symbol)
-    r = el.metallic_radius or el.atomic_radius or 1.5
-    return 4 * np.sqrt(2) * float(r) ** 3
-
-
-def is_ionic(chemsys: list[str]) -> bool:
-    """An ionic system has a metal and a non-metal (anion former)."""
-    els = [Element(s) for s in chemsys]
-    return any(e.is_metal for e in els) and any(not e.is_metal and not e.is_metalloid for e in els)
-
-
-def prototype_names(chemsys: list[str], requested: list[str] | None = None) -> list[str]:
+def prototype_names(ionic: bool, requested: list[str] | None = None) -> list[str]:
+    """The prototypes to decorate: those requested (checked), else the library for this chemistry."""
     if requested is not None:
         unknown = [n for n in requested if n not in PROTOTYPES]
         if unknown:
             raise ValueError(f"unknown prototype {unknown[0]!r} (library: {', '.join(PROTOTYPES)})")
         return list(requested)
-    return list(PROTOTYPES) if is_ionic(chemsys) else list(ALLOY_PROTOTYPES)
+    return list(PROTOTYPES) if ionic else list(ALLOY_PROTOTYPES)
 
 
-def decorate(prototype: Prototype, chemsys: list[str], *, max_atoms: int) -> list[Structure]:
-    """Every assignment of distinct elements of ``chemsys`` to the prototype's sublattices."""
-    out = []
-    for species in itertools.permutations(chemsys, len(prototype.labels)):
-        s = prototype.build(dict(zip(prototype.labels, species)))
+def decorations(prototype: Prototype, elements: list[str]) -> list[tuple[str, ...]]:
+    """Assignments of distinct elements to the sublattices (in label order)."""
+    return list(itertools.permutations(elements, len(prototype.labels)))
+
+
+def decorate(
+    prototype: Prototype,
+    elements: list[str],
+    *,
+    max_atoms: int,
+    oxidation: dict[str, dict[str, int]] | None = None,
+) -> list[tuple[tuple[str, ...], Structure]]:
+    """Every symmetry-distinct decoration of ``prototype`` by ``elements``, volume-scaled.
+
+    ``oxidation`` maps a reduced formula to its oxidation states; decorations found there
+    are scaled by ionic radii, others by atomic volumes.
+    """
+    from matdisc.generate.dedup import Deduplicator
+
+    out: list[tuple[tuple[str, ...], Structure]] = []
+    seen = Deduplicator()
+    for species in decorations(prototype, elements):
+        s = prototype.build(dict(zip(prototype.labels, species))).copy()
         if len(s) > max_atoms:
             continue
-        s.scale_lattice(sum(atomic_volume(str(site.specie)) for site in s))
-        out.append(s)
+        ox = (oxidation or {}).get(s.composition.reduced_formula)
+        s = scale_to_ionic_radii(s, ox) if ox else scale_to_alloy_volume(s)
+        if seen.add(s):
+            out.append((species, s))
     return out

@@ -1,0 +1,198 @@
+"""Candidate generation: known answers for the library, substitution, SMACT, PyXtal and dedup."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pymatgen.core import Lattice, Structure
+from pymatgen.core.operations import SymmOp
+from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+from matdisc.config import GenerationConfig
+from matdisc.generate import composition_screen, generate, round_seed
+from matdisc.generate.compositions import enumerate_compositions, screen
+from matdisc.generate.dedup import naive_unique, unique
+from matdisc.generate.geometry import closest_approach
+from matdisc.generate.prototypes import PROTOTYPES, decorate
+from matdisc.generate.random_search import random_crystals
+from matdisc.generate.substitution import substitute
+
+
+def rocksalt(a: str, b: str, lattice: float) -> Structure:
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(lattice), [a, b], [(0, 0, 0), (0.5, 0.5, 0.5)])
+    return s.get_primitive_structure()
+
+
+# -- prototype library ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PROTOTYPES))
+def test_prototype_reproduces_its_space_group(name):
+    p = PROTOTYPES[name]
+    s = p.build(dict(zip(p.labels, p.example)))
+    assert SpacegroupAnalyzer(s, symprec=1e-3).get_space_group_number() == p.spacegroup_number
+    # decorated with other elements and volume-scaled it keeps its symmetry and sane distances
+    elements = ["Cu", "Pd", "Ag"][: len(p.labels)]
+    for _, d in decorate(p, elements, max_atoms=64):
+        assert SpacegroupAnalyzer(d, symprec=1e-3).get_space_group_number() == p.spacegroup_number
+        if len(d) > 1:
+            assert closest_approach(d, 0.7)[0] >= 1.0, name
+
+
+def test_library_covers_the_named_structure_types():
+    compounds = {p.compound for p in PROTOTYPES.values()}
+    for formula in ("NaCl", "ZnS", "ZnO", "CsCl", "CaF2", "TiO2", "CaTiO3", "MgAl2O4", "NiAs", "CdI2",
+                    "MgCu2", "MgZn2", "MnAlCu2", "MgAgAs", "Cu3Au", "CuAu"):
+        assert formula in compounds, formula
+
+
+def test_decoration_keeps_symmetry_distinct_assignments_once():
+    # NaCl and ClNa are one crystal; NiAs and AsNi (anion on the other site) are two
+    assert len(decorate(PROTOTYPES["B1"], ["Na", "Cl"], max_atoms=8)) == 1
+    assert len(decorate(PROTOTYPES["B8_1"], ["Ni", "As"], max_atoms=8)) == 2
+    assert {s.composition.reduced_formula for _, s in decorate(PROTOTYPES["L1_2"], ["Cu", "Pd"], max_atoms=8)} == {
+        "Cu3Pd", "CuPd3"}
+
+
+def test_ionic_volume_from_shannon_radii():
+    sc = screen(["Na", "Cl"], enumerate_compositions(["Na", "Cl"], 4))
+    ((_, s),) = decorate(PROTOTYPES["B1"], ["Na", "Cl"], max_atoms=4, oxidation=sc.oxidation)
+    a = (4 * s.volume) ** (1 / 3)
+    assert abs(a - 5.64) / 5.64 < 0.02  # experiment 5.64 Å; radii 1.02 + 1.81 Å give 5.66
+
+
+# -- composition screening -----------------------------------------------------------------------
+def test_smact_screen_li_fe_o():
+    sc = screen(["Li", "Fe", "O"], enumerate_compositions(["Li", "Fe", "O"], 8))
+    assert "LiFeO2" in sc.oxidation and sc.oxidation["LiFeO2"] == {"Li": 1, "Fe": 3, "O": -2}
+    assert sc.cut["Li2FeO"].startswith("charge neutrality")
+    assert sc.cut["LiFe"].startswith("charge neutrality")
+    assert sc.oxidation["FeO"] == {"Fe": 2, "O": -2}
+    assert sum(sc.cut_reasons.values()) == len(sc.cut) > 0
+
+
+def test_metallic_systems_are_not_screened():
+    comps = enumerate_compositions(["Cu", "Pd"], 4)
+    assert [c.reduced_formula for c in comps] == ["Cu", "Pd", "CuPd", "CuPd2", "CuPd3", "Cu2Pd", "Cu3Pd"]
+    sc = screen(["Cu", "Pd"], comps)
+    assert not sc.screened and sc.allows("CuPd7")
+
+
+def test_element_without_oxidation_states_is_a_recorded_cut():
+    sc = screen(["Na", "Cl", "Ar"], enumerate_compositions(["Na", "Cl", "Ar"], 4))
+    assert "NaCl" in sc.oxidation
+    assert sc.cut["NaAr"].startswith("no oxidation states: Ar")
+
+
+# -- substitution --------------------------------------------------------------------------------
+def test_substitution_from_rocksalt_lif():
+    lif = rocksalt("Li", "F", 4.03)
+    out = substitute([("LiF", lif)], ["Na", "K", "F", "Cl"], screen(["Na", "K", "F", "Cl"],
+                     enumerate_compositions(["Na", "K", "F", "Cl"], 4, 2)))
+    by_formula = {r.structure.composition.reduced_formula: r for r in out}
+    assert {"NaF", "KCl"} <= set(by_formula)
+    assert [r.probability for r in out] == sorted((r.probability for r in out), reverse=True)
+    # one swap is likelier than two: NaF (Li→Na) above KCl (Li→K and F→Cl)
+    assert by_formula["NaF"].probability > by_formula["KCl"].probability > 1e-3
+    assert by_formula["KCl"].substitution == "F-->Cl-, Li+->K+"
+    for formula, a_exp in (("NaF", 4.63), ("KCl", 6.29)):
+        s = by_formula[formula].structure
+        assert SpacegroupAnalyzer(s).get_space_group_number() == 225
+        assert abs((4 * s.volume) ** (1 / 3) - a_exp) / a_exp < 0.03
+
+
+def test_metallic_substitution_finds_l12_ni3al():
+    cu3au = Structure.from_spacegroup("Pm-3m", Lattice.cubic(3.75), ["Au", "Cu"], [(0, 0, 0), (0, 0.5, 0.5)])
+    sc = screen(["Ni", "Al"], enumerate_compositions(["Ni", "Al"], 4))
+    out = substitute([("Cu3Au", cu3au)], ["Ni", "Al"], sc)
+    assert "AlNi3" in {r.structure.composition.reduced_formula for r in out}
+
+
+# -- random crystals -----------------------------------------------------------------------------
+def test_random_crystals_are_deterministic_and_physical():
+    sc = screen(["Cu", "Pd"], enumerate_compositions(["Cu", "Pd"], 8))
+    a, skips_a = random_crystals(sc, 6, rng=round_seed(7, 1), max_atoms=8)
+    b, _ = random_crystals(sc, 6, rng=round_seed(7, 1), max_atoms=8)
+    c, _ = random_crystals(sc, 6, rng=round_seed(7, 2), max_atoms=8)
+    assert len(a) == 6
+    assert [(x.spacegroup, x.seed) for x in a] == [(x.spacegroup, x.seed) for x in b]
+    assert all(np.allclose(x.structure.cart_coords, y.structure.cart_coords) for x, y in zip(a, b))
+    assert [(x.spacegroup, x.seed) for x in a] != [(x.spacegroup, x.seed) for x in c]
+    for x in a:
+        assert len(x.structure) <= 8 and closest_approach(x.structure, 0.7)[0] >= 1.0
+        assert 2 <= x.spacegroup <= 230
+
+
+def test_impossible_random_requests_are_recorded_skips():
+    sc = screen(["Cu", "Pd"], enumerate_compositions(["Cu", "Pd"], 4))
+    # 1.2 × covalent radii (Cu-Cu 3.2 Å, fcc Cu has 2.55 Å) cannot be met within 1.5× the
+    # volume: every draw is a recorded skip, and the call returns
+    out, skips = random_crystals(sc, 2, rng=round_seed(0, 1), max_atoms=4, min_distance=1.2, max_attempts=2)
+    assert out == [] and len(skips) == 4
+    assert all(s.reason for s in skips)
+
+
+# -- dedup ---------------------------------------------------------------------------------------
+def test_dedup_merges_symmetry_copies_and_keeps_polymorphs():
+    nacl = rocksalt("Na", "Cl", 5.64)
+    rotated = nacl.copy()
+    rotated.apply_operation(SymmOp.from_axis_angle_and_translation((1, 2, 3), 37.0))
+    translated = nacl.copy()
+    translated.translate_sites(list(range(len(translated))), [0.13, 0.27, 0.41])
+    supercell = nacl.copy()
+    supercell.make_supercell([[2, 0, 0], [0, 1, 1], [0, -1, 1]])
+    zincblende = Structure.from_spacegroup("F-43m", Lattice.cubic(5.64), ["Na", "Cl"],
+                                           [(0, 0, 0), (0.25, 0.25, 0.25)]).get_primitive_structure()
+    cscl = Structure.from_spacegroup("Pm-3m", Lattice.cubic(3.4), ["Na", "Cl"], [(0, 0, 0), (0.5, 0.5, 0.5)])
+    structures = [nacl, rotated, translated, supercell, zincblende, cscl]
+    keep, keys = unique(structures)
+    assert keep == [0, 4, 5]
+    assert keys[0] == keys[1] == keys[2] == keys[3] != keys[4]
+    assert keep == naive_unique(structures)
+    # against the store: a stored rocksalt makes the new one a duplicate
+    assert unique([supercell, cscl], [nacl])[0] == [1]
+    # lazy store access asks only for the buckets the new structures fall into
+    asked = []
+    unique([cscl], existing_by_key=lambda k: asked.append(k) or {})
+    assert asked == [{keys[5]}]
+
+
+def test_fast_dedup_equals_naive_on_generated_candidates():
+    cfg = GenerationConfig(max_atoms=8, random={"per_round": 30})
+    cands, _, _ = generate(["Cu", "Pd", "Ag"], cfg.model_copy(update={"max_candidates": None}), round_=1)
+    structures = [c.structure for c in cands]
+    structures += [s.copy() for s in structures[::3]]  # exact duplicates to be found
+    assert unique(structures)[0] == naive_unique(structures)
+
+
+# -- generate ------------------------------------------------------------------------------------
+def test_generate_is_deterministic_with_provenance():
+    cfg = GenerationConfig(max_atoms=8, seed=3, random={"per_round": 8}, substitution={"per_round": 5})
+    a, keys_a, report = generate(["Cu", "Pd"], cfg, round_=1)
+    b, keys_b, _ = generate(["Cu", "Pd"], cfg, round_=1)
+    assert [(c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in a] == [
+        (c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in b]
+    assert keys_a == keys_b
+    sources = {c.source for c in a}
+    assert sources == {"prototype", "substitution", "random"}
+    for c in a:
+        if c.source == "prototype":
+            assert c.prototype in PROTOTYPES and c.detail.startswith("A=")
+        elif c.source == "substitution":
+            assert c.parent and c.probability > 0 and "->" in c.detail
+        else:
+            assert 2 <= c.spacegroup <= 230 and c.seed >= 0 and math.isnan(c.probability)
+    assert report.new["substitution"] <= 5 and report.generated["prototype"] == report.new["prototype"]
+    # round 2 against round 1's candidates: nothing from the library again, new random crystals
+    c2, _, report2 = generate(["Cu", "Pd"], cfg, round_=2, existing=[c.structure for c in a], existing_keys=keys_a)
+    assert report2.new["prototype"] == 0 and report2.new["substitution"] == 0
+    assert 0 < report2.new["random"] <= 8
+    assert unique([c.structure for c in c2], [c.structure for c in a])[0] == list(range(len(c2)))
+
+
+def test_generation_config_errors_name_the_field():
+    from matdisc.config import parse_config
+
+    with pytest.raises(Exception) as err:
+        parse_config({"name": "x", "chemsys": ["Cu"], "generation": {"prototype": {"names": ["Z9"]}}})
+    assert "generation.prototype.names" in str(err.value) and "Z9" in str(err.value)
