@@ -37,6 +37,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/store.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

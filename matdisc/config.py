@@ -36,7 +36,7 @@ class _Strict(BaseModel):
 class PrototypeSourceConfig(_Strict):
     """Decorated prototypes from the built-in library."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="decorate the prototype library")
     names: list[str] | None = Field(
         None, description="prototype names to decorate (None: the library for the chemistry, ionic ones only "
         "for ionic systems)"
@@ -58,7 +58,7 @@ class PrototypeSourceConfig(_Strict):
 class SubstitutionSourceConfig(_Strict):
     """Data-mined ionic substitution (pymatgen's lambda table) of known structures."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="data-mined substitution (pymatgen lambda table)")
     threshold: float = Field(
         1e-3, gt=0, lt=1, description="minimum substitution probability (per element for metallic systems)"
     )
@@ -70,8 +70,8 @@ class SubstitutionSourceConfig(_Strict):
 class RandomSourceConfig(_Strict):
     """PyXtal random symmetric crystals (AIRSS-like)."""
 
-    enabled: bool = True
-    per_round: int = Field(20, ge=0, description="random crystals attempted per round")
+    enabled: bool = Field(True, description="PyXtal random symmetric crystals")
+    per_round: int = Field(20, ge=0, description="random crystals wanted per round")
     min_distance: float = Field(0.7, gt=0, le=1.2, description="closest approach, × sum of covalent radii")
     max_attempts: int = Field(5, ge=1, description="draws per wanted structure before giving up")
 
@@ -87,7 +87,7 @@ class GenerationConfig(_Strict):
     max_candidates: int | None = Field(
         None, ge=1, description="cap on new candidates per round, after dedup (None: no cap)"
     )
-    dedup_workers: int = Field(1, ge=1, description="processes for deduplication (buckets in parallel)")
+    workers: int = Field(1, ge=1, description="processes for random crystals and dedup (1: in the flow process)")
     prototype: PrototypeSourceConfig = Field(default_factory=PrototypeSourceConfig)
     substitution: SubstitutionSourceConfig = Field(default_factory=SubstitutionSourceConfig)
     random: RandomSourceConfig = Field(default_factory=RandomSourceConfig)

@@ -24,7 +24,7 @@ def emt_config(tmp_path, **over) -> dict:
         "name": "cu-pd-emt",
         "chemsys": ["Cu", "Pd"],
         "store": str(tmp_path / "cu-pd.zarr"),
-        "generation": {"max_atoms": 8, "seed": 0},
+        "generation": {"max_atoms": 8, "seed": 0, "random": {"per_round": 4}, "substitution": {"per_round": 6}},
         "mlip": {
             "model": "cold-start", "ensemble": 1, "device": "cpu", "fmax": 0.05, "max_steps": 200,
             "structures_per_task": 10,

@@ -11,12 +11,12 @@ from pymatgen.core.operations import SymmOp
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from matdisc.config import GenerationConfig
-from matdisc.generate import composition_screen, generate, round_seed
+from matdisc.generate import generate
 from matdisc.generate.compositions import enumerate_compositions, screen
 from matdisc.generate.dedup import naive_unique, unique
 from matdisc.generate.geometry import closest_approach
 from matdisc.generate.prototypes import PROTOTYPES, decorate
-from matdisc.generate.random_search import random_crystals
+from matdisc.generate.random_search import random_batch, random_crystals
 from matdisc.generate.substitution import substitute
 
 
@@ -111,9 +111,9 @@ def test_metallic_substitution_finds_l12_ni3al():
 # -- random crystals -----------------------------------------------------------------------------
 def test_random_crystals_are_deterministic_and_physical():
     sc = screen(["Cu", "Pd"], enumerate_compositions(["Cu", "Pd"], 8))
-    a, skips_a = random_crystals(sc, 6, rng=round_seed(7, 1), max_atoms=8)
-    b, _ = random_crystals(sc, 6, rng=round_seed(7, 1), max_atoms=8)
-    c, _ = random_crystals(sc, 6, rng=round_seed(7, 2), max_atoms=8)
+    a, skips_a = random_crystals(sc, 6, rng=np.random.default_rng([7, 1]), max_atoms=8)
+    b, _ = random_crystals(sc, 6, rng=np.random.default_rng([7, 1]), max_atoms=8)
+    c, _ = random_crystals(sc, 6, rng=np.random.default_rng([7, 2]), max_atoms=8)
     assert len(a) == 6
     assert [(x.spacegroup, x.seed) for x in a] == [(x.spacegroup, x.seed) for x in b]
     assert all(np.allclose(x.structure.cart_coords, y.structure.cart_coords) for x, y in zip(a, b))
@@ -123,11 +123,20 @@ def test_random_crystals_are_deterministic_and_physical():
         assert 2 <= x.spacegroup <= 230
 
 
+def test_random_batch_does_not_depend_on_worker_count():
+    sc = screen(["Cu", "Pd"], enumerate_compositions(["Cu", "Pd"], 6))
+    one, _ = random_batch(sc, 20, seed=(5, 1), workers=1, max_atoms=6)
+    two, _ = random_batch(sc, 20, seed=(5, 1), workers=2, max_atoms=6)
+    assert len(one) == 20
+    assert [(c.spacegroup, c.seed, c.structure.composition) for c in one] == [
+        (c.spacegroup, c.seed, c.structure.composition) for c in two]
+
+
 def test_impossible_random_requests_are_recorded_skips():
     sc = screen(["Cu", "Pd"], enumerate_compositions(["Cu", "Pd"], 4))
     # 1.2 × covalent radii (Cu-Cu 3.2 Å, fcc Cu has 2.55 Å) cannot be met within 1.5× the
     # volume: every draw is a recorded skip, and the call returns
-    out, skips = random_crystals(sc, 2, rng=round_seed(0, 1), max_atoms=4, min_distance=1.2, max_attempts=2)
+    out, skips = random_crystals(sc, 2, rng=np.random.default_rng([0, 1]), max_atoms=4, min_distance=1.2, max_attempts=2)
     assert out == [] and len(skips) == 4
     assert all(s.reason for s in skips)
 
@@ -147,7 +156,7 @@ def test_dedup_merges_symmetry_copies_and_keeps_polymorphs():
     structures = [nacl, rotated, translated, supercell, zincblende, cscl]
     keep, keys = unique(structures)
     assert keep == [0, 4, 5]
-    assert keys[0] == keys[1] == keys[2] == keys[3] != keys[4]
+    assert keys[0] == keys[1] == keys[2] == keys[3] == "NaCl|2"  # the supercell reduces to 2 sites
     assert keep == naive_unique(structures)
     # against the store: a stored rocksalt makes the new one a duplicate
     assert unique([supercell, cscl], [nacl])[0] == [1]
@@ -196,3 +205,41 @@ def test_generation_config_errors_name_the_field():
     with pytest.raises(Exception) as err:
         parse_config({"name": "x", "chemsys": ["Cu"], "generation": {"prototype": {"names": ["Z9"]}}})
     assert "generation.prototype.names" in str(err.value) and "Z9" in str(err.value)
+
+
+# -- the store: provenance, dedup against stored candidates, recorded skips ---------------------
+def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path):
+    from matdisc import loop
+    from matdisc.config import parse_config
+    from matdisc.store import CampaignWriter, open_campaign
+
+    cfg = parse_config({"name": "gen", "chemsys": ["Cu", "Pd"], "store": str(tmp_path / "g.zarr"),
+                        "generation": {"max_atoms": 6, "random": {"per_round": 4}}})
+    with CampaignWriter(cfg.store_path) as w:
+        seeds = loop.seed_candidates(cfg)
+        loop.add_candidates(w, seeds, 0, "seed")
+        new1, keys1 = loop.round_candidates(w, cfg, 1)
+        assert loop.add_candidates(w, new1, 1, "generated", keys1) == len(new1)
+        # the seeds (fcc Cu, B2 CuPd, ...) are in the store: round 1 does not propose them again
+        assert unique([c.structure for c in new1], [c.structure for c in seeds])[0] == list(range(len(new1)))
+        assert len(new1) > 0 and not {c.formula + c.prototype for c in new1} & {c.formula + c.prototype for c in seeds}
+        new2, keys2 = loop.round_candidates(w, cfg, 2)
+        loop.add_candidates(w, new2, 2, "generated", keys2)
+        assert {c.source for c in new2} == {"random"}
+    camp = open_campaign(cfg.store_path)
+    cand = camp.table("candidates")
+    assert set(cand["source"]) == {"seed", "prototype", "substitution", "random"}
+    sub = cand[cand["source"] == "substitution"]
+    assert (sub["probability"] > 0).all() and sub["parent"].str.len().gt(0).all()
+    rnd = cand[cand["source"] == "random"]
+    assert rnd["spacegroup"].between(2, 230).all() and (rnd["gen_seed"] >= 0).all()
+    # stored keys are what the structures give: later rounds can trust them
+    from matdisc.generate import fingerprint
+
+    for i in (0, len(cand) // 2, len(cand) - 1):
+        assert fingerprint(camp.structure(cand["id"].iloc[i]))[0] == cand["dedup_key"].iloc[i]
+    gen = camp.table("generation")
+    assert set(gen["round"]) == {1, 2}
+    r1 = gen[(gen["round"] == 1) & (gen["source"] == "prototype")].iloc[0]
+    assert r1["new"] == (cand["source"] == "prototype").sum() <= r1["generated"]
+    assert "prototype" in loop.generation_summary(w, 1)

@@ -15,14 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from pymatgen.core import Structure
 
 from matdisc.config import GenerationConfig
 from matdisc.generate.compositions import CompositionScreen, enumerate_compositions, is_ionic, screen
 from matdisc.generate.dedup import Deduplicator, fingerprint, unique, unique_against
 from matdisc.generate.prototypes import PROTOTYPES, Prototype, decorate, prototype_names
-from matdisc.generate.random_search import random_crystals
+from matdisc.generate.random_search import random_batch
 from matdisc.generate.substitution import substitute
 
 SOURCES = ("prototype", "substitution", "random")
@@ -123,11 +122,6 @@ def substitution_candidates(
                       probability=r.probability, detail=r.substitution) for r in subs]
 
 
-def round_seed(seed: int, round_: int) -> np.random.Generator:
-    """The generator of a round's random choices: (campaign seed, round) → same draws on a rerun."""
-    return np.random.default_rng([seed, round_])
-
-
 def generate(
     chemsys: list[str],
     cfg: GenerationConfig,
@@ -165,9 +159,9 @@ def generate(
     if cfg.random.enabled and cfg.random.per_round:
         t0 = time.perf_counter()
         rc = cfg.random
-        crystals, skips = random_crystals(comp_screen, rc.per_round, rng=round_seed(cfg.seed, round_),
-                                          max_atoms=cfg.max_atoms, min_distance=rc.min_distance,
-                                          max_attempts=rc.max_attempts)
+        crystals, skips = random_batch(comp_screen, rc.per_round, seed=(cfg.seed, round_), workers=cfg.workers,
+                                       max_atoms=cfg.max_atoms, min_distance=rc.min_distance,
+                                       max_attempts=rc.max_attempts)
         per_source["random"] = [Candidate(c.structure, "random", spacegroup=c.spacegroup, seed=c.seed)
                                 for c in crystals]
         report.skips.extend({"source": "random", "formula": s.formula, "spacegroup": s.spacegroup,
@@ -178,7 +172,7 @@ def generate(
     cands = [c for src in SOURCES for c in per_source.get(src, [])]
     report.generated = {src: len(v) for src, v in per_source.items()}
     keep, keys = unique([c.structure for c in cands], existing, existing_keys=existing_keys,
-                        existing_by_key=existing_by_key, workers=cfg.dedup_workers)
+                        existing_by_key=existing_by_key, workers=cfg.workers)
     report.seconds["dedup"] = time.perf_counter() - t0
 
     caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round,
@@ -201,6 +195,6 @@ def generate(
 
 __all__ = [
     "Candidate", "CompositionScreen", "Deduplicator", "GenerationReport", "PROTOTYPES", "SOURCES",
-    "composition_screen", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates", "round_seed",
+    "composition_screen", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates",
     "screen", "substitution_candidates", "unique", "unique_against",
 ]

@@ -1,60 +1,80 @@
 """Fast deduplication with pymatgen's StructureMatcher.
 
 ``StructureMatcher.group_structures`` reduces every structure and compares all pairs of the
-same formula. Generated candidates share few formulas, so those buckets are large and
-most comparisons are between obviously different crystals (a rocksalt against a random
-P1 cell), each of which costs a full lattice search before it fails. Here:
+same formula. Candidates made at scale are mostly copies (substitution turns many parents
+into the same structure) or share a few formulas. Here:
 
-1. each structure is reduced once (the matcher's own Niggli + primitive reduction);
-2. it gets a key: reduced formula | space group (spglib, 0.1 Å) | sites in the reduced cell;
-3. only structures with the same key are compared (``fit`` with the reduction skipped);
-4. buckets are matched in parallel processes when ``workers > 1``.
+0. exact copies (same cell and coordinates up to volume) are found by hashing, in
+   microseconds, and never reduced or fitted;
+1. every other structure is reduced once, by the matcher's own Niggli + primitive
+   reduction, which also gives its key: reduced formula | sites in the reduced cell;
+2. only structures with the same key are compared (``fit`` with the reduction skipped; a
+   structure alone in its bucket is never fitted); a different site count can never match;
+3. reduction and buckets run in parallel processes when ``workers > 1``.
 
 A structure is kept when no earlier kept structure matches it, which is exactly the set of
-group leaders ``group_structures`` returns; ``benchmarks/generate.py`` checks the two agree.
-The key is conservative: two structures whose symmetry differs at 0.1 Å are never merged
-(both get relaxed), whereas distinct crystals are never merged by the key.
+group leaders ``group_structures`` returns; tests and ``benchmarks/generate.py`` check it.
+A space-group key (the obvious finer split) is not used: StructureMatcher's default
+tolerances (ltol 0.2) match a cubic half-Heusler with its 5 %-tetragonal random twin,
+which spglib and moyopy put in different space groups, so results would differ.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
+import numpy as np
 from pymatgen.core import Structure
 from pymatgen.core.structure_matcher import StructureMatcher
-from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
-#: Tolerance (Å) of the space-group part of the key; looser than StructureMatcher's stol
-#: would merge more, tighter would split near-symmetric copies apart.
-KEY_SYMPREC = 0.1
-
+from matdisc.generate.parallel import chunks, process_pool
 
 def reduce_structure(s: Structure) -> Structure:
     """The reduction StructureMatcher applies before every fit (Niggli cell, then primitive)."""
     return StructureMatcher._get_reduced_structure(s, primitive_cell=True, niggli=True)
 
 
+def dedup_key(s: Structure) -> str:
+    """Bucket key: reduced formula | sites in the cell StructureMatcher reduces to."""
+    return key_of_reduced(reduce_structure(s))
+
+
+def key_of_reduced(reduced: Structure) -> str:
+    return f"{reduced.composition.reduced_formula}|{len(reduced)}"
+
+
+def copy_hash(s: Structure) -> int:
+    """Hash equal for bit-for-bit copies up to volume and rounding (1e-4).
+
+    Substitution at scale makes the same structure from many parents (Co3Fe and Zn3Au in
+    L1_2 both give Ni3Al in L1_2, with the same cell and coordinates); such copies are
+    recognised here in microseconds. Equal hashes imply a StructureMatcher match; unequal
+    hashes imply nothing (the structure goes on to the key and ``fit``).
+    """
+    lat = s.lattice.matrix
+    lattice = np.round(lat / abs(np.linalg.det(lat)) ** (1 / 3), 4) + 0.0  # + 0.0: no negative zeros
+    frac = np.round(s.frac_coords, 4) % 1.0
+    z = np.asarray(s.atomic_numbers)
+    order = np.lexsort((frac[:, 2], frac[:, 1], frac[:, 0], z))
+    return hash((lattice.tobytes(), z[order].tobytes(), frac[order].tobytes()))
+
+
 def fingerprint(s: Structure) -> tuple[str, Structure]:
-    """(bucket key, reduced structure) of one structure."""
+    """(bucket key, reduced structure) of one structure: one reduction for both."""
     reduced = reduce_structure(s)
-    try:
-        spg = SpacegroupAnalyzer(reduced, symprec=KEY_SYMPREC).get_space_group_number()
-    except Exception:  # spglib gives up on some distorted cells: they share bucket 0
-        spg = 0
-    return f"{reduced.composition.reduced_formula}|{spg}|{len(reduced)}", reduced
+    return key_of_reduced(reduced), reduced
 
 
-def _fingerprint_many(structures: Sequence[Structure]) -> list[tuple[str, Structure]]:
+def _fingerprints(structures: Sequence[Structure]) -> list[tuple[str, Structure]]:
     return [fingerprint(s) for s in structures]
 
 
-def _leaders(refs: list[Structure], new: list[Structure]) -> list[int]:
-    """Indices of ``new`` that match no ref and no earlier kept structure (all reduced)."""
+def _leaders(job: tuple[list[Structure], list[Structure]]) -> list[int]:
+    """Indices of reduced ``new`` that match no (raw) ref and no earlier kept structure."""
+    refs, new = job
     matcher = StructureMatcher()
-    kept = list(refs)
+    kept = [reduce_structure(s) for s in refs]
     out = []
     for i, s in enumerate(new):
         if any(matcher.fit(k, s, skip_structure_reduction=True) for k in kept):
@@ -62,20 +82,6 @@ def _leaders(refs: list[Structure], new: list[Structure]) -> list[int]:
         kept.append(s)
         out.append(i)
     return out
-
-
-def _leaders_job(job: tuple[list[Structure], list[Structure]]) -> list[int]:
-    return _leaders(*job)
-
-
-def _chunks(seq: Sequence, n: int) -> list[Sequence]:
-    size = max(1, -(-len(seq) // n))
-    return [seq[i : i + size] for i in range(0, len(seq), size)]
-
-
-def _pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: safe beside threads (Dask, torch) yet cheaper than spawn per worker
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
 
 
 def unique(
@@ -92,34 +98,37 @@ def unique(
     their bucket; pass ``existing_keys`` (stored with each candidate) to skip keying them,
     or ``existing_by_key`` to fetch only the stored structures of the buckets hit.
     """
-    parallel = workers > 1 and len(new) >= 64
-    if parallel:
-        with _pool(workers) as pool:
-            prints = [fp for part in pool.map(_fingerprint_many, _chunks(list(new), 4 * workers)) for fp in part]
-    else:
-        prints = _fingerprint_many(new)
-    keys = [k for k, _ in prints]
-    buckets: dict[str, list[int]] = defaultdict(list)
-    for i, k in enumerate(keys):
-        buckets[k].append(i)
-
-    old: dict[str, list[Structure]] = defaultdict(list)
-    if existing_by_key is not None:
-        old.update(existing_by_key(set(buckets)))
-    if existing_keys is None:
-        existing_keys = [fingerprint(s)[0] for s in existing]
-    for s, k in zip(existing, existing_keys):
-        if k in buckets:
-            old[k].append(s)
-
-    jobs = [([reduce_structure(s) for s in old[k]], [prints[i][1] for i in idx]) for k, idx in buckets.items()]
-    if parallel and len(jobs) > 1:
-        with _pool(workers) as pool:
-            results = list(pool.map(_leaders_job, jobs, chunksize=max(1, len(jobs) // (8 * workers))))
-    else:
-        results = [_leaders(*job) for job in jobs]
-    keep = sorted(idx[j] for idx, res in zip(buckets.values(), results) for j in res)
-    return keep, keys
+    first: dict[int, int] = {}
+    copy_of = [first.setdefault(copy_hash(s), i) for i, s in enumerate(new)]
+    originals = [i for i, j in enumerate(copy_of) if i == j]
+    todo = [new[i] for i in originals]
+    pool = process_pool(workers) if workers > 1 and len(todo) >= 64 else None
+    try:
+        prints = [fp for part in pool.map(_fingerprints, chunks(todo, 4 * workers)) for fp in part] if pool \
+            else _fingerprints(todo)
+        keys = [k for k, _ in prints]
+        buckets: dict[str, list[int]] = defaultdict(list)
+        for i, k in enumerate(keys):
+            buckets[k].append(i)
+        old: dict[str, list[Structure]] = defaultdict(list)
+        if existing_by_key is not None:
+            old.update(existing_by_key(set(buckets)))
+        if existing_keys is None:
+            existing_keys = [dedup_key(s) for s in existing]
+        for s, k in zip(existing, existing_keys):
+            if k in buckets:
+                old[k].append(s)
+        jobs = {k: (old[k], [prints[i][1] for i in idx]) for k, idx in buckets.items() if old[k] or len(idx) > 1}
+        if pool is not None and len(jobs) > 1:
+            done = dict(zip(jobs, pool.map(_leaders, jobs.values(), chunksize=max(1, len(jobs) // 16))))
+        else:
+            done = {k: _leaders(job) for k, job in jobs.items()}
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    keep = sorted(originals[idx[j]] for k, idx in buckets.items() for j in done.get(k, [0]))
+    key_of = dict(zip(originals, keys))
+    return keep, [key_of[j] for j in copy_of]
 
 
 def unique_against(new: Sequence[Structure], existing: Sequence[Structure] = (), **kw) -> list[int]:
