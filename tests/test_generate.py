@@ -243,3 +243,23 @@ def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path
     r1 = gen[(gen["round"] == 1) & (gen["source"] == "prototype")].iloc[0]
     assert r1["new"] == (cand["source"] == "prototype").sum() <= r1["generated"]
     assert "prototype" in loop.generation_summary(w, 1)
+
+
+def test_fast_reduction_gives_the_matchers_niggli_cell():
+    from pymatgen.core.structure_matcher import StructureMatcher
+
+    from matdisc.generate.dedup import reduce_structure
+
+    from matdisc.generate.dedup import _maybe_supercell
+
+    cands, _, _ = generate(["Cu", "Pd", "Ag"], GenerationConfig(max_atoms=12, random={"per_round": 24}), round_=1)
+    skewed = cands[0].structure.copy()
+    skewed.make_supercell([[1, 1, 0], [0, 1, 0], [0, 0, 1]])  # same cell volume, skewed basis
+    doubled = [c.structure * (2, 1, 1) for c in cands[::7]]  # supercells: the primitive search must run
+    assert all(_maybe_supercell(s) for s in doubled)
+    assert any(not _maybe_supercell(c.structure) and c.source == "random" and len(c.structure) > 3
+               for c in cands)  # the shortcut is taken for random cells too
+    for s in [c.structure for c in cands] + [skewed] + doubled:
+        ours, theirs = reduce_structure(s), StructureMatcher._get_reduced_structure(s, True, True)
+        assert len(ours) == len(theirs)
+        assert np.allclose(ours.lattice.parameters, theirs.lattice.parameters, atol=1e-6)
