@@ -47,11 +47,9 @@ class PrototypeSourceConfig(_Strict):
     @classmethod
     def _known_prototypes(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            from matdisc.generate.prototypes import PROTOTYPES
+            from matdisc.generate.prototypes import prototype_names
 
-            unknown = [n for n in value if n not in PROTOTYPES]
-            if unknown:
-                raise ValueError(f"unknown prototype {unknown[0]!r} (library: {', '.join(PROTOTYPES)})")
+            prototype_names(False, value)  # raises ValueError naming the unknown prototype
         return value
 
 

@@ -25,7 +25,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from matdisc.active import select_greedy
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
-from matdisc.generate import Candidate, fingerprint, generate, prototype_candidates, unique_against
+from matdisc.generate import Candidate, dedup_key, generate, prototype_candidates, unique_against
 from matdisc.mlip.model import committee_sha256, file_sha256
 from matdisc.records import RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.store import CampaignWriter, Frames
@@ -60,7 +60,7 @@ def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, sourc
     if w.has_batch("candidates", key):
         return 0
     if keys is None:
-        keys = [fingerprint(c.structure)[0] for c in cands]
+        keys = [dedup_key(c.structure) for c in cands]
     records, atoms = [], []
     for i, (c, k) in enumerate(zip(cands, keys)):
         records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}", "formula": c.formula,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from pymatgen.core import Structure
 
 from matdisc.config import GenerationConfig
 from matdisc.generate.compositions import CompositionScreen, enumerate_compositions, is_ionic, screen
-from matdisc.generate.dedup import Deduplicator, fingerprint, unique, unique_against
+from matdisc.generate.dedup import Deduplicator, dedup_key, fingerprint, unique, unique_against
 from matdisc.generate.prototypes import PROTOTYPES, Prototype, decorate, prototype_names
 from matdisc.generate.random_search import random_batch
 from matdisc.generate.substitution import substitute
@@ -62,14 +63,7 @@ class GenerationReport:
         return {"compositions": self.compositions, "compositions_kept": self.compositions_kept,
                 "cut_reasons": self.cut_reasons, "generated": self.generated, "new": self.new,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "skips": len(self.skips),
-                "skip_reasons": _count(s["reason"].split(":")[0] for s in self.skips)}
-
-
-def _count(items) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
+                "skip_reasons": dict(Counter(s["reason"].split(":")[0] for s in self.skips))}
 
 
 def composition_screen(chemsys: list[str], cfg: GenerationConfig) -> CompositionScreen:
@@ -195,6 +189,6 @@ def generate(
 
 __all__ = [
     "Candidate", "CompositionScreen", "Deduplicator", "GenerationReport", "PROTOTYPES", "SOURCES",
-    "composition_screen", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates",
+    "composition_screen", "dedup_key", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates",
     "screen", "substitution_candidates", "unique", "unique_against",
 ]

@@ -119,17 +119,3 @@ def expand_to_min_distance(s: Structure, factor: float, max_volume_ratio: float)
         return f"atoms too close: {pair}, needs {ratio ** -3:.1f}x the volume"
     s.scale_lattice(s.volume / ratio**3 * 1.0001)
     return None
-
-
-def too_close(s: Structure, factor: float) -> str | None:
-    """Reason string when two atoms sit closer than ``factor`` × the sum of covalent radii."""
-    if len(s) == 0:
-        return "empty structure"
-    d, symbols = _pair_min_distances(s)
-    r = np.array([covalent_radius(x) for x in symbols])
-    limit = factor * (r[:, None] + r[None, :])
-    bad = np.argwhere(d < limit)
-    if len(bad):
-        i, j = bad[0]
-        return f"{symbols[i]}-{symbols[j]} distance {d[i, j]:.2f} Å < {limit[i, j]:.2f} Å"
-    return None

@@ -82,6 +82,7 @@ def _mapping(species_map: dict) -> str:
 
 def _ionic(parents: list[tuple[str, Structure]], screen: CompositionScreen, threshold: float) -> list[Substituted]:
     sub = Substitutor(threshold=threshold)
+    targets_by_size: dict[int, list[list[Species]]] = {}  # the same for every parent of n species
     out = []
     for label, parent in parents:
         try:
@@ -91,7 +92,10 @@ def _ionic(parents: list[tuple[str, Structure]], screen: CompositionScreen, thre
             continue  # no charge-balanced guess: the parent cannot seed ionic substitution
         if not set(charged.species) <= _allowed_species():
             continue
-        for targets in _target_species(screen, len(charged.composition.elements)):
+        n = len(charged.composition.elements)
+        if n not in targets_by_size:
+            targets_by_size[n] = _target_species(screen, n)
+        for targets in targets_by_size[n]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 preds = sub.pred_from_structures(targets, [{"structure": charged, "id": label}],
