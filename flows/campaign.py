@@ -12,27 +12,30 @@ from typing import Any
 
 import dask
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from matdisc import loop
 from matdisc.active import select_greedy  # noqa: F401  (re-exported for notebooks)
 from matdisc.cluster import DFT, MLIP
-from matdisc.config import CampaignConfig, ReferenceConfig, TrainingConfig
+from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
 from matdisc.dft import run_reference, settings_hash
 from matdisc.dft.protocol import run_static
 from matdisc.mlip import relax_many, resolve_device, train_committee
-from matdisc.mlip.model import foundation_model_path, model_elements
+from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
+from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
 
 # Retries only for transient infrastructure failures: the matdisc functions themselves
 # return failed calculations as results, so an exception here means a lost worker or similar.
 RETRY = {"retries": 2, "retry_delay_seconds": [5, 30]}
+#: Held-out errors of a trained committee that each round record repeats.
+TRAINING_METRICS = ("energy_rmse_per_atom", "forces_rmse")
 
 
 @task(name="relax-mace", **RETRY)
-def relax_task(batch: list, model_paths: list[str], fmax: float, max_steps: int, device: str, dtype: str) -> list:
-    return relax_many(batch, model_paths, fmax=fmax, max_steps=max_steps, device=device, dtype=dtype)
+def relax_task(batch: list, model_paths: list[str], mlip: dict) -> list:
+    return relax_many(batch, model_paths, MLIPConfig.model_validate(mlip))
 
 
 @task(name="reference-relax-static", **RETRY)
@@ -47,10 +50,9 @@ def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
 
 @task(name="train-mace", retries=1)
 def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
-               device: str, dtype: str, foundation: str | None) -> list[str]:
-    paths = train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
-                            device=resolve_device(device), dtype=dtype, foundation_model=foundation)
-    return [str(p) for p in paths]
+               device: str, dtype: str, start_models: list[str] | None) -> list[TrainedModel]:
+    return train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
+                           device=resolve_device(device), dtype=dtype, start_models=start_models)
 
 
 def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: list, *, verified: bool,
@@ -70,16 +72,39 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
         log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
 
 
-def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, foundation: str | None) -> dict:
+def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
+    """Train (or fine-tune) the next committee; its held-out errors go to the store and the UI."""
     log = get_run_logger()
     frames, groups = loop.training_set(w, cfg)
-    log.info("training MACE (%d members) on %d reference frames", cfg.mlip.ensemble, len(frames))
+    previous = loop.current_model(w, before_round=round_ + 1)
+    start = previous["paths"] if previous is not None and cfg.mlip.training.start_from == "previous" else None
+    if start:
+        check_trusted(start, trusted_roots([w.path / "models", *_configured_paths(cfg)]))
+    log.info("training MACE (%d members, %s) on %d reference frames", cfg.mlip.ensemble,
+             "fine-tuning " + previous["sha256"][:12] if start else "from scratch", len(frames))
     with dask.annotate(resources=MLIP):
         fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
-                                cfg.mlip.training.model_dump(), cfg.mlip.ensemble, cfg.generation.seed + 100 * round_,
-                                cfg.mlip.device, cfg.mlip.dtype, foundation)
-    paths = fut.result()
-    return loop.register_model(w, round_, paths, n_frames=len(frames), source="trained")
+                                cfg.mlip.training.model_dump(mode="json"), cfg.mlip.ensemble,
+                                cfg.generation.seed + 100 * round_, cfg.mlip.device, cfg.mlip.dtype, start)
+    trained: list[TrainedModel] = fut.result()
+    metrics = {k: float(sum(m.metrics[k] for m in trained) / len(trained)) for k in trained[0].metrics}
+    create_table_artifact(
+        key=f"{_slug(cfg.name)}-training-r{round_}",
+        table=[{"member": k, "mode": m.mode, "train_frames": m.n_train, "valid_frames": m.n_valid,
+                **{name: round(v, 5) for name, v in m.metrics.items()}} for k, m in enumerate(trained)],
+        description=f"{cfg.name}: MACE training, round {round_} (errors on held-out reference frames)")
+    log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return loop.register_model(w, round_, [m.path for m in trained], n_frames=len(frames), source="trained",
+                               device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype,
+                               mode=trained[0].mode, metrics=metrics)
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def _configured_paths(cfg: CampaignConfig) -> list[Path]:
+    return [Path(cfg.mlip.model)] if cfg.mlip.is_model_file else []
 
 
 def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
@@ -88,12 +113,10 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
     model = loop.current_model(w)
     if model is not None:
         return model
-    if not cfg.mlip.is_cold_start:
-        path = cfg.mlip.model if cfg.mlip.is_model_file else foundation_model_path(cfg.mlip.model)
-        missing = set(cfg.chemsys) - model_elements(path)
-        if missing:
-            raise ValueError(f"mlip.model {cfg.mlip.model} has no {', '.join(sorted(missing))}")
-        return loop.register_model(w, 0, [path], n_frames=0, source=cfg.mlip.model, copy=False)
+    info = configured_model(cfg.mlip, cfg.chemsys)
+    if info is not None:
+        return loop.register_model(w, 0, list(info.paths), n_frames=0, source=cfg.mlip.model, copy=False,
+                                   device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype)
     seeds = loop.seed_candidates(cfg)
     loop.add_candidates(w, seeds, 0, "seed")
     done = loop.dft_done(w)
@@ -101,17 +124,18 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
     log.info("cold start: %d seed structures with the reference calculator", len(jobs))
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
-    return _train(w, cfg, 0, None)
+    return _train(w, cfg, 0)
 
 
 def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dict) -> None:
     log = get_run_logger()
+    check_trusted(model["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
     pending = loop.pending_relaxations(w, model["sha256"])
     size = cfg.mlip.structures_per_task
     batches = [pending[i : i + size] for i in range(0, len(pending), size)]
     with dask.annotate(resources=MLIP):
-        futures = {relax_task.submit(b, model["paths"], cfg.mlip.fmax, cfg.mlip.max_steps, cfg.mlip.device,
-                                     cfg.mlip.dtype): k for k, b in enumerate(batches)}
+        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): k
+                   for k, b in enumerate(batches)}
     n = 0
     for fut in as_completed(list(futures)):
         results = fut.result()
@@ -135,7 +159,6 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             loop.update_scores(w, cfg, 0, "r0/scores")
             w.append_records("rounds", "r0", [{**loop.round_metrics(w, 0, model["sha256"]),
                                               "trained_model_sha256": model["sha256"]}])
-        foundation = None if cfg.mlip.is_cold_start else model["paths"][0]
         for r in range(1, n_rounds + 1):
             if r in done_rounds:
                 continue
@@ -154,10 +177,11 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             metrics = loop.round_metrics(w, r, model["sha256"])
             trained = loop.current_model(w, before_round=r + 1)
             if trained is None or trained["round"] != r:
-                trained = _train(w, cfg, r, foundation)
+                trained = _train(w, cfg, r)
             metrics["trained_model_sha256"] = trained["sha256"]
+            metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
             w.append_records("rounds", f"r{r}", [metrics])
-            create_markdown_artifact(key=f"{cfg.name.lower().replace('_', '-').replace('.', '-')}-round-{r}",
+            create_markdown_artifact(key=f"{_slug(cfg.name)}-round-{r}",
                                      markdown=loop.round_report(cfg, metrics, cand),
                                      description=f"{cfg.name} round {r}")
             log.info("round %d: %s", r, metrics)

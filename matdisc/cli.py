@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from matdisc.errors import UserError
@@ -71,6 +72,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"store": Path(args.store)})
     if args.rounds is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
+    from matdisc.mlip.model import configured_model
+
+    configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from matdisc.server import ensure_api, ui_url
 
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad usage
+    # import-time notices of the ML stack (e3nn's torch.load, torch.jit deprecations) are not the user's business
+    warnings.filterwarnings("ignore", module=r"(e3nn|torch|mace|torch_sim)(\.|$)")
     try:
         return args.func(args)
     except UserError as err:

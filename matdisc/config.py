@@ -92,17 +92,60 @@ class GenerationConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
-    """MACE hyperparameters for training on the campaign's own DFT data (CPU-sized defaults)."""
+    """MACE hyperparameters for campaign training (mace-torch's ``run_train``).
 
-    num_channels: int = Field(16, ge=4, description="MACE hidden channels")
-    max_L: int = Field(0, ge=0, le=3, description="max L of equivariant features")
+    Left unset (None), the size fields follow ``preset``: ``cpu`` is a tiny model that
+    trains in a minute on two cores, ``gpu`` a real one (128x0e+128x1o, 100s of epochs).
+    """
+
+    preset: Literal["auto", "cpu", "gpu"] = Field("auto", description="hyperparameter sizes (auto: by device)")
+    num_channels: int | None = Field(None, ge=4, description="MACE hidden channels (None: from preset)")
+    max_L: int | None = Field(None, ge=0, le=3, description="max L of equivariant features (None: from preset)")
     r_max: float = Field(5.0, gt=1.0, description="cutoff radius in Å")
-    max_num_epochs: int = Field(60, ge=1, description="training epochs")
-    batch_size: int = Field(4, ge=1)
+    max_num_epochs: int | None = Field(None, ge=1, description="training epochs (None: from preset)")
+    finetune_epochs: int | None = Field(
+        None, ge=1, description="epochs when fine-tuning an earlier model (None: half of max_num_epochs)"
+    )
+    batch_size: int | None = Field(None, ge=1, description="frames per batch (None: from preset)")
     lr: float = Field(0.01, gt=0)
     valid_fraction: float = Field(0.1, gt=0, lt=0.5, description="validation split, by structure")
     forces_weight: float = Field(10.0, ge=0)
     energy_weight: float = Field(10.0, ge=0)
+    start_from: Literal["previous", "scratch"] = Field(
+        "previous",
+        description="previous: fine-tune the model the round screened with (campaign, foundation or file "
+        "model; cold start trains round 0 from scratch); scratch: a new model every round",
+    )
+    subsample: float = Field(
+        0.9, gt=0, le=1, description="fraction of training structures each committee member draws (diversity)"
+    )
+    replay_file: Path | None = Field(
+        None, description="extxyz of the foundation model's training data: enables multihead fine-tuning"
+    )
+
+    @field_validator("replay_file")
+    @classmethod
+    def _replay_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"replay file {str(value)!r} does not exist")
+        return value
+
+    def sized(self, device: str) -> TrainingConfig:
+        """This config with every size field filled in for ``device``."""
+        preset = self.preset if self.preset != "auto" else ("gpu" if device.startswith("cuda") else "cpu")
+        defaults = _TRAINING_PRESETS[preset]
+        filled = {k: v if v is not None else defaults[k] for k, v in self.model_dump().items() if k in defaults}
+        out = self.model_copy(update={**filled, "preset": preset})
+        if out.finetune_epochs is None:
+            out = out.model_copy(update={"finetune_epochs": max(1, out.max_num_epochs // 2)})
+        return out
+
+
+#: Hyperparameter sizes per device: tiny on two CPU cores, a real model on a GPU.
+_TRAINING_PRESETS: dict[str, dict[str, int]] = {
+    "cpu": {"num_channels": 16, "max_L": 0, "max_num_epochs": 60, "batch_size": 4},
+    "gpu": {"num_channels": 128, "max_L": 1, "max_num_epochs": 200, "batch_size": 16},
+}
 
 
 class ColdStartConfig(_Strict):
@@ -126,12 +169,21 @@ class MLIPConfig(_Strict):
         "cold-start",
         description="cold-start, a mace_mp foundation name (e.g. medium-mpa-0), or a local .model file",
     )
-    ensemble: int = Field(1, ge=1, le=16, description="committee size (uncertainty = spread of members)")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
-    dtype: Literal["float32", "float64"] = Field("float64")
+    ensemble: int = Field(3, ge=1, le=16, description="committee size (uncertainty = spread of members)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: Literal["float32", "float64"] = Field("float64", description="float64 for relaxations; float32 is faster")
+    engine: Literal["auto", "torch-sim", "ase"] = Field(
+        "auto", description="relaxation engine: batched torch-sim (auto) or the ASE loop (reference, fallback)"
+    )
+    cell_filter: Literal["frechet", "unit"] = Field("frechet", description="cell degrees of freedom in FIRE")
     fmax: float = Field(0.05, gt=0, description="eV/Å, relaxation force criterion")
     max_steps: int = Field(300, ge=1, description="relaxation steps before a structure counts as unconverged")
     structures_per_task: int = Field(200, ge=1, description="structures relaxed by one Dask task")
+    batch_atoms: int | None = Field(
+        None, ge=1, description="most atoms in one batch (None: 2048 on CPU, estimated from GPU memory)"
+    )
+    steps_between_swaps: int = Field(5, ge=1, description="optimizer steps between in-flight batch swaps")
+    cueq: bool | None = Field(None, description="cuEquivariance kernels (None: when installed and on CUDA)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)
 
@@ -149,6 +201,13 @@ class MLIPConfig(_Strict):
             raise ValueError(
                 f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})"
             )
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"unknown device {value!r}: use auto, cpu, cuda or cuda:N")
         return value
 
     @property

@@ -26,8 +26,8 @@ from matdisc.active import select_greedy
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
 from matdisc.generate import Candidate, dedup_key, generate, prototype_candidates, unique_against
-from matdisc.mlip.model import committee_sha256, file_sha256
-from matdisc.records import RelaxResult, frames_from_atoms_with_results, scalar_fields
+from matdisc.mlip.model import describe, file_sha256
+from matdisc.records import USABLE, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.store import CampaignWriter, Frames
 from matdisc.thermo import hull_energies
 
@@ -208,7 +208,7 @@ def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str)
     if cand.empty:
         return cand
     settings = settings_hash(cfg.reference)
-    e_mlip = np.where(cand["mlip_status"] == "ok", cand["e_mlip_per_atom"], np.nan)
+    e_mlip = np.where(cand["mlip_status"].isin(USABLE), cand["e_mlip_per_atom"], np.nan)
     same_settings = cand["settings_hash"] == settings if "settings_hash" in cand else False
     e_dft = np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan)
     ef_m, eh_m = hull_energies(list(cand["formula"]), e_mlip, cfg.chemsys)
@@ -252,8 +252,14 @@ def current_model(w: CampaignWriter, before_round: int | None = None) -> dict[st
 
 
 def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n_frames: int, source: str,
-                   copy: bool = True) -> dict[str, Any]:
-    """Record a model (committee) in the registry; trained files are copied into ``models/``."""
+                   copy: bool = True, device: str = "cpu", dtype: str = "float64", mode: str = "",
+                   metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """Record a model (committee) in the registry; trained files are copied into ``models/``.
+
+    A row holds what every result needs to name its model: sha256 (of the committee),
+    member hashes, dtype, device, r_max, elements; trained models add the training mode
+    (scratch / naive / multihead fine-tuning) and held-out energy/force errors.
+    """
     stored = []
     for p in paths:
         if copy:
@@ -264,10 +270,12 @@ def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n
         else:
             stored.append(str(Path(p).resolve()))
     abs_paths = [str(w.path / s) if copy else s for s in stored]
-    sha = committee_sha256(abs_paths)
+    info = describe(abs_paths, device=device, dtype=dtype)
+    metric_cols = {k: float(v) for k, v in (metrics or {}).items()}
     w.append_records("models", f"r{round_}/model", [{
-        "round": round_, "sha256": sha, "paths": stored, "members": [file_sha256(p) for p in abs_paths],
-        "n_train_frames": n_frames, "source": source}])
+        "round": round_, "sha256": info.sha256, "paths": stored, "members": list(info.members),
+        "n_train_frames": n_frames, "source": source, "mode": mode, "device": device, "dtype": dtype,
+        "r_max": info.r_max, "elements": list(info.elements), **metric_cols}])
     return current_model(w)  # type: ignore[return-value]
 
 
@@ -310,7 +318,7 @@ def round_metrics(w: CampaignWriter, round_: int, model_sha: str) -> dict[str, A
     return {
         "round": round_,
         "candidates": int((cand["round"] == round_).sum()),
-        "relaxed": int((this_mlip["status"] == "ok").sum()) if not this_mlip.empty else 0,
+        "relaxed": int(this_mlip["status"].isin(USABLE).sum()) if not this_mlip.empty else 0,
         "dft_verified": int((this_dft["status"] == "ok").sum()) if not this_dft.empty else 0,
         "dft_failed": int((this_dft["status"] != "ok").sum()) if not this_dft.empty else 0,
         "hits": int(cand["is_hit"].sum()),

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
-from ase.filters import FrechetCellFilter
+from ase.filters import FrechetCellFilter, UnitCellFilter
 from ase.optimize import FIRE
 
 from matdisc.records import RelaxResult, labelled
@@ -29,12 +29,13 @@ class Exploded(RuntimeError):
     """The relaxation left physical space (NaN, overlapping atoms, volume blow-up)."""
 
 
-def min_distance(atoms: Atoms) -> float:
+def min_distance(atoms: Atoms, cutoff: float = 1.0) -> float:
+    """Closest interatomic distance, or inf when none is within ``cutoff`` (a cheap search)."""
     if len(atoms) == 1 and not atoms.pbc.any():
         return np.inf
     from ase.neighborlist import neighbor_list
 
-    d = neighbor_list("d", atoms, 3.0)
+    d = neighbor_list("d", atoms, cutoff)
     return float(d.min()) if len(d) else np.inf
 
 
@@ -56,6 +57,7 @@ def relax(
     fmax: float = 0.05,
     max_steps: int = 300,
     relax_cell: bool = True,
+    cell_filter: str = "frechet",
     keep_frames: bool = False,
     on_step: Callable[[Atoms], None] | None = None,
 ) -> RelaxResult:
@@ -77,7 +79,8 @@ def relax(
             on_step(work)
 
     try:
-        target = FrechetCellFilter(work) if (relax_cell and work.pbc.all()) else work
+        cell = FrechetCellFilter if cell_filter == "frechet" else UnitCellFilter
+        target = cell(work) if (relax_cell and work.pbc.all()) else work
         opt = FIRE(target, logfile=None)
         opt.attach(record, interval=1)
         converged = bool(opt.run(fmax=fmax, steps=max_steps)) if max_steps > 0 else True

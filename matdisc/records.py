@@ -15,12 +15,16 @@ from ase import Atoms
 from matdisc.store.frames import Frames
 
 
+#: Relaxation outcomes whose energies may enter a convex hull (see :mod:`matdisc.mlip.outcome`).
+USABLE = ("ok", "symmetry_changed")
+
+
 @dataclass
 class RelaxResult:
     """Outcome of relaxing one structure (with an MLIP or a reference calculator).
 
-    ``status`` is ``ok``, ``unconverged``, ``exploded`` or ``failed``; anything but ``ok``
-    carries a ``reason``. ``frames`` holds every evaluated configuration with its energy,
+    ``status`` is ``ok``, ``symmetry_changed`` (MLIP), ``unconverged``, ``exploded`` or
+    ``failed`` (see :mod:`matdisc.mlip.outcome`); anything but ``ok`` carries a ``reason``. ``frames`` holds every evaluated configuration with its energy,
     forces and stress (training data, for reference calculations).
     """
 
@@ -30,7 +34,8 @@ class RelaxResult:
     atoms: Atoms
     energy: float = float("nan")
     n_steps: int = 0
-    sigma: float = float("nan")
+    sigma: float = float("nan")  # committee energy spread, eV/atom
+    force_std: float = float("nan")  # committee: largest per-atom force spread, eV/Å
     forces: np.ndarray | None = None
     stress: np.ndarray | None = None
     walltime_s: float = 0.0
@@ -70,4 +75,4 @@ def scalar_fields(result: RelaxResult) -> dict[str, Any]:
     return {f.name: getattr(result, f.name) for f in fields(result) if f.name not in skip}
 
 
-__all__ = ["RelaxResult", "asdict", "frames_from_atoms_with_results", "labelled", "scalar_fields"]
+__all__ = ["USABLE", "RelaxResult", "asdict", "frames_from_atoms_with_results", "labelled", "scalar_fields"]

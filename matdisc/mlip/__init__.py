@@ -1,8 +1,10 @@
-"""MACE: model loading with provenance, batched relaxation, committee uncertainty, training."""
+"""MACE: model registry with provenance, batched relaxation, committee uncertainty, training."""
 
-from matdisc.mlip.model import ModelInfo, file_sha256, load_calculator, resolve_device
-from matdisc.mlip.relax import relax_many
-from matdisc.mlip.train import train_committee, train_mace
+from matdisc.mlip.model import (ModelError, ModelInfo, configured_model, describe, file_sha256, load_calculator,
+                                require_elements, resolve_device)
+from matdisc.mlip.relax import relax_ase, relax_many
+from matdisc.mlip.train import TrainedModel, evaluate, train_committee, train_mace
 
-__all__ = ["ModelInfo", "file_sha256", "load_calculator", "relax_many", "resolve_device", "train_committee",
+__all__ = ["ModelError", "ModelInfo", "TrainedModel", "configured_model", "describe", "evaluate", "file_sha256",
+           "load_calculator", "relax_ase", "relax_many", "require_elements", "resolve_device", "train_committee",
            "train_mace"]

@@ -1,28 +1,42 @@
-"""Loading MACE models, only from configured places, with their sha256 recorded.
+"""The model registry: which MACE files may be loaded, what they are, and on what device.
 
 A model file is a pickle, so loading it is running code: matdisc loads only the paths a
-campaign names (its config, or the store's own ``models/`` directory) and records each
-file's sha256 beside every result it produces. Foundation models (``mace_mp`` names) go
-through mace-torch's own download-and-cache path.
+campaign names (its config's ``mlip.model``, the store's own ``models/`` directory, or
+mace-torch's foundation-model cache for ``mace_mp`` names) and records each file's sha256
+beside every result it produces. :func:`describe` reads what a result must record about a
+model (sha256, dtype, device, r_max, elements); :func:`require_elements` refuses a model
+that lacks an element of the chemical system before any work starts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import mace.calculators  # noqa: F401  (import before e3nn: mace-torch pins e3nn 0.4.4)
 
+from matdisc.errors import UserError
+
+
+class ModelError(UserError):
+    """A model that cannot be used for this campaign (missing file, element, or untrusted path)."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a result records about the model that produced it."""
+    """What a result records about the model (or committee) that produced it."""
 
     paths: tuple[str, ...]
     sha256: str  # of the single file, or of the committee's sorted member hashes
+    members: tuple[str, ...]
     device: str
     dtype: str
+    r_max: float
+    elements: tuple[str, ...]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -41,38 +55,120 @@ def committee_sha256(paths: list[str]) -> str:
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``; ``cuda:N`` checked against the GPUs."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"mlip.device: {device} requested but no CUDA device is visible")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ModelError(f"mlip.device: {device} requested but only {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def use_cueq(device: str, requested: bool | None) -> bool:
+    """cuEquivariance kernels: on request, or by default when installed and on CUDA."""
+    available = importlib.util.find_spec("cuequivariance_torch") is not None
+    if requested and not (available and device.startswith("cuda")):
+        raise ModelError("mlip.cueq: needs CUDA and the cuequivariance-torch package ([gpu] extra)")
+    return bool(available and device.startswith("cuda")) if requested is None else requested
 
 
 def foundation_model_path(name: str) -> str:
     """Local path of a ``mace_mp`` foundation model (downloads into mace's cache when online)."""
     from mace.calculators.foundations_models import download_mace_mp_checkpoint
 
-    return download_mace_mp_checkpoint(name)
+    try:
+        return download_mace_mp_checkpoint(name)
+    except Exception as err:  # offline and not cached: say which name and where it was looked for
+        raise ModelError(f"mlip.model: foundation model {name!r} is not cached and cannot be downloaded "
+                         f"({type(err).__name__})") from None
 
 
-def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "float64"):
-    """A MACECalculator over one model or a committee (energies of each member in ``results``)."""
+def trusted_roots(configured: list[str | Path]) -> list[Path]:
+    """Directories and files a campaign may load models from."""
+    cache = Path(os.path.expanduser("~/.cache/mace"))
+    return [Path(p).resolve() for p in configured] + [cache.resolve()]
+
+
+def check_trusted(paths: list[str], roots: list[Path]) -> None:
+    """Refuse to unpickle a file outside the configured places."""
+    for p in paths:
+        real = Path(p).resolve()
+        if not any(real == r or r in real.parents for r in roots):
+            raise ModelError(f"model file {p} is not under a configured model location; refusing to load it")
+
+
+def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
+    """One MACE ``torch.nn.Module`` from a file, in eval mode on ``device`` at ``dtype``."""
+    import torch
+
+    if not Path(path).is_file():
+        raise ModelError(f"model file {path} does not exist")
+    model = torch.load(path, map_location=device, weights_only=False)
+    return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+@lru_cache(maxsize=32)
+def _read_header(path: str, sha: str) -> tuple[float, tuple[str, ...]]:
+    from ase.data import chemical_symbols
+
+    model = load_torch_model(path)
+    elements = tuple(sorted(chemical_symbols[int(z)] for z in model.atomic_numbers))
+    return float(model.r_max), elements
+
+
+def model_elements(path: str) -> set[str]:
+    """Chemical symbols a MACE model was trained for."""
+    return set(_read_header(str(path), file_sha256(path))[1])
+
+
+def describe(paths: list[str], *, device: str = "cpu", dtype: str = "float64") -> ModelInfo:
+    """Provenance of a model or committee: hashes, cutoff and the elements every member knows."""
+    members = tuple(file_sha256(p) for p in paths)
+    headers = [_read_header(str(p), s) for p, s in zip(paths, members)]
+    common = set(headers[0][1]).intersection(*(set(h[1]) for h in headers[1:]))
+    return ModelInfo(paths=tuple(str(p) for p in paths), sha256=committee_sha256([str(p) for p in paths]),
+                     members=members, device=device, dtype=dtype, r_max=max(h[0] for h in headers),
+                     elements=tuple(sorted(common)))
+
+
+def require_elements(info: ModelInfo, chemsys: list[str], *, name: str = "mlip.model") -> None:
+    """Refuse a model that was not trained on every element of the chemical system."""
+    missing = sorted(set(chemsys) - set(info.elements))
+    if missing:
+        raise ModelError(f"{name}: model {Path(info.paths[0]).name} has no {', '.join(missing)} "
+                         f"(it knows {', '.join(info.elements)})")
+
+
+def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "float64", cueq: bool | None = None):
+    """An ASE MACECalculator over one model or a committee (each member's energy in ``results``)."""
     import warnings
 
     from mace.calculators import MACECalculator
 
     for p in paths:
         if not Path(p).is_file():
-            raise FileNotFoundError(f"model file {p} does not exist")
+            raise ModelError(f"model file {p} does not exist")
+    device = resolve_device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MACECalculator(model_paths=list(paths), device=resolve_device(device), default_dtype=dtype)
+        return MACECalculator(model_paths=list(paths), device=device, default_dtype=dtype,
+                              enable_cueq=use_cueq(device, cueq))
 
 
-def model_elements(path: str) -> set[str]:
-    """Chemical symbols a MACE model was trained for."""
-    import torch
-    from ase.data import chemical_symbols
+def configured_model(mlip, chemsys: list[str]) -> ModelInfo | None:
+    """The campaign's configured starting model, checked against its chemistry (None: cold start).
 
-    model = torch.load(path, map_location="cpu", weights_only=False)
-    return {chemical_symbols[int(z)] for z in model.atomic_numbers}
+    Called before any work starts (``matdisc run``) and again by the flow: a model lacking
+    an element of ``chemsys`` is refused with a message naming the missing elements.
+    """
+    if mlip.is_cold_start:
+        return None
+    path = mlip.model if mlip.is_model_file else foundation_model_path(mlip.model)
+    info = describe([path], device=mlip.device, dtype=mlip.dtype)
+    require_elements(info, chemsys)
+    return info

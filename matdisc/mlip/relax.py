@@ -1,41 +1,91 @@
 """Relaxing many structures with a MACE model (or committee) in one call.
 
-One Dask task relaxes a whole list: the model loads once, and per-task overhead is paid
-once per hundreds of structures. The committee mean drives the relaxation; the spread of
-the members' energies at the relaxed structure is the uncertainty ``sigma`` (eV/atom).
+One Dask task relaxes a whole list: the models load once, and the batched engine
+(torch-sim, :mod:`matdisc.mlip.batched`) keeps them busy with a full batch. The ASE loop
+(FIRE + cell filter + ``MACECalculator``, one structure after another) is the reference
+the batched engine is checked against, and the fallback when a batch cannot run.
+
+The committee mean drives the relaxation; at the relaxed structure the members' spread
+gives ``sigma`` (energy std, eV/atom) and ``force_std`` (largest per-atom force std, eV/Å).
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from ase import Atoms
 
-from matdisc.mlip.model import load_calculator
+from matdisc.config import MLIPConfig
+from matdisc.mlip.model import load_calculator, load_torch_model, resolve_device, use_cueq
+from matdisc.mlip.outcome import USABLE, classify
 from matdisc.optimize import relax
 from matdisc.records import RelaxResult
 
+log = logging.getLogger(__name__)
 
-def relax_many(
-    structures: list[tuple[str, Atoms]],
-    model_paths: list[str],
-    *,
-    fmax: float = 0.05,
-    max_steps: int = 300,
-    device: str = "cpu",
-    dtype: str = "float64",
-) -> list[RelaxResult]:
+
+def relax_many(structures: list[tuple[str, Atoms]], model_paths: list[str],
+               mlip: MLIPConfig | None = None) -> list[RelaxResult]:
     """Relax ``(id, atoms)`` pairs (positions + cell); one result per input, in order."""
+    mlip = mlip or MLIPConfig()
+    if not structures:
+        return []
+    device = resolve_device(mlip.device)
+    engine = mlip.engine if mlip.engine != "auto" else "torch-sim"
+    if engine == "torch-sim":
+        try:
+            return _relax_torch_sim(structures, model_paths, mlip, device)
+        except Exception as err:  # a batch-level failure: the ASE loop still gives every structure its outcome
+            log.warning("batched relaxation failed (%s: %s); falling back to the ASE loop",
+                        type(err).__name__, str(err).splitlines()[0][:200])
+    return relax_ase(structures, model_paths, mlip, device)
+
+
+def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
     import torch
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    calc = load_calculator(model_paths, device=device, dtype=dtype)
+    from matdisc.mlip.batched import BatchSettings, committee_spread, mace_models, relax_batched
+
+    _set_threads(torch)
+    modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
+    model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
+    settings = BatchSettings(fmax=mlip.fmax, max_steps=mlip.max_steps, cell_filter=mlip.cell_filter,
+                             batch_atoms=mlip.batch_atoms, steps_between_swaps=mlip.steps_between_swaps)
+    results = relax_batched(structures, model, settings)
+    members = list(model.members) if len(modules) > 1 else [model]
+    usable = [r for r in results if r.status in USABLE or r.status == "unconverged"]
+    spread = committee_spread([r.atoms for r in usable], members, mlip.batch_atoms)
+    for r, (sigma, fstd) in zip(usable, spread):
+        r.sigma, r.force_std = float(sigma), float(fstd)
+    return results
+
+
+def relax_ase(structures, model_paths, mlip: MLIPConfig, device: str = "cpu") -> list[RelaxResult]:
+    """The reference engine: ASE FIRE with a cell filter, one structure after another."""
+    import torch
+
+    _set_threads(torch)
+    calc = load_calculator(model_paths, device=device, dtype=mlip.dtype, cueq=mlip.cueq)
     results = []
     for cid, atoms in structures:
-        res = relax(atoms, calc, id=cid, fmax=fmax, max_steps=max_steps, relax_cell=True)
-        if res.status in ("ok", "unconverged") and len(model_paths) > 1:
-            member = np.asarray(calc.results.get("energies", [res.energy]), dtype=float)
-            res.sigma = float(np.std(member) / len(res.atoms))
-        elif res.status in ("ok", "unconverged"):
-            res.sigma = 0.0
+        res = relax(atoms, calc, id=cid, fmax=mlip.fmax, max_steps=mlip.max_steps, relax_cell=True,
+                    cell_filter=mlip.cell_filter)
+        if res.status in ("ok", "unconverged"):
+            res.status, res.reason = classify(atoms, res.atoms, res.status, res.reason)
+        if res.status in USABLE or res.status == "unconverged":
+            res.sigma, res.force_std = _ase_spread(calc, len(res.atoms), len(model_paths))
         results.append(res)
     return results
+
+
+def _ase_spread(calc, n_atoms: int, n_models: int) -> tuple[float, float]:
+    if n_models < 2:
+        return 0.0, 0.0
+    energies = np.asarray(calc.results["energy_comm"], dtype=float)
+    forces = np.asarray(calc.results["forces_comm"], dtype=float)
+    return float(energies.std() / n_atoms), float(np.linalg.norm(forces.std(0), axis=1).max())
+
+
+def _set_threads(torch) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,8 +1,15 @@
-"""Training MACE on the campaign's reference frames with mace-torch's own training code.
+"""Training and fine-tuning MACE on the campaign's reference frames with mace-torch's own code.
 
 Training runs ``mace.cli.run_train`` in a subprocess: it configures logging and global
 torch state for itself, and a subprocess keeps that out of the worker. Frames are split
-into train/validation by structure (all frames of one structure land on the same side).
+into train/validation by structure (all frames of one structure land on the same side);
+the validation structures are the same for every committee member, so their metrics
+compare, while each member trains on its own random subsample of the rest (diversity).
+
+Three starts: from scratch (cold start), naive fine-tuning of an earlier model (a
+previous campaign model or a foundation model: all weights continue training on the
+campaign's frames), and multihead fine-tuning of a foundation model when replay data
+(``replay_file``) is given, which keeps the foundation head anchored to its own data.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,68 +32,127 @@ class TrainingError(RuntimeError):
     """mace-torch's training did not produce a model."""
 
 
+@dataclass
+class TrainedModel:
+    """One trained model file and how well it reproduces held-out reference frames."""
+
+    path: Path
+    mode: str  # scratch | naive | multihead
+    n_train: int
+    n_valid: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int):
+    """(train, valid) frames, whole structures on one side, chosen by ``seed``."""
     rng = np.random.default_rng(seed)
     names = sorted(set(groups))
     rng.shuffle(names)
     n_valid = max(1, int(round(valid_fraction * len(names)))) if len(names) > 1 else 0
     valid_names = set(names[:n_valid])
-    train = [f for f, g in zip(frames, groups) if g not in valid_names]
+    train = [(f, g) for f, g in zip(frames, groups) if g not in valid_names]
     valid = [f for f, g in zip(frames, groups) if g in valid_names]
     return train, valid
 
 
-def train_mace(
-    frames: list[Atoms],
-    groups: list[str],
-    workdir: Path,
-    cfg: TrainingConfig,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    dtype: str = "float64",
-    foundation_model: str | None = None,
-) -> Path:
-    """Train one MACE model on labelled frames (REF_energy/REF_forces/REF_stress); returns its path."""
-    workdir = Path(workdir).resolve()  # mace runs with this as its cwd
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
-    train, valid = split_by_structure(frames, groups, cfg.valid_fraction, seed)
-    write(workdir / "train.xyz", train, format="extxyz")
-    name = f"mace-s{seed}"
-    args = [
+def subsample(train: list[tuple[Atoms, str]], fraction: float, seed: int) -> list[Atoms]:
+    """A random ``fraction`` of the training structures (all frames of each one drawn)."""
+    if fraction >= 1.0:
+        return [f for f, _ in train]
+    names = sorted({g for _, g in train})
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(names, size=max(1, int(np.ceil(fraction * len(names)))), replace=False))
+    return [f for f, g in train if g in keep]
+
+
+def _run_train_args(name: str, workdir: Path, cfg: TrainingConfig, *, seed: int, device: str, dtype: str,
+                    epochs: int) -> list[str]:
+    return [
         sys.executable, "-m", "mace.cli.run_train",
-        f"--name={name}",
-        f"--work_dir={workdir}",
-        f"--model_dir={workdir}",
+        f"--name={name}", f"--work_dir={workdir}", f"--model_dir={workdir}",
         f"--train_file={workdir / 'train.xyz'}",
         "--energy_key=REF_energy", "--forces_key=REF_forces", "--stress_key=REF_stress",
         "--model=MACE",
         f"--num_channels={cfg.num_channels}", f"--max_L={cfg.max_L}", f"--r_max={cfg.r_max}",
         "--num_interactions=2", "--correlation=2",
         f"--batch_size={cfg.batch_size}", f"--valid_batch_size={cfg.batch_size * 2}",
-        f"--max_num_epochs={cfg.max_num_epochs}", f"--lr={cfg.lr}",
+        f"--max_num_epochs={epochs}", f"--lr={cfg.lr}",
         f"--energy_weight={cfg.energy_weight}", f"--forces_weight={cfg.forces_weight}",
         "--E0s=average", "--scaling=rms_forces_scaling",
         f"--device={device}", f"--default_dtype={dtype}", f"--seed={seed}",
         "--ema", "--ema_decay=0.99", "--amsgrad", "--save_cpu", "--eval_interval=5",
         "--log_level=WARNING",
     ]
+
+
+def train_mace(
+    train: list[Atoms],
+    valid: list[Atoms],
+    workdir: Path,
+    cfg: TrainingConfig,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: str = "float64",
+    start_model: str | None = None,
+) -> TrainedModel:
+    """Train one MACE model on labelled frames (REF_energy/REF_forces/REF_stress).
+
+    ``cfg`` must be sized (:meth:`TrainingConfig.sized`). With ``start_model`` the model is
+    fine-tuned from it (multihead when ``cfg.replay_file`` is set) for ``finetune_epochs``.
+    """
+    workdir = Path(workdir).resolve()  # mace runs with this as its cwd
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    write(workdir / "train.xyz", train, format="extxyz")
+    name = f"mace-s{seed}"
+    mode = "scratch" if not start_model else ("multihead" if cfg.replay_file else "naive")
+    epochs = cfg.max_num_epochs if mode == "scratch" else cfg.finetune_epochs
+    args = _run_train_args(name, workdir, cfg, seed=seed, device=device, dtype=dtype, epochs=epochs)
     if valid:
         write(workdir / "valid.xyz", valid, format="extxyz")
         args.append(f"--valid_file={workdir / 'valid.xyz'}")
     else:
         args.append(f"--valid_fraction={cfg.valid_fraction}")
-    if foundation_model:
-        args += [f"--foundation_model={foundation_model}", "--multiheads_finetuning=False"]
+    if start_model:
+        args.append(f"--foundation_model={start_model}")
+        if mode == "multihead":
+            args += ["--multiheads_finetuning=True", f"--pt_train_file={Path(cfg.replay_file).resolve()}"]
+        else:
+            args.append("--multiheads_finetuning=False")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env=env)
     model = workdir / f"{name}.model"
     if proc.returncode != 0 or not model.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise TrainingError(f"mace training failed (exit {proc.returncode}): {' | '.join(tail)}")
-    return model
+    metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
+    return TrainedModel(model, mode, len(train), len(valid), metrics)
+
+
+def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64") -> dict[str, float]:
+    """Energy (eV/atom) and force (eV/Å) RMSE and MAE of a model on labelled frames, batched."""
+    import torch_sim as ts
+
+    from matdisc.mlip.batched import mace_models
+    from matdisc.mlip.model import load_torch_model
+
+    model = mace_models([load_torch_model(model_path, device, dtype)], device, dtype)
+    de, df = [], []
+    for start in range(0, len(frames), 64):
+        chunk = frames[start : start + 64]
+        out = model(ts.initialize_state(chunk, model.device, model.dtype))
+        energy = out["energy"].detach().cpu().numpy()
+        forces = out["forces"].detach().cpu().numpy()
+        offset = 0
+        for a, e in zip(chunk, energy):
+            de.append((e - a.info["REF_energy"]) / len(a))
+            df.append((forces[offset : offset + len(a)] - a.arrays["REF_forces"]).ravel())
+            offset += len(a)
+    de, df = np.asarray(de), np.concatenate(df)
+    return {"energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))), "energy_mae_per_atom": float(np.mean(np.abs(de))),
+            "forces_rmse": float(np.sqrt(np.mean(df**2))), "forces_mae": float(np.mean(np.abs(df)))}
 
 
 def train_committee(
@@ -98,11 +165,17 @@ def train_committee(
     seed: int = 0,
     device: str = "cpu",
     dtype: str = "float64",
-    foundation_model: str | None = None,
-) -> list[Path]:
-    """``size`` models that differ in seed (initialisation and validation split)."""
-    return [
-        train_mace(frames, groups, Path(workdir) / f"member-{k}", cfg, seed=seed + k, device=device, dtype=dtype,
-                   foundation_model=foundation_model)
-        for k in range(size)
-    ]
+    start_models: list[str] | None = None,
+) -> list[TrainedModel]:
+    """``size`` models that differ in seed and training subsample, on one validation split.
+
+    ``start_models`` (one per member, or one for all) makes each member a fine-tune of it.
+    """
+    cfg = cfg.sized(device)
+    train, valid = split_by_structure(frames, groups, cfg.valid_fraction, seed)
+    out = []
+    for k in range(size):
+        start = start_models[k % len(start_models)] if start_models else None
+        out.append(train_mace(subsample(train, cfg.subsample, seed + k), valid, Path(workdir) / f"member-{k}", cfg,
+                              seed=seed + k, device=device, dtype=dtype, start_model=start))
+    return out

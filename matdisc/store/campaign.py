@@ -82,7 +82,8 @@ class Campaign:
         cand = _latest(cand, "id")
         mlip = _latest(self.table("mlip"), "id")
         if not mlip.empty:
-            mlip = mlip[["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]]
+            mlip = mlip[["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]
+                        + (["force_std"] if "force_std" in mlip else [])]
             mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
             cand = cand.merge(mlip, on="id", how="left")
         dft = _latest(self.table("dft"), "id")
@@ -93,7 +94,7 @@ class Campaign:
         scores = _latest(self.table("scores"), "id")
         if not scores.empty:
             cand = cand.merge(scores.drop(columns=["round"]), on="id", how="left")
-        for col in ("e_mlip_per_atom", "sigma", "e_dft_per_atom", "e_form_mlip", "e_hull_mlip", "e_form_dft",
+        for col in ("e_mlip_per_atom", "sigma", "force_std", "e_dft_per_atom", "e_form_mlip", "e_hull_mlip", "e_form_dft",
                     "e_hull_dft"):
             if col not in cand:
                 cand[col] = np.nan
@@ -161,10 +162,12 @@ class Campaign:
 
 
 def _status(mlip: str, dft: str, is_hit: bool) -> str:
+    from matdisc.records import USABLE  # records imports the store: import when called
+
     if dft:
         return ("hit" if is_hit else "dft_verified") if dft == "ok" else f"dft_{dft}"
     if mlip:
-        return "relaxed" if mlip == "ok" else f"mlip_{mlip}"
+        return "relaxed" if mlip in USABLE else f"mlip_{mlip}"
     return "generated"
 
 

@@ -1,0 +1,153 @@
+"""MLIP relaxation throughput: the batched torch-sim engine vs the ASE loop, on one model.
+
+Same model, same 64 structures (Cu-Pd fcc supercells of 8, 16, 24 and 32 atoms, random
+decoration, ±3 % strain, 0.05 Å rattle), fmax 0.05 eV/Å with the cell relaxed (Fréchet
+cell filter), float64, in one run:
+
+* ``speedup_vs_ase``: wall time of the ASE loop (ASE FIRE + FrechetCellFilter +
+  MACECalculator, one structure after another, matdisc's reference/fallback engine)
+  divided by the batched engine's wall time on the same 64 structures;
+* ``step_overhead_vs_model``: time of one batched FIRE step on the full batch divided by
+  one model evaluation (energy, forces and stress: forward + backward) on the same batch;
+* ``max_abs_dE_per_atom``: largest |E_batched − E_ase| per atom (eV) over structures both
+  engines relaxed;
+* ``scaling``: structures/s of the batched engine for 8 … 512 structures.
+
+The model is a tiny MACE (16x0e, r_max 4.5 Å) trained here on 200 EMT frames of Cu-Pd
+(the size a campaign trains on a CPU), or ``--model PATH``. Prints one JSON line.
+Run: ``.venv/bin/python benchmarks/relax.py`` (about 10 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+
+def structures(n: int, seed: int = 0):
+    from ase.build import bulk
+
+    rng = np.random.default_rng(seed)
+    reps = [(2, 1, 1), (2, 2, 1), (3, 2, 1), (2, 2, 2)]  # 8, 16, 24, 32 atoms
+    out = []
+    for i in range(n):
+        a = bulk("Cu", "fcc", a=3.75, cubic=True).repeat(reps[i % len(reps)])
+        a.numbers = rng.choice([29, 46], len(a))
+        a.set_cell(a.cell * (1 + rng.uniform(-0.03, 0.03)), scale_atoms=True)
+        a.rattle(0.05, seed=int(rng.integers(1 << 30)))
+        out.append((f"s{i}", a))
+    return out
+
+
+def train_model(workdir: Path) -> str:
+    from ase.calculators.emt import EMT
+
+    from matdisc.config import TrainingConfig
+    from matdisc.mlip import train_committee
+    from matdisc.records import labelled
+
+    frames, groups = [], []
+    for i, (_, a) in enumerate(structures(40, seed=99)):
+        for k in range(5):
+            b = a.copy()
+            b.rattle(0.08, seed=1000 * i + k)
+            b.calc = EMT()
+            frames.append(labelled(b, b.get_potential_energy(), b.get_forces(), b.get_stress(voigt=True)))
+            groups.append(str(i))
+    cfg = TrainingConfig(num_channels=16, max_L=0, r_max=4.5, max_num_epochs=20, batch_size=8)
+    return str(train_committee(frames, groups, workdir, cfg, size=1, seed=0)[0].path)
+
+
+def step_overhead(model_path: str, batch, device: str, repeats: int = 5) -> float:
+    """Batched FIRE step time / model evaluation time, on the same full batch."""
+    import torch
+    import torch_sim as ts
+
+    from matdisc.mlip.batched import mace_models
+    from matdisc.mlip.model import load_torch_model
+
+    model = mace_models([load_torch_model(model_path, device)], device, "float64")
+    init_fn, step_fn = ts.frechet_cell_fire(model=model)
+    state = init_fn(ts.initialize_state([a for _, a in batch], model.device, model.dtype))
+    model(state)  # warm-up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    t_model, t_step = [], []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        model(state)
+        sync()
+        t_model.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        state = step_fn(state)
+        sync()
+        t_step.append(time.perf_counter() - t)
+    return float(np.median(t_step) / np.median(t_model))
+
+
+def main() -> None:
+    from matdisc.config import MLIPConfig
+    from matdisc.mlip import relax_ase, relax_many
+    from matdisc.mlip.model import resolve_device
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a MACE .model file (default: train a tiny one on EMT data)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--scaling", default="8,32,128,512", help="structure counts for the scaling figures")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        model = args.model or train_model(Path(tmp))
+        t_train = time.perf_counter() - t
+        mlip = MLIPConfig(device=device, dtype="float64", fmax=0.05, max_steps=500, engine="torch-sim")
+        bench = structures(64)
+        relax_many(bench[:4], [model], mlip)  # warm-up (lazy imports, allocator)
+        t = time.perf_counter()
+        batched = relax_many(bench, [model], mlip)
+        t_batched = time.perf_counter() - t
+        t = time.perf_counter()
+        reference = relax_ase(bench, [model], mlip, device)
+        t_ase = time.perf_counter() - t
+        usable = ("ok", "symmetry_changed")
+        both = [(b, a) for b, a in zip(batched, reference) if b.status in usable and a.status in usable]
+        de = max(abs(b.energy_per_atom - a.energy_per_atom) for b, a in both)
+        overhead = step_overhead(model, bench, device)
+        scaling = {}
+        for n in (int(x) for x in args.scaling.split(",")):
+            batch = structures(n, seed=n)
+            t = time.perf_counter()
+            relax_many(batch, [model], mlip)
+            scaling[str(n)] = round(n / (time.perf_counter() - t), 2)
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
+    print(json.dumps({
+        "device": name,
+        "speedup_vs_ase": round(t_ase / t_batched, 2),
+        "step_overhead_vs_model": round(overhead, 3),
+        "max_abs_dE_per_atom": float(f"{de:.3g}"),
+        "scaling": scaling,
+        "structures": len(bench),
+        "atoms": [len(a) for _, a in bench[:4]],
+        "both_converged": len(both),
+        "batched_s": round(t_batched, 2),
+        "ase_s": round(t_ase, 2),
+        "batched_steps_mean": round(float(np.mean([r.n_steps for r in batched])), 1),
+        "ase_steps_mean": round(float(np.mean([r.n_steps for r in reference])), 1),
+        "train_s": round(t_train, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Batched relaxation with torch-sim: many structures on one model at once, in flight.
+
+Structures enter a batch up to ``batch_atoms`` atoms; every ``steps_between_swaps`` FIRE
+steps the finished ones (converged, exploded, or out of steps) leave and waiting ones take
+their places (torch-sim's ``InFlightAutoBatcher``), so the model always sees a full batch.
+The loop is ours rather than ``torch_sim.optimize`` because a screening run needs what that
+runner does not track: steps per structure (``max_steps`` is per structure here) and
+physical failure detected while a structure is still in the batch.
+
+A committee drives relaxations by its mean (like ASE's ``MACECalculator`` with several
+models), so both engines relax on the same surface; member spread is evaluated afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from matdisc.mlip.outcome import classify
+from matdisc.optimize import MAX_VOLUME_FACTOR
+from matdisc.records import RelaxResult
+
+#: Atoms per batch on a CPU: past a few thousand a CPU gains nothing from a larger batch.
+CPU_BATCH_ATOMS = 2048
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How the batched engine runs (one value per field of ``mlip``)."""
+
+    fmax: float = 0.05
+    max_steps: int = 300
+    cell_filter: str = "frechet"
+    batch_atoms: int | None = None
+    steps_between_swaps: int = 5
+
+
+def mace_models(members: list[torch.nn.Module], device: str, dtype: str, cueq: bool = False):
+    """torch-sim model over one MACE module, or the mean of a committee's."""
+    from torch_sim.models.mace import MaceModel
+
+    wrapped = [MaceModel(m, device=torch.device(device), dtype=getattr(torch, dtype), compute_stress=True,
+                         enable_cueq=cueq) for m in members]
+    return wrapped[0] if len(wrapped) == 1 else CommitteeModel(wrapped)
+
+
+def _committee_base():
+    from torch_sim.models.interface import ModelInterface
+
+    return ModelInterface
+
+
+class CommitteeModel(_committee_base()):
+    """Mean energy, forces and stress of several torch-sim models; members kept for their spread."""
+
+    def __init__(self, members: list) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+        self._device, self._dtype = members[0].device, members[0].dtype
+        self._compute_stress, self._compute_forces = True, True
+        self._memory_scales_with = "n_atoms"
+
+    def forward(self, state, **kwargs) -> dict[str, torch.Tensor]:
+        outs = [m(state) for m in self.members]
+        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("energy", "forces", "stress")}
+
+
+def _max_force(state) -> torch.Tensor:
+    per_atom = state.forces.norm(dim=1)
+    out = torch.zeros(state.n_systems, device=per_atom.device, dtype=per_atom.dtype)
+    return out.scatter_reduce(0, state.system_idx, per_atom, reduce="amax", include_self=False)
+
+
+def _finished(state, fmax: float, volume0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(converged, exploded, volume_blowup) per system of a batch."""
+    fmax_atoms = _max_force(state)
+    cell_forces = getattr(state, "cell_forces", None)
+    fmax_cell = cell_forces.norm(dim=2).amax(dim=1) if cell_forces is not None else torch.zeros_like(fmax_atoms)
+    finite_forces = torch.zeros_like(fmax_atoms).scatter_reduce(
+        0, state.system_idx, torch.isfinite(state.forces).all(dim=1).to(fmax_atoms.dtype), reduce="amin",
+        include_self=False) > 0
+    blowup = state.volume.abs() > MAX_VOLUME_FACTOR * volume0
+    exploded = ~torch.isfinite(state.energy) | ~finite_forces | blowup
+    converged = (fmax_atoms < fmax) & (fmax_cell < fmax) & ~exploded
+    return converged, exploded, blowup
+
+
+def relax_batched(
+    structures: list[tuple[str, Atoms]],
+    model,
+    settings: BatchSettings,
+) -> list[RelaxResult]:
+    """Relax ``(id, atoms)`` pairs (positions + cell) with a torch-sim model; results in input order."""
+    import torch_sim as ts
+    from torch_sim.autobatching import BinningAutoBatcher, InFlightAutoBatcher
+
+    if not structures:
+        return []
+    t0 = time.perf_counter()
+    device, dtype = model.device, model.dtype
+    optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
+    init_fn, step_fn = optimizer(model=model)
+    batch_atoms = settings.batch_atoms or (CPU_BATCH_ATOMS if device.type == "cpu" else None)
+    largest = max(len(a) for _, a in structures)
+    if batch_atoms is not None:
+        batch_atoms = max(batch_atoms, largest)
+    raw = ts.initialize_state([a for _, a in structures], device, dtype)
+    volume0 = raw.volume.abs().clone()
+
+    # initial forces for FIRE, in binned batches (one model call per batch, not per structure)
+    binning = BinningAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms)
+    binning.load_states(raw)
+    initialised = binning.restore_original_order([init_fn(b) for b in binning])
+
+    batcher = InFlightAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms,
+                                  return_indices=True)
+    batcher.load_states(initialised)
+    state, _, current = batcher.next_batch(None, None)
+    current = list(current)
+    n = len(structures)
+    steps = np.zeros(n, dtype=int)
+    verdict: list[tuple[str, str] | None] = [None] * n
+    finals: list = [None] * n
+    while state is not None:
+        for _ in range(settings.steps_between_swaps):
+            state = step_fn(state)
+        idx = np.asarray(current)
+        steps[idx] += settings.steps_between_swaps
+        converged, exploded, blowup = (t.cpu().numpy() for t in _finished(state, settings.fmax, volume0[idx]))
+        out_of_steps = steps[idx] >= settings.max_steps
+        for pos, og in enumerate(idx):
+            if exploded[pos]:
+                why = f"volume grew more than {MAX_VOLUME_FACTOR:g}x" if blowup[pos] else "non-finite energy or forces"
+                verdict[og] = ("exploded", why)
+            elif converged[pos]:
+                verdict[og] = ("ok", "")
+            elif out_of_steps[pos]:
+                verdict[og] = ("unconverged", f"not converged in {steps[og]} steps")
+        done = torch.as_tensor(converged | exploded | out_of_steps, device=device)
+        k0 = len(batcher.completed_idx_og_order)
+        state, completed, current = batcher.next_batch(state, done)
+        for og, final in zip(batcher.completed_idx_og_order[k0:], completed):
+            finals[og] = final
+        current = list(current)
+    walltime = (time.perf_counter() - t0) / n
+    return [_result(cid, atoms, finals[i], verdict[i], int(steps[i]), walltime)
+            for i, (cid, atoms) in enumerate(structures)]
+
+
+def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: int, walltime: float) -> RelaxResult:
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    atoms = final.to_atoms()[0]
+    atoms.calc = None
+    energy = float(final.energy[0])
+    forces = final.forces.detach().cpu().numpy()
+    stress = full_3x3_to_voigt_6_stress(final.stress[0].detach().cpu().numpy())
+    status, reason = classify(initial, atoms, *verdict)
+    if status == "exploded":
+        energy = float("nan")
+    return RelaxResult(cid, status, reason, atoms, energy=energy, n_steps=n_steps, forces=forces, stress=stress,
+                       walltime_s=walltime)
+
+
+def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | None = None) -> np.ndarray:
+    """Per structure: (energy std in eV/atom, largest per-atom force std in eV/Å) over members.
+
+    One batched evaluation per member; the force spread of an atom is the norm of its
+    per-component standard deviations, and a structure's is its largest atom's.
+    """
+    import torch_sim as ts
+
+    out = np.full((len(atoms_list), 2), np.nan)
+    if len(members) < 2 or not atoms_list:
+        return out if len(members) >= 2 else np.zeros((len(atoms_list), 2))
+    device, dtype = members[0].device, members[0].dtype
+    limit = batch_atoms or CPU_BATCH_ATOMS
+    start = 0
+    while start < len(atoms_list):
+        chunk, n_atoms = [], 0
+        while start + len(chunk) < len(atoms_list) and (not chunk or n_atoms + len(atoms_list[start + len(chunk)])
+                                                        <= limit):
+            n_atoms += len(atoms_list[start + len(chunk)])
+            chunk.append(atoms_list[start + len(chunk)])
+        state = ts.initialize_state(chunk, device, dtype)
+        outs = [m(state) for m in members]
+        energy = torch.stack([o["energy"] for o in outs])  # members x systems
+        forces = torch.stack([o["forces"] for o in outs])  # members x atoms x 3
+        counts = torch.bincount(state.system_idx).to(dtype)
+        e_std = energy.std(0, unbiased=False) / counts
+        f_std = forces.std(0, unbiased=False).norm(dim=1)
+        f_max = torch.zeros(len(chunk), device=device, dtype=dtype).scatter_reduce(
+            0, state.system_idx, f_std, reduce="amax", include_self=False)
+        out[start : start + len(chunk)] = torch.stack([e_std, f_max], 1).detach().cpu().numpy()
+        start += len(chunk)
+    return out
