@@ -182,7 +182,9 @@ class MLIPConfig(_Strict):
     batch_atoms: int | None = Field(
         None, ge=1, description="most atoms in one batch (None: 2048 on CPU, estimated from GPU memory)"
     )
-    steps_between_swaps: int = Field(5, ge=1, description="optimizer steps between in-flight batch swaps")
+    steps_between_swaps: int | None = Field(
+        None, ge=1, description="optimizer steps between in-flight batch swaps (None: 2 on CPU, 5 on GPU)"
+    )
     cueq: bool | None = Field(None, description="cuEquivariance kernels (None: when installed and on CUDA)")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     cold_start: ColdStartConfig = Field(default_factory=ColdStartConfig)

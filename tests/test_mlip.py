@@ -91,6 +91,24 @@ def test_fine_tuning_improves_on_new_data(committee, tmp_path):
     assert after < before, (before, after)
 
 
+def test_multihead_fine_tuning_with_replay_data(committee, tmp_path):
+    """With replay data the start model is fine-tuned multihead; the campaign head is what we keep."""
+    from ase.io import write
+
+    replay, _ = emt_frames(10, seed=0)
+    write(tmp_path / "replay.xyz", replay, format="extxyz")
+    frames, groups = emt_frames(8, seed=11, strain=(0.06, 0.10))
+    cfg = TRAINING.model_copy(update={"replay_file": tmp_path / "replay.xyz", "finetune_epochs": 3})
+    start = str(committee[0].path)
+    tuned = train_committee(frames, groups, tmp_path / "mh", cfg, size=1, seed=5, start_models=[start])[0]
+    assert tuned.mode == "multihead"
+    model = load_torch_model(str(tuned.path))
+    assert list(model.heads) == ["Default"]  # the replay head is dropped from the screening model
+    before = load_torch_model(start)
+    assert any(not np.allclose(p.detach(), q.detach()) for p, q in zip(before.parameters(), model.parameters()))
+    assert tuned.metrics["forces_rmse"] < FORCE_RMSE_BOUND  # anchored by the replay data: nothing forgotten
+
+
 def test_batched_and_ase_agree(model_paths):
     structures = rattled(6)
     mlip = MLIPConfig(device="cpu", fmax=0.05, max_steps=300)

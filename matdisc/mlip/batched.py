@@ -26,6 +26,9 @@ from matdisc.records import RelaxResult
 
 #: Atoms per batch on a CPU: past a few thousand a CPU gains nothing from a larger batch.
 CPU_BATCH_ATOMS = 2048
+#: Steps between swaps: a swap check costs little next to a CPU step (measured on 64 Cu-Pd
+#: cells: 2 steps 8 % faster than 5, 1 step slower again); a GPU step is cheap, swaps are not.
+SWAP_STEPS = {"cpu": 2, "cuda": 5}
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class BatchSettings:
     max_steps: int = 300
     cell_filter: str = "frechet"
     batch_atoms: int | None = None
-    steps_between_swaps: int = 5
+    steps_between_swaps: int | None = None
 
 
 def mace_models(members: list[torch.nn.Module], device: str, dtype: str, cueq: bool = False):
@@ -105,6 +108,7 @@ def relax_batched(
     optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
     init_fn, step_fn = optimizer(model=model)
     batch_atoms = settings.batch_atoms or (CPU_BATCH_ATOMS if device.type == "cpu" else None)
+    swap_steps = settings.steps_between_swaps or SWAP_STEPS.get(device.type, 5)
     largest = max(len(a) for _, a in structures)
     if batch_atoms is not None:
         batch_atoms = max(batch_atoms, largest)
@@ -126,10 +130,10 @@ def relax_batched(
     verdict: list[tuple[str, str] | None] = [None] * n
     finals: list = [None] * n
     while state is not None:
-        for _ in range(settings.steps_between_swaps):
+        for _ in range(swap_steps):
             state = step_fn(state)
         idx = np.asarray(current)
-        steps[idx] += settings.steps_between_swaps
+        steps[idx] += swap_steps
         converged, exploded, blowup = (t.cpu().numpy() for t in _finished(state, settings.fmax, volume0[idx]))
         out_of_steps = steps[idx] >= settings.max_steps
         for pos, og in enumerate(idx):

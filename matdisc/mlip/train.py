@@ -117,8 +117,10 @@ def train_mace(
         args.append(f"--valid_fraction={cfg.valid_fraction}")
     if start_model:
         args.append(f"--foundation_model={start_model}")
-        if mode == "multihead":
-            args += ["--multiheads_finetuning=True", f"--pt_train_file={Path(cfg.replay_file).resolve()}"]
+        if mode == "multihead":  # the foundation's own atomic energies anchor both heads
+            args = [a for a in args if not a.startswith("--E0s=")]
+            args += ["--E0s=foundation", "--multiheads_finetuning=True",
+                     f"--pt_train_file={Path(cfg.replay_file).resolve()}"]
         else:
             args.append("--multiheads_finetuning=False")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -127,8 +129,20 @@ def train_mace(
     if proc.returncode != 0 or not model.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
         raise TrainingError(f"mace training failed (exit {proc.returncode}): {' | '.join(tail)}")
+    if mode == "multihead":
+        _keep_campaign_head(model)
     metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
     return TrainedModel(model, mode, len(train), len(valid), metrics)
+
+
+def _keep_campaign_head(path: Path) -> None:
+    """Multihead fine-tuning saves the replay (``pt_head``) head too; screening uses only ours."""
+    import torch
+    from mace.tools.scripts_utils import remove_pt_head
+
+    model = torch.load(path, map_location="cpu", weights_only=False)
+    if len(getattr(model, "heads", [])) > 1:
+        torch.save(remove_pt_head(model, "Default"), path)
 
 
 def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64") -> dict[str, float]:
