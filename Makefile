@@ -38,6 +38,7 @@ test: install
 bench: install
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/relax.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
