@@ -26,9 +26,9 @@ def emt_config(tmp_path, **over) -> dict:
         "store": str(tmp_path / "cu-pd.zarr"),
         "generation": {"max_atoms": 8, "seed": 0, "random": {"per_round": 4}, "substitution": {"per_round": 6}},
         "mlip": {
-            "model": "cold-start", "ensemble": 1, "device": "cpu", "fmax": 0.05, "max_steps": 200,
+            "model": "cold-start", "ensemble": 2, "device": "cpu", "fmax": 0.05, "max_steps": 200,
             "structures_per_task": 10,
-            "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 30, "batch_size": 4},
+            "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 20, "batch_size": 4},
             "cold_start": {"perturbed_per_structure": 3},
         },
         "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 200},

@@ -45,6 +45,10 @@ def test_store_holds_candidates_mlip_and_dft(campaign_store):
     assert verified["e_dft_per_atom"].notna().all()
     relaxed = cand[cand["mlip_status"].isin(["ok", "symmetry_changed"])]
     assert relaxed["e_mlip_per_atom"].notna().all() and len(relaxed) >= 0.8 * len(cand)
+    # a two-member committee: every relaxed candidate carries its energy and force spread; forces
+    # vanish by symmetry in high-symmetry cells for every member, so only some have a force spread
+    assert (relaxed["sigma"] > 0).all() and (relaxed["force_std"] >= 0).all()
+    assert (relaxed["force_std"] > 1e-4).sum() >= 5
     # a verified candidate has MLIP and DFT energies; the relaxed DFT structure reads back
     cid = verified[verified["round"] == 1]["id"].iloc[0]
     s = camp.structure(cid, "dft")
@@ -64,6 +68,7 @@ def test_a_retrained_model_per_round_with_sha256(campaign_store):
     assert (models["forces_rmse"] > 0).all() and (models["forces_rmse"] < 0.5).all()
     assert (models["elements"] == '["Cu", "Pd"]').all() and (models["r_max"] == 4.5).all()
     for paths in models["paths"]:
+        assert len(json.loads(paths)) == 2  # committee members
         for p in json.loads(paths):
             assert (cfg.store_path / p).is_file()
     rounds = camp.rounds()
