@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from ase import Atoms
+from torch_sim.models.interface import ModelInterface
 
 from matdisc.mlip.outcome import classify
 from matdisc.optimize import MAX_VOLUME_FACTOR
@@ -51,13 +52,7 @@ def mace_models(members: list[torch.nn.Module], device: str, dtype: str, cueq: b
     return wrapped[0] if len(wrapped) == 1 else CommitteeModel(wrapped)
 
 
-def _committee_base():
-    from torch_sim.models.interface import ModelInterface
-
-    return ModelInterface
-
-
-class CommitteeModel(_committee_base()):
+class CommitteeModel(ModelInterface):
     """Mean energy, forces and stress of several torch-sim models; members kept for their spread."""
 
     def __init__(self, members: list) -> None:
@@ -182,14 +177,7 @@ def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | 
     if len(members) < 2 or not atoms_list:
         return out if len(members) >= 2 else np.zeros((len(atoms_list), 2))
     device, dtype = members[0].device, members[0].dtype
-    limit = batch_atoms or CPU_BATCH_ATOMS
-    start = 0
-    while start < len(atoms_list):
-        chunk, n_atoms = [], 0
-        while start + len(chunk) < len(atoms_list) and (not chunk or n_atoms + len(atoms_list[start + len(chunk)])
-                                                        <= limit):
-            n_atoms += len(atoms_list[start + len(chunk)])
-            chunk.append(atoms_list[start + len(chunk)])
+    for start, chunk in atom_chunks(atoms_list, batch_atoms or CPU_BATCH_ATOMS):
         state = ts.initialize_state(chunk, device, dtype)
         outs = [m(state) for m in members]
         energy = torch.stack([o["energy"] for o in outs])  # members x systems
@@ -200,5 +188,17 @@ def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | 
         f_max = torch.zeros(len(chunk), device=device, dtype=dtype).scatter_reduce(
             0, state.system_idx, f_std, reduce="amax", include_self=False)
         out[start : start + len(chunk)] = torch.stack([e_std, f_max], 1).detach().cpu().numpy()
-        start += len(chunk)
     return out
+
+
+def atom_chunks(atoms_list: list[Atoms], limit: int):
+    """Consecutive ``(start, chunk)`` slices of at most ``limit`` atoms (a larger structure alone)."""
+    start, chunk, n_atoms = 0, [], 0
+    for a in atoms_list:
+        if chunk and n_atoms + len(a) > limit:
+            yield start, chunk
+            start, chunk, n_atoms = start + len(chunk), [], 0
+        chunk.append(a)
+        n_atoms += len(a)
+    if chunk:
+        yield start, chunk

@@ -47,11 +47,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def committee_sha256(paths: list[str]) -> str:
-    if len(paths) == 1:
-        return file_sha256(paths[0])
-    joined = "".join(sorted(file_sha256(p) for p in paths))
-    return hashlib.sha256(joined.encode()).hexdigest()
+def committee_sha256(member_hashes: tuple[str, ...]) -> str:
+    """A single model's own sha256, or the sha256 of a committee's sorted member hashes."""
+    if len(member_hashes) == 1:
+        return member_hashes[0]
+    return hashlib.sha256("".join(sorted(member_hashes)).encode()).hexdigest()
 
 
 def resolve_device(device: str) -> str:
@@ -121,17 +121,12 @@ def _read_header(path: str, sha: str) -> tuple[float, tuple[str, ...]]:
     return float(model.r_max), elements
 
 
-def model_elements(path: str) -> set[str]:
-    """Chemical symbols a MACE model was trained for."""
-    return set(_read_header(str(path), file_sha256(path))[1])
-
-
 def describe(paths: list[str], *, device: str = "cpu", dtype: str = "float64") -> ModelInfo:
     """Provenance of a model or committee: hashes, cutoff and the elements every member knows."""
     members = tuple(file_sha256(p) for p in paths)
     headers = [_read_header(str(p), s) for p, s in zip(paths, members)]
     common = set(headers[0][1]).intersection(*(set(h[1]) for h in headers[1:]))
-    return ModelInfo(paths=tuple(str(p) for p in paths), sha256=committee_sha256([str(p) for p in paths]),
+    return ModelInfo(paths=tuple(str(p) for p in paths), sha256=committee_sha256(members),
                      members=members, device=device, dtype=dtype, r_max=max(h[0] for h in headers),
                      elements=tuple(sorted(common)))
 

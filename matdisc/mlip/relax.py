@@ -43,11 +43,8 @@ def relax_many(structures: list[tuple[str, Atoms]], model_paths: list[str],
 
 
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
-    import torch
-
     from matdisc.mlip.batched import BatchSettings, committee_spread, mace_models, relax_batched
 
-    _set_threads(torch)
     modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
     model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
     settings = BatchSettings(fmax=mlip.fmax, max_steps=mlip.max_steps, cell_filter=mlip.cell_filter,
@@ -63,9 +60,6 @@ def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> 
 
 def relax_ase(structures, model_paths, mlip: MLIPConfig, device: str = "cpu") -> list[RelaxResult]:
     """The reference engine: ASE FIRE with a cell filter, one structure after another."""
-    import torch
-
-    _set_threads(torch)
     calc = load_calculator(model_paths, device=device, dtype=mlip.dtype, cueq=mlip.cueq)
     results = []
     for cid, atoms in structures:
@@ -85,7 +79,3 @@ def _ase_spread(calc, n_atoms: int, n_models: int) -> tuple[float, float]:
     energies = np.asarray(calc.results["energy_comm"], dtype=float)
     forces = np.asarray(calc.results["forces_comm"], dtype=float)
     return float(energies.std() / n_atoms), float(np.linalg.norm(forces.std(0), axis=1).max())
-
-
-def _set_threads(torch) -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -149,13 +149,12 @@ def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype
     """Energy (eV/atom) and force (eV/Å) RMSE and MAE of a model on labelled frames, batched."""
     import torch_sim as ts
 
-    from matdisc.mlip.batched import mace_models
+    from matdisc.mlip.batched import CPU_BATCH_ATOMS, atom_chunks, mace_models
     from matdisc.mlip.model import load_torch_model
 
     model = mace_models([load_torch_model(model_path, device, dtype)], device, dtype)
     de, df = [], []
-    for start in range(0, len(frames), 64):
-        chunk = frames[start : start + 64]
+    for _, chunk in atom_chunks(frames, CPU_BATCH_ATOMS):
         out = model(ts.initialize_state(chunk, model.device, model.dtype))
         energy = out["energy"].detach().cpu().numpy()
         forces = out["forces"].detach().cpu().numpy()
