@@ -19,8 +19,7 @@ from matdisc import loop
 from matdisc.active import select_greedy  # noqa: F401  (re-exported for notebooks)
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
-from matdisc.dft import run_reference, settings_hash
-from matdisc.dft.protocol import run_static
+from matdisc.dft import run_reference, run_static, settings_hash
 from matdisc.mlip import relax_many, resolve_device, train_committee
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
@@ -65,9 +64,13 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     workdir = str(w.path / "calculations" / f"r{round_}")
     fn = static_task if static else reference_task
     with dask.annotate(resources=DFT):
-        futures = [fn.submit(cid, atoms, cfg.reference.model_dump(), workdir) for cid, atoms in jobs]
-    for n, fut in enumerate(as_completed(futures), 1):
-        res = fut.result()
+        futures = {fn.submit(cid, atoms, cfg.reference.model_dump(mode="json"), workdir): (cid, atoms)
+                   for cid, atoms in jobs}
+    for n, fut in enumerate(as_completed(list(futures)), 1):
+        try:
+            res = fut.result()
+        except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
+            res = loop.failed_reference(*futures[fut], err, settings)
         loop.record_reference(w, round_, res, settings, verified=verified)
         log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
 
@@ -119,7 +122,7 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
                                    device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype)
     seeds = loop.seed_candidates(cfg)
     loop.add_candidates(w, seeds, 0, "seed")
-    done = loop.dft_done(w)
+    done = loop.dft_done(w, settings_hash(cfg.reference))
     jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
     log.info("cold start: %d seed structures with the reference calculator", len(jobs))
     _reference_stage(w, cfg, 0, jobs, verified=True)
@@ -154,6 +157,10 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
     with CampaignWriter(cfg.store_path) as w:
         loop.record_run(w, cfg)
         model = _initial_model(w, cfg)
+        refs = loop.reference_set_jobs(w, cfg)
+        if refs:
+            log.info("reference set %s: %d elemental references", settings_hash(cfg.reference), len(refs))
+            _reference_stage(w, cfg, 0, refs, verified=True)
         done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
         if 0 not in done_rounds:
             loop.update_scores(w, cfg, 0, "r0/scores")
@@ -169,7 +176,7 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             _relax_stage(w, cfg, r, model)
             loop.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = loop.select_for_reference(w, cfg, r)
-            done = loop.dft_done(w)
+            done = loop.dft_done(w, settings_hash(cfg.reference))
             log.info("round %d: verifying %d candidates with %s", r, len(picks), cfg.reference.calculator)
             _reference_stage(w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done],
                              verified=True)

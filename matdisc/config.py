@@ -221,19 +221,63 @@ class MLIPConfig(_Strict):
         return self.model.endswith(_MODEL_SUFFIXES) or "/" in self.model
 
 
+#: What each reference preset sets (see the README's "DFT verification" section). ``ecut`` and
+#: ``smearing`` (and the SCF tolerance) apply to GPAW; the rest to the protocol for any calculator.
+REFERENCE_PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {"ecut": 300.0, "smearing": 0.1, "kpoint_density": 2.5, "fmax": 0.05, "stress_tol": 0.5,
+             "max_steps": 60, "walltime_s": 3600.0, "scf": {"energy": 5e-4}},
+    "accurate": {"ecut": 520.0, "smearing": 0.05, "kpoint_density": 5.0, "fmax": 0.01, "stress_tol": 0.1,
+                 "max_steps": 200, "walltime_s": 6 * 3600.0, "scf": {"energy": 1e-6, "density": 1e-6}},
+}
+
+
 class ReferenceConfig(_Strict):
-    """The reference (DFT) calculator that verifies hits and produces training data."""
+    """The reference (DFT) calculator that verifies hits and produces training data.
+
+    Fields left unset (None) come from ``preset``; :meth:`resolved` fills them in, and the
+    settings hash (which energies may share a hull) is computed from the resolved values.
+    """
 
     calculator: str = Field("gpaw", description="gpaw, emt, or module:Class of any ASE calculator")
+    preset: Literal["fast", "accurate"] = Field(
+        "fast", description="fast (screening on a laptop) or accurate (converged settings) defaults"
+    )
     parameters: dict[str, Any] = Field(
-        default_factory=dict, description="keyword arguments for the calculator (merged over gpaw defaults)"
+        default_factory=dict, description="keyword arguments for the calculator (merged over the gpaw preset)"
     )
-    kpoint_density: float = Field(
-        2.5, gt=0, description="k-points per Å⁻¹ of reciprocal length, when parameters set no kpts"
+    ecut: float | None = Field(None, gt=0, description="gpaw: plane-wave cutoff in eV (None: from preset)")
+    smearing: float | None = Field(
+        None, gt=0, description="gpaw: Fermi-Dirac width in eV (None: from preset)"
     )
-    fmax: float = Field(0.05, gt=0, description="eV/Å, DFT relaxation force criterion")
-    max_steps: int = Field(60, ge=0, description="DFT relaxation steps (0: static only)")
+    kpoint_density: float | None = Field(
+        None, gt=0, description="k-points per Å⁻¹ of reciprocal length, when parameters set no kpts (None: preset)"
+    )
+    spin: Literal["auto", "on", "off"] = Field(
+        "auto", description="spin polarisation: auto = on when a structure holds a magnetic element"
+    )
+    magmoms: dict[str, float] = Field(
+        default_factory=dict, description="initial magnetic moments (µB) per element, over the built-in table"
+    )
+    fmax: float | None = Field(None, gt=0, description="eV/Å, DFT relaxation force criterion (None: preset)")
+    stress_tol: float | None = Field(
+        None, gt=0, description="GPa, largest stress component of a relaxed cell (None: preset)"
+    )
+    max_steps: int | None = Field(None, ge=0, description="DFT relaxation steps (0: static only; None: preset)")
+    optimizer: Literal["BFGS", "FIRE", "LBFGS"] = Field("BFGS", description="ASE optimizer of the relaxation")
     relax_cell: bool = Field(True, description="relax the cell as well as positions")
+    recovery: list[dict[str, Any]] | None = Field(
+        None, description="SCF recovery rungs: parameter updates tried in order (None: built-in ladder for gpaw)"
+    )
+    walltime_s: float | None = Field(
+        None, gt=0, description="seconds one calculation may take before it is stopped (None: preset)"
+    )
+    isolate: bool | None = Field(
+        None, description="run each calculation in its own process (None: yes, except for emt)"
+    )
+    launcher: str | None = Field(
+        None, description="command prefix for parallel runs, e.g. 'mpirun -np {ranks}' (implies isolate)"
+    )
+    ranks: int = Field(1, ge=1, description="MPI ranks per calculation, substituted into launcher")
 
     @field_validator("calculator")
     @classmethod
@@ -248,6 +292,43 @@ class ReferenceConfig(_Strict):
         if not hasattr(importlib.import_module(module), attr):
             raise ValueError(f"unknown calculator {value!r}: {module} has no {attr}")
         return value
+
+    @field_validator("magmoms")
+    @classmethod
+    def _known_elements(cls, value: dict[str, float]) -> dict[str, float]:
+        from pymatgen.core import Element
+
+        for symbol in value:
+            if not Element.is_valid_symbol(symbol):
+                raise ValueError(f"unknown element {symbol!r}")
+        return value
+
+    @field_validator("launcher")
+    @classmethod
+    def _launcher_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(ranks=1)
+            except (KeyError, IndexError, ValueError):
+                raise ValueError(f"launcher {value!r} may only use the placeholder {{ranks}}") from None
+        return value
+
+    def resolved(self) -> ReferenceConfig:
+        """This config with every preset-dependent field filled in."""
+        preset = REFERENCE_PRESETS[self.preset]
+        update = {k: preset[k] for k in preset if k in type(self).model_fields and getattr(self, k) is None}
+        return self.model_copy(update=update)
+
+    @property
+    def scf_tolerances(self) -> dict[str, float]:
+        """GPAW's ``convergence`` for this preset (a user's ``parameters.convergence`` wins)."""
+        return dict(REFERENCE_PRESETS[self.preset]["scf"])
+
+    @property
+    def runs_isolated(self) -> bool:
+        if self.launcher is not None:
+            return True
+        return self.isolate if self.isolate is not None else self.calculator != "emt"
 
 
 class ActiveLearningConfig(_Strict):

@@ -45,7 +45,15 @@ def package_versions() -> dict[str, str]:
 
 
 def record_run(w: CampaignWriter, cfg: CampaignConfig) -> None:
-    w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference))
+    reference_set = settings_hash(cfg.reference)
+    earlier = w.reference_set()
+    w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set)
+    if earlier is not None and earlier != reference_set:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "reference settings changed (%s -> %s): a new reference set starts; earlier DFT energies are kept "
+            "but never mixed into its hulls", earlier, reference_set)
 
 
 # -- candidates --------------------------------------------------------------------------------
@@ -161,9 +169,16 @@ def record_relaxations(w: CampaignWriter, key: str, round_: int, results: list[R
 
 
 # -- reference calculations ------------------------------------------------------------------------
-def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, settings: str, *, verified: bool) -> None:
-    """A reference result: its frames join the training set; a verified one joins the DFT table."""
-    key = f"r{round_}/{result.id}"
+def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, reference_set: str, *,
+                     verified: bool) -> None:
+    """A reference result: its frames join the training set; a verified one joins the DFT table.
+
+    ``reference_set`` is the campaign's settings hash the calculation was asked for; the
+    row's ``settings_hash`` is what its energy was computed with (they differ only when a
+    recovery rung had to change an energy-defining setting). One row per candidate and set.
+    """
+    key = f"r{round_}/{result.id}/{reference_set}"
+    settings = getattr(result, "settings_hash", "") or reference_set
     if result.frames:
         frames, cols = frames_from_atoms_with_results(result.frames)
         n = len(result.frames)
@@ -171,8 +186,17 @@ def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, settin
                                  **cols}, frames)
     if verified:
         row = scalar_fields(result)
-        row.update(round=round_, settings_hash=settings, e_dft_per_atom=result.energy_per_atom)
+        row.update(round=round_, reference_set=reference_set, settings_hash=settings,
+                   e_dft_per_atom=result.energy_per_atom)
         w.append_records("dft", key, [row], Frames.from_atoms([result.atoms]))
+
+
+def failed_reference(cid: str, atoms: Atoms, err: BaseException, reference_set: str) -> RelaxResult:
+    """The record of a calculation whose worker was lost more often than retries allow."""
+    from matdisc.records import ReferenceResult
+
+    reason = f"worker lost: {type(err).__name__}: {err}".splitlines()[0][:300]
+    return ReferenceResult(cid, "failed", reason, atoms, settings_hash=reference_set)
 
 
 def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
@@ -181,11 +205,13 @@ def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[st
     dft = w.table("dft")
     if dft.empty or cs.perturbed_per_structure == 0:
         return []
-    have = set(w.table("frames")["id"])
+    settings = settings_hash(cfg.reference)
+    frames_table = w.table("frames")
+    have = set(frames_table["id"][frames_table["settings_hash"] == settings])
     frames = w.frames("dft")
     jobs = []
     for i, row in enumerate(dft.to_dict("records")):
-        if row["status"] != "ok":
+        if row["status"] != "ok" or row.get("settings_hash") != settings:
             continue
         copies = perturbed_copies(frames.atoms(i), cs.perturbed_per_structure, rattle=cs.rattle_stdev,
                                   strain=cs.strain, seed=cfg.generation.seed + i)
@@ -196,18 +222,46 @@ def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[st
     return jobs
 
 
-def dft_done(w: CampaignWriter) -> set[str]:
+def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
+    """Candidates with a reference result (of any outcome) in this reference set."""
     dft = w.table("dft")
-    return set(dft["id"]) if not dft.empty else set()
+    if dft.empty:
+        return set()
+    in_set = dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]
+    return set(dft["id"][in_set == reference_set])
+
+
+def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
+    """Elemental references (each element in fcc, bcc and hcp) missing from the current reference set.
+
+    A hull needs its elements computed with the same settings: a campaign that starts from
+    a foundation model, or whose reference settings changed, computes them first. Missing
+    reference structures are added as round-0 candidates (source ``reference``).
+    """
+    settings = settings_hash(cfg.reference)
+    cand = w.table("candidates")
+    elemental = [c for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
+                 if len(c.structure.composition.elements) == 1]
+    stored = set(cand["dedup_key"]) if not cand.empty and "dedup_key" in cand else set()
+    missing = [c for c in elemental if dedup_key(c.structure) not in stored]
+    if missing:
+        for c in missing:
+            c.source = "reference"
+        add_candidates(w, missing, 0, "reference")
+    cand = w.table("candidates")
+    keys = {dedup_key(c.structure) for c in elemental}
+    ids = [cid for cid, k in zip(cand["id"], cand["dedup_key"]) if k in keys]
+    done = dft_done(w, settings)
+    return [(cid, a) for cid, a in candidate_atoms(w, ids) if cid not in done]
 
 
 # -- hulls and acquisition ------------------------------------------------------------------------
 def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str) -> pd.DataFrame:
     """Recompute MLIP and DFT hulls over every candidate; append them as this round's scores."""
-    cand = w.candidates()
+    settings = settings_hash(cfg.reference)
+    cand = w.candidates(settings)
     if cand.empty:
         return cand
-    settings = settings_hash(cfg.reference)
     e_mlip = np.where(cand["mlip_status"].isin(USABLE), cand["e_mlip_per_atom"], np.nan)
     same_settings = cand["settings_hash"] == settings if "settings_hash" in cand else False
     e_dft = np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan)
@@ -218,7 +272,7 @@ def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str)
     w.append("scores", key, {"id": cand["id"].to_numpy(), "round": np.full(len(cand), round_),
                              "e_form_mlip": ef_m, "e_hull_mlip": eh_m, "e_form_dft": ef_d, "e_hull_dft": eh_d,
                              "is_hit": is_hit})
-    return w.candidates()
+    return w.candidates(settings)
 
 
 def _n_elements(formula: str) -> int:

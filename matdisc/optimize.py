@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.filters import FrechetCellFilter, UnitCellFilter
-from ase.optimize import FIRE
+from ase.optimize import BFGS, FIRE, LBFGS
 
 from matdisc.records import RelaxResult, labelled
 
@@ -49,6 +50,10 @@ def check_physical(atoms: Atoms, energy: float, volume0: float) -> None:
         raise Exploded(f"atoms {d:.2f} Å apart")
 
 
+#: ASE optimizers by name (BFGS usually needs the fewest DFT steps; FIRE is robust far from a minimum).
+OPTIMIZERS = {"FIRE": FIRE, "BFGS": BFGS, "LBFGS": LBFGS}
+
+
 def relax(
     atoms: Atoms,
     calc: Calculator,
@@ -58,47 +63,80 @@ def relax(
     max_steps: int = 300,
     relax_cell: bool = True,
     cell_filter: str = "frechet",
+    optimizer: str = "FIRE",
+    stress_tol: float | None = None,
+    deadline: float | None = None,
     keep_frames: bool = False,
     on_step: Callable[[Atoms], None] | None = None,
+    scf_error: Callable[[BaseException], bool] | None = None,
 ) -> RelaxResult:
-    """Relax a copy of ``atoms`` with ``calc``; never raises for a failed calculation."""
+    """Relax a copy of ``atoms`` with ``calc``; never raises for a failed calculation.
+
+    Converged means: every atomic force below ``fmax`` and, with ``stress_tol`` (eV/Å³),
+    every stress component below it; without ``stress_tol`` the cell filter's generalised
+    forces must be below ``fmax``. ``deadline`` (``time.monotonic()``) is checked between
+    steps: past it the result is ``timeout`` with the last energy. An exception for which
+    ``scf_error`` is true comes back as ``scf_unconverged`` (the caller may escalate).
+    """
     work = atoms.copy()
     work.calc = calc
     volume0 = work.get_volume() if work.pbc.all() else 0.0
     frames: list[Atoms] = []
     t0 = time.perf_counter()
     n_steps = 0
+    periodic = bool(work.pbc.all())
 
     def record() -> None:
         energy = work.get_potential_energy()
         check_physical(work, energy, volume0)
         if keep_frames:
-            stress = work.get_stress(voigt=True) if work.pbc.all() else None
+            stress = work.get_stress(voigt=True) if periodic else None
             frames.append(labelled(work, energy, work.get_forces(), stress))
         if on_step is not None:
             on_step(work)
 
+    def converged(target: Any) -> bool:
+        if stress_tol is None or not (relax_cell and periodic):
+            return _max_norm(target.get_forces()) < fmax
+        return _max_norm(work.get_forces()) < fmax and float(np.abs(work.get_stress()).max()) < stress_tol
+
+    def result(status: str, reason: str, energy: float = float("nan"), **extra: Any) -> RelaxResult:
+        out = extra.pop("final", None)
+        return RelaxResult(id, status, reason, out if out is not None else work.copy(), energy=energy,
+                           n_steps=n_steps, walltime_s=time.perf_counter() - t0, frames=frames, **extra)
+
     try:
         cell = FrechetCellFilter if cell_filter == "frechet" else UnitCellFilter
-        target = cell(work) if (relax_cell and work.pbc.all()) else work
-        opt = FIRE(target, logfile=None)
-        opt.attach(record, interval=1)
-        converged = bool(opt.run(fmax=fmax, steps=max_steps)) if max_steps > 0 else True
-        n_steps = opt.nsteps
-        if max_steps == 0:
+        target = cell(work) if (relax_cell and periodic) else work
+        done = max_steps == 0
+        if done:
             record()
+        else:
+            opt = OPTIMIZERS[optimizer](target, logfile=None)
+            for _ in opt.irun(fmax=0.0, steps=max_steps):  # fmax 0: convergence is ours to judge
+                n_steps = opt.nsteps
+                record()
+                if converged(target):
+                    done = True
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    last = frames[-1].info["REF_energy"] if frames else float(work.get_potential_energy())
+                    return result("timeout", f"wall time exceeded after {n_steps} steps", energy=float(last))
         energy = float(work.get_potential_energy())
         forces = work.get_forces()
-        stress = work.get_stress(voigt=True) if work.pbc.all() else None
-        status, reason = ("ok", "") if converged else ("unconverged", f"not converged in {max_steps} steps")
+        stress = work.get_stress(voigt=True) if periodic else None
+        status, reason = ("ok", "") if done else ("unconverged", f"not converged in {max_steps} steps")
     except Exploded as err:
-        return RelaxResult(id, "exploded", str(err), work.copy(), n_steps=n_steps,
-                           walltime_s=time.perf_counter() - t0, frames=frames)
+        return result("exploded", str(err))
     except Exception as err:  # a calculator failure is an outcome to record, not a crash
-        msg = f"{type(err).__name__}: {err}".splitlines()[0][:300]
-        return RelaxResult(id, "failed", msg, work.copy(), n_steps=n_steps,
-                           walltime_s=time.perf_counter() - t0, frames=frames)
+        msg = f"{type(err).__name__}: {err}".splitlines()[0][:300] if str(err) else type(err).__name__
+        if scf_error is not None and scf_error(err):
+            return result("scf_unconverged", msg)
+        return result("failed", msg)
     final = work.copy()
     final.calc = None
-    return RelaxResult(id, status, reason, final, energy=energy, n_steps=n_steps, forces=forces, stress=stress,
-                       walltime_s=time.perf_counter() - t0, frames=frames)
+    return result(status, reason, energy, final=final, forces=forces, stress=stress)
+
+
+def _max_norm(forces: np.ndarray) -> float:
+    return float(np.sqrt((np.asarray(forces) ** 2).sum(axis=1)).max()) if len(forces) else 0.0

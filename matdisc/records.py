@@ -50,6 +50,25 @@ class RelaxResult:
         return self.energy / len(self.atoms)
 
 
+@dataclass
+class ReferenceResult(RelaxResult):
+    """A reference (DFT) result: what it took to get it, and which settings define its energy.
+
+    ``settings_hash`` is the hash of the settings of the final static calculation (a
+    recovery rung that changed an energy-defining setting gives a different one);
+    ``scf_rung`` the highest recovery rung used; ``attempt`` counts runs of this candidate
+    (a lost worker's attempt stays on disk); ``workdir`` is where its files are kept;
+    ``notes`` says what happened on the way (rungs tried, steps used).
+    """
+
+    settings_hash: str = ""
+    magmom: float = float("nan")  # total magnetic moment (µB) of the final static, when spin-polarised
+    scf_rung: int = 0
+    attempt: int = 1
+    workdir: str = ""
+    notes: str = ""
+
+
 def frames_from_atoms_with_results(atoms_list: list[Atoms]) -> tuple[Frames, dict[str, Any]]:
     """Pack Atoms whose ``info``/``arrays`` hold REF_energy/REF_forces/REF_stress."""
     forces = [a.arrays.get("REF_forces", np.full((len(a), 3), np.nan)) for a in atoms_list]
@@ -75,4 +94,4 @@ def scalar_fields(result: RelaxResult) -> dict[str, Any]:
     return {f.name: getattr(result, f.name) for f in fields(result) if f.name not in skip}
 
 
-__all__ = ["USABLE", "RelaxResult", "asdict", "frames_from_atoms_with_results", "labelled", "scalar_fields"]
+__all__ = ["USABLE", "ReferenceResult", "RelaxResult", "asdict", "frames_from_atoms_with_results", "labelled", "scalar_fields"]

@@ -1,6 +1,8 @@
-"""Reference calculations through ASE calculators (GPAW by default)."""
+"""Reference calculations through ASE calculators (GPAW by default): protocol, recovery, isolation."""
 
 from matdisc.dft.calculators import calculator_parameters, make_calculator, settings_hash
-from matdisc.dft.protocol import perturbed_copies, run_reference
+from matdisc.dft.protocol import perturbed_copies, run_protocol
+from matdisc.dft.runner import run_reference, run_static
 
-__all__ = ["calculator_parameters", "make_calculator", "perturbed_copies", "run_reference", "settings_hash"]
+__all__ = ["calculator_parameters", "make_calculator", "perturbed_copies", "run_protocol", "run_reference",
+           "run_static", "settings_hash"]

@@ -4,7 +4,8 @@ Tables (all append-only; a later row for the same key supersedes an earlier one)
 
 - ``candidates``  id, formula, round, source, prototype + initial structure
 - ``mlip``        id, round, model_sha256, status, reason, energy, e_mlip_per_atom, sigma + relaxed structure
-- ``dft``         id, round, settings_hash, status, reason, energy, e_dft_per_atom + relaxed structure
+- ``dft``         id, round, reference_set, settings_hash, status, reason, energy, e_dft_per_atom,
+                  scf_rung, attempt, workdir, notes + relaxed structure
 - ``frames``      training frames: id, round, source, energy, stress + structure and forces
 - ``scores``      id, round, e_form/e_hull (MLIP and DFT), is_hit: recomputed every round
 - ``rounds``      per-round metrics (candidates, relaxed, dft_verified, hits, model, MAE, ...)
@@ -71,8 +72,19 @@ class Campaign:
             return pd.DataFrame()
         return _frame(self.tables.read(name))
 
-    def candidates(self) -> pd.DataFrame:
-        """One row per candidate with its latest MLIP, DFT and hull results."""
+    def reference_set(self) -> str | None:
+        """Settings hash of the latest run's reference calculator (None for stores without one)."""
+        runs = self.table("runs")
+        if runs.empty or "reference_set" not in runs:
+            return None
+        return str(runs["reference_set"].iloc[-1]) or None
+
+    def candidates(self, reference: str | None = None) -> pd.DataFrame:
+        """One row per candidate with its latest MLIP, DFT and hull results.
+
+        DFT results come from one reference set (settings hash): ``reference``, or by
+        default the latest run's, so energies from other settings never mix in.
+        """
         cand = self.table("candidates")
         if cand.empty:
             return pd.DataFrame(
@@ -86,9 +98,15 @@ class Campaign:
                         + (["force_std"] if "force_std" in mlip else [])]
             mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
             cand = cand.merge(mlip, on="id", how="left")
-        dft = _latest(self.table("dft"), "id")
+        dft = self.table("dft")
+        reference = reference or self.reference_set()
+        if not dft.empty and reference is not None:
+            in_set = dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]
+            dft = dft[in_set == reference]
+        dft = _latest(dft, "id")
         if not dft.empty:
-            dft = dft[["id", "status", "reason", "e_dft_per_atom", "settings_hash"]]
+            dft = dft[["id", "status", "reason", "e_dft_per_atom", "settings_hash"]
+                      + [c for c in ("scf_rung", "attempt", "workdir") if c in dft]]
             dft = dft.rename(columns={"status": "dft_status", "reason": "dft_reason"})
             cand = cand.merge(dft, on="id", how="left")
         scores = _latest(self.table("scores"), "id")
@@ -205,14 +223,16 @@ class CampaignWriter(Campaign):
         columns = {n: [_plain(r.get(n)) for r in records] for n in names}
         return self.append(table, key, columns, frames)
 
-    def record_run(self, config_json: str, versions: Mapping[str, str], calculator: Mapping[str, Any]) -> None:
-        """Provenance of one ``matdisc run``: config, package versions, calculator parameters."""
+    def record_run(self, config_json: str, versions: Mapping[str, str], calculator: Mapping[str, Any],
+                   reference_set: str = "") -> None:
+        """Provenance of one ``matdisc run``: config, package versions, calculator parameters and
+        the settings hash of its reference set (what ``candidates()`` shows by default)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.append_records(
             "runs",
             f"run-{time.time_ns()}",
             [{"started": stamp, "config": config_json, "versions": json.dumps(dict(versions)),
-              "calculator": json.dumps(dict(calculator), default=str)}],
+              "calculator": json.dumps(dict(calculator), default=str), "reference_set": reference_set}],
         )
 
 
