@@ -106,6 +106,9 @@ def _climb(atoms: Atoms, ref: ReferenceConfig, rungs: list[Rung], rung: int, pha
             break
         rung += 1
         notes.append(f"{phase}: {res.reason} -> rung {rung} ({rungs[rung].name})")
+        if phase == "relax" and n_steps >= max_steps:  # no steps left to continue with
+            res.status, res.reason = "unconverged", f"not converged in {max_steps} steps"
+            break
         if res.frames:
             current = _with_moments(res.frames[-1], ref)
     res.frames, res.n_steps = frames, n_steps
