@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/relax.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/dft_validation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
