@@ -9,6 +9,7 @@ acquisition, model registration and the round's metrics.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from importlib.metadata import version
@@ -27,8 +28,9 @@ from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
 from matdisc.generate import Candidate, dedup_key, generate, prototype_candidates, unique_against
 from matdisc.mlip.model import describe, file_sha256
-from matdisc.records import USABLE, RelaxResult, frames_from_atoms_with_results, scalar_fields
+from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.store import CampaignWriter, Frames
+from matdisc.store.campaign import in_reference_set
 from matdisc.thermo import hull_energies
 
 PACKAGES = ("matdisc", "mace-torch", "torch", "ase", "pymatgen", "gpaw", "prefect", "dask", "zarr")
@@ -49,8 +51,6 @@ def record_run(w: CampaignWriter, cfg: CampaignConfig) -> None:
     earlier = w.reference_set()
     w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set)
     if earlier is not None and earlier != reference_set:
-        import logging
-
         logging.getLogger(__name__).warning(
             "reference settings changed (%s -> %s): a new reference set starts; earlier DFT energies are kept "
             "but never mixed into its hulls", earlier, reference_set)
@@ -193,8 +193,6 @@ def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, refere
 
 def failed_reference(cid: str, atoms: Atoms, err: BaseException, reference_set: str) -> RelaxResult:
     """The record of a calculation whose worker was lost more often than retries allow."""
-    from matdisc.records import ReferenceResult
-
     reason = f"worker lost: {type(err).__name__}: {err}".splitlines()[0][:300]
     return ReferenceResult(cid, "failed", reason, atoms, settings_hash=reference_set)
 
@@ -227,8 +225,7 @@ def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
     dft = w.table("dft")
     if dft.empty:
         return set()
-    in_set = dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]
-    return set(dft["id"][in_set == reference_set])
+    return set(dft["id"][in_reference_set(dft, reference_set)])
 
 
 def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
@@ -242,15 +239,16 @@ def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str
     cand = w.table("candidates")
     elemental = [c for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
                  if len(c.structure.composition.elements) == 1]
+    keys = [dedup_key(c.structure) for c in elemental]
     stored = set(cand["dedup_key"]) if not cand.empty and "dedup_key" in cand else set()
-    missing = [c for c in elemental if dedup_key(c.structure) not in stored]
+    missing = [(c, k) for c, k in zip(elemental, keys) if k not in stored]
     if missing:
-        for c in missing:
+        for c, _ in missing:
             c.source = "reference"
-        add_candidates(w, missing, 0, "reference")
-    cand = w.table("candidates")
-    keys = {dedup_key(c.structure) for c in elemental}
-    ids = [cid for cid, k in zip(cand["id"], cand["dedup_key"]) if k in keys]
+        add_candidates(w, [c for c, _ in missing], 0, "reference", [k for _, k in missing])
+        cand = w.table("candidates")
+    wanted = set(keys)
+    ids = [cid for cid, k in zip(cand["id"], cand["dedup_key"]) if k in wanted]
     done = dft_done(w, settings)
     return [(cid, a) for cid, a in candidate_atoms(w, ids) if cid not in done]
 

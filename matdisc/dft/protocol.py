@@ -60,7 +60,7 @@ def run_protocol(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, 
         res = static
         if static.status == "ok" and relax_status == "unconverged":
             res.status, res.reason = relax_status, relax_reason
-        elif static.status not in ("ok",):
+        elif static.status != "ok":
             res.reason = f"static: {static.reason}"
     if res.status == "scf_unconverged":
         res.status = "failed"

@@ -52,6 +52,11 @@ def _latest(df: pd.DataFrame, key: str | list[str]) -> pd.DataFrame:
     return df.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
 
 
+def in_reference_set(dft: pd.DataFrame, reference: str) -> pd.Series:
+    """Which ``dft`` rows belong to a reference set (stores before reference sets: by settings hash)."""
+    return (dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]) == reference
+
+
 def _frame(cols: Mapping[str, np.ndarray]) -> pd.DataFrame:
     return pd.DataFrame({k: (list(v) if v.ndim > 1 else v) for k, v in cols.items()})
 
@@ -101,8 +106,7 @@ class Campaign:
         dft = self.table("dft")
         reference = reference or self.reference_set()
         if not dft.empty and reference is not None:
-            in_set = dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]
-            dft = dft[in_set == reference]
+            dft = dft[in_reference_set(dft, reference)]
         dft = _latest(dft, "id")
         if not dft.empty:
             dft = dft[["id", "status", "reason", "e_dft_per_atom", "settings_hash"]
