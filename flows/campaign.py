@@ -16,11 +16,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from matdisc import loop
-from matdisc.active import select_greedy  # noqa: F401  (re-exported for notebooks)
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
 from matdisc.dft import run_reference, run_static, settings_hash
-from matdisc.mlip import relax_many, resolve_device, train_committee
+from matdisc.metrics import energy_mae_mev
+from matdisc.mlip import predict_energies, relax_many, resolve_device, train_committee
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
@@ -45,6 +45,11 @@ def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
 @task(name="reference-static", **RETRY)
 def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
     return run_static(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
+
+
+@task(name="evaluate-mace", **RETRY)
+def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str) -> list:
+    return [predict_energies(paths, frames, device=resolve_device(device), dtype=dtype) for paths in models]
 
 
 @task(name="train-mace", retries=1)
@@ -100,6 +105,31 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
     return loop.register_model(w, round_, [m.path for m in trained], n_frames=len(frames), source="trained",
                                device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype,
                                mode=trained[0].mode, metrics=metrics)
+
+
+def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened: dict, trained: dict) -> dict:
+    """MLIP energy MAE on the round's new DFT structures, by the screening and the retrained model."""
+    frames = loop.new_reference_frames(w, round_)
+    if not frames:
+        return {}
+    check_trusted(screened["paths"] + trained["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
+    with dask.annotate(resources=MLIP):
+        fut = evaluate_task.submit([screened["paths"], trained["paths"]], frames, cfg.mlip.device, cfg.mlip.dtype)
+    before, after = fut.result()
+    ref = [a.info["REF_energy"] / len(a) for a in frames]
+    return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
+
+
+#: Per-round figures the discovery table artifact shows.
+DISCOVERY_COLUMNS = ("round", "dft_calls", "dft_calls_total", "new_hits", "hits", "hit_rate", "precision_stable",
+                     "daf", "mae_before_mev", "mae_after_mev", "new_phases", "removed_phases")
+
+
+def _discovery_artifact(w: CampaignWriter, cfg: CampaignConfig) -> None:
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k in DISCOVERY_COLUMNS}
+            for rec in w.rounds().to_dict("records")]
+    create_table_artifact(key=f"{_slug(cfg.name)}-discovery", table=rows,
+                          description=f"{cfg.name}: discovery per round ({cfg.active_learning.acquisition} acquisition)")
 
 
 def _slug(name: str) -> str:
@@ -164,11 +194,15 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
         done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
         if 0 not in done_rounds:
             loop.update_scores(w, cfg, 0, "r0/scores")
-            w.append_records("rounds", "r0", [{**loop.round_metrics(w, 0, model["sha256"]),
+            w.append_records("rounds", "r0", [{**loop.round_metrics(w, cfg, 0, model["sha256"]),
                                               "trained_model_sha256": model["sha256"]}])
         for r in range(1, n_rounds + 1):
             if r in done_rounds:
                 continue
+            reason = loop.stop_reason(w, cfg, r)
+            if reason is not None:
+                log.info("campaign stops before round %d: %s", r, reason)
+                break
             model = loop.current_model(w, before_round=r)
             new, keys = loop.round_candidates(w, cfg, r)
             n_new = loop.add_candidates(w, new, r, "generated", keys)
@@ -177,19 +211,21 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             loop.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = loop.select_for_reference(w, cfg, r)
             done = loop.dft_done(w, settings_hash(cfg.reference))
-            log.info("round %d: verifying %d candidates with %s", r, len(picks), cfg.reference.calculator)
+            log.info("round %d: verifying %d candidates with %s (%s acquisition)", r, len(picks),
+                     cfg.reference.calculator, cfg.active_learning.acquisition)
             _reference_stage(w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done],
                              verified=True)
             cand = loop.update_scores(w, cfg, r, f"r{r}/scores")
-            metrics = loop.round_metrics(w, r, model["sha256"])
             trained = loop.current_model(w, before_round=r + 1)
             if trained is None or trained["round"] != r:
                 trained = _train(w, cfg, r)
+            metrics = loop.round_metrics(w, cfg, r, model["sha256"], _model_errors(w, cfg, r, model, trained))
             metrics["trained_model_sha256"] = trained["sha256"]
             metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
             w.append_records("rounds", f"r{r}", [metrics])
             create_markdown_artifact(key=f"{_slug(cfg.name)}-round-{r}",
                                      markdown=loop.round_report(cfg, metrics, cand),
                                      description=f"{cfg.name} round {r}")
+            _discovery_artifact(w, cfg)
             log.info("round %d: %s", r, metrics)
         return w.summary()

@@ -1,20 +1,112 @@
 """Acquisition: which relaxed candidates get a reference (DFT) calculation this round.
 
-The walking-skeleton rule: the lowest predicted energies above the MLIP hull, one
-structure per (formula, prototype) at most, never a candidate already verified.
+The point of the loop is to find the stable phases with as few DFT calculations as
+possible. Three ingredients decide a round's picks:
+
+- exploitation: the lowest predicted energy above the current DFT hull (``e_hull_pred``);
+- exploration where it could matter: the committee spread ``sigma`` makes a candidate
+  optimistic, ``e_hull_pred - kappa * sigma`` (a lower confidence bound), so a structure
+  the model is unsure about is verified when it might be stable, not when it surely is not;
+- diversity: walking down the ranking, a candidate is skipped when StructureMatcher calls
+  its relaxed structure the same as an earlier pick or an already verified candidate (MLIP
+  relaxations often fold several starting points into one phase), and at most
+  ``max_per_composition`` picks share a reduced formula.
+
+``greedy`` (lowest ``e_hull_pred``) and ``random`` (a seeded draw) are the baselines.
+Everything here takes plain data (a candidates DataFrame, structures by id) and returns ids.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
 import pandas as pd
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
 
 from matdisc.records import USABLE
 
+STRATEGIES = ("uncertainty", "greedy", "random")
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One chosen candidate and why: its acquisition score (lower is better) and rank."""
+
+    id: str
+    score: float
+    e_hull_pred: float
+    sigma: float
+    rank: int
+
+
+def eligible(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Candidates acquisition may pick: usable MLIP relaxation, a prediction, no DFT result yet."""
+    if candidates.empty:
+        return candidates
+    pred = candidates["e_hull_pred"] if "e_hull_pred" in candidates else candidates["e_hull_mlip"]
+    ok = candidates["mlip_status"].isin(USABLE) & (candidates["dft_status"] == "") & pred.notna()
+    return candidates[ok].assign(e_hull_pred=pred[ok])
+
+
+def acquisition_scores(pool: pd.DataFrame, strategy: str, *, kappa: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Per-candidate score, lower is picked first (random: a seeded permutation rank)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown acquisition strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    mean = pool["e_hull_pred"].to_numpy(dtype=float)
+    if strategy == "greedy":
+        return mean
+    if strategy == "random":
+        return np.random.default_rng(seed).permutation(len(pool)).astype(float)
+    sigma = np.nan_to_num(pool["sigma"].to_numpy(dtype=float), nan=0.0) if "sigma" in pool else 0.0
+    return mean - kappa * sigma
+
+
+def select(
+    candidates: pd.DataFrame,
+    budget: int,
+    *,
+    strategy: str = "uncertainty",
+    kappa: float = 1.0,
+    seed: int = 0,
+    structure_of: Callable[[str], Structure] | None = None,
+    verified: Mapping[str, Sequence[Structure]] | None = None,
+    max_per_composition: int | None = None,
+) -> list[Pick]:
+    """Up to ``budget`` picks from ``candidates`` (a ``Campaign.candidates()`` frame).
+
+    With ``structure_of`` (id -> relaxed Structure) a candidate that matches an earlier pick
+    or a structure in ``verified`` (reduced formula -> structures) is skipped; without it
+    no structure comparison is made. Ties break by id, so the same inputs give the same picks.
+    """
+    pool = eligible(candidates)
+    if budget <= 0 or pool.empty:
+        return []
+    pool = pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed))
+    pool = pool.sort_values(["acq_score", "id"], kind="stable")
+    matcher = StructureMatcher() if structure_of is not None else None
+    seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
+    per_formula: dict[str, int] = {}
+    picks: list[Pick] = []
+    for rank, row in enumerate(pool.itertuples(index=False)):
+        if len(picks) >= budget:
+            break
+        formula = row.formula
+        if max_per_composition is not None and per_formula.get(formula, 0) >= max_per_composition:
+            continue
+        if matcher is not None:
+            s = structure_of(row.id)
+            if any(matcher.fit(s, other) for other in seen.get(formula, ())):
+                continue
+            seen.setdefault(formula, []).append(s)
+        per_formula[formula] = per_formula.get(formula, 0) + 1
+        sigma = float(getattr(row, "sigma", np.nan))
+        picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
+    return picks
+
 
 def select_greedy(candidates: pd.DataFrame, budget: int) -> list[str]:
-    """Ids of up to ``budget`` candidates, lowest ``e_hull_mlip`` first."""
-    if budget <= 0 or candidates.empty:
-        return []
-    pool = candidates[candidates["mlip_status"].isin(USABLE) & (candidates["dft_status"] == "")]
-    pool = pool[pool["e_hull_mlip"].notna()].sort_values(["e_hull_mlip", "id"])
-    return list(pool["id"][:budget])
+    """Ids of up to ``budget`` candidates, lowest predicted energy above hull first."""
+    return [p.id for p in select(candidates, budget, strategy="greedy")]

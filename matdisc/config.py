@@ -122,6 +122,12 @@ class TrainingConfig(_Strict):
     replay_file: Path | None = Field(
         None, description="extxyz of the foundation model's training data: enables multihead fine-tuning"
     )
+    frames: Literal["all", "diverse"] = Field(
+        "all", description="training frames per reference calculation: all, or a diverse subset by energy/forces"
+    )
+    frames_per_structure: int = Field(
+        8, ge=2, description="with frames: diverse, frames kept per calculation (first and last always)"
+    )
 
     @field_validator("replay_file")
     @classmethod
@@ -332,12 +338,30 @@ class ReferenceConfig(_Strict):
 
 
 class ActiveLearningConfig(_Strict):
-    """How many rounds, and how much DFT each round may spend."""
+    """How many rounds, how each round spends its DFT budget, and when the campaign stops."""
 
-    rounds: int = Field(2, ge=1, description="active-learning rounds")
+    rounds: int = Field(2, ge=1, description="active-learning rounds in all (a resumed campaign runs the missing ones)")
     dft_budget: int = Field(8, ge=0, description="DFT verifications per round")
     hull_tolerance: float = Field(
         0.0, ge=0, description="eV/atom: a verified candidate within this of the DFT hull is a hit"
+    )
+    acquisition: Literal["uncertainty", "greedy", "random"] = Field(
+        "uncertainty",
+        description="uncertainty: lowest optimistic e_hull (mean - kappa*sigma); greedy: lowest predicted "
+        "e_hull; random: a seeded random draw (baseline)",
+    )
+    kappa: float = Field(1.0, ge=0, description="weight of the committee spread in the optimistic e_hull")
+    diversity: bool = Field(
+        True, description="never pick two structures StructureMatcher calls the same, nor one already verified"
+    )
+    max_per_composition: int | None = Field(
+        2, ge=1, description="most picks per reduced formula in one round (None: no cap)"
+    )
+    max_dft_total: int | None = Field(
+        None, ge=0, description="stop once the campaign's rounds have used this many DFT calculations (None: no cap)"
+    )
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many rounds in a row without a new hit (None: never)"
     )
 
 

@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from ase import Atoms
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
-from matdisc.active import select_greedy
+from matdisc import metrics
+from matdisc.active import select
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
 from matdisc.generate import Candidate, dedup_key, generate, prototype_candidates, unique_against
 from matdisc.mlip.model import describe, file_sha256
+from matdisc.mlip.train import diverse_frames
 from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.store import CampaignWriter, Frames
 from matdisc.store.campaign import in_reference_set
-from matdisc.thermo import hull_energies
+from matdisc.thermo import score
 
 PACKAGES = ("matdisc", "mace-torch", "torch", "ase", "pymatgen", "gpaw", "prefect", "dask", "zarr")
 
@@ -255,7 +257,13 @@ def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str
 
 # -- hulls and acquisition ------------------------------------------------------------------------
 def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str) -> pd.DataFrame:
-    """Recompute MLIP and DFT hulls over every candidate; append them as this round's scores."""
+    """Recompute every candidate's hull energies; append them as this round's scores.
+
+    Besides the MLIP hull (``e_hull_mlip``) and the DFT hull (``e_hull_dft``, hits) each
+    candidate gets ``e_hull_pred``: its MLIP formation energy against the current DFT hull,
+    what acquisition ranks by. Every earlier candidate is rescored, so as phases are
+    verified the hull drops and predictions that were stable against the old hull are not.
+    """
     settings = settings_hash(cfg.reference)
     cand = w.candidates(settings)
     if cand.empty:
@@ -263,31 +271,83 @@ def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str)
     e_mlip = np.where(cand["mlip_status"].isin(USABLE), cand["e_mlip_per_atom"], np.nan)
     same_settings = cand["settings_hash"] == settings if "settings_hash" in cand else False
     e_dft = np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan)
-    ef_m, eh_m = hull_energies(list(cand["formula"]), e_mlip, cfg.chemsys)
-    ef_d, eh_d = hull_energies(list(cand["formula"]), e_dft, cfg.chemsys)
-    n_el = np.array([_n_elements(f) for f in cand["formula"]])
-    is_hit = (eh_d <= cfg.active_learning.hull_tolerance + 1e-9) & (ef_d < 0) & (n_el > 1)
-    w.append("scores", key, {"id": cand["id"].to_numpy(), "round": np.full(len(cand), round_),
-                             "e_form_mlip": ef_m, "e_hull_mlip": eh_m, "e_form_dft": ef_d, "e_hull_dft": eh_d,
-                             "is_hit": is_hit})
+    scores = score(list(cand["formula"]), e_mlip, e_dft, cfg.chemsys, cfg.active_learning.hull_tolerance)
+    w.append("scores", key, {"id": cand["id"].to_numpy(), "round": np.full(len(cand), round_), **scores})
     return w.candidates(settings)
 
 
 def _n_elements(formula: str) -> int:
-    from pymatgen.core import Composition
-
     return len(Composition(formula).elements)
 
 
+def _relaxed_structures(w: CampaignWriter) -> Callable[[str], Structure]:
+    """id -> latest MLIP-relaxed structure, read once from the store."""
+    mlip = w.table("mlip")
+    frames = w.frames("mlip") if not mlip.empty else None
+    row_of = {cid: i for i, cid in enumerate(mlip["id"])} if not mlip.empty else {}
+    return lambda cid: frames.structure(row_of[cid])  # type: ignore[union-attr]
+
+
+def dft_calls_used(w: CampaignWriter, before_round: int | None = None) -> int:
+    """DFT calculations acquisition has spent (rounds >= 1, before ``before_round``)."""
+    sel = w.table("selections")
+    if sel.empty:
+        return 0
+    return int((sel["round"] < before_round).sum()) if before_round is not None else len(sel)
+
+
+def round_budget(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> int:
+    """This round's DFT budget: ``dft_budget``, capped by what ``max_dft_total`` leaves."""
+    al = cfg.active_learning
+    if al.max_dft_total is None:
+        return al.dft_budget
+    return max(0, min(al.dft_budget, al.max_dft_total - dft_calls_used(w, round_)))
+
+
 def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
-    """This round's DFT picks, recorded once so that a resumed round verifies the same ones."""
+    """This round's DFT picks, recorded once so that a resumed round verifies the same ones.
+
+    Each pick is stored with the strategy, its acquisition score, predicted e_hull and
+    committee spread at the time of picking (what precision of "stable" calls is measured on).
+    """
     key = f"r{round_}/selection"
     sel = w.table("selections")
     if w.has_batch("selections", key):
         return list(sel["id"][sel["round"] == round_])
-    picks = select_greedy(w.candidates(), cfg.active_learning.dft_budget)
-    w.append("selections", key, {"id": picks, "round": [round_] * len(picks)})
-    return picks
+    al = cfg.active_learning
+    cand = w.candidates()
+    verified: dict[str, list[Structure]] = {}
+    structure_of = None
+    if al.diversity and not cand.empty:
+        structure_of = _relaxed_structures(w)
+        done = cand[(cand["dft_status"] == "ok") & cand["mlip_status"].isin(USABLE)]
+        for cid, formula in zip(done["id"], done["formula"]):
+            verified.setdefault(formula, []).append(structure_of(cid))
+    picks = select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
+                   seed=cfg.generation.seed * 1000 + round_, structure_of=structure_of, verified=verified,
+                   max_per_composition=al.max_per_composition)
+    w.append("selections", key, {"id": [p.id for p in picks], "round": [round_] * len(picks),
+                                 "strategy": [al.acquisition] * len(picks), "score": [p.score for p in picks],
+                                 "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
+                                 "rank": [p.rank for p in picks]})
+    return [p.id for p in picks]
+
+
+def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | None:
+    """Why the campaign stops before ``round_`` (None: it goes on).
+
+    Rules: the total DFT budget is spent, or ``patience`` rounds in a row found no new hit.
+    (The number of rounds is the flow's loop bound.)
+    """
+    al = cfg.active_learning
+    if al.max_dft_total is not None and dft_calls_used(w, round_) >= al.max_dft_total:
+        return f"DFT budget spent: {dft_calls_used(w, round_)} of max_dft_total {al.max_dft_total} calculations"
+    rounds = w.rounds()
+    if al.patience is not None and not rounds.empty and "new_hits" in rounds:
+        recent = rounds[(rounds["round"] >= 1) & (rounds["round"] < round_)].tail(al.patience)
+        if len(recent) == al.patience and (recent["new_hits"].fillna(0) == 0).all():
+            return f"no new hits for {al.patience} rounds (patience)"
+    return None
 
 
 # -- models --------------------------------------------------------------------------------------
@@ -332,16 +392,33 @@ def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n
 
 
 def training_set(w: CampaignWriter, cfg: CampaignConfig) -> tuple[list[Atoms], list[str]]:
-    """Every reference frame with the current settings, labelled for MACE, grouped by structure."""
+    """Reference frames with the current settings, labelled for MACE, grouped by structure.
+
+    ``mlip.training.frames``: ``all`` frames of every calculation, or ``diverse``: at most
+    ``frames_per_structure`` per calculation, spread over its energies and forces. The
+    groups keep all frames of one structure on one side of the train/validation split.
+    """
     table = w.table("frames")
     if table.empty:
         return [], []
-    frames = w.frames("frames")
+    tc = cfg.mlip.training
     settings = settings_hash(cfg.reference)
+    usable = np.flatnonzero((table["settings_hash"] == settings).to_numpy() & np.isfinite(table["energy"].to_numpy()))
+    frames = w.frames("frames")
+    if tc.frames == "diverse":
+        by_id: dict[str, list[int]] = {}
+        for i in usable:
+            by_id.setdefault(table["id"].iloc[i], []).append(int(i))
+        keep, n_atoms, energy = [], frames.n_atoms, table["energy"].to_numpy()
+        for rows in by_id.values():
+            e = energy[rows] / n_atoms[rows]
+            fmax = np.array([np.linalg.norm(frames.forces_of(i), axis=1).max() for i in rows])
+            keep += [rows[j] for j in diverse_frames(e, fmax, tc.frames_per_structure)]
+        usable = np.array(sorted(keep), dtype=int)
     out, groups = [], []
-    for i, row in enumerate(table.to_dict("records")):
-        if row["settings_hash"] != settings or not np.isfinite(row["energy"]):
-            continue
+    records = table.to_dict("records")
+    for i in usable:
+        row = records[i]
         a = frames.atoms(i)
         a.info["REF_energy"] = float(row["energy"])
         a.arrays["REF_forces"] = frames.forces_of(i).astype(float)
@@ -353,7 +430,15 @@ def training_set(w: CampaignWriter, cfg: CampaignConfig) -> tuple[list[Atoms], l
 
 
 # -- round metrics -------------------------------------------------------------------------------
-def round_metrics(w: CampaignWriter, round_: int, model_sha: str) -> dict[str, Any]:
+def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha: str,
+                  model_errors: dict[str, float] | None = None) -> dict[str, Any]:
+    """The round's record: counts, discovery metrics (see :mod:`matdisc.metrics`), hull changes.
+
+    ``mae_mev_per_atom`` compares the screening model's relaxed energies with the DFT ones of
+    this round's verifications; ``model_errors`` (``mae_before_mev``/``mae_after_mev``: the
+    screening and the retrained committee on the same new DFT structures) is merged in.
+    """
+    tol = cfg.active_learning.hull_tolerance
     cand = w.candidates()
     mlip = w.table("mlip")
     dft = w.table("dft")
@@ -362,12 +447,20 @@ def round_metrics(w: CampaignWriter, round_: int, model_sha: str) -> dict[str, A
     verified = cand[cand["id"].isin(this_dft["id"]) & (cand["dft_status"] == "ok")] if not dft.empty else cand[:0]
     pairs = verified[["e_dft_per_atom"]].join(
         this_mlip.drop_duplicates("id", keep="last").set_index("id")["e_mlip_per_atom"], on=verified["id"]
-    ) if not verified.empty and not this_mlip.empty else pd.DataFrame()
-    mae = float("nan")
-    if not pairs.empty:
-        diff = (pairs["e_mlip_per_atom"] - pairs["e_dft_per_atom"]).abs().dropna()
-        mae = float(diff.mean() * 1000) if len(diff) else float("nan")
-    return {
+    ) if not verified.empty and not this_mlip.empty else pd.DataFrame(columns=["e_mlip_per_atom", "e_dft_per_atom"])
+    sel = w.table("selections")
+    picks = sel[sel["round"] == round_] if not sel.empty else sel
+    all_picks = sel[sel["round"] <= round_] if not sel.empty else sel
+    phases = metrics.hull_phases(cand)
+    earlier = w.rounds()
+    earlier = earlier[earlier["round"] < round_] if not earlier.empty else earlier
+    before = set(json.loads(earlier["hull_phases"].iloc[-1])) if "hull_phases" in earlier and len(earlier) else set()
+    new_phases, removed = metrics.hull_changes(before, phases)
+    new_hits = int(verified["is_hit"].sum())
+    n_calls = len(picks)
+    hits_by_acquisition = int(cand["is_hit"][cand["id"].isin(all_picks["id"])].sum()) if len(all_picks) else 0
+    cand = cand.assign(n_elements=[_n_elements(f) for f in cand["formula"]])
+    out = {
         "round": round_,
         "candidates": int((cand["round"] == round_).sum()),
         "relaxed": int(this_mlip["status"].isin(USABLE).sum()) if not this_mlip.empty else 0,
@@ -375,8 +468,35 @@ def round_metrics(w: CampaignWriter, round_: int, model_sha: str) -> dict[str, A
         "dft_failed": int((this_dft["status"] != "ok").sum()) if not this_dft.empty else 0,
         "hits": int(cand["is_hit"].sum()),
         "model_sha256": model_sha,
-        "mae_mev_per_atom": mae,
+        "mae_mev_per_atom": metrics.energy_mae_mev(pairs["e_mlip_per_atom"], pairs["e_dft_per_atom"]),
+        "dft_calls": n_calls,
+        "dft_calls_total": len(all_picks),
+        "new_hits": new_hits,
+        "hit_rate": new_hits / n_calls if n_calls else float("nan"),
+        "precision_stable": metrics.precision_of_stable_calls(picks, cand, tol) if n_calls else float("nan"),
+        "prevalence_est": metrics.prevalence_estimate(cand, tol),
+        "hull_phases": sorted(phases),
+        "new_phases": new_phases,
+        "removed_phases": removed,
     }
+    out["daf"] = metrics.daf(hits_by_acquisition, len(all_picks), out["prevalence_est"])
+    out.update({"mae_before_mev": float("nan"), "mae_after_mev": float("nan"), **(model_errors or {})})
+    return out
+
+
+def new_reference_frames(w: CampaignWriter, round_: int) -> list[Atoms]:
+    """This round's verified DFT structures, labelled with their energies (for model errors)."""
+    dft = w.table("dft")
+    if dft.empty:
+        return []
+    rows = np.flatnonzero((dft["round"] == round_).to_numpy() & (dft["status"] == "ok").to_numpy())
+    frames = w.tables.read_frames("dft", rows) if len(rows) else None
+    out = []
+    for j, i in enumerate(rows):
+        a = frames.atoms(j)  # type: ignore[union-attr]
+        a.info["REF_energy"] = float(dft["energy"].iloc[i])
+        out.append(a)
+    return out
 
 
 def generation_summary(w: CampaignWriter, round_: int) -> str:

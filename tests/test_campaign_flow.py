@@ -116,3 +116,59 @@ def test_status_json_reports_the_store_counts(campaign_store):
     assert status["rounds"][-1]["hits"] == int(cand["is_hit"].sum())
     r1 = status["rounds"][1]
     assert r1["mae_mev_per_atom"] is not None and r1["mae_mev_per_atom"] >= 0
+
+
+def test_discovery_metrics_per_round(campaign_store):
+    cfg, _ = campaign_store
+    camp = open_campaign(cfg.store_path)
+    rounds = camp.rounds().set_index("round")
+    sel = camp.table("selections")
+    assert set(sel["strategy"]) == {"uncertainty"} and sel["e_hull_pred"].notna().all()
+    for r in (1, 2):
+        picks = sel[sel["round"] == r]
+        assert 0 < len(picks) <= cfg.active_learning.dft_budget
+        assert rounds.loc[r, "dft_calls"] == len(picks)
+        assert picks["formula" if "formula" in picks else "id"].nunique() == len(picks)  # never the same pick twice
+        assert rounds.loc[r, "dft_calls_total"] == int((sel["round"] <= r).sum())
+        # the screening and the retrained committee, on the round's new DFT structures
+        assert rounds.loc[r, "mae_before_mev"] >= 0 and rounds.loc[r, "mae_after_mev"] >= 0
+        assert 0 <= rounds.loc[r, "hit_rate"] <= 1
+        assert json.loads(rounds.loc[r, "hull_phases"]) == sorted(json.loads(rounds.loc[r, "hull_phases"]))
+    # hull changes chain up: each round's hull is the last one plus new minus removed phases
+    prev: set[str] = set(json.loads(rounds.loc[0, "hull_phases"]))
+    for r in (1, 2):
+        now = set(json.loads(rounds.loc[r, "hull_phases"]))
+        assert now == (prev | set(json.loads(rounds.loc[r, "new_phases"]))) - set(json.loads(rounds.loc[r, "removed_phases"]))
+        prev = now
+    cand = camp.candidates()
+    assert prev == set(cand["formula"][cand["is_hit"]])
+
+
+def test_campaign_hull_matches_the_exhaustive_emt_hull(campaign_store, tmp_path):
+    """Relax every candidate the campaign generated with the same EMT protocol: the campaign's
+    verified hull must hold exactly the phases of that exhaustive hull, at the same energies."""
+    from pymatgen.core import Composition
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from matdisc.dft import run_reference
+    from matdisc.thermo import hull_energies
+
+    cfg, _ = campaign_store
+    camp = open_campaign(cfg.store_path)
+    cand = camp.candidates()
+    energies = []
+    for cid in cand["id"]:
+        res = run_reference(AseAtomsAdaptor.get_atoms(camp.structure(cid, "initial")), cfg.reference, id=cid,
+                            workdir=tmp_path)
+        energies.append(res.energy_per_atom if res.status == "ok" else np.nan)
+    e_form, e_hull = hull_energies(list(cand["formula"]), energies, cfg.chemsys)
+    compound = np.array([len(Composition(f).elements) > 1 for f in cand["formula"]])
+    on_hull = compound & (e_form < 0) & (e_hull <= 1e-4)
+    true_phases = set(cand["formula"][on_hull])
+    assert len(true_phases) >= 2
+    hits = cand[cand["is_hit"]]
+    assert set(hits["formula"]) == true_phases
+    best = {f: min(e for e, ff, ok in zip(energies, cand["formula"], on_hull) if ok and ff == f) for f in true_phases}
+    for f, e in zip(hits["formula"], hits["e_dft_per_atom"]):
+        assert e == pytest.approx(best[f], abs=2e-3)
+    assert len(cand[cand["dft_status"] != ""]) < len(cand)  # found without verifying everything

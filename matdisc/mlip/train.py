@@ -65,6 +65,30 @@ def subsample(train: list[tuple[Atoms, str]], fraction: float, seed: int) -> lis
     return [f for f, g in train if g in keep]
 
 
+def diverse_frames(energies_per_atom: np.ndarray, max_forces: np.ndarray, k: int) -> list[int]:
+    """Indices of at most ``k`` frames of one trajectory that span its energies and forces.
+
+    A relaxation's frames crowd near the minimum; farthest-point sampling in (energy per
+    atom, largest force), each scaled to its range, keeps the start, the end and the frames
+    in between that differ most, instead of fifty near-copies of the relaxed structure.
+    """
+    n = len(energies_per_atom)
+    if n <= k:
+        return list(range(n))
+    x = np.column_stack([energies_per_atom, max_forces]).astype(float)
+    span = np.ptp(x, axis=0)
+    x = (x - x.min(axis=0)) / np.where(span > 0, span, 1.0)
+    chosen = [0, n - 1]
+    dist = np.minimum(np.linalg.norm(x - x[0], axis=1), np.linalg.norm(x - x[-1], axis=1))
+    while len(chosen) < k:
+        nxt = int(np.argmax(dist))
+        if dist[nxt] <= 0:
+            break
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(x - x[nxt], axis=1))
+    return sorted(chosen)
+
+
 def _run_train_args(name: str, workdir: Path, cfg: TrainingConfig, *, seed: int, device: str, dtype: str,
                     epochs: int) -> list[str]:
     return [
@@ -145,19 +169,23 @@ def _keep_campaign_head(path: Path) -> None:
         torch.save(remove_pt_head(model, "Default"), path)
 
 
-def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64") -> dict[str, float]:
-    """Energy (eV/atom) and force (eV/Å) RMSE and MAE of a model on labelled frames, batched."""
+def _batched_outputs(model_paths: list[str], frames: list[Atoms], device: str, dtype: str):
+    """``(chunk, energies, forces)`` of a model (a committee: the mean) over frames, batched."""
     import torch_sim as ts
 
     from matdisc.mlip.batched import CPU_BATCH_ATOMS, atom_chunks, mace_models
     from matdisc.mlip.model import load_torch_model
 
-    model = mace_models([load_torch_model(model_path, device, dtype)], device, dtype)
-    de, df = [], []
+    model = mace_models([load_torch_model(p, device, dtype) for p in model_paths], device, dtype)
     for _, chunk in atom_chunks(frames, CPU_BATCH_ATOMS):
         out = model(ts.initialize_state(chunk, model.device, model.dtype))
-        energy = out["energy"].detach().cpu().numpy()
-        forces = out["forces"].detach().cpu().numpy()
+        yield chunk, out["energy"].detach().cpu().numpy(), out["forces"].detach().cpu().numpy()
+
+
+def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64") -> dict[str, float]:
+    """Energy (eV/atom) and force (eV/Å) RMSE and MAE of a model on labelled frames, batched."""
+    de, df = [], []
+    for chunk, energy, forces in _batched_outputs([model_path], frames, device, dtype):
         offset = 0
         for a, e in zip(chunk, energy):
             de.append((e - a.info["REF_energy"]) / len(a))
@@ -166,6 +194,15 @@ def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype
     de, df = np.asarray(de), np.concatenate(df)
     return {"energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))), "energy_mae_per_atom": float(np.mean(np.abs(de))),
             "forces_rmse": float(np.sqrt(np.mean(df**2))), "forces_mae": float(np.mean(np.abs(df)))}
+
+
+def predict_energies(model_paths: list[str], frames: list[Atoms], *, device: str = "cpu",
+                     dtype: str = "float64") -> np.ndarray:
+    """Committee-mean energy per atom (eV/atom) of each frame, as it stands (no relaxation)."""
+    if not frames:
+        return np.zeros(0)
+    out = [e / np.array([len(a) for a in chunk]) for chunk, e, _ in _batched_outputs(model_paths, frames, device, dtype)]
+    return np.concatenate(out)
 
 
 def train_committee(
