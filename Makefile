@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/relax.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/dft_validation.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/discovery.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -180,8 +180,10 @@ class Campaign:
         return df.assign(**scores)
 
     def run(self, target_phases: set[str], phase_of: dict[str, str]) -> None:
-        from matdisc.active import select
         from pymatgen.io.ase import AseAtomsAdaptor
+
+        from matdisc.active import select
+        from matdisc.config import ActiveLearningConfig
 
         round_ = 0
         while len(self.order) < self.budget:
@@ -199,8 +201,10 @@ class Campaign:
                     if cid in self.order and self._relaxed[cid].status in ("ok", "symmetry_changed"):
                         verified.setdefault(f, []).append(structure_of(cid))
             n = min(self.per_round, self.budget - len(self.order))
-            picks = select(df, n, strategy=self.strategy, kappa=1.0, seed=self.seed * 1000 + round_,
-                           structure_of=structure_of, verified=verified, max_per_composition=2 if diversity else None)
+            al = ActiveLearningConfig()  # the defaults a campaign runs with
+            picks = select(df, n, strategy=self.strategy, kappa=al.kappa, explore_fraction=al.explore_fraction,
+                           seed=self.seed * 1000 + round_, structure_of=structure_of, verified=verified,
+                           max_per_composition=al.max_per_composition if diversity else None)
             self.seconds["select"] += time.perf_counter() - t0
             if not picks:
                 break
@@ -287,7 +291,12 @@ def run_system(args, system: str) -> list[dict]:
             calls.append(need if need is not None else n)
             on_hull = sum(1 for c in camp.order if c in phase_of)
             dafs.append((on_hull / len(camp.order)) / prevalence if camp.order and prevalence else float("nan"))
+            found_at = {}
+            for k, cid in enumerate(camp.order, 1):
+                found_at.setdefault(phase_of.get(cid), k)
+            found_at.pop(None, None)
             per_seed.append({"seed": seed, "recovered": round(float(at_budget), 3), "calls_to_target": need,
+                             "phase_found_at_call": found_at,
                              "calls_spent": len(camp.order), "rounds": camp.rounds,
                              "seconds": {k: round(v, 1) for k, v in camp.seconds.items()}})
             print(f"#   {strategy} seed {seed}: {per_seed[-1]}", file=sys.stderr, flush=True)

@@ -6,7 +6,10 @@ possible. Three ingredients decide a round's picks:
 - exploitation: the lowest predicted energy above the current DFT hull (``e_hull_pred``);
 - exploration where it could matter: the committee spread ``sigma`` makes a candidate
   optimistic, ``e_hull_pred - kappa * sigma`` (a lower confidence bound), so a structure
-  the model is unsure about is verified when it might be stable, not when it surely is not;
+  the model is unsure about is verified when it might be stable, not when it surely is not.
+  ``explore_fraction`` of the budget goes to the best optimistic candidates, the rest to
+  the best predicted ones (the discovery benchmark measured pure exploration spending
+  calls that exploitation did not need);
 - diversity: walking down the ranking, a candidate is skipped when StructureMatcher calls
   its relaxed structure the same as an earlier pick or an already verified candidate (MLIP
   relaxations often fold several starting points into one phase), and at most
@@ -70,6 +73,7 @@ def select(
     *,
     strategy: str = "uncertainty",
     kappa: float = 1.0,
+    explore_fraction: float = 0.25,
     seed: int = 0,
     structure_of: Callable[[str], Structure] | None = None,
     verified: Mapping[str, Sequence[Structure]] | None = None,
@@ -77,33 +81,46 @@ def select(
 ) -> list[Pick]:
     """Up to ``budget`` picks from ``candidates`` (a ``Campaign.candidates()`` frame).
 
-    With ``structure_of`` (id -> relaxed Structure) a candidate that matches an earlier pick
-    or a structure in ``verified`` (reduced formula -> structures) is skipped; without it
-    no structure comparison is made. Ties break by id, so the same inputs give the same picks.
+    ``uncertainty`` spends ``1 - explore_fraction`` of the budget on the lowest predicted
+    e_hull and the rest on the lowest optimistic e_hull (``mean - kappa * sigma``) among
+    the others (``explore_fraction`` 1: all optimistic). With ``structure_of`` (id ->
+    relaxed Structure) a candidate that matches an earlier pick or a structure in
+    ``verified`` (reduced formula -> structures) is skipped; without it no structure
+    comparison is made. Ties break by id, so the same inputs give the same picks.
     """
     pool = eligible(candidates)
     if budget <= 0 or pool.empty:
         return []
-    pool = pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed))
-    pool = pool.sort_values(["acq_score", "id"], kind="stable")
+    if strategy == "uncertainty":
+        n_exploit = budget - int(np.floor(explore_fraction * budget + 0.5))
+        rankings = [(acquisition_scores(pool, "greedy"), n_exploit),
+                    (acquisition_scores(pool, strategy, kappa=kappa), budget)]
+    else:
+        rankings = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget)]
     matcher = StructureMatcher() if structure_of is not None else None
     seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
     per_formula: dict[str, int] = {}
     picks: list[Pick] = []
-    for rank, row in enumerate(pool.itertuples(index=False)):
-        if len(picks) >= budget:
-            break
-        formula = row.formula
-        if max_per_composition is not None and per_formula.get(formula, 0) >= max_per_composition:
-            continue
-        if matcher is not None:
-            s = structure_of(row.id)
-            if any(matcher.fit(s, other) for other in seen.get(formula, ())):
+    taken: set[str] = set()
+    for scores, until in rankings:
+        ranked = pool.assign(acq_score=scores).sort_values(["acq_score", "id"], kind="stable")
+        for rank, row in enumerate(ranked.itertuples(index=False)):
+            if len(picks) >= until:
+                break
+            formula = row.formula
+            if row.id in taken or (max_per_composition is not None
+                                   and per_formula.get(formula, 0) >= max_per_composition):
                 continue
-            seen.setdefault(formula, []).append(s)
-        per_formula[formula] = per_formula.get(formula, 0) + 1
-        sigma = float(getattr(row, "sigma", np.nan))
-        picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
+            if matcher is not None:
+                s = structure_of(row.id)
+                if any(matcher.fit(s, other) for other in seen.get(formula, ())):
+                    taken.add(row.id)  # a duplicate now stays one for the other ranking too
+                    continue
+                seen.setdefault(formula, []).append(s)
+            per_formula[formula] = per_formula.get(formula, 0) + 1
+            taken.add(row.id)
+            sigma = float(getattr(row, "sigma", np.nan))
+            picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
     return picks
 
 

@@ -36,16 +36,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"campaign store {summary['store']}")
-    for col in ("round", "candidates", "relaxed", "DFT verified", "hits", "model", "MAE meV/atom"):
+    for col in ("round", "candidates", "relaxed", "DFT verified", "hits", "new hits", "hit rate", "DAF", "model",
+                "MAE meV/atom", "MAE retrained"):
         table.add_column(col, justify="right")
     for r in summary["rounds"]:
-        mae = "-" if r["mae_mev_per_atom"] is None or math.isnan(r["mae_mev_per_atom"]) else f"{r['mae_mev_per_atom']:.1f}"
         table.add_row(str(r["round"]), str(r["candidates"]), str(r["relaxed"]), str(r["dft_verified"]),
-                      str(r["hits"]), r["model_sha256"][:12], mae)
+                      str(r["hits"]), _fmt(r.get("new_hits"), "d"), _fmt(r.get("hit_rate"), ".2f"),
+                      _fmt(r.get("daf"), ".1f"), r["model_sha256"][:12], _fmt(r["mae_mev_per_atom"], ".1f"),
+                      _fmt(r.get("mae_after_mev"), ".1f"))
     console = Console()
     console.print(table)
     _print_hits(console, args.store)
     return 0
+
+
+def _fmt(value: float | int | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return str(int(value)) if spec == "d" else format(value, spec)
 
 
 def _print_hits(console, store: str | Path) -> None:

@@ -351,6 +351,10 @@ class ActiveLearningConfig(_Strict):
         "e_hull; random: a seeded random draw (baseline)",
     )
     kappa: float = Field(1.0, ge=0, description="weight of the committee spread in the optimistic e_hull")
+    explore_fraction: float = Field(
+        0.25, ge=0, le=1, description="uncertainty: share of the budget picked by optimistic e_hull, the rest by "
+        "predicted e_hull"
+    )
     diversity: bool = Field(
         True, description="never pick two structures StructureMatcher calls the same, nor one already verified"
     )

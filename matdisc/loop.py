@@ -324,8 +324,8 @@ def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) ->
         for cid, formula in zip(done["id"], done["formula"]):
             verified.setdefault(formula, []).append(structure_of(cid))
     picks = select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
-                   seed=cfg.generation.seed * 1000 + round_, structure_of=structure_of, verified=verified,
-                   max_per_composition=al.max_per_composition)
+                   explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
+                   structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition)
     w.append("selections", key, {"id": [p.id for p in picks], "round": [round_] * len(picks),
                                  "strategy": [al.acquisition] * len(picks), "score": [p.score for p in picks],
                                  "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
@@ -454,7 +454,8 @@ def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha
     phases = metrics.hull_phases(cand)
     earlier = w.rounds()
     earlier = earlier[earlier["round"] < round_] if not earlier.empty else earlier
-    before = set(json.loads(earlier["hull_phases"].iloc[-1])) if "hull_phases" in earlier and len(earlier) else set()
+    last = earlier["hull_phases"].iloc[-1] if "hull_phases" in earlier and len(earlier) else ""
+    before = set(json.loads(last)) if isinstance(last, str) and last else set()  # older stores: no record
     new_phases, removed = metrics.hull_changes(before, phases)
     new_hits = int(verified["is_hit"].sum())
     n_calls = len(picks)

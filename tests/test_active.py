@@ -47,10 +47,21 @@ def test_budget_and_eligibility():
 def test_uncertainty_prefers_an_unsure_candidate_that_could_be_stable():
     df = pool([("sure", "CuPd", 0.03, 0.001), ("unsure", "Cu3Pd", 0.06, 0.05), ("hopeless", "CuPd3", 0.50, 0.2)])
     assert [p.id for p in select(df, 1, strategy="greedy")] == ["sure"]
-    picks = select(df, 2, strategy="uncertainty", kappa=1.0)
+    picks = select(df, 2, strategy="uncertainty", kappa=1.0, explore_fraction=1.0)
     assert [p.id for p in picks] == ["unsure", "sure"]  # 0.06 - 0.05 = 0.01 < 0.029
     assert picks[0].score == pytest.approx(0.01) and picks[0].e_hull_pred == 0.06 and picks[0].sigma == 0.05
-    assert [p.id for p in select(df, 2, strategy="uncertainty", kappa=0.0)] == ["sure", "unsure"]  # kappa 0: greedy
+    kappa0 = select(df, 2, strategy="uncertainty", kappa=0.0, explore_fraction=1.0)
+    assert [p.id for p in kappa0] == ["sure", "unsure"]  # kappa 0: greedy
+
+
+def test_uncertainty_splits_the_budget_between_exploiting_and_exploring():
+    df = pool([("best", "CuPd", 0.00, 0.001), ("next", "Cu3Pd", 0.01, 0.001), ("third", "CuPd3", 0.02, 0.001),
+               ("unsure", "Cu2Pd", 0.08, 0.10), ("hopeless", "CuPd2", 0.50, 0.2)])
+    picks = select(df, 3, strategy="uncertainty", kappa=1.0, explore_fraction=1 / 3)
+    # two by predicted e_hull, one by optimistic e_hull (-0.02) among the rest
+    assert [p.id for p in picks] == ["best", "next", "unsure"]
+    assert [p.id for p in select(df, 3, strategy="uncertainty", explore_fraction=0.0)] == ["best", "next", "third"]
+    assert len(select(df, 2, strategy="uncertainty", explore_fraction=0.25)) == 2
 
 
 def test_random_is_seeded():

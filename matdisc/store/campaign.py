@@ -169,6 +169,7 @@ class Campaign:
                     "hits": int(rec["hits"]),
                     "model_sha256": rec["model_sha256"],
                     "mae_mev_per_atom": None if pd.isna(rec["mae_mev_per_atom"]) else float(rec["mae_mev_per_atom"]),
+                    **{k: _json_value(rec[k]) for k in DISCOVERY_KEYS if k in rec},
                 }
             )
         hits = cand[cand["is_hit"]] if not cand.empty else cand
@@ -181,6 +182,22 @@ class Campaign:
                 for r in hits.to_dict("records")
             ],
         }
+
+
+#: Discovery metrics of a round record that ``summary()`` passes on (see ``matdisc.loop.round_metrics``).
+DISCOVERY_KEYS = ("dft_calls", "dft_calls_total", "new_hits", "hit_rate", "precision_stable", "daf",
+                  "mae_before_mev", "mae_after_mev", "hull_phases", "new_phases", "removed_phases")
+
+
+def _json_value(value: Any) -> Any:
+    """A stored round value as JSON: NaN -> None, JSON-encoded lists decoded, numpy scalars plain."""
+    if isinstance(value, str) and value.startswith("["):
+        return json.loads(value)
+    if isinstance(value, (float, np.floating)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    return value
 
 
 def _status(mlip: str, dft: str, is_hit: bool) -> str:
