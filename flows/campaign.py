@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
-from matdisc import loop
+from matdisc import discovery, loop
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
 from matdisc.dft import run_reference, run_static, settings_hash
@@ -109,7 +109,7 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
 
 def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened: dict, trained: dict) -> dict:
     """MLIP energy MAE on the round's new DFT structures, by the screening and the retrained model."""
-    frames = loop.new_reference_frames(w, round_)
+    frames = discovery.new_reference_frames(w, round_)
     if not frames:
         return {}
     check_trusted(screened["paths"] + trained["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
@@ -193,13 +193,13 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             _reference_stage(w, cfg, 0, refs, verified=True)
         done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
         if 0 not in done_rounds:
-            loop.update_scores(w, cfg, 0, "r0/scores")
-            w.append_records("rounds", "r0", [{**loop.round_metrics(w, cfg, 0, model["sha256"]),
+            discovery.update_scores(w, cfg, 0, "r0/scores")
+            w.append_records("rounds", "r0", [{**discovery.round_metrics(w, cfg, 0, model["sha256"]),
                                               "trained_model_sha256": model["sha256"]}])
         for r in range(1, n_rounds + 1):
             if r in done_rounds:
                 continue
-            reason = loop.stop_reason(w, cfg, r)
+            reason = discovery.stop_reason(w, cfg, r)
             if reason is not None:
                 log.info("campaign stops before round %d: %s", r, reason)
                 break
@@ -208,23 +208,23 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             n_new = loop.add_candidates(w, new, r, "generated", keys)
             log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
             _relax_stage(w, cfg, r, model)
-            loop.update_scores(w, cfg, r, f"r{r}/scores-mlip")
-            picks = loop.select_for_reference(w, cfg, r)
+            discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
+            picks = discovery.select_for_reference(w, cfg, r)
             done = loop.dft_done(w, settings_hash(cfg.reference))
             log.info("round %d: verifying %d candidates with %s (%s acquisition)", r, len(picks),
                      cfg.reference.calculator, cfg.active_learning.acquisition)
             _reference_stage(w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done],
                              verified=True)
-            cand = loop.update_scores(w, cfg, r, f"r{r}/scores")
+            cand = discovery.update_scores(w, cfg, r, f"r{r}/scores")
             trained = loop.current_model(w, before_round=r + 1)
             if trained is None or trained["round"] != r:
                 trained = _train(w, cfg, r)
-            metrics = loop.round_metrics(w, cfg, r, model["sha256"], _model_errors(w, cfg, r, model, trained))
+            metrics = discovery.round_metrics(w, cfg, r, model["sha256"], _model_errors(w, cfg, r, model, trained))
             metrics["trained_model_sha256"] = trained["sha256"]
             metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
             w.append_records("rounds", f"r{r}", [metrics])
             create_markdown_artifact(key=f"{_slug(cfg.name)}-round-{r}",
-                                     markdown=loop.round_report(cfg, metrics, cand),
+                                     markdown=discovery.round_report(cfg, metrics, cand),
                                      description=f"{cfg.name} round {r}")
             _discovery_artifact(w, cfg)
             log.info("round %d: %s", r, metrics)

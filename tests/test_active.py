@@ -12,7 +12,7 @@ from ase import Atoms
 from pymatgen.core import Lattice, Structure
 
 from conftest import emt_config
-from matdisc import loop
+from matdisc import discovery, loop
 from matdisc.active import select, select_greedy
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
@@ -143,19 +143,19 @@ def hand_store(tmp_path):
                                                                  energy=_energy(f, e, MU_DFT)), ref_set, verified=True)
 
         verify(0, ["Cu", "Pd"])
-        loop.update_scores(w, cfg, 0, "r0/scores")
-        w.append_records("rounds", "r0", [loop.round_metrics(w, cfg, 0, "m0")])
+        discovery.update_scores(w, cfg, 0, "r0/scores")
+        w.append_records("rounds", "r0", [discovery.round_metrics(w, cfg, 0, "m0")])
         # round 1 picks A, B, E; the model called all three stable when it picked them
         w.append("selections", "r1/selection", {"id": [ids["A"], ids["B"], ids["E"]], "round": [1, 1, 1],
                                                 "e_hull_pred": [-0.05, -0.01, -0.02]})
         verify(1, ["A", "B", "E"])
-        loop.update_scores(w, cfg, 1, "r1/scores")
-        r1 = loop.round_metrics(w, cfg, 1, "m1", {"mae_before_mev": 12.0})
+        discovery.update_scores(w, cfg, 1, "r1/scores")
+        r1 = discovery.round_metrics(w, cfg, 1, "m1", {"mae_before_mev": 12.0})
         w.append_records("rounds", "r1", [r1])
         w.append("selections", "r2/selection", {"id": [ids["F"]], "round": [2], "e_hull_pred": [-0.03]})
         verify(2, ["F"])
-        loop.update_scores(w, cfg, 2, "r2/scores")
-        r2 = loop.round_metrics(w, cfg, 2, "m1")
+        discovery.update_scores(w, cfg, 2, "r2/scores")
+        r2 = discovery.round_metrics(w, cfg, 2, "m1")
         w.append_records("rounds", "r2", [r2])
     return cfg, ids, r1, r2
 
@@ -201,24 +201,24 @@ def test_stopping_rules(hand_store, tmp_path):
     cfg, _, _, _ = hand_store
     al = cfg.active_learning
     with CampaignWriter(cfg.store_path) as w:
-        assert loop.stop_reason(w, cfg, 3) is None
+        assert discovery.stop_reason(w, cfg, 3) is None
         budget = cfg.model_copy(update={"active_learning": al.model_copy(update={"max_dft_total": 4})})
-        assert "DFT budget spent: 4 of max_dft_total 4" in loop.stop_reason(w, budget, 3)
-        assert loop.round_budget(w, budget.model_copy(update={"active_learning": al.model_copy(
+        assert "DFT budget spent: 4 of max_dft_total 4" in discovery.stop_reason(w, budget, 3)
+        assert discovery.round_budget(w, budget.model_copy(update={"active_learning": al.model_copy(
             update={"max_dft_total": 5, "dft_budget": 3})}), 3) == 1
         w.append_records("rounds", "r3", [{"round": 3, "new_hits": 0}])
         patient = cfg.model_copy(update={"active_learning": al.model_copy(update={"patience": 1})})
-        assert "no new hits for 1 rounds" in loop.stop_reason(w, patient, 4)
+        assert "no new hits for 1 rounds" in discovery.stop_reason(w, patient, 4)
         patient2 = cfg.model_copy(update={"active_learning": al.model_copy(update={"patience": 2})})
-        assert loop.stop_reason(w, patient2, 4) is None  # round 2 found one
+        assert discovery.stop_reason(w, patient2, 4) is None  # round 2 found one
 
 
 def test_select_for_reference_records_picks_once(hand_store):
     cfg, ids, _, _ = hand_store
     with CampaignWriter(cfg.store_path) as w:
-        first = loop.select_for_reference(w, cfg, 3)
+        first = discovery.select_for_reference(w, cfg, 3)
         assert first == []  # every candidate is verified
-        assert loop.select_for_reference(w, cfg, 3) == first
+        assert discovery.select_for_reference(w, cfg, 3) == first
 
 
 # -- discovery curves (the benchmark's arithmetic) -------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import emt_config
-from matdisc import loop
+from matdisc import discovery, loop
 from matdisc.config import CampaignConfig
 from matdisc.dft import run_reference, settings_hash
 from matdisc.store import CampaignWriter
@@ -97,7 +97,7 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
         loop.add_candidates(w, b2, 1, "generated")
         compound = loop.candidate_atoms(w)[-1]
         _run_and_record(w, cfg_a, [compound], 1)
-        hull_a = loop.update_scores(w, cfg_a, 1, "r1/scores").set_index("id")
+        hull_a = discovery.update_scores(w, cfg_a, 1, "r1/scores").set_index("id")
         assert np.isfinite(hull_a.loc[compound[0], "e_hull_dft"])
         assert loop.reference_set_jobs(w, cfg_a) == []  # nothing missing in set A
 
@@ -106,12 +106,12 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
         loop.record_run(w, cfg_b)
         assert (w.candidates()["dft_status"] == "").all()
         _run_and_record(w, cfg_b, [compound], 1)
-        no_elements = loop.update_scores(w, cfg_b, 1, "r1/scores-b0").set_index("id")
+        no_elements = discovery.update_scores(w, cfg_b, 1, "r1/scores-b0").set_index("id")
         assert np.isnan(no_elements.loc[compound[0], "e_hull_dft"])
         again = loop.reference_set_jobs(w, cfg_b)
         assert sorted(cid for cid, _ in again) == sorted(cid for cid, _ in elements)
         _run_and_record(w, cfg_b, again)
-        hull_b = loop.update_scores(w, cfg_b, 1, "r1/scores-b1").set_index("id")
+        hull_b = discovery.update_scores(w, cfg_b, 1, "r1/scores-b1").set_index("id")
         e_a, e_b = hull_a.loc[compound[0], "e_form_dft"], hull_b.loc[compound[0], "e_form_dft"]
         assert np.isfinite(e_b) and e_a != pytest.approx(e_b, abs=1e-6)
         dft = w.table("dft")

@@ -184,7 +184,7 @@ class Campaign:
         }
 
 
-#: Discovery metrics of a round record that ``summary()`` passes on (see ``matdisc.loop.round_metrics``).
+#: Discovery metrics of a round record that ``summary()`` passes on (see ``matdisc.discovery.round_metrics``).
 DISCOVERY_KEYS = ("dft_calls", "dft_calls_total", "new_hits", "hit_rate", "precision_stable", "daf",
                   "mae_before_mev", "mae_after_mev", "hull_phases", "new_phases", "removed_phases")
 
