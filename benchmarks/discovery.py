@@ -15,7 +15,7 @@ of a system can be computed exhaustively:
    round a MACE committee (trained here, tiny: 16x0e) relaxes the pool, ``thermo.score``
    puts it on the current DFT hull, ``active.select`` picks ``--per-round`` candidates, their
    EMT results (computed in step 2: EMT is deterministic, so a lookup equals a rerun) join
-   the DFT hull and, as diverse frames (``loop``'s policy), the training set, and the
+   the DFT hull and, as diverse frames (the training-set policy), the training set, and the
    committee is fine-tuned. Until ``--budget`` calculations are spent (a campaign that has
    recovered every phase stops early: its curve stays at 1).
 
@@ -257,6 +257,7 @@ def run_system(args, system: str) -> list[dict]:
     phase_of, phases = true_hull(truth, formulas, chemsys)
     n = len(pool)
     budget = args.budget or math.ceil(0.25 * n)
+    per_round = args.per_round or max(4, budget // 4)
     prevalence = sum(1 for c in pool if c.id in phase_of) / n
     ids = [c.id for c in pool]
     random_calls = expected_random_calls(phase_of, ids, args.target, len(phases))
@@ -271,7 +272,7 @@ def run_system(args, system: str) -> list[dict]:
         t_s = time.perf_counter()
         for seed in range(args.seeds):
             camp = Campaign(strategy, seed, chemsys, elements, pool, truth, tmp / f"{strategy}-s{seed}",
-                            ensemble=args.ensemble, per_round=args.per_round, budget=budget,
+                            ensemble=args.ensemble, per_round=per_round, budget=budget,
                             round0_models=round0.get(seed))
             if strategy != "random" and seed not in round0:
                 camp.train(0)
@@ -306,7 +307,7 @@ def run_system(args, system: str) -> list[dict]:
             "dft_fraction_of_exhaustive": round(float(np.mean(calls)) / n, 3),
             "calls_ratio_vs_random": round(float(np.mean(calls)) / random_calls, 3),
             "daf": round(float(np.nanmean(dafs)), 2),
-            "exhaustive_calls": n, "budget": budget, "per_round": args.per_round, "target": args.target,
+            "exhaustive_calls": n, "budget": budget, "per_round": per_round, "target": args.target,
             "true_hull_phases": sorted(phases), "random_expected_calls": round(random_calls, 1),
             "per_seed": per_seed, "wall_s": round(time.perf_counter() - t_s, 1),
         }
@@ -319,7 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--system", action="append", help="A-B or A-B-C of EMT elements (default: Cu-Pd and Cu-Pd-Au)")
     parser.add_argument("--budget", type=int, help="DFT calculations per campaign (default: 25 %% of the pool)")
-    parser.add_argument("--per-round", type=int, default=4, help="DFT picks per round")
+    parser.add_argument("--per-round", type=int, help="DFT picks per round (default: a quarter of the budget, at least 4)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--ensemble", type=int, default=3, help="MACE committee size")
     parser.add_argument("--max-atoms", type=int, default=6)
