@@ -24,6 +24,7 @@ from matdisc.mlip import predict_energies, relax_many, resolve_device, train_com
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
+from matdisc.store.campaign import DISCOVERY_KEYS
 
 # Retries only for transient infrastructure failures: the matdisc functions themselves
 # return failed calculations as results, so an exception here means a lost worker or similar.
@@ -120,9 +121,8 @@ def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened:
     return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
 
 
-#: Per-round figures the discovery table artifact shows.
-DISCOVERY_COLUMNS = ("round", "dft_calls", "dft_calls_total", "new_hits", "hits", "hit_rate", "precision_stable",
-                     "daf", "mae_before_mev", "mae_after_mev", "new_phases", "removed_phases")
+#: Per-round figures the discovery table artifact shows (the hull itself is in the round report).
+DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_phases"))
 
 
 def _discovery_artifact(w: CampaignWriter, cfg: CampaignConfig) -> None:
