@@ -213,7 +213,7 @@ class Campaign:
                 self.add_training(p.id, self.truth[p.id].frames)
             if {phase_of[c] for c in self.order if c in phase_of} >= target_phases:
                 break  # every phase found: the curve stays at 1 up to the budget
-            if self.strategy != "random":
+            if self.strategy != "random" and len(self.order) < self.budget:
                 self.train(round_)
         self.rounds = round_
 
