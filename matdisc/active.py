@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from pymatgen.analysis.structure_matcher import StructureMatcher
-from pymatgen.core import Structure
+from pymatgen.core import Composition, Structure
 
 from matdisc.records import USABLE
 
@@ -83,7 +83,10 @@ def select(
 
     ``uncertainty`` spends ``1 - explore_fraction`` of the budget on the lowest predicted
     e_hull and the rest on the lowest optimistic e_hull (``mean - kappa * sigma``) among
-    the others (``explore_fraction`` 1: all optimistic). With ``structure_of`` (id ->
+    the others (``explore_fraction`` 1: all optimistic), spread over chemical subsystems:
+    the best optimistic candidate of each subsystem (Cu-Au, Cu-Pd-Au, ...) with the fewest
+    picks this round comes first, so exploration does not pile into the chemistry the
+    model already knows. With ``structure_of`` (id ->
     relaxed Structure) a candidate that matches an earlier pick or a structure in
     ``verified`` (reduced formula -> structures) is skipped; without it no structure
     comparison is made. Ties break by id, so the same inputs give the same picks.
@@ -91,37 +94,54 @@ def select(
     pool = eligible(candidates)
     if budget <= 0 or pool.empty:
         return []
+    # (scores, picks wanted after this pass, spread over chemical subsystems)
     if strategy == "uncertainty":
         n_exploit = budget - int(np.floor(explore_fraction * budget + 0.5))
-        rankings = [(acquisition_scores(pool, "greedy"), n_exploit),
-                    (acquisition_scores(pool, strategy, kappa=kappa), budget)]
+        passes = [(acquisition_scores(pool, "greedy"), n_exploit, False),
+                  (acquisition_scores(pool, strategy, kappa=kappa), budget, True)]
     else:
-        rankings = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget)]
+        passes = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget, False)]
     matcher = StructureMatcher() if structure_of is not None else None
     seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
     per_formula: dict[str, int] = {}
+    per_system: dict[str, int] = {}
     picks: list[Pick] = []
     taken: set[str] = set()
-    for scores, until in rankings:
+    for scores, until, spread in passes:
         ranked = pool.assign(acq_score=scores).sort_values(["acq_score", "id"], kind="stable")
-        for rank, row in enumerate(ranked.itertuples(index=False)):
-            if len(picks) >= until:
-                break
-            formula = row.formula
-            if row.id in taken or (max_per_composition is not None
-                                   and per_formula.get(formula, 0) >= max_per_composition):
-                continue
-            if matcher is not None:
-                s = structure_of(row.id)
-                if any(matcher.fit(s, other) for other in seen.get(formula, ())):
-                    taken.add(row.id)  # a duplicate now stays one for the other ranking too
+        rows = list(enumerate(ranked.itertuples(index=False)))
+        systems = {row.id: _chemsys(row.formula) for _, row in rows}
+        level = 0
+        while len(picks) < until:
+            before = len(picks)
+            for rank, row in rows:
+                if len(picks) >= until:
+                    break
+                formula = row.formula
+                if row.id in taken or (max_per_composition is not None
+                                       and per_formula.get(formula, 0) >= max_per_composition):
                     continue
-                seen.setdefault(formula, []).append(s)
-            per_formula[formula] = per_formula.get(formula, 0) + 1
-            taken.add(row.id)
-            sigma = float(getattr(row, "sigma", np.nan))
-            picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
+                if spread and per_system.get(systems[row.id], 0) > level:
+                    continue  # this chemical subsystem already has its share of the pass
+                if matcher is not None:
+                    s = structure_of(row.id)
+                    if any(matcher.fit(s, other) for other in seen.get(formula, ())):
+                        taken.add(row.id)  # a duplicate now stays one for the other pass too
+                        continue
+                    seen.setdefault(formula, []).append(s)
+                per_formula[formula] = per_formula.get(formula, 0) + 1
+                per_system[systems[row.id]] = per_system.get(systems[row.id], 0) + 1
+                taken.add(row.id)
+                sigma = float(getattr(row, "sigma", np.nan))
+                picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
+            if not spread or (len(picks) == before and level >= max(per_system.values(), default=0)):
+                break  # nothing more to take: a higher level would unlock no subsystem
+            level += 1
     return picks
+
+
+def _chemsys(formula: str) -> str:
+    return "-".join(sorted(str(el) for el in Composition(formula).elements))
 
 
 def select_greedy(candidates: pd.DataFrame, budget: int) -> list[str]:

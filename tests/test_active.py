@@ -64,6 +64,18 @@ def test_uncertainty_splits_the_budget_between_exploiting_and_exploring():
     assert len(select(df, 2, strategy="uncertainty", explore_fraction=0.25)) == 2
 
 
+def test_exploration_spreads_over_chemical_subsystems():
+    df = pool([("cupd1", "CuPd", 0.02, 0.05), ("cupd2", "Cu3Pd", 0.03, 0.05), ("cuau", "CuAu", 0.05, 0.05),
+               ("pdau", "PdAu", 0.08, 0.05), ("tern", "CuPdAu", 0.09, 0.05)])
+    picks = select(df, 3, strategy="uncertainty", kappa=1.0, explore_fraction=1.0)
+    assert [p.id for p in picks] == ["cupd1", "cuau", "pdau"]  # one per subsystem before a second Cu-Pd
+    picks = select(df, 5, strategy="uncertainty", kappa=1.0, explore_fraction=1.0)
+    assert [p.id for p in picks] == ["cupd1", "cuau", "pdau", "tern", "cupd2"]
+    # the exploit share is not spread: greedy order, then exploration in the other subsystems first
+    picks = select(df, 3, strategy="uncertainty", kappa=1.0, explore_fraction=1 / 3)
+    assert [p.id for p in picks] == ["cupd1", "cupd2", "cuau"]
+
+
 def test_random_is_seeded():
     df = pool([(f"c{i}", f"Cu{i + 1}Pd", 0.01 * i, 0.0) for i in range(20)])
     a = [p.id for p in select(df, 5, strategy="random", seed=1)]
