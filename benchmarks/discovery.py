@@ -8,8 +8,8 @@ of a system can be computed exhaustively:
    elements in fcc/bcc/hcp;
 2. every candidate is relaxed with EMT through matdisc's reference protocol (the same
    ``run_reference`` the flow runs; two processes). The true hull phases are the compounds
-   on the hull of all of them; a candidate whose relaxed energy lies within 2 meV/atom of
-   the hull at its composition recovers that phase;
+   on the hull of all of them (vertices, within 0.1 meV/atom); a candidate of such a
+   composition whose relaxed energy lies within 2 meV/atom of the hull recovers that phase;
 3. each strategy then runs a campaign over the pool with the library functions the flow
    calls: the elements (plus rattled/strained copies) are the cold-start training data; each
    round a MACE committee (trained here, tiny: 16x0e) relaxes the pool, ``thermo.score``
@@ -90,19 +90,24 @@ def exhaustive(jobs: list[tuple[str, object]], workdir: Path) -> dict:
 
 
 def true_hull(results: dict, formulas: dict[str, str], chemsys: list[str]) -> tuple[dict[str, str], set[str]]:
-    """(candidate id -> hull phase it recovers, set of true hull phases) from exhaustive results."""
+    """(candidate id -> hull phase it recovers, set of true hull phases) from exhaustive results.
+
+    A true hull phase is a compound on the hull (a vertex: within 0.1 meV/atom, the noise of
+    converged relaxations); a candidate recovers it when its relaxed energy lies within
+    ``PHASE_TOL`` of the hull at that composition. A compound merely near the hull at a
+    composition with no vertex is not a phase to find.
+    """
+    from pymatgen.core import Composition
+
     from matdisc.thermo import hull_energies
 
     ids = [cid for cid, r in results.items() if r.status == "ok"]
     e = [results[cid].energy_per_atom for cid in ids]
     e_form, e_hull = hull_energies([formulas[c] for c in ids], e, chemsys)
-    phase_of = {}
-    for cid, ef, eh in zip(ids, e_form, e_hull):
-        from pymatgen.core import Composition
-
-        if len(Composition(formulas[cid]).elements) > 1 and ef < 0 and eh <= PHASE_TOL:
-            phase_of[cid] = formulas[cid]
-    return phase_of, set(phase_of.values())
+    compound = {c: len(Composition(formulas[c]).elements) > 1 for c in ids}
+    phases = {formulas[c] for c, ef, eh in zip(ids, e_form, e_hull) if compound[c] and ef < 0 and eh <= 1e-4}
+    phase_of = {c: formulas[c] for c, eh in zip(ids, e_hull) if formulas[c] in phases and eh <= PHASE_TOL}
+    return phase_of, phases
 
 
 # -- one campaign -------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ def run_system(args, system: str) -> list[dict]:
     for strategy in args.strategies.split(","):
         recovered, calls, dafs, per_seed = [], [], [], []
         t_s = time.perf_counter()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             camp = Campaign(strategy, seed, chemsys, elements, pool, truth, tmp / f"{strategy}-s{seed}",
                             ensemble=args.ensemble, per_round=per_round, budget=budget,
                             round0_models=round0.get(seed))
@@ -322,6 +327,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="DFT calculations per campaign (default: 25 %% of the pool)")
     parser.add_argument("--per-round", type=int, help="DFT picks per round (default: a quarter of the budget, at least 4)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed ... first-seed + seeds - 1")
     parser.add_argument("--ensemble", type=int, default=3, help="MACE committee size")
     parser.add_argument("--max-atoms", type=int, default=6)
     parser.add_argument("--random", type=int, default=60, help="PyXtal random crystals in the pool")
