@@ -18,7 +18,7 @@ from ase.calculators.emt import EMT
 
 from matdisc.config import MLIPConfig, TrainingConfig
 from matdisc.mlip import ModelError, describe, evaluate, relax_ase, relax_many, require_elements, train_committee
-from matdisc.mlip.batched import committee_spread, mace_models
+from matdisc.mlip.batched import GPU_BATCH_ATOMS_CAP, batch_atoms_for_memory, committee_spread, mace_models
 from matdisc.mlip.model import check_trusted, load_torch_model, trusted_roots
 from matdisc.records import labelled
 
@@ -206,3 +206,9 @@ def test_device_and_training_presets():
     assert (cpu.num_channels, cpu.max_L) == (16, 0) and (gpu.num_channels, gpu.max_L) == (128, 1)
     assert TrainingConfig(num_channels=32).sized("cuda").num_channels == 32
     assert cpu.finetune_epochs == cpu.max_num_epochs // 2
+
+
+def test_gpu_batch_size_follows_free_memory():
+    assert batch_atoms_for_memory(10_000, 10**9, 8) == 50_000  # half of 1 GB at 10 kB per atom
+    assert batch_atoms_for_memory(1_000, 10**12, 8) == GPU_BATCH_ATOMS_CAP
+    assert batch_atoms_for_memory(10**9, 10**9, 40) == 40  # never below the largest structure

@@ -27,6 +27,13 @@ from matdisc.records import RelaxResult
 
 #: Atoms per batch on a CPU: past a few thousand a CPU gains nothing from a larger batch.
 CPU_BATCH_ATOMS = 2048
+#: Most atoms in one GPU batch: a tiny screening model saturates an H200 well below this, and
+#: a cap keeps one batch's stragglers from holding tens of thousands of finished atoms.
+GPU_BATCH_ATOMS_CAP = 65536
+#: Share of the free GPU memory a batch may take (activations, the optimizer state, headroom).
+GPU_MEMORY_FRACTION = 0.5
+#: Atoms in the probe batch whose peak memory sets the per-atom cost.
+GPU_PROBE_ATOMS = 1024
 #: Steps between swaps: a swap check costs little next to a CPU step (measured on 64 Cu-Pd
 #: cells: 2 steps 8 % faster than 5, 1 step slower again); a GPU step is cheap, swaps are not.
 SWAP_STEPS = {"cpu": 2, "cuda": 5}
@@ -67,6 +74,51 @@ class CommitteeModel(ModelInterface):
         return {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("energy", "forces", "stress")}
 
 
+def batch_atoms_for_memory(bytes_per_atom: float, free_bytes: int, largest: int, *,
+                           fraction: float = GPU_MEMORY_FRACTION, cap: int = GPU_BATCH_ATOMS_CAP) -> int:
+    """Atoms per batch that fit ``fraction`` of ``free_bytes`` at ``bytes_per_atom``, within
+    [largest structure, cap]."""
+    fit = int(fraction * free_bytes / max(bytes_per_atom, 1.0))
+    return max(largest, min(cap, fit))
+
+
+_GPU_BATCH_ATOMS: dict[tuple, int] = {}
+
+
+def gpu_batch_atoms(model, structures: list[Atoms]) -> int:
+    """Atoms per batch on the model's GPU, from one probe pass (cached per architecture and dtype).
+
+    torch-sim's own estimate runs forward passes on geometrically growing batches up to ~10^6
+    atoms, once per autobatcher: over a minute per call on an H200 for a model that needs
+    kilobytes per atom. One forward+backward pass on ~``GPU_PROBE_ATOMS`` atoms of the actual
+    structures (their density sets the neighbour count) gives the per-atom peak memory;
+    memory grows linearly in atoms, so the batch is the free memory's share over that.
+    """
+    import torch_sim as ts
+
+    device, dtype = model.device, model.dtype
+    largest = max(len(a) for a in structures)
+    key = (str(device), str(dtype), type(model).__name__, sum(p.numel() for p in model.parameters()), largest)
+    if key in _GPU_BATCH_ATOMS:
+        return _GPU_BATCH_ATOMS[key]
+    probe, n_atoms = [], 0
+    while n_atoms < GPU_PROBE_ATOMS:
+        for a in structures:
+            probe.append(a)
+            n_atoms += len(a)
+            if n_atoms >= GPU_PROBE_ATOMS:
+                break
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model(ts.initialize_state(probe, device, dtype))
+    torch.cuda.synchronize(device)
+    bytes_per_atom = (torch.cuda.max_memory_allocated(device) - base) / n_atoms
+    free, _ = torch.cuda.mem_get_info(device)
+    _GPU_BATCH_ATOMS[key] = batch_atoms_for_memory(bytes_per_atom, free, largest)
+    return _GPU_BATCH_ATOMS[key]
+
+
 def _max_force(state) -> torch.Tensor:
     per_atom = state.forces.norm(dim=1)
     out = torch.zeros(state.n_systems, device=per_atom.device, dtype=per_atom.dtype)
@@ -102,11 +154,10 @@ def relax_batched(
     device, dtype = model.device, model.dtype
     optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
     init_fn, step_fn = optimizer(model=model)
-    batch_atoms = settings.batch_atoms or (CPU_BATCH_ATOMS if device.type == "cpu" else None)
+    batch_atoms = settings.batch_atoms or (
+        CPU_BATCH_ATOMS if device.type == "cpu" else gpu_batch_atoms(model, [a for _, a in structures]))
     swap_steps = settings.steps_between_swaps or SWAP_STEPS.get(device.type, 5)
-    largest = max(len(a) for _, a in structures)
-    if batch_atoms is not None:
-        batch_atoms = max(batch_atoms, largest)
+    batch_atoms = max(batch_atoms, max(len(a) for _, a in structures))
     raw = ts.initialize_state([a for _, a in structures], device, dtype)
     volume0 = raw.volume.abs().clone()
 
