@@ -12,7 +12,7 @@ from typing import Any
 
 import dask
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from matdisc import discovery, loop
@@ -178,6 +178,21 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
         log.info("MLIP relaxed %d/%d structures", n, len(pending))
 
 
+def _report_artifact(cfg: CampaignConfig) -> None:
+    """The HTML report (hull, parity, learning and discovery figures) beside the store, linked
+    from the flow run: the figures the Prefect UI cannot draw itself."""
+    from matdisc.report import write_report
+
+    try:
+        page = write_report(cfg.store_path)
+    except Exception as err:  # a report is a view of the store: never fail a finished campaign over it
+        get_run_logger().warning("campaign report not written: %s", err)
+        return
+    get_run_logger().info("campaign report: %s", page)
+    create_link_artifact(key=f"{_slug(cfg.name)}-report", link=page.as_uri(), link_text=f"{cfg.name} report",
+                         description=f"{cfg.name}: figures and hits (report.html beside the store)")
+
+
 @flow(name="matdisc-campaign", log_prints=True)
 def campaign_flow(config: dict, rounds: int | None = None) -> dict:
     """Run (or resume) a campaign: cold start, then generate → relax → score → verify → retrain."""
@@ -228,4 +243,6 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
                                      description=f"{cfg.name} round {r}")
             _discovery_artifact(w, cfg)
             log.info("round %d: %s", r, metrics)
-        return w.summary()
+        summary = w.summary()
+    _report_artifact(cfg)
+    return summary

@@ -1,4 +1,4 @@
-"""The ``matdisc`` command: run, status, validate, server stop.
+"""The ``matdisc`` command: run, status, report, validate, server stop.
 
 User errors (bad config, missing store, unknown element) print one line per problem on
 stderr and exit 2, never a traceback.
@@ -105,6 +105,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from matdisc.report import write_report
+
+    page = write_report(args.store, args.out)
+    print(f"report: {page}\nverified hits as CIF: {page.parent / 'hits'}")
+    return 0
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from matdisc import server
 
@@ -127,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("report", help="HTML report (figures, hits) and the hits as CIF files")
+    p.add_argument("store")
+    p.add_argument("--out", help="output folder (default: STORE-report beside the store)")
+    p.set_defaults(func=_cmd_report)
     p = sub.add_parser("validate", help="check a campaign file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_validate)
@@ -141,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad usage
     # import-time notices of the ML stack (e3nn's torch.load, torch.jit deprecations) are not the user's business
     warnings.filterwarnings("ignore", module=r"(e3nn|torch|mace|torch_sim)(\.|$)")
+    # model files live beside the tables in STORE/models/: not zarr arrays, and not a problem
+    warnings.filterwarnings("ignore", message=r".*not recognized as a component of a Zarr hierarchy")
     try:
         return args.func(args)
     except UserError as err:

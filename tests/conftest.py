@@ -1,4 +1,4 @@
-"""Shared fixtures: one Prefect test harness per session, a small EMT campaign config."""
+"""Shared fixtures: one Prefect test harness per session, a small EMT campaign config and store."""
 
 from __future__ import annotations
 
@@ -16,6 +16,23 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def campaign_store(prefect_api, tmp_path_factory):
+    """(config, summary) of a two-round EMT campaign run by the real flow: read-only for tests."""
+    from prefect_dask import DaskTaskRunner
+
+    from flows.campaign import campaign_flow
+    from matdisc.cluster import campaign_cluster
+    from matdisc.config import CampaignConfig
+
+    tmp = tmp_path_factory.mktemp("flow")
+    cfg = CampaignConfig.model_validate(emt_config(tmp))
+    with campaign_cluster(cfg.compute) as address:
+        flow = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address))
+        summary = flow(config=cfg.model_dump(mode="json"))
+    return cfg, summary
 
 
 def emt_config(tmp_path, **over) -> dict:

@@ -9,24 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import emt_config
-from matdisc.config import CampaignConfig
 from matdisc.store import open_campaign
-
-
-@pytest.fixture(scope="module")
-def campaign_store(prefect_api, tmp_path_factory):
-    from prefect_dask import DaskTaskRunner
-
-    from flows.campaign import campaign_flow
-    from matdisc.cluster import campaign_cluster
-
-    tmp = tmp_path_factory.mktemp("flow")
-    cfg = CampaignConfig.model_validate(emt_config(tmp))
-    with campaign_cluster(cfg.compute) as address:
-        flow = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address))
-        summary = flow(config=cfg.model_dump(mode="json"))
-    return cfg, summary
 
 
 def test_store_holds_candidates_mlip_and_dft(campaign_store):

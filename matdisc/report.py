@@ -1,0 +1,78 @@
+"""``matdisc report STORE``: one self-contained HTML file and the verified hits as CIF files.
+
+The figures are :mod:`matdisc.analysis`'s, embedded as base64 PNG so the file can be mailed
+or attached to a Prefect run; the tables are the store's own numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import time
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from matdisc import analysis
+from matdisc.discovery import hits_by_source
+from matdisc.store import open_campaign
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}img{max-width:100%}h2{border-bottom:1px solid #ddd;padding-bottom:3px}"""
+
+
+def _png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _table(df: pd.DataFrame, floats: str = "{:.4g}") -> str:
+    return df.to_html(index=False, float_format=floats.format, na_rep="-", escape=True, border=0)
+
+
+def write_report(store: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``out/report.html`` and ``out/hits/<id>.cif``; returns the HTML path.
+
+    ``out`` defaults to ``<store>-report`` beside the store. The store is only read.
+    """
+    camp = open_campaign(store)
+    out = Path(out) if out else camp.path.parent / f"{camp.path.name.removesuffix('.zarr')}-report"
+    cand = camp.candidates()
+    summary = camp.summary()
+    found = analysis.hits(cand)
+    cif_paths = analysis.export_structures(camp, list(found["id"]), out / "hits", "cif") if len(found) else []
+    sections = [f"<h1>Campaign report: {html.escape(camp.path.name)}</h1>",
+                f"<p>Store <code>{html.escape(str(camp.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
+                f"{len(cand)} candidates, {int((cand['dft_status'] == 'ok').sum())} verified with DFT, "
+                f"{len(found)} stable phases found.</p>"]
+    sections += ["<h2>Stable phases found (DFT-verified)</h2>",
+                 _table(found.assign(cif=[f"hits/{p.name}" for p in cif_paths])) if len(found)
+                 else "<p>No DFT-verified stable compound yet.</p>"]
+    figures = [("Convex hull", lambda: analysis.hull_figure(cand)),
+               ("MLIP vs DFT", lambda: analysis.parity_figure(cand)),
+               ("Discovery curve", lambda: analysis.discovery_figure(camp)),
+               ("Learning curve", lambda: analysis.learning_figure(camp)),
+               ("Which generator found the hits", lambda: analysis.sources_figure(cand))]
+    for title, make in figures:
+        try:
+            body = _png(make())
+        except Exception as err:  # a figure the data cannot support yet is reported, not fatal
+            body = f"<p>not available: {html.escape(str(err))}</p>"
+        sections += [f"<h2>{title}</h2>", body]
+    sections.append(_table(hits_by_source(cand)))  # under the last figure: generator attribution
+    if len(found):
+        sections += ["<h2>Structures of the hits</h2>",
+                     _png(analysis.structure_figure({f"{r.formula} ({r.id})": camp.structure(r.id, "dft")
+                                                     for r in found.head(12).itertuples()}))]
+    rounds = pd.DataFrame(summary["rounds"])
+    if not rounds.empty:
+        sections += ["<h2>Rounds</h2>", _table(rounds)]
+    out.mkdir(parents=True, exist_ok=True)
+    page = out / "report.html"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(camp.path.name)}</title>"
+                    f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    return page
