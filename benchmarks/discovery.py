@@ -11,27 +11,36 @@ of a system can be computed exhaustively:
    on the hull of all of them (vertices, within 0.1 meV/atom); a candidate of such a
    composition whose relaxed energy lies within 2 meV/atom of the hull recovers that phase;
 3. each strategy then runs a campaign over the pool with the library functions the flow
-   calls: the elements (plus rattled/strained copies) are the cold-start training data; each
-   round a MACE committee (trained here, tiny: 16x0e) relaxes the pool, ``thermo.score``
+   calls. The cold start is the flow's default (``mlip.cold_start.prototypes``): the
+   elements in fcc/bcc/hcp and the pool's B2, L1_0 and L1_2 compounds, relaxed with the
+   reference, plus rattled/strained copies, train the first committee; the compounds are
+   DFT calculations of the campaign, so they are its first calls and count against the
+   budget, for every strategy (``--cold-start elements``: elements only, nothing charged).
+   Each round a MACE committee (trained here, tiny: 16x0e) relaxes the pool, ``thermo.score``
    puts it on the current DFT hull, ``active.select`` picks ``--per-round`` candidates, their
    EMT results (computed in step 2: EMT is deterministic, so a lookup equals a rerun) join
    the DFT hull and, as diverse frames (the training-set policy), the training set, and the
    committee is fine-tuned. Until ``--budget`` calculations are spent (a campaign that has
    recovered every phase stops early: its curve stays at 1).
 
-``random`` needs no model, and random selection without replacement is also averaged over
-2,000 permutations for the calls it needs to reach the target recovery (the denominator of
-``calls_ratio_vs_random``). Per strategy, one JSON line:
+``random`` needs no model, and random selection without replacement from the whole pool
+(no cold start) is also averaged over 2,000 permutations for the calls it needs to reach the
+target recovery (the denominator of ``calls_ratio_vs_random``). Per strategy, one JSON line:
 
 * ``hull_recovered_fraction``: mean over seeds of the true hull phases recovered at the budget;
 * ``dft_fraction_of_exhaustive``: mean calls to reach ``--target`` recovery (95 %), over the
   exhaustive count (pool size); a seed that never reaches it counts as the whole pool;
 * ``calls_ratio_vs_random``: those mean calls over random selection's expected calls;
 * ``daf``: discovery acceleration factor at the budget: the fraction of picks that are on
-  the true hull over that fraction in the whole pool.
+  the true hull over that fraction in the whole pool;
+* ``hull_gap_mev_max``: over seeds, the largest distance between the campaign's DFT hull at
+  the budget and the true hull at a true phase's composition (meV/atom): how wrong the hull
+  a user would read off is where a phase was missed (0 when all were found).
 
 Run: ``.venv/bin/python benchmarks/discovery.py`` (Cu-Pd and Cu-Pd-Au, 3 seeds; about
-40 minutes on 2 cores), or ``--system Ag-Au --budget 20`` for any EMT system.
+75 minutes on 2 cores, 30 of them per model strategy on the ternary; two processes with
+different ``--strategies`` share two cores well, training runs one thread), or
+``--system Ag-Au --budget 20`` for any EMT system.
 """
 
 from __future__ import annotations
@@ -110,12 +119,27 @@ def true_hull(results: dict, formulas: dict[str, str], chemsys: list[str]) -> tu
     return phase_of, phases
 
 
+def hull_gap_mev(verified: list[str], truth: dict, formulas: dict[str, str], phases: set[str]) -> float:
+    """Largest distance (meV/atom) between the hull of ``verified`` and the true hull, over the
+    true phases' compositions: 0 when every phase (or a degenerate polymorph) was found."""
+    from pymatgen.analysis.phase_diagram import PDEntry, PhaseDiagram
+    from pymatgen.core import Composition
+
+    ok = [c for c in truth if truth[c].status == "ok"]
+    entries = [PDEntry(Composition(formulas[c]), truth[c].energy_per_atom * Composition(formulas[c]).num_atoms)
+               for c in verified if truth[c].status == "ok"]
+    pd = PhaseDiagram(entries)
+    best = {f: min(truth[c].energy_per_atom for c in ok if formulas[c] == f) for f in phases}
+    return 1000 * max(pd.get_hull_energy_per_atom(Composition(f)) - e for f, e in best.items())
+
+
 # -- one campaign -------------------------------------------------------------------------------
 class Campaign:
     """One strategy, one seed: the loop of the flow, with the heavy steps called in-process."""
 
     def __init__(self, strategy: str, seed: int, chemsys, elements, pool, truth, workdir: Path, *, ensemble: int,
-                 per_round: int, budget: int, round0_models: list[str] | None):
+                 per_round: int, budget: int, round0_models: list[str] | None, seeds: list | None = None):
+        seeds = seeds or []
         self.strategy, self.seed, self.chemsys = strategy, seed, chemsys
         self.elements, self.pool, self.truth = elements, pool, truth
         self.workdir, self.ensemble, self.per_round, self.budget = workdir, ensemble, per_round, budget
@@ -124,9 +148,10 @@ class Campaign:
         self.frames: list = []
         self.groups: list[str] = []
         self.seconds = {"train": 0.0, "relax": 0.0, "select": 0.0}
-        for c in elements:  # cold start: the elements and their perturbed copies
+        for c in elements + seeds:  # cold start: relaxed seeds and their perturbed copies
             self.add_training(c.id, truth[c.id].frames)
             self.add_training(c.id, perturbed_frames(truth[c.id], seed))
+        self.order += [c.id for c in seeds]  # compound seeds are DFT calls: they count against the budget
 
     def add_training(self, cid: str, frames: list) -> None:
         from matdisc.mlip.train import diverse_frames
@@ -223,6 +248,17 @@ class Campaign:
         self.rounds = round_
 
 
+def cold_start_seeds(pool: list, mode: str) -> list:
+    """The pool's compounds a campaign's cold start relaxes with the reference before any model
+    exists (``mlip.cold_start.prototypes`` beyond fcc/bcc/hcp), or none."""
+    from matdisc.config import ColdStartConfig
+
+    if mode == "elements":
+        return []
+    names = set(ColdStartConfig().prototypes) - {"fcc", "bcc", "hcp"}
+    return [c for c in pool if c.prototype in names]
+
+
 def perturbed_frames(result, seed: int) -> list:
     """Rattled/strained EMT statics of a relaxed element (the flow's cold-start perturbations)."""
     from ase.calculators.emt import EMT
@@ -243,6 +279,7 @@ class Item:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         self.id, self.formula, self.atoms = cid, cand.formula, AseAtomsAdaptor.get_atoms(cand.structure)
+        self.prototype = cand.prototype
 
 
 def run_system(args, system: str) -> list[dict]:
@@ -259,6 +296,7 @@ def run_system(args, system: str) -> list[dict]:
     truth = exhaustive([(c.id, c.atoms) for c in elements + pool], tmp / "emt")
     t_exh = time.perf_counter() - t0
     formulas = {c.id: c.formula for c in elements + pool}
+    seeds = cold_start_seeds(pool, args.cold_start)
     phase_of, phases = true_hull(truth, formulas, chemsys)
     n = len(pool)
     budget = args.budget or math.ceil(0.25 * n)
@@ -267,18 +305,19 @@ def run_system(args, system: str) -> list[dict]:
     ids = [c.id for c in pool]
     random_calls = expected_random_calls(phase_of, ids, args.target, len(phases))
     print(f"# {system}: {n} candidates ({len(elements)} elemental references), {len(phases)} true hull phases "
-          f"{sorted(phases)}, {sum(1 for c in pool if c.id in phase_of)} candidates on them; budget {budget}; "
+          f"{sorted(phases)}, {sum(1 for c in pool if c.id in phase_of)} candidates on them; budget {budget} "
+          f"({len(seeds)} cold-start seeds: {sorted(c.formula + ' ' + c.prototype for c in seeds)}); "
           f"random needs {random_calls:.1f} calls for {args.target:.0%} (generation {t_gen:.0f} s, "
           f"exhaustive EMT {t_exh:.0f} s)", file=sys.stderr, flush=True)
     lines = []
     round0: dict[int, list[str]] = {}
     for strategy in args.strategies.split(","):
-        recovered, calls, dafs, per_seed = [], [], [], []
+        recovered, calls, dafs, per_seed, gaps = [], [], [], [], []
         t_s = time.perf_counter()
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             camp = Campaign(strategy, seed, chemsys, elements, pool, truth, tmp / f"{strategy}-s{seed}",
                             ensemble=args.ensemble, per_round=per_round, budget=budget,
-                            round0_models=round0.get(seed))
+                            round0_models=round0.get(seed), seeds=seeds)
             if strategy != "random" and seed not in round0:
                 camp.train(0)
                 round0[seed] = camp.models  # the same cold-start committee for every strategy of a seed
@@ -301,8 +340,10 @@ def run_system(args, system: str) -> list[dict]:
             for k, cid in enumerate(camp.order, 1):
                 found_at.setdefault(phase_of.get(cid), k)
             found_at.pop(None, None)
+            gap = hull_gap_mev([c.id for c in elements] + camp.order[:budget], truth, formulas, phases)
+            gaps.append(gap)
             per_seed.append({"seed": seed, "recovered": round(float(at_budget), 3), "calls_to_target": need,
-                             "phase_found_at_call": found_at,
+                             "phase_found_at_call": found_at, "hull_gap_mev": round(gap, 2), "calls": camp.order,
                              "calls_spent": len(camp.order), "rounds": camp.rounds,
                              "seconds": {k: round(v, 1) for k, v in camp.seconds.items()}})
             print(f"#   {strategy} seed {seed}: {per_seed[-1]}", file=sys.stderr, flush=True)
@@ -312,8 +353,10 @@ def run_system(args, system: str) -> list[dict]:
             "dft_fraction_of_exhaustive": round(float(np.mean(calls)) / n, 3),
             "calls_ratio_vs_random": round(float(np.mean(calls)) / random_calls, 3),
             "daf": round(float(np.nanmean(dafs)), 2),
+            "hull_gap_mev_max": round(float(np.max(gaps)), 2),
             "exhaustive_calls": n, "budget": budget, "per_round": per_round, "target": args.target,
             "true_hull_phases": sorted(phases), "random_expected_calls": round(random_calls, 1),
+            "cold_start": args.cold_start, "cold_start_calls": len(seeds),
             "per_seed": per_seed, "wall_s": round(time.perf_counter() - t_s, 1),
         }
         print(json.dumps(line), flush=True)
@@ -333,6 +376,9 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=60, help="PyXtal random crystals in the pool")
     parser.add_argument("--target", type=float, default=0.95, help="recovery the call counts are measured at")
     parser.add_argument("--strategies", default="uncertainty,greedy,random")
+    parser.add_argument("--cold-start", choices=["flow", "elements"], default="flow",
+                        help="flow: the campaign's default seeds (mlip.cold_start.prototypes), compounds charged "
+                             "to the budget; elements: fcc/bcc/hcp elements only")
     args = parser.parse_args()
     for system in args.system or ["Cu-Pd", "Cu-Pd-Au"]:
         run_system(args, system)
