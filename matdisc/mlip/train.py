@@ -119,6 +119,7 @@ def train_mace(
     device: str = "cpu",
     dtype: str = "float64",
     start_model: str | None = None,
+    threads: int | None = None,
 ) -> TrainedModel:
     """Train one MACE model on labelled frames (REF_energy/REF_forces/REF_stress).
 
@@ -148,6 +149,8 @@ def train_mace(
         else:
             args.append("--multiheads_finetuning=False")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if threads:  # torch's intra-op threads for this training run
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env=env)
     model = workdir / f"{name}.model"
     if proc.returncode != 0 or not model.exists():
@@ -221,11 +224,20 @@ def train_committee(
 
     ``start_models`` (one per member, or one for all) makes each member a fine-tune of it.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     cfg = cfg.sized(device)
     train, valid = split_by_structure(frames, groups, cfg.valid_fraction, seed)
-    out = []
-    for k in range(size):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    concurrent = max(1, min(size, cores))
+    threads = max(1, cores // concurrent)
+
+    def member(k: int) -> TrainedModel:
         start = start_models[k % len(start_models)] if start_models else None
-        out.append(train_mace(subsample(train, cfg.subsample, seed + k), valid, Path(workdir) / f"member-{k}", cfg,
-                              seed=seed + k, device=device, dtype=dtype, start_model=start))
-    return out
+        return train_mace(subsample(train, cfg.subsample, seed + k), valid, Path(workdir) / f"member-{k}", cfg,
+                          seed=seed + k, device=device, dtype=dtype, start_model=start, threads=threads)
+
+    # members are independent runs: side by side, the cores shared out (one thread each on two
+    # cores halves a committee's wall time; mace's training loop uses a single core poorly)
+    with ThreadPoolExecutor(concurrent) as pool:
+        return list(pool.map(member, range(size)))
