@@ -42,7 +42,6 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     camp = open_campaign(store)
     out = Path(out) if out else camp.path.parent / f"{camp.path.name.removesuffix('.zarr')}-report"
     cand = camp.candidates()
-    summary = camp.summary()
     found = analysis.hits(cand)
     cif_paths = analysis.export_structures(camp, list(found["id"]), out / "hits", "cif") if len(found) else []
     sections = [f"<h1>Campaign report: {html.escape(camp.path.name)}</h1>",
@@ -68,7 +67,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
         sections += ["<h2>Structures of the hits</h2>",
                      _png(analysis.structure_figure({f"{r.formula} ({r.id})": camp.structure(r.id, "dft")
                                                      for r in found.head(12).itertuples()}))]
-    rounds = pd.DataFrame(summary["rounds"])
+    rounds = camp.rounds()  # not summary(): that reads every candidate again
     if not rounds.empty:
         sections += ["<h2>Rounds</h2>", _table(rounds)]
     out.mkdir(parents=True, exist_ok=True)
