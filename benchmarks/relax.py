@@ -100,6 +100,11 @@ def step_overhead(model_path: str, batch, device: str, repeats: int = 10, cell_f
     return float(min(t_step) / min(t_model))
 
 
+def progress(msg: str, start: float = time.perf_counter()) -> None:
+    """One line per phase on stderr, so a run stopped at a time limit still says how far it got."""
+    print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     from matdisc.config import MLIPConfig
     from matdisc.mlip import relax_ase, relax_many
@@ -117,6 +122,7 @@ def main() -> None:
         t = time.perf_counter()
         model = args.model or train_model(Path(tmp), device)
         t_train = time.perf_counter() - t
+        progress(f"model ready ({t_train:.1f} s)")
         mlip = MLIPConfig(device=device, dtype=args.dtype, fmax=0.05, max_steps=500, engine="torch-sim")
         bench = structures(64)
         relax_many(bench[:4], [model], mlip)  # warm-up (lazy imports, allocator)
@@ -125,21 +131,25 @@ def main() -> None:
             t = time.perf_counter()
             batched = relax_many(bench, [model], mlip)
             runs.append(time.perf_counter() - t)
+            progress(f"batched relaxation of {len(bench)} structures: {runs[-1]:.2f} s")
         t_batched = float(np.median(runs))
         t = time.perf_counter()
         reference = [] if args.no_ase else relax_ase(bench, [model], mlip, device)
         t_ase = time.perf_counter() - t
+        progress(f"ASE loop: {t_ase:.2f} s" if reference else "ASE loop skipped")
         usable = ("ok", "symmetry_changed")
         both = [(b, a) for b, a in zip(batched, reference) if b.status in usable and a.status in usable]
         de = max((abs(b.energy_per_atom - a.energy_per_atom) for b, a in both), default=None)
         overhead = step_overhead(model, bench, device, dtype=args.dtype)
         overhead_unit = step_overhead(model, bench, device, cell_filter="unit", dtype=args.dtype)
+        progress(f"step overhead: frechet {overhead:.3f}, unit cell {overhead_unit:.3f}")
         scaling = {}
         for n in (int(x) for x in args.scaling.split(",")):
             batch = structures(n, seed=n)
             t = time.perf_counter()
             relax_many(batch, [model], mlip)
             scaling[str(n)] = round(n / (time.perf_counter() - t), 2)
+            progress(f"scaling: {n} structures at {scaling[str(n)]} structures/s")
     import torch
 
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"

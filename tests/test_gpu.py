@@ -56,7 +56,13 @@ def test_committee_energies_agree_across_devices(cuda_models):
     np.testing.assert_allclose(e_gpu, e_cpu, atol=1e-8)  # float64 on both
 
 
-@pytest.mark.parametrize("dtype,tol", [("float64", 1e-5), ("float32", 2e-3)])
+SIGMA_TOL = 1e-3  # eV/atom, see below
+
+
+# Both sides stop anywhere inside fmax 0.05 eV/A, so their energies differ by up to about
+# fmax^2 / (2 k) per atom (k ~ 5 eV/A^2 for these metals): 2.5e-4 eV/atom in float64 (measured on
+# an H200: 2.8e-5 for a cell whose FIRE path changed its symmetry); float32 adds its own rounding.
+@pytest.mark.parametrize("dtype,tol", [("float64", 2.5e-4), ("float32", 2e-3)])
 def test_batched_relaxation_on_cuda_matches_cpu(cuda_models, dtype, tol):
     structures = rattled(12, seed=5)
     paths = [str(m.path) for m in cuda_models]
@@ -71,7 +77,10 @@ def test_batched_relaxation_on_cuda_matches_cpu(cuda_models, dtype, tol):
         assert g.id == c.id
         assert g.status in ("ok", "symmetry_changed"), g
         assert abs(g.energy_per_atom - c.energy_per_atom) < tol
-        assert g.sigma >= 0 and abs(g.sigma - c.sigma) < max(tol, 0.05 * c.sigma)
+        # the relaxation minimises the committee mean, so the mean is flat at the end point but each
+        # member's energy (and so sigma) moves to first order with the end point: |dsigma| ~ force
+        # spread x end-point shift ~ 0.05 eV/A x 0.01 A (measured on an H200: 3.2e-4 eV/atom)
+        assert g.sigma >= 0 and abs(g.sigma - c.sigma) < max(tol, SIGMA_TOL)
         assert np.abs(g.forces).max() < 0.05 + 1e-6
 
 
