@@ -9,10 +9,13 @@ are in :mod:`matdisc.discovery`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
+import zlib
 from importlib.metadata import version
 from pathlib import Path
 from collections.abc import Callable
@@ -157,6 +160,14 @@ def pending_relaxations(w: CampaignWriter, model_sha: str) -> list[tuple[str, At
     return [(cid, a) for cid, a in candidate_atoms(w) if cid not in done]
 
 
+def relax_batch_key(round_: int, model_sha: str, ids: list[str]) -> str:
+    """Commit key of one relaxation batch, named by what it holds: a resumed round splits its
+    remaining candidates into new batches, and an index-based key would collide with (and be
+    skipped as) a batch committed before the crash."""
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
+    return f"r{round_}/mlip/{model_sha[:12]}/{digest}"
+
+
 def record_relaxations(w: CampaignWriter, key: str, round_: int, results: list[RelaxResult], model_sha: str) -> None:
     records = []
     for r in results:
@@ -211,7 +222,7 @@ def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[st
         if row["status"] != "ok" or row.get("settings_hash") != settings:
             continue
         copies = perturbed_copies(frames.atoms(i), cs.perturbed_per_structure, rattle=cs.rattle_stdev,
-                                  strain=cs.strain, seed=cfg.generation.seed + i)
+                                  strain=cs.strain, seed=cfg.generation.seed + zlib.crc32(row["id"].encode()))
         for k, a in enumerate(copies):
             jid = f"{row['id']}-p{k}"
             if jid not in have:
@@ -278,8 +289,10 @@ def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n
     for p in paths:
         if copy:
             dest = w.path / "models" / f"{file_sha256(p)}.model"
-            if not dest.exists():
-                shutil.copyfile(p, dest)
+            if not dest.exists():  # copy, then rename: a killed copy never sits under the final name
+                tmp = dest.with_name(dest.name + ".partial")  # removed by the next writer if left
+                shutil.copyfile(p, tmp)
+                os.replace(tmp, dest)
             stored.append(str(dest.relative_to(w.path)))
         else:
             stored.append(str(Path(p).resolve()))
@@ -306,6 +319,10 @@ def training_set(w: CampaignWriter, cfg: CampaignConfig) -> tuple[list[Atoms], l
     tc = cfg.mlip.training
     settings = settings_hash(cfg.reference)
     usable = np.flatnonzero((table["settings_hash"] == settings).to_numpy() & np.isfinite(table["energy"].to_numpy()))
+    # by structure id, each calculation's frames in trajectory order: the training set (and so the
+    # model) must not depend on the order calculations happened to finish, or a resumed campaign
+    # would train a different model than an uninterrupted one
+    usable = usable[np.argsort(table["id"].to_numpy()[usable], kind="stable")]
     frames = w.frames("frames")
     if tc.frames == "diverse":
         by_id: dict[str, list[int]] = {}
@@ -316,7 +333,7 @@ def training_set(w: CampaignWriter, cfg: CampaignConfig) -> tuple[list[Atoms], l
             e = energy[rows] / n_atoms[rows]
             fmax = np.array([np.linalg.norm(frames.forces_of(i), axis=1).max() for i in rows])
             keep += [rows[j] for j in diverse_frames(e, fmax, tc.frames_per_structure)]
-        usable = np.array(sorted(keep), dtype=int)
+        usable = np.array(keep, dtype=int)
     out, groups = [], []
     records = table.to_dict("records")
     for i in usable:

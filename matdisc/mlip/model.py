@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -108,8 +109,15 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
 
     if not Path(path).is_file():
         raise ModelError(f"model file {path} does not exist")
-    model = torch.load(path, map_location=device, weights_only=False)
+    with _LOAD_LOCK:
+        model = torch.load(path, map_location=device, weights_only=False)
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
+
+
+#: Unpickling a MACE model rebuilds e3nn's torch.fx code-generated modules, which is not
+#: thread-safe: two committee members evaluated side by side (train_committee) failed with
+#: "NameError: module is not installed as a submodule" until loads were serialised.
+_LOAD_LOCK = threading.Lock()
 
 
 @lru_cache(maxsize=32)
