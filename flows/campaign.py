@@ -12,9 +12,11 @@ from typing import Any
 
 import dask
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
+from flows import artifacts
+from flows.artifacts import slug
 from matdisc import discovery, loop
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
@@ -24,7 +26,6 @@ from matdisc.mlip import predict_energies, relax_many, resolve_device, train_com
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
-from matdisc.store.campaign import DISCOVERY_KEYS
 
 # Retries only for transient infrastructure failures: the matdisc functions themselves
 # return failed calculations as results, so an exception here means a lost worker or similar.
@@ -69,6 +70,8 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     settings = settings_hash(cfg.reference)
     workdir = str(w.path / "calculations" / f"r{round_}")
     fn = static_task if static else reference_task
+    progress = artifacts.StageProgress(cfg, round_, "training frames" if static else "reference calculations",
+                                       len(jobs))
     with dask.annotate(resources=DFT):
         futures = {fn.submit(cid, atoms, cfg.reference.model_dump(mode="json"), workdir): (cid, atoms)
                    for cid, atoms in jobs}
@@ -78,6 +81,7 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
         except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
             res = loop.failed_reference(*futures[fut], err, settings)
         loop.record_reference(w, round_, res, settings, verified=verified)
+        progress.advance()
         log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
 
 
@@ -98,7 +102,7 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
     trained: list[TrainedModel] = fut.result()
     metrics = {k: float(sum(m.metrics[k] for m in trained) / len(trained)) for k in trained[0].metrics}
     create_table_artifact(
-        key=f"{_slug(cfg.name)}-training-r{round_}",
+        key=f"{slug(cfg.name)}-training-r{round_}",
         table=[{"member": k, "mode": m.mode, "train_frames": m.n_train, "valid_frames": m.n_valid,
                 **{name: round(v, 5) for name, v in m.metrics.items()}} for k, m in enumerate(trained)],
         description=f"{cfg.name}: MACE training, round {round_} (errors on held-out reference frames)")
@@ -119,21 +123,6 @@ def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened:
     before, after = fut.result()
     ref = [a.info["REF_energy"] / len(a) for a in frames]
     return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
-
-
-#: Per-round figures the discovery table artifact shows (the hull itself is in the round report).
-DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_phases"))
-
-
-def _discovery_artifact(w: CampaignWriter, cfg: CampaignConfig) -> None:
-    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k in DISCOVERY_COLUMNS}
-            for rec in w.rounds().to_dict("records")]
-    create_table_artifact(key=f"{_slug(cfg.name)}-discovery", table=rows,
-                          description=f"{cfg.name}: discovery per round ({cfg.active_learning.acquisition} acquisition)")
-
-
-def _slug(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
 
 
 def _configured_paths(cfg: CampaignConfig) -> list[Path]:
@@ -166,31 +155,15 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
     pending = loop.pending_relaxations(w, model["sha256"])
     size = cfg.mlip.structures_per_task
     batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+    progress = artifacts.StageProgress(cfg, round_, "MLIP relaxations", len(pending))
     with dask.annotate(resources=MLIP):
-        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): k
-                   for k, b in enumerate(batches)}
-    n = 0
+        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): b for b in batches}
     for fut in as_completed(list(futures)):
         results = fut.result()
-        loop.record_relaxations(w, f"r{round_}/mlip/{model['sha256'][:12]}/{futures[fut]}", round_, results,
-                                model["sha256"])
-        n += len(results)
-        log.info("MLIP relaxed %d/%d structures", n, len(pending))
-
-
-def _report_artifact(cfg: CampaignConfig) -> None:
-    """The HTML report (hull, parity, learning and discovery figures) beside the store, linked
-    from the flow run: the figures the Prefect UI cannot draw itself."""
-    from matdisc.report import write_report
-
-    try:
-        page = write_report(cfg.store_path)
-    except Exception as err:  # a report is a view of the store: never fail a finished campaign over it
-        get_run_logger().warning("campaign report not written: %s", err)
-        return
-    get_run_logger().info("campaign report: %s", page)
-    create_link_artifact(key=f"{_slug(cfg.name)}-report", link=page.as_uri(), link_text=f"{cfg.name} report",
-                         description=f"{cfg.name}: figures and hits (report.html beside the store)")
+        key = loop.relax_batch_key(round_, model["sha256"], [cid for cid, _ in futures[fut]])
+        loop.record_relaxations(w, key, round_, results, model["sha256"])
+        progress.advance(len(results))
+        log.info("MLIP relaxed %d/%d structures", progress.done, len(pending))
 
 
 @flow(name="matdisc-campaign", log_prints=True)
@@ -219,9 +192,12 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
                 log.info("campaign stops before round %d: %s", r, reason)
                 break
             model = loop.current_model(w, before_round=r)
-            new, keys = loop.round_candidates(w, cfg, r)
-            n_new = loop.add_candidates(w, new, r, "generated", keys)
-            log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
+            if w.has_batch("candidates", f"r{r}/generated"):  # resumed: the round's candidates are stored
+                log.info("round %d: resuming with its stored candidates", r)
+            else:  # (generating again could differ: substitution follows the hits found since)
+                new, keys = loop.round_candidates(w, cfg, r)
+                n_new = loop.add_candidates(w, new, r, "generated", keys)
+                log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
             _relax_stage(w, cfg, r, model)
             discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = discovery.select_for_reference(w, cfg, r)
@@ -238,11 +214,13 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             metrics["trained_model_sha256"] = trained["sha256"]
             metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
             w.append_records("rounds", f"r{r}", [metrics])
-            create_markdown_artifact(key=f"{_slug(cfg.name)}-round-{r}",
+            create_markdown_artifact(key=f"{slug(cfg.name)}-round-{r}",
                                      markdown=discovery.round_report(cfg, metrics, cand),
                                      description=f"{cfg.name} round {r}")
-            _discovery_artifact(w, cfg)
+            artifacts.discovery_table(w, cfg)
+            artifacts.candidates_table(cfg, r, cand)
+            artifacts.round_figures(cfg, r, cand)
             log.info("round %d: %s", r, metrics)
         summary = w.summary()
-    _report_artifact(cfg)
+    artifacts.report_link(cfg)
     return summary

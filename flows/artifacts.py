@@ -1,0 +1,115 @@
+"""What a campaign shows in the Prefect UI: progress, per-round tables, figures, the report.
+
+Every artifact key starts with the campaign's slug, so the UI's artifact page groups one
+campaign's history (Prefect keeps every version of a key). Artifacts are views of the
+store: a failure to draw one is logged, never allowed to fail a round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from uuid import UUID
+
+import pandas as pd
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from matdisc.config import CampaignConfig
+from matdisc.store import CampaignWriter
+from matdisc.store.campaign import DISCOVERY_KEYS
+
+#: Per-round figures the discovery table artifact shows (the hull itself is in the round report).
+DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_phases"))
+#: Rows of the per-round candidates table: the best-scored candidates by predicted e_hull.
+TOP_CANDIDATES = 25
+CANDIDATE_COLUMNS = ("id", "formula", "source", "status", "e_hull_pred", "sigma", "e_hull_dft", "is_hit")
+
+
+def slug(name: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes."""
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def report_dir(cfg: CampaignConfig) -> Path:
+    return cfg.store_path.parent / f"{cfg.store_path.name.removesuffix('.zarr')}-report"
+
+
+def _safely(what: str, make: Callable[[], object]) -> None:
+    try:
+        make()
+    except Exception as err:  # noqa: BLE001 - a view of the store never fails the campaign
+        get_run_logger().warning("%s not written: %s", what, err)
+
+
+class StageProgress:
+    """A progress artifact for one stage of one round, updated as results come in."""
+
+    def __init__(self, cfg: CampaignConfig, round_: int, stage: str, total: int):
+        self.total, self.done = max(total, 1), 0
+        self.description = f"{cfg.name} round {round_}: {stage}"
+        self.id: UUID | None = None
+        if total:
+            self.id = create_progress_artifact(0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}",
+                                               description=f"{self.description} (0/{total})")
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if self.id is not None:
+            update_progress_artifact(self.id, 100.0 * self.done / self.total,
+                                     description=f"{self.description} ({self.done}/{self.total})")
+
+
+def discovery_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
+    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k in DISCOVERY_COLUMNS}
+            for rec in w.rounds().to_dict("records")]
+    create_table_artifact(key=f"{slug(cfg.name)}-discovery", table=rows,
+                          description=f"{cfg.name}: discovery per round ({cfg.active_learning.acquisition} acquisition)")
+
+
+def candidates_table(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
+    """Verified hits first, then the best-predicted candidates: what a user scans each morning."""
+    if cand.empty:
+        return
+    cols = [c for c in CANDIDATE_COLUMNS if c in cand]
+    hits = cand[cand["is_hit"]]
+    rest = cand[~cand["is_hit"]].sort_values("e_hull_pred", na_position="last").head(TOP_CANDIDATES)
+    table = pd.concat([hits, rest])[cols].round(4)
+    records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in table.to_dict("records")]
+    create_table_artifact(key=f"{slug(cfg.name)}-candidates-r{round_}", table=records,
+                          description=f"{cfg.name} round {round_}: verified hits, then the best-predicted candidates")
+
+
+def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
+    """Hull and parity plots of the round as PNG files beside the store, shown as image artifacts."""
+    from matdisc import analysis
+
+    figures = report_dir(cfg) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name, make in (("hull", analysis.hull_figure), ("parity", analysis.parity_figure)):
+        def draw(name=name, make=make) -> None:
+            path = figures / f"{name}-r{round_}.png"
+            make(cand).savefig(path, dpi=100, bbox_inches="tight")
+            create_image_artifact(path.resolve().as_uri(), key=f"{slug(cfg.name)}-{name}-r{round_}",
+                                  description=f"{cfg.name} round {round_}: {name} ({path})")
+        _safely(f"{name} figure", draw)
+
+
+def report_link(cfg: CampaignConfig) -> None:
+    """The HTML report (hull, parity, learning and discovery figures) beside the store, linked
+    from the flow run: the figures the Prefect UI cannot draw itself."""
+    from matdisc.report import write_report
+
+    def write() -> None:
+        page = write_report(cfg.store_path, report_dir(cfg))
+        get_run_logger().info("campaign report: %s", page)
+        create_link_artifact(key=f"{slug(cfg.name)}-report", link=page.as_uri(), link_text=f"{cfg.name} report",
+                             description=f"{cfg.name}: figures and hits (report.html beside the store)")
+
+    _safely("campaign report", write)
