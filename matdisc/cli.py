@@ -1,4 +1,4 @@
-"""The ``matdisc`` command: run, status, report, validate, server stop.
+"""The ``matdisc`` command: run, deploy, status, report, validate, server start/stop.
 
 User errors (bad config, missing store, unknown element) print one line per problem on
 stderr and exit 2, never a traceback.
@@ -80,28 +80,47 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"store": Path(args.store)})
     if args.rounds is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
+    if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
+        raise UserError("--more-rounds: must be at least 1, and not given together with --rounds")
     from matdisc.mlip.model import configured_model
 
     configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
+    from matdisc.store import CampaignWriter
+
+    CampaignWriter(cfg.store_path).close()  # another run writing this store: say so now, exit 2
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from matdisc.server import ensure_api, ui_url
 
     api = ensure_api()
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
-    from prefect_dask import DaskTaskRunner
+    from flows.deployment import run_campaign
 
-    from flows.campaign import campaign_flow
-    from matdisc.cluster import campaign_cluster
-
-    with campaign_cluster(cfg.compute) as address:
-        runner = DaskTaskRunner(address=address)
-        flow = campaign_flow.with_options(task_runner=runner, flow_run_name=f"{cfg.name}")
-        flow(config=cfg.model_dump(mode="json"), rounds=args.rounds)
+    run_campaign(cfg, rounds=args.rounds, more_rounds=args.more_rounds)
     from rich.console import Console
 
     console = Console()
     _print_hits(console, cfg.store_path)
     console.print(f"store: {cfg.store_path}\nPrefect UI: {ui_url(api)}  (stop the server: matdisc server stop)")
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from matdisc.config import load_config
+
+    cfg = load_config(args.config)
+    if args.more_rounds < 1:
+        raise UserError("--more-rounds: must be at least 1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from matdisc.server import ensure_api, ui_url
+
+    api = ensure_api()
+    from flows.artifacts import slug
+    from flows.deployment import serve_campaign
+
+    print(f"Prefect UI: {ui_url(api)}   deployment: matdisc-continue-campaign/{args.name or slug(cfg.name)}   "
+          f"schedule: {args.cron or 'none (runs on demand)'}   store: {args.store or cfg.store_path}", flush=True)
+
+    serve_campaign(args.config, cron=args.cron, more_rounds=args.more_rounds, name=args.name, store=args.store)
     return 0
 
 
@@ -130,7 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--store", help="campaign store path (overrides the config)")
     p.add_argument("--rounds", type=int, help="total active-learning rounds (overrides the config)")
+    p.add_argument("--more-rounds", type=int, help="this many rounds past the last completed one")
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("deploy", help="serve a deployment that continues the campaign (on a cron schedule)")
+    p.add_argument("config")
+    p.add_argument("--cron", help='schedule, e.g. "0 2 * * *" (nightly at 02:00); none: runs only on demand')
+    p.add_argument("--more-rounds", type=int, default=1, help="rounds each run adds (default 1)")
+    p.add_argument("--name", help="deployment name (default: the campaign name)")
+    p.add_argument("--store", help="campaign store path (overrides the config)")
+    p.set_defaults(func=_cmd_deploy)
     p = sub.add_parser("status", help="per-round table of a campaign store")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")

@@ -1,0 +1,112 @@
+"""Running a campaign from the CLI, a deployment or a schedule: one entry point for all three.
+
+``run_campaign`` starts the configured Dask cluster and runs the campaign flow on it, named
+after the campaign and the rounds it works on. ``continue_campaign`` is the deployable
+flow ("one more round" on a schedule): it reads the campaign file when it runs, so a
+scheduled run always continues the same store with the current configuration.
+``serve_campaign`` is ``matdisc deploy``: a deployment with a cron schedule, served by this
+process, with a deployment concurrency limit of one (runs queue, never share a store).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType
+
+from flows.artifacts import slug
+from flows.campaign import campaign_flow
+from matdisc.config import CampaignConfig, ComputeConfig, load_config
+from matdisc.errors import UserError
+
+
+def completed_rounds(cfg: CampaignConfig) -> int:
+    """The last round the store has a complete record of (0: cold start only or a new store)."""
+    if not (cfg.store_path / "zarr.json").exists():
+        return 0
+    from matdisc.store import open_campaign
+
+    rounds = open_campaign(cfg.store_path).rounds()
+    return int(rounds["round"].max()) if not rounds.empty else 0
+
+
+def round_plan(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds: int | None = None) -> tuple[int, int]:
+    """(first, last) round a run works on: up to ``rounds`` in total, or ``more_rounds`` past the
+    last completed one (an interrupted round counts as not done), else the configured total."""
+    if rounds is not None and more_rounds is not None:
+        raise UserError("give either rounds (total) or more_rounds (past the last completed), not both")
+    done = completed_rounds(cfg)
+    if more_rounds is not None:
+        if more_rounds < 1:
+            raise UserError("more_rounds: must be at least 1")
+        return done + 1, done + more_rounds
+    return done + 1, rounds if rounds is not None else cfg.active_learning.rounds
+
+
+def run_name(cfg: CampaignConfig, first: int, last: int) -> str:
+    if last == 0:
+        return f"{cfg.name} cold start"
+    if first > last:
+        return f"{cfg.name} (rounds 1-{last} done)"
+    return f"{cfg.name} round {first}" if first == last else f"{cfg.name} rounds {first}-{last}"
+
+
+def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds: int | None = None) -> dict:
+    """Run (or resume) the campaign on its configured Dask cluster; returns the store summary.
+
+    ``MATDISC_SCHEDULER`` (e.g. ``tcp://dask-scheduler:8786`` in the compose setup) replaces
+    ``compute.scheduler``, so one campaign file runs on a laptop and on a shared cluster.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    from matdisc.cluster import campaign_cluster
+
+    first, last = round_plan(cfg, rounds=rounds, more_rounds=more_rounds)
+    compute = cfg.compute
+    if os.environ.get("MATDISC_SCHEDULER"):  # where the workers are is the machine's business, not the campaign's
+        compute = ComputeConfig.model_validate({**compute.model_dump(), "scheduler": os.environ["MATDISC_SCHEDULER"]})
+    with campaign_cluster(compute) as address:
+        campaign = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address),
+                                              flow_run_name=run_name(cfg, first, last))
+        return campaign(config=cfg.model_dump(mode="json"), rounds=last)
+
+
+@flow(name="matdisc-continue-campaign", log_prints=True)
+def continue_campaign(config_path: str, more_rounds: int = 1, store: str | None = None) -> dict:
+    """Continue a campaign by ``more_rounds`` rounds (finishing an interrupted one first)."""
+    cfg = load_config(config_path)
+    if store:
+        cfg = cfg.model_copy(update={"store": Path(store)})
+    return run_campaign(cfg, more_rounds=more_rounds)
+
+
+def deployment_parameters(config_path: str | Path, more_rounds: int = 1, store: str | Path | None = None) -> dict:
+    """Absolute paths: a worker or a served run may start in another directory."""
+    cfg = load_config(config_path)
+    return {"config_path": str(Path(config_path).resolve()), "more_rounds": more_rounds,
+            "store": str(Path(store or cfg.store_path).resolve())}
+
+
+def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: int = 1, name: str | None = None,
+                   store: str | Path | None = None) -> None:
+    """Create (or update) the campaign's deployment and serve its runs until interrupted."""
+    cfg = load_config(config_path)
+    if cron is not None:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValueError:
+            raise UserError(f"--cron: {cron!r} is not a valid cron expression") from None
+    continue_campaign.serve(
+        name=name or slug(cfg.name),
+        cron=cron,
+        parameters=deployment_parameters(config_path, more_rounds, store),
+        global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        tags=["matdisc", slug(cfg.name)],
+        description=f"{cfg.name}: {more_rounds} more active-learning round(s) per run on {cfg.store_path}",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
