@@ -62,22 +62,47 @@ def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
         cluster.close()
 
 
+def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
+    """dask-jobqueue keyword arguments of the DFT pool and the MLIP (GPU) pool.
+
+    DFT jobs run one single-threaded worker per ``threads_per_dft_worker`` cores (one
+    calculation each, ``OMP_NUM_THREADS`` set); an MLIP job is one worker on one GPU (more
+    GPUs: more jobs), so ``device: auto`` finds its GPU as cuda:0.
+    """
+    s = cfg.slurm
+    per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
+    common = {"account": s.account, "walltime": s.walltime, "interface": s.interface,
+              "job_extra_directives": list(s.job_extra_directives)}
+    dft = {**common, "queue": s.queue, "cores": s.cores, "processes": per_dft, "memory": s.memory,
+           "worker_extra_args": ["--resources", "DFT=1"],  # one calculation per worker at a time
+           "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"]}
+    mlip = {**common, "queue": s.mlip_queue or s.queue, "cores": s.mlip_cores, "processes": 1,
+            "memory": s.mlip_memory, "worker_extra_args": ["--resources", "MLIP=1"],
+            "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}"]}
+    if s.gpus_per_mlip_job:
+        mlip["job_extra_directives"] = [*mlip["job_extra_directives"], f"--gres=gpu:{s.gpus_per_mlip_job}"]
+    return dft, mlip
+
+
 @contextlib.contextmanager
 def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
-    """An adaptive SLURMCluster whose workers carry both resources (pip install matdisc[hpc])."""
+    """An adaptive SLURMCluster of DFT jobs, plus a fixed pool of GPU jobs whose MLIP workers
+    join the same scheduler (dask-jobqueue has one job template per cluster)."""
     try:
         from dask_jobqueue import SLURMCluster
+        from dask_jobqueue.slurm import SLURMJob
     except ImportError:
         raise UserError("compute.scheduler: slurm needs dask-jobqueue (pip install 'matdisc[hpc]')") from None
-    s = cfg.slurm
-    cluster = SLURMCluster(
-        queue=s.queue, account=s.account, cores=s.cores, processes=1, memory=s.memory, walltime=s.walltime,
-        job_extra_directives=s.job_extra_directives,
-        worker_extra_args=["--resources", "MLIP=1,DFT=1"],
-        job_script_prologue=[f"export OMP_NUM_THREADS={s.cores}"],
-    )
-    cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, s.dft_jobs + s.mlip_jobs))
+    dft_opts, mlip_opts = slurm_job_options(cfg)
+    cluster = SLURMCluster(**dft_opts)
+    gpu_jobs = [SLURMJob(scheduler=cluster.scheduler_address, name=f"matdisc-mlip-{i}", **mlip_opts)
+                for i in range(cfg.slurm.mlip_jobs)]
     try:
+        for job in gpu_jobs:
+            cluster.sync(job.start)  # sbatch
+        cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, cfg.slurm.dft_jobs))
         yield cluster.scheduler_address
     finally:
+        for job in gpu_jobs:
+            cluster.sync(job.close)  # scancel
         cluster.close()

@@ -370,16 +370,25 @@ class ActiveLearningConfig(_Strict):
 
 
 class SlurmConfig(_Strict):
-    """dask-jobqueue SLURMCluster settings (pip install matdisc[hpc])."""
+    """dask-jobqueue settings (pip install matdisc[hpc]): two job pools, one Dask scheduler.
 
-    queue: str | None = None
+    DFT jobs (CPU partition) scale adaptively between 0 and ``dft_jobs``; MLIP jobs (GPU
+    partition) are a fixed pool of ``mlip_jobs`` (MACE work comes in bursts that a GPU job's
+    queue wait would miss). The store must be on a filesystem the login node sees.
+    """
+
+    queue: str | None = Field(None, description="partition of the DFT (CPU) jobs")
     account: str | None = None
     cores: int = Field(8, ge=1, description="cores per DFT job")
     memory: str = "16GB"
     walltime: str = "04:00:00"
     dft_jobs: int = Field(2, ge=0, description="maximum DFT (CPU) jobs under adaptive scaling")
-    mlip_jobs: int = Field(1, ge=0, description="maximum MLIP (GPU) jobs under adaptive scaling")
-    gpus_per_mlip_job: int = Field(1, ge=0)
+    mlip_jobs: int = Field(1, ge=0, description="MLIP (GPU) jobs, a fixed pool")
+    mlip_queue: str | None = Field(None, description="partition of the MLIP jobs (default: queue)")
+    mlip_cores: int = Field(4, ge=1, description="cores per MLIP job")
+    mlip_memory: str = "32GB"
+    gpus_per_mlip_job: int = Field(1, ge=0, le=1, description="1: each MLIP job asks for a GPU (--gres=gpu:1)")
+    interface: str | None = Field(None, description="network interface the workers reach the scheduler on, e.g. ib0")
     job_extra_directives: list[str] = Field(default_factory=list)
 
 
