@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on disk; a GPU machine overrides this (e.g. TORCH_SPEC="torch==2.14.1").
 TORCH_SPEC ?= torch==2.13.0
-APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++
+# docker-compose: the tests validate deploy/docker-compose.yml with it (no engine needed)
+APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose
 STAMP := $(VENV)/.installed
 
 .PHONY: install sysdeps demo test bench clean
@@ -13,7 +14,7 @@ sysdeps:
 	@if command -v dpkg >/dev/null 2>&1; then \
 	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages GPAW needs:$$missing"; \
+	    echo "installing Debian packages (GPAW build, compose validation):$$missing"; \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	  fi; \

@@ -1,0 +1,123 @@
+"""The deployment files and cluster recipes, checked without the systems they target.
+
+No Docker engine, Slurm or Prefect work pool runs here: the compose file is validated by
+docker-compose itself, prefect.yaml's deployments are resolved against the real flow and
+campaign files, and the Slurm job scripts are rendered by dask-jobqueue.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from matdisc.config import ComputeConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+
+
+def _compose_config(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    assert shutil.which("docker-compose"), "docker-compose is installed by `make install` (Debian package)"
+    env = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "PREFECT_AUTH_STRING")}
+    return subprocess.run(["docker-compose", "-f", str(DEPLOY / "docker-compose.yml"), "config"],
+                          env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+
+
+def test_compose_file_validates_and_binds_every_port_to_localhost():
+    proc = _compose_config({"POSTGRES_PASSWORD": "not-a-real-secret"})
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load(proc.stdout)
+    services = config["services"]
+    assert {"postgres", "prefect-server", "prefect-worker", "dask-scheduler", "mlip-worker", "dft-worker"} <= set(services)
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(str(p).startswith("127.0.0.1:") for p in published), published
+    # Prefect on PostgreSQL, the password from the environment; workers routed by resources
+    db_url = services["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert db_url.startswith("postgresql+asyncpg://") and "not-a-real-secret" in db_url
+    assert "--resources MLIP=1" in services["mlip-worker"]["command"]
+    assert "--resources DFT=1" in services["dft-worker"]["command"]
+    gpus = services["mlip-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["capabilities"] == ["gpu"]
+    assert services["prefect-worker"]["environment"]["MATDISC_SCHEDULER"] == "tcp://dask-scheduler:8786"
+    assert "not-a-real-secret" not in (DEPLOY / "docker-compose.yml").read_text()
+
+
+def test_compose_file_refuses_to_start_without_a_database_password():
+    proc = _compose_config({})
+    assert proc.returncode != 0 and "POSTGRES_PASSWORD" in proc.stderr
+
+
+def test_prefect_yaml_deployments_resolve_to_the_flow_and_valid_campaigns():
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+    deployments = spec["deployments"]
+    assert {d["name"] for d in deployments} == {load_config(ROOT / d["parameters"]["config_path"]).name
+                                                for d in deployments}
+    for d in deployments:
+        flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
+        assert flow.name == "matdisc-continue-campaign"
+        flow.validate_parameters(d["parameters"])  # names and types the flow accepts
+        for schedule in d["schedules"]:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+        assert d["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+        assert d["work_pool"]["name"] == "matdisc-process"
+
+
+def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler():
+    pytest.importorskip("dask_jobqueue", reason="the [hpc] extra")
+    from dask_jobqueue import SLURMCluster
+    from dask_jobqueue.slurm import SLURMJob
+
+    from matdisc.cluster import slurm_job_options
+
+    cfg = ComputeConfig(scheduler="slurm", threads_per_dft_worker=2,
+                        slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1"})
+    dft, mlip = slurm_job_options(cfg)
+    cluster = SLURMCluster(**dft)
+    try:
+        dft_script = cluster.job_script()
+        mlip_script = SLURMJob(scheduler=cluster.scheduler_address, name="mlip-0", **mlip).job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p cpu" in dft_script and "#SBATCH -p gpu" in mlip_script
+    assert "#SBATCH --gres=gpu:1" in mlip_script and "gres" not in dft_script
+    assert "--resources DFT=1" in dft_script and "--nworkers 4" in dft_script  # 8 cores / 2 threads
+    assert "export OMP_NUM_THREADS=2" in dft_script
+    assert "--resources MLIP=1" in mlip_script and "--nworkers" not in mlip_script.replace("--nworkers 1", "")
+    assert cluster.scheduler_address in mlip_script  # GPU workers join the DFT cluster's scheduler
+
+
+def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
+    """`prefect deploy --all` with deploy/prefect.yaml against a real Prefect API."""
+    import asyncio
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MATDISC_PROJECT_DIR": str(ROOT)}
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run([*prefect, "work-pool", "create", "matdisc-process", "--type", "process", "--overwrite"],
+                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    async def read():
+        async with get_client() as client:
+            return [await client.read_deployment_by_name(f"matdisc-continue-campaign/{name}")
+                    for name in ("cu-pd-emt", "quickstart-al-li")]
+
+    for d in asyncio.run(read()):
+        assert d.entrypoint == "flows/deployment.py:continue_campaign" and d.work_pool_name == "matdisc-process"
+        assert [(s.schedule.cron, s.active) for s in d.schedules] == [("0 2 * * *", True)]
+        assert d.global_concurrency_limit.limit == 1 and d.concurrency_options.collision_strategy == "ENQUEUE"
+        assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        assert d.parameters["more_rounds"] == 1 and (ROOT / d.parameters["config_path"]).is_file()
