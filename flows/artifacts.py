@@ -7,6 +7,7 @@ store: a failure to draw one is logged, never allowed to fail a round.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
@@ -29,6 +30,8 @@ from matdisc.store.campaign import DISCOVERY_KEYS
 DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_phases"))
 #: Rows of the per-round candidates table: the best-scored candidates by predicted e_hull.
 TOP_CANDIDATES = 25
+#: Least interval between progress updates: a fast stage should not flood the API.
+UPDATE_SECONDS = 2.0
 CANDIDATE_COLUMNS = ("id", "formula", "source", "status", "e_hull_pred", "sigma", "e_hull_dft", "is_hit")
 
 
@@ -55,13 +58,17 @@ class StageProgress:
         self.total, self.done = max(total, 1), 0
         self.description = f"{cfg.name} round {round_}: {stage}"
         self.id: UUID | None = None
+        self._last = time.monotonic()
         if total:
             self.id = create_progress_artifact(0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}",
                                                description=f"{self.description} (0/{total})")
 
     def advance(self, n: int = 1) -> None:
+        """Count finished work; the UI hears of it at most every ``UPDATE_SECONDS`` and at the end."""
         self.done += n
-        if self.id is not None:
+        now = time.monotonic()
+        if self.id is not None and (self.done >= self.total or now - self._last >= UPDATE_SECONDS):
+            self._last = now
             update_progress_artifact(self.id, 100.0 * self.done / self.total,
                                      description=f"{self.description} ({self.done}/{self.total})")
 

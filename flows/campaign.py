@@ -27,9 +27,26 @@ from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
 
-# Retries only for transient infrastructure failures: the matdisc functions themselves
-# return failed calculations as results, so an exception here means a lost worker or similar.
-RETRY = {"retries": 2, "retry_delay_seconds": [5, 30]}
+#: Exceptions worth a retry: out of memory, I/O and connection trouble. The matdisc functions
+#: return failed calculations as results, so anything else raised in a task is a bug or bad
+#: input that would fail again. (A lost Dask worker never reaches Prefect: Dask reruns the task.)
+TRANSIENT = (MemoryError, OSError, TimeoutError, ConnectionError)
+
+
+def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only what may succeed on a second try."""
+    try:
+        state.result()
+    except TRANSIENT:
+        return True
+    except RuntimeError as err:  # torch reports CUDA/CPU allocation failures as RuntimeError
+        return "out of memory" in str(err).lower()
+    except BaseException:  # noqa: BLE001 - deterministic: do not retry
+        return False
+    return False
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
 #: Held-out errors of a trained committee that each round record repeats.
 TRAINING_METRICS = ("energy_rmse_per_atom", "forces_rmse")
 
@@ -54,7 +71,7 @@ def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str
     return [predict_energies(paths, frames, device=resolve_device(device), dtype=dtype) for paths in models]
 
 
-@task(name="train-mace", retries=1)
+@task(name="train-mace", **RETRY)
 def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
                device: str, dtype: str, start_models: list[str] | None) -> list[TrainedModel]:
     return train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,

@@ -74,7 +74,20 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
         return campaign(config=cfg.model_dump(mode="json"), rounds=last)
 
 
-@flow(name="matdisc-continue-campaign", log_prints=True)
+def _continue_run_name() -> str:
+    """'cu-pd-emt +1 round': the deployment's run says which campaign it continues."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    try:
+        name = load_config(params["config_path"]).name
+    except UserError:  # the run itself reports the bad file
+        name = Path(params["config_path"]).stem
+    n = params.get("more_rounds", 1)
+    return f"{name} +{n} round{'s' if n != 1 else ''}"
+
+
+@flow(name="matdisc-continue-campaign", log_prints=True, flow_run_name=_continue_run_name)
 def continue_campaign(config_path: str, more_rounds: int = 1, store: str | None = None) -> dict:
     """Continue a campaign by ``more_rounds`` rounds (finishing an interrupted one first)."""
     cfg = load_config(config_path)

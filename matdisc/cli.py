@@ -82,12 +82,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise UserError("--rounds: must be at least 1")
     if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
         raise UserError("--more-rounds: must be at least 1, and not given together with --rounds")
+    from matdisc.store.tables import check_not_locked
+
+    check_not_locked(cfg.store_path)  # another run writing this store: say so now, exit 2
     from matdisc.mlip.model import configured_model
 
     configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
-    from matdisc.store import CampaignWriter
-
-    CampaignWriter(cfg.store_path).close()  # another run writing this store: say so now, exit 2
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from matdisc.server import ensure_api, ui_url
 

@@ -45,7 +45,8 @@ def emt_config(tmp_path, **over) -> dict:
         "mlip": {
             "model": "cold-start", "ensemble": 2, "device": "cpu", "fmax": 0.05, "max_steps": 200,
             "structures_per_task": 10,
-            "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 20, "batch_size": 4},
+            "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 20, "batch_size": 4,
+                         "finetune_epochs": 5},
             "cold_start": {"perturbed_per_structure": 3},
         },
         "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 200},

@@ -58,7 +58,7 @@ def test_prefect_yaml_deployments_resolve_to_the_flow_and_valid_campaigns():
 
     spec = yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
     deployments = spec["deployments"]
-    assert {d["name"] for d in deployments} == {load_config(ROOT / d["parameters"]["config_path"]).name
+    assert {d["name"] for d in deployments} == {load_config(ROOT / d["parameters"]["config_path"]).name + "-nightly"
                                                 for d in deployments}
     for d in deployments:
         flow = load_flow_from_entrypoint(str(ROOT / d["entrypoint"]))
@@ -102,18 +102,22 @@ def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    async def create_pool():  # what `prefect work-pool create matdisc-process --type process` does
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name="matdisc-process", type="process"), overwrite=True)
+
+    asyncio.run(create_pool())
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "MATDISC_PROJECT_DIR": str(ROOT)}
-    prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run([*prefect, "work-pool", "create", "matdisc-process", "--type", "process", "--overwrite"],
-                   env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
-    proc = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                           "deploy/prefect.yaml"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     async def read():
         async with get_client() as client:
             return [await client.read_deployment_by_name(f"matdisc-continue-campaign/{name}")
-                    for name in ("cu-pd-emt", "quickstart-al-li")]
+                    for name in ("cu-pd-emt-nightly", "quickstart-al-li-nightly")]
 
     for d in asyncio.run(read()):
         assert d.entrypoint == "flows/deployment.py:continue_campaign" and d.work_pool_name == "matdisc-process"

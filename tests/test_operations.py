@@ -1,18 +1,21 @@
 """Operations with real processes: kill -9 mid-round, resume from a served deployment, compare.
 
-One campaign (the conftest EMT campaign, one round) runs as ``matdisc run`` in its own
-process group against the session's Prefect API. Mid-round its Dask workers are killed
-(their nannies restart them, the batch in flight is redone), then the whole process group
-gets SIGKILL. A scheduled-style deployment (``matdisc deploy``, served in another process)
-is then triggered through the Prefect API and finishes the round. The store must equal
-the uninterrupted run's store (the session fixture ran the same campaign without faults):
-same candidates, energies, DFT results, models (bit for bit), no duplicates.
+The session fixture ran the conftest EMT campaign without faults. This test starts from
+that store as it stood after the cold start (the store is append-only with a commit log,
+so that state is the log's round-0 prefix) and runs round 1 again as ``matdisc run`` in its
+own process group against the session's Prefect API. Mid-round its Dask workers are
+killed (their nannies restart them, the batch in flight is redone), then the whole process
+group gets SIGKILL. A scheduled-style deployment (``matdisc deploy``, served in another
+process) is then triggered through the Prefect API and finishes the round. Round 1 must
+equal the uninterrupted run's: same candidates, energies, DFT results, picks, the same
+retrained model bit for bit, no duplicates.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,11 +51,41 @@ def _wait_for(what: str, check, proc: subprocess.Popen, timeout: float, log: Pat
 
 
 def _worker_pids(pid: int) -> list[int]:
-    """Dask worker processes the run's nannies spawned (children of the run process)."""
+    """Live Dask worker processes the run's nannies spawned (children of the run process)."""
     import psutil
 
-    return [c.pid for c in psutil.Process(pid).children()
-            if any("spawn_main" in part for part in c.cmdline())]
+    pids = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and any("spawn_main" in p for p in child.cmdline()):
+                pids.append(child.pid)
+        except psutil.Error:  # exited (or a zombie) between the listing and the look
+            continue
+    return pids
+
+
+def _store_after_cold_start(src: Path, dst: Path) -> None:
+    """A copy of ``src`` as it was when round 0 was recorded: each commit log cut to its
+    round-0 commits (the next writer truncates the arrays to the log), later rounds' files gone."""
+    shutil.copytree(src, dst)
+    for log in (dst / "_commits").glob("*.jsonl"):
+        if log.stem == "runs":
+            continue
+        lines = [line for line in log.read_text().splitlines(keepends=True)
+                 if json.loads(line)["key"] == "r0" or json.loads(line)["key"].startswith("r0/")]
+        if lines:
+            log.write_text("".join(lines))
+        else:  # a table round 0 does not write
+            log.unlink()
+            shutil.rmtree(dst / log.stem)
+    for side in ("calculations", "training"):
+        for d in (dst / side).iterdir():
+            if d.is_dir() and d.name != "r0":
+                shutil.rmtree(d)
+    keep = set(json.loads(open_campaign(dst).models()["paths"].iloc[0]))
+    for model in (dst / "models").glob("*.model"):
+        if f"models/{model.name}" not in keep:
+            model.unlink()
 
 
 @pytest.fixture()
@@ -70,6 +103,8 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
     config = tmp_path / "campaign.yaml"
     config.write_text(yaml.safe_dump(cfg))
     store = Path(cfg["store"])
+    _store_after_cold_start(reference_cfg.store_path, store)
+    assert list(open_campaign(store).rounds()["round"]) == [0] and open_campaign(store).table("mlip").empty
     log = tmp_path / "run.log"
 
     with open(log, "w") as out:
@@ -118,6 +153,8 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
 
         flow_run = run_deployment(f"matdisc-continue-campaign/{deployment.name}", timeout=600)
         assert flow_run.state.is_completed(), (flow_run.state, serve_log.read_text()[-3000:])
+        assert flow_run.name == "cu-pd-emt +1 round"
+        assert _flow_run_states("cu-pd-emt round 1").count("COMPLETED") == 1  # the subflow, named by round
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
@@ -126,6 +163,19 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
             os.killpg(serve.pid, signal.SIGKILL)
 
     _assert_same_campaign(open_campaign(store), open_campaign(reference_cfg.store_path), last_round=1)
+
+
+def _flow_run_states(name: str) -> list[str]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+
+    return [r.state.type.value for r in asyncio.run(read())]
 
 
 def _served_deployment(serve: subprocess.Popen, log: Path):
@@ -173,3 +223,64 @@ def _assert_same_campaign(resumed, reference, last_round: int) -> None:
     rounds, ref_rounds = rows(resumed, "rounds"), rows(reference, "rounds")
     for col in ("round", "candidates", "dft_verified", "hits", "model_sha256", "trained_model_sha256"):
         assert list(rounds[col]) == list(ref_rounds[col]), col
+
+
+def test_round_plan_counts_from_the_last_completed_round(campaign_store):
+    from flows.deployment import round_plan, run_name
+    from matdisc.errors import UserError
+
+    cfg, _ = campaign_store  # rounds 0, 1, 2 complete
+    assert round_plan(cfg, more_rounds=1) == (3, 3)
+    assert run_name(cfg, *round_plan(cfg, more_rounds=2)) == "cu-pd-emt rounds 3-4"
+    assert run_name(cfg, *round_plan(cfg)) == "cu-pd-emt (rounds 1-2 done)"  # the configured 2: nothing to do
+    fresh = cfg.model_copy(update={"store": cfg.store_path.parent / "none.zarr"})
+    assert round_plan(fresh, more_rounds=1) == (1, 1) and run_name(fresh, 1, 0) == "cu-pd-emt cold start"
+    with pytest.raises(UserError):
+        round_plan(cfg, rounds=3, more_rounds=1)
+    with pytest.raises(UserError):
+        round_plan(cfg, more_rounds=0)
+
+
+def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
+    """Artifacts the flow created in the session's Prefect API, for the fixture's campaign."""
+    import asyncio
+    from urllib.parse import urlparse
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    cfg, summary = campaign_store
+    keys = ["cu-pd-emt-r0-reference-calculations", "cu-pd-emt-r1-mlip-relaxations", "cu-pd-emt-r2-mlip-relaxations",
+            "cu-pd-emt-candidates-r2", "cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"]
+
+    async def latest():
+        async with get_client() as client:
+            found = await client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        return {a.key: a for a in found}
+
+    art = asyncio.run(latest())
+    assert set(art) == set(keys)
+    for key in keys[:3]:  # progress bars end full
+        assert art[key].type == "progress" and float(art[key].data) == 100.0
+    table = art["cu-pd-emt-candidates-r2"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    hits = {h["id"] for h in summary["hits"]}
+    assert {r["id"] for r in rows if r["is_hit"]} == hits  # every verified hit, then the best predicted
+    predicted = [r["e_hull_pred"] for r in rows if not r["is_hit"] and r["e_hull_pred"] is not None]
+    assert predicted == sorted(predicted) and 0 < len(predicted) <= 25
+    for key in ("cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"):
+        png = Path(urlparse(art[key].data).path)
+        assert art[key].type == "image" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("error,retry", [(MemoryError(), True), (OSError("stale file handle"), True),
+                                         (RuntimeError("CUDA out of memory. Tried to allocate"), True),
+                                         (ValueError("bad structure"), False), (KeyError("x"), False)])
+def test_tasks_retry_only_transient_failures(error, retry):
+    from prefect.states import Failed
+
+    from flows.campaign import RETRY, relax_task, transient_failure
+
+    assert relax_task.retries == 2 and relax_task.retry_condition_fn is transient_failure
+    assert RETRY["retry_delay_seconds"] == [5, 30]  # backoff
+    assert transient_failure(relax_task, None, Failed(data=error)) is retry

@@ -100,6 +100,27 @@ def _fill_value(dtype: np.dtype | str) -> Any:
     return {"f": np.nan, "i": -1, "u": 0, "b": False}.get(kind, "")
 
 
+def _locked_message(path: Path, holder: str) -> str:
+    return f"store {path} is being written by {holder}; wait for it or stop it"
+
+
+def check_not_locked(path: str | Path) -> None:
+    """Raise :class:`StoreError` if a writer holds the store; creates nothing (a store that
+    does not exist yet is not locked)."""
+    lock = Path(path) / "_commits" / "writer.lock"
+    if not lock.exists():
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        raise StoreError(_locked_message(Path(path), holder)) from None
+    finally:
+        os.close(fd)
+
+
 class TableStore:
     """The tables of one store directory: committed reads, and (with ``write=True``) appends."""
 
@@ -130,7 +151,7 @@ class TableStore:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreError(f"store {self.path} is being written by {holder}; wait for it or stop it") from None
+            raise StoreError(_locked_message(self.path, holder)) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._lock_fd = fd

@@ -1,0 +1,142 @@
+"""Orchestration overhead: a campaign round's wall time vs the compute time of its tasks.
+
+A real local Prefect server (``prefect server start`` on 127.0.0.1, as ``matdisc run``
+starts it) and the campaign's local Dask cluster (one MLIP worker, one DFT worker, as on
+this 2-core machine). The campaign is Cu-Pd with EMT as the reference and a tiny MACE
+committee (2 x 16x0e):
+
+1. round 0 (not measured): cold start, the seed structures computed with EMT and the first
+   committee trained, through the real flow;
+2. ``--candidates`` structures (fcc-based Cu-Pd cells of 2-8 atoms, random decoration,
+   ±2 % strain) are stored as round 1's candidates, so the round does not spend its time
+   generating them;
+3. round 1 runs through the real flow: every candidate relaxed by the committee on the MLIP
+   worker in tasks of ``mlip.structures_per_task``, scored on the hull, ``dft_budget``
+   picks relaxed with EMT on the DFT worker, the committee fine-tuned, artifacts and the
+   report written.
+
+Prints one JSON line: ``wall_s`` is round 1's flow run (Prefect's start to end time),
+``task_compute_s`` the sum of its task runs' run times (Prefect's ``total_run_time``:
+the time each task spent running on a worker), ``overhead_ratio`` their ratio: 1.0 would
+mean the flow adds nothing around the tasks (scoring, acquisition and store writes happen in
+the flow process and count as overhead). The stages run one after another and each uses one
+worker, so the task times add up to the round's critical path.
+
+Run: ``.venv/bin/python benchmarks/orchestration.py`` (2,000 candidates: about 10 minutes on
+2 cores), ``--candidates 200`` for a quick look.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def candidates(n: int, seed: int = 0) -> list:
+    """Cu-Pd fcc cells of 2, 4 and 8 atoms, randomly decorated and strained."""
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from matdisc.generate import Candidate
+
+    rng = np.random.default_rng(seed)
+    shapes = [((2, 1, 1), False), ((1, 1, 1), True), ((2, 1, 1), True)]  # 2, 4, 8 atoms
+    out = []
+    for i in range(n):
+        rep, cubic = shapes[i % len(shapes)]
+        a = bulk("Cu", "fcc", a=3.75, cubic=cubic).repeat(rep) if cubic else bulk("Cu", "fcc", a=3.75).repeat(rep)
+        a.numbers = rng.choice([29, 46], len(a))
+        a.set_cell(a.cell * (1 + rng.uniform(-0.02, 0.02, 3)), scale_atoms=True)
+        s = AseAtomsAdaptor.get_structure(a)
+        out.append(Candidate(structure=s, source="benchmark", prototype=f"fcc{len(a)}", seed=i))
+    return out
+
+
+async def flow_run_times(name: str) -> tuple[float, float, int]:
+    """(wall, summed task run time, task count) of the flow run named ``name``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+
+    async with get_client() as client:
+        (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
+        tasks = await client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])), limit=10_000)
+    wall = (run.end_time - run.start_time).total_seconds()
+    return wall, sum(t.total_run_time.total_seconds() for t in tasks), len(tasks)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=2000)
+    parser.add_argument("--structures-per-task", type=int, default=200)
+    parser.add_argument("--dft-budget", type=int, default=8)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="matdisc-orch-"))
+    os.environ.update(MATDISC_HOME=str(tmp / "home"), MATDISC_PREFECT_PORT=str(free_port()),
+                      PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1")
+    os.environ.pop("PREFECT_API_URL", None)
+    from matdisc import server
+
+    api = server.ensure_api()  # a real `prefect server start` on 127.0.0.1
+    try:
+        from flows.deployment import run_campaign, run_name
+        from matdisc import loop
+        from matdisc.config import CampaignConfig
+        from matdisc.store import CampaignWriter
+
+        cfg = CampaignConfig.model_validate({
+            "name": "orchestration-bench", "chemsys": ["Cu", "Pd"], "store": str(tmp / "bench.zarr"),
+            "generation": {"max_atoms": 8, "seed": 0},
+            "mlip": {"model": "cold-start", "ensemble": 2, "device": "cpu", "fmax": 0.05, "max_steps": 200,
+                     "structures_per_task": args.structures_per_task,
+                     "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 20,
+                                  "batch_size": 4},
+                     "cold_start": {"perturbed_per_structure": 2}},
+            "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 200},
+            "active_learning": {"rounds": 1, "dft_budget": args.dft_budget},
+            "compute": {"scheduler": "local", "dft_workers": 1, "mlip_workers": 1},
+        })
+        t = time.perf_counter()
+        run_campaign(cfg, rounds=0)  # round 0: cold start
+        t_cold = time.perf_counter() - t
+        with CampaignWriter(cfg.store_path) as w:
+            pool = candidates(args.candidates)
+            loop.add_candidates(w, pool, 1, "generated")
+        run_campaign(cfg, rounds=1)
+        wall, compute, n_tasks = asyncio.run(flow_run_times(run_name(cfg, 1, 1)))
+    finally:
+        server.stop()
+    print(json.dumps({
+        "candidates": args.candidates,
+        "wall_s": round(wall, 1),
+        "task_compute_s": round(compute, 1),
+        "overhead_ratio": round(wall / compute, 3),
+        "tasks": n_tasks,
+        "structures_per_task": args.structures_per_task,
+        "cold_start_s": round(t_cold, 1),
+        "api": api,
+    }))
+
+
+if __name__ == "__main__":
+    main()
