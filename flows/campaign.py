@@ -8,74 +8,27 @@ completes (it is the store's single writer), so a crash loses at most the tasks 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import dask
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 
 from flows import artifacts
 from flows.artifacts import slug
+from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
 from matdisc import discovery, loop
 from matdisc.cluster import DFT, MLIP
-from matdisc.config import CampaignConfig, MLIPConfig, ReferenceConfig, TrainingConfig
-from matdisc.dft import run_reference, run_static, settings_hash
+from matdisc.config import CampaignConfig
+from matdisc.dft import settings_hash
 from matdisc.metrics import energy_mae_mev
-from matdisc.mlip import predict_energies, relax_many, resolve_device, train_committee
+from matdisc.mlip import resolve_device
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
 
-#: Exceptions worth a retry: out of memory, I/O and connection trouble. The matdisc functions
-#: return failed calculations as results, so anything else raised in a task is a bug or bad
-#: input that would fail again. (A lost Dask worker never reaches Prefect: Dask reruns the task.)
-TRANSIENT = (MemoryError, OSError, TimeoutError, ConnectionError)
-
-
-def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect ``retry_condition_fn``: retry only what may succeed on a second try."""
-    try:
-        state.result()
-    except TRANSIENT:
-        return True
-    except RuntimeError as err:  # torch reports CUDA/CPU allocation failures as RuntimeError
-        return "out of memory" in str(err).lower()
-    except BaseException:  # noqa: BLE001 - deterministic: do not retry
-        return False
-    return False
-
-
-RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
 #: Held-out errors of a trained committee that each round record repeats.
 TRAINING_METRICS = ("energy_rmse_per_atom", "forces_rmse")
-
-
-@task(name="relax-mace", **RETRY)
-def relax_task(batch: list, model_paths: list[str], mlip: dict) -> list:
-    return relax_many(batch, model_paths, MLIPConfig.model_validate(mlip))
-
-
-@task(name="reference-relax-static", **RETRY)
-def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
-    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
-
-
-@task(name="reference-static", **RETRY)
-def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
-    return run_static(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
-
-
-@task(name="evaluate-mace", **RETRY)
-def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str) -> list:
-    return [predict_energies(paths, frames, device=resolve_device(device), dtype=dtype) for paths in models]
-
-
-@task(name="train-mace", **RETRY)
-def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
-               device: str, dtype: str, start_models: list[str] | None) -> list[TrainedModel]:
-    return train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
-                           device=resolve_device(device), dtype=dtype, start_models=start_models)
 
 
 def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: list, *, verified: bool,

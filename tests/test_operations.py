@@ -279,7 +279,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 def test_tasks_retry_only_transient_failures(error, retry):
     from prefect.states import Failed
 
-    from flows.campaign import RETRY, relax_task, transient_failure
+    from flows.tasks import RETRY, relax_task, transient_failure
 
     assert relax_task.retries == 2 and relax_task.retry_condition_fn is transient_failure
     assert RETRY["retry_delay_seconds"] == [5, 30]  # backoff
