@@ -78,8 +78,12 @@ async def flow_run_times(name: str) -> tuple[float, float, int]:
 
     async with get_client() as client:
         (run,) = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
-        tasks = await client.read_task_runs(
-            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])), limit=10_000)
+        tasks, page = [], None
+        while page is None or len(page) == 200:  # the API returns at most 200 per call
+            page = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])),
+                limit=200, offset=len(tasks))
+            tasks += page
     wall = (run.end_time - run.start_time).total_seconds()
     return wall, sum(t.total_run_time.total_seconds() for t in tasks), len(tasks)
 

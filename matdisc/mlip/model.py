@@ -114,10 +114,12 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 
-#: Unpickling a MACE model rebuilds e3nn's torch.fx code-generated modules, which is not
-#: thread-safe: two committee members evaluated side by side (train_committee) failed with
-#: "NameError: module is not installed as a submodule" until loads were serialised.
-_LOAD_LOCK = threading.Lock()
+#: torch.fx tracing (e3nn's code generation, when a MACE model is unpickled or wrapped)
+#: patches ``torch.nn.Module.__call__`` process-wide, so a model running in another thread
+#: meanwhile fails with "NameError: module is not installed as a submodule". Threads that
+#: load or evaluate models side by side (train_committee's members) hold this lock.
+MODEL_LOCK = threading.RLock()
+_LOAD_LOCK = MODEL_LOCK
 
 
 @lru_cache(maxsize=32)

@@ -25,6 +25,8 @@ import numpy as np
 from ase import Atoms
 from ase.io import write
 
+from matdisc.mlip.model import MODEL_LOCK
+
 from matdisc.config import TrainingConfig
 
 
@@ -158,7 +160,8 @@ def train_mace(
         raise TrainingError(f"mace training failed (exit {proc.returncode}): {' | '.join(tail)}")
     if mode == "multihead":
         _keep_campaign_head(model)
-    metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
+    with MODEL_LOCK:  # members run in threads: see MODEL_LOCK
+        metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
     return TrainedModel(model, mode, len(train), len(valid), metrics)
 
 
@@ -167,7 +170,8 @@ def _keep_campaign_head(path: Path) -> None:
     import torch
     from mace.tools.scripts_utils import remove_pt_head
 
-    model = torch.load(path, map_location="cpu", weights_only=False)
+    with MODEL_LOCK:
+        model = torch.load(path, map_location="cpu", weights_only=False)
     if len(getattr(model, "heads", [])) > 1:
         torch.save(remove_pt_head(model, "Default"), path)
 
