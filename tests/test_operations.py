@@ -5,10 +5,11 @@ that store as it stood after the cold start (the store is append-only with a com
 so that state is the log's round-0 prefix) and runs round 1 again as ``matdisc run`` in its
 own process group against the session's Prefect API. Mid-round its Dask workers are
 killed (their nannies restart them, the batch in flight is redone), then the whole process
-group gets SIGKILL. A scheduled-style deployment (``matdisc deploy``, served in another
-process) is then triggered through the Prefect API and finishes the round. Round 1 must
-equal the uninterrupted run's: same candidates, energies, DFT results, picks, the same
-retrained model bit for bit, no duplicates.
+group gets SIGKILL once the round's retrained model is registered but before the round is
+recorded. A scheduled-style deployment (``matdisc deploy``, served in another process) is
+then triggered through the Prefect API and finishes the round without training again.
+Round 1 must equal the uninterrupted run's: same candidates, energies, DFT results, picks,
+the same retrained model bit for bit, no duplicates.
 """
 
 from __future__ import annotations
@@ -125,9 +126,9 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert second.stderr.count("\n") == 1 and f"pid {run.pid}" in second.stderr, second.stderr
-        # 2. the whole run (flow process and its workers) killed once round 1 verifies with DFT
-        _wait_for("round 1's first DFT result", lambda: any(k.startswith("r1/") for k in _commit_keys(store, "dft")),
-                  run, 400, log)
+        # 2. the whole run (flow process and its workers) killed once round 1's committee is trained
+        #    and registered, before the round is recorded: the resumed run must not train it again
+        _wait_for("round 1's model", lambda: "r1/model" in _commit_keys(store, "models"), run, 400, log)
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(30)
     finally:
@@ -136,6 +137,7 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
     assert run.returncode == -signal.SIGKILL
     killed = open_campaign(store)
     assert killed.rounds()["round"].max() == 0  # round 1 was cut short: not recorded
+    trained = list(killed.models()["sha256"])
 
     # 3. the next run comes from a served deployment, triggered through the Prefect API
     serve_log = tmp_path / "serve.log"
@@ -162,7 +164,10 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
         except subprocess.TimeoutExpired:
             os.killpg(serve.pid, signal.SIGKILL)
 
-    _assert_same_campaign(open_campaign(store), open_campaign(reference_cfg.store_path), last_round=1)
+    resumed = open_campaign(store)
+    assert list(resumed.models()["sha256"]) == trained  # the registered model was reused, not retrained
+    assert not (store / "_commits" / "models.jsonl").read_text().count("r1/model") > 1
+    _assert_same_campaign(resumed, open_campaign(reference_cfg.store_path), last_round=1)
 
 
 def _flow_run_states(name: str) -> list[str]:
