@@ -41,7 +41,9 @@ def slug(name: str) -> str:
 
 
 def report_dir(cfg: CampaignConfig) -> Path:
-    return cfg.store_path.parent / f"{cfg.store_path.name.removesuffix('.zarr')}-report"
+    from matdisc.report import default_report_dir
+
+    return default_report_dir(cfg.store_path)
 
 
 def _safely(what: str, make: Callable[[], object]) -> None:

@@ -34,13 +34,18 @@ def _table(df: pd.DataFrame, floats: str = "{:.4g}") -> str:
     return df.to_html(index=False, float_format=floats.format, na_rep="-", escape=True, border=0)
 
 
+def default_report_dir(store: Path) -> Path:
+    """``<store>-report`` beside the store (``runs/x.zarr`` -> ``runs/x-report``)."""
+    return store.parent / f"{store.name.removesuffix('.zarr')}-report"
+
+
 def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     """Write ``out/report.html`` and ``out/hits/<id>.cif``; returns the HTML path.
 
     ``out`` defaults to ``<store>-report`` beside the store. The store is only read.
     """
     camp = open_campaign(store)
-    out = Path(out) if out else camp.path.parent / f"{camp.path.name.removesuffix('.zarr')}-report"
+    out = Path(out) if out else default_report_dir(camp.path)
     cand = camp.candidates()
     found = analysis.hits(cand)
     cif_paths = analysis.export_structures(camp, list(found["id"]), out / "hits", "cif") if len(found) else []

@@ -109,7 +109,7 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
 
     if not Path(path).is_file():
         raise ModelError(f"model file {path} does not exist")
-    with _LOAD_LOCK:
+    with MODEL_LOCK:
         model = torch.load(path, map_location=device, weights_only=False)
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
@@ -119,7 +119,6 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
 #: meanwhile fails with "NameError: module is not installed as a submodule". Threads that
 #: load or evaluate models side by side (train_committee's members) hold this lock.
 MODEL_LOCK = threading.RLock()
-_LOAD_LOCK = MODEL_LOCK
 
 
 @lru_cache(maxsize=32)
