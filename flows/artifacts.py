@@ -17,6 +17,7 @@ from prefect import get_run_logger
 from prefect.artifacts import (
     create_image_artifact,
     create_link_artifact,
+    create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -122,3 +123,36 @@ def report_link(cfg: CampaignConfig) -> None:
                              description=f"{cfg.name}: figures and hits (report.html beside the store)")
 
     _safely("campaign report", write)
+
+
+def costs_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
+    """Predicted vs actual seconds per round and stage, and what each budget has left."""
+    from matdisc import planning
+
+    def make() -> None:
+        rows = [{k: (None if pd.isna(v) else round(float(v), 3) if isinstance(v, float) else v) for k, v in r.items()}
+                for r in planning.round_costs(w).to_dict("records")]
+        budget = planning.budget_status(cfg, w)
+        rows += [{"round": "budget", "stage": name, "predicted_s": b["limit"], "actual_s": round(b["spent"], 6),
+                  "ratio": None if b["limit"] is None else round(b["spent"] / b["limit"], 4)}
+                 for name, b in budget.items() if b["limit"] is not None]
+        create_table_artifact(key=f"{slug(cfg.name)}-costs", table=rows,
+                              description=f"{cfg.name}: predicted vs actual seconds per stage (ratio = predicted/"
+                              "actual); budget rows: limit and spent (hours)")
+
+    _safely("cost table", make)
+
+
+def stop_report(w: CampaignWriter, cfg: CampaignConfig, round_: int, reason: str) -> None:
+    """A campaign that stops early says why: in the store (table ``stops``) and in the UI."""
+    from matdisc import planning
+
+    w.append_records("stops", f"r{round_}/stop/{len(w.table('stops'))}", [{"round": round_, "reason": reason,
+                                                                          "time": time.time()}])
+    lines = [f"# {cfg.name}: stopped before round {round_}", "", reason, "", "| budget | limit (h) | spent (h) |",
+             "|---|---|---|"]
+    lines += [f"| {k} | {b['limit'] if b['limit'] is not None else '-'} | {b['spent']:.4g} |"
+              for k, b in planning.budget_status(cfg, w).items()]
+    create_markdown_artifact(key=f"{slug(cfg.name)}-stopped", markdown="\n".join(lines),
+                             description=f"{cfg.name}: why the campaign stopped")
+    costs_table(w, cfg)

@@ -7,6 +7,7 @@ completes (it is the store's single writer), so a crash loses at most the tasks 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import dask
@@ -17,9 +18,10 @@ from prefect.futures import as_completed
 from flows import artifacts
 from flows.artifacts import slug
 from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
-from matdisc import discovery, loop
+from matdisc import discovery, loop, planning
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig
+from matdisc.costs import STEP_COST, concurrent_members, dft_work
 from matdisc.dft import settings_hash
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
@@ -42,6 +44,11 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     fn = static_task if static else reference_task
     progress = artifacts.StageProgress(cfg, round_, "training frames" if static else "reference calculations",
                                        len(jobs))
+    rates, _ = planning.campaign_rates(cfg, w)
+    steps = 0.0 if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
+    n_workers = planning.workers(cfg).dft
+    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps)
+    t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=DFT):
         futures = {fn.submit(cid, atoms, cfg.reference.model_dump(mode="json"), workdir): (cid, atoms)
                    for cid, atoms in jobs}
@@ -51,8 +58,11 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
         except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
             res = loop.failed_reference(*futures[fut], err, settings)
         loop.record_reference(w, round_, res, settings, verified=verified)
+        seconds.append(res.walltime_s)
+        work += dft_work(futures[fut][1], cfg.reference) * (1 + STEP_COST * res.n_steps)
         progress.advance()
         log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
+    planning.record_stage(w, round_, "dft", predicted, seconds, work, time.perf_counter() - t0, n_workers)
 
 
 def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
@@ -65,11 +75,21 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
         check_trusted(start, trusted_roots([w.path / "models", *_configured_paths(cfg)]))
     log.info("training MACE (%d members, %s) on %d reference frames", cfg.mlip.ensemble,
              "fine-tuning " + previous["sha256"][:12] if start else "from scratch", len(frames))
+    rates, _ = planning.campaign_rates(cfg, w)
+    device = resolve_device(cfg.mlip.device)
+    sized = cfg.mlip.training.sized(device)
+    epochs = int(sized.finetune_epochs if start else sized.max_num_epochs)
+    frame_atoms = float(sum(len(a) for a in frames))
+    predicted = planning.train_cost(frame_atoms, cfg, rates, planning.workers(cfg), epochs)
+    t0 = time.perf_counter()
     with dask.annotate(resources=MLIP):
         fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
                                 cfg.mlip.training.model_dump(mode="json"), cfg.mlip.ensemble,
                                 cfg.generation.seed + 100 * round_, cfg.mlip.device, cfg.mlip.dtype, start)
     trained: list[TrainedModel] = fut.result()
+    side_by_side = concurrent_members(cfg.mlip.ensemble, planning.workers(cfg).mlip_cores)
+    planning.record_stage(w, round_, "train", predicted, [m.seconds for m in trained],
+                          predicted.work, time.perf_counter() - t0, side_by_side)
     metrics = {k: float(sum(m.metrics[k] for m in trained) / len(trained)) for k in trained[0].metrics}
     create_table_artifact(
         key=f"{slug(cfg.name)}-training-r{round_}",
@@ -126,14 +146,21 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
     size = cfg.mlip.structures_per_task
     batches = [pending[i : i + size] for i in range(0, len(pending), size)]
     progress = artifacts.StageProgress(cfg, round_, "MLIP relaxations", len(pending))
+    rates, _ = planning.campaign_rates(cfg, w)
+    n_workers = planning.workers(cfg)
+    predicted = planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers)
+    t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=MLIP):
         futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): b for b in batches}
     for fut in as_completed(list(futures)):
         results = fut.result()
         key = loop.relax_batch_key(round_, model["sha256"], [cid for cid, _ in futures[fut]])
         loop.record_relaxations(w, key, round_, results, model["sha256"])
+        seconds.append(sum(r.walltime_s for r in results))
+        work += sum(len(r.atoms) * r.n_steps for r in results)
         progress.advance(len(results))
         log.info("MLIP relaxed %d/%d structures", progress.done, len(pending))
+    planning.record_stage(w, round_, "relax", predicted, seconds, work, time.perf_counter() - t0, n_workers.mlip)
 
 
 @flow(name="matdisc-campaign", log_prints=True)
@@ -160,13 +187,17 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             reason = discovery.stop_reason(w, cfg, r)
             if reason is not None:
                 log.info("campaign stops before round %d: %s", r, reason)
+                artifacts.stop_report(w, cfg, r, reason)
                 break
             model = loop.current_model(w, before_round=r)
             if w.has_batch("candidates", f"r{r}/generated"):  # resumed: the round's candidates are stored
                 log.info("round %d: resuming with its stored candidates", r)
             else:  # (generating again could differ: substitution follows the hits found since)
+                t0 = time.perf_counter()
                 new, keys = loop.round_candidates(w, cfg, r)
                 n_new = loop.add_candidates(w, new, r, "generated", keys)
+                seconds = time.perf_counter() - t0
+                planning.record_stage(w, r, "generate", None, [seconds], 0.0, seconds, 1)
                 log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
             _relax_stage(w, cfg, r, model)
             discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
@@ -190,6 +221,7 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             artifacts.discovery_table(w, cfg)
             artifacts.candidates_table(cfg, r, cand)
             artifacts.round_figures(cfg, r, cand)
+            artifacts.costs_table(w, cfg)
             log.info("round %d: %s", r, metrics)
         summary = w.summary()
     artifacts.report_link(cfg)

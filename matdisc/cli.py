@@ -1,4 +1,4 @@
-"""The ``matdisc`` command: run, deploy, status, report, validate, server start/stop.
+"""The ``matdisc`` command: run, deploy, plan, status, report, validate, server start/stop.
 
 User errors (bad config, missing store, unknown element) print one line per problem on
 stderr and exit 2, never a traceback.
@@ -28,7 +28,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from matdisc.store import open_campaign
 
-    summary = open_campaign(args.store).summary()
+    store = open_campaign(args.store)
+    summary = {**store.summary(), **_spending(store)}
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -47,7 +48,108 @@ def _cmd_status(args: argparse.Namespace) -> int:
     console = Console()
     console.print(table)
     _print_hits(console, args.store)
+    _print_spending(console, summary)
     return 0
+
+
+def _spending(store) -> dict:
+    """Cost per round and stage, budgets (limits from the store's latest run config), why it stopped."""
+    from matdisc import planning
+    from matdisc.config import CampaignConfig
+
+    costs = planning.round_costs(store)
+    out: dict = {"costs": [{k: (None if isinstance(v, float) and math.isnan(v) else
+                                int(v) if k in ("round", "jobs") else v) for k, v in r.items()}
+                           for r in costs.to_dict("records")], "budget": {}, "stopped": None}
+    runs = store.runs()
+    if not runs.empty:
+        try:
+            cfg = CampaignConfig.model_validate_json(runs["config"].iloc[-1])
+            out["budget"] = planning.budget_status(cfg, store)
+        except ValueError:  # a store written by an older matdisc, or a model file since moved
+            pass
+    stops = store.table("stops")
+    if not stops.empty:
+        last = stops.iloc[-1]
+        out["stopped"] = {"round": int(last["round"]), "reason": str(last["reason"])}
+    return out
+
+
+def _print_spending(console, summary: dict) -> None:
+    from rich.table import Table
+
+    if summary["costs"]:
+        table = Table(title="cost per stage: predicted vs actual compute seconds")
+        for col in ("round", "stage", "jobs", "predicted s", "actual s", "predicted/actual", "wall s"):
+            table.add_column(col, justify="right")
+        for r in summary["costs"]:
+            table.add_row(str(r["round"]), r["stage"], str(r["jobs"]), _fmt(r["predicted_s"], ".1f"),
+                          _fmt(r["actual_s"], ".1f"), _fmt(r["ratio"], ".2f"), _fmt(r["wall_s"], ".1f"))
+        console.print(table)
+    for name, b in summary["budget"].items():
+        limit = "no limit" if b["limit"] is None else f"{b['limit']:.4g} h, {b['remaining']:.4g} h left"
+        console.print(f"budget.{name}: spent {b['spent']:.4g} h ({limit})")
+    if summary["stopped"]:
+        console.print(f"stopped before round {summary['stopped']['round']}: {summary['stopped']['reason']}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from matdisc.config import load_config
+
+    cfg = load_config(args.config)
+    if args.store:
+        cfg = cfg.model_copy(update={"store": Path(args.store)})
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError("--rounds: must be at least 1")
+    from matdisc import planning
+    from matdisc.probe import probe
+    from matdisc.store import open_campaign
+
+    store = open_campaign(cfg.store_path) if cfg.store_path.exists() else None
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
+    rates = memory = None
+    if not args.no_probe:
+        rates, memory = probe(cfg, refresh=args.reprobe, log=say)
+        if store is not None:
+            rates, _ = planning.campaign_rates(cfg, store)  # the probe is cached: refitted on the store
+    plan = planning.plan_campaign(cfg, store, rounds=args.rounds, rates=rates, memory=memory, log=say)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2, default=float))
+        return 0
+    _print_plan(plan)
+    return 0
+
+
+def _print_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"plan for {plan.campaign}: compute seconds (wall seconds on "
+                  f"{plan.workers.mlip} MLIP + {plan.workers.dft} DFT workers)")
+    for col in ("round", "new candidates", "relaxations", "DFT calcs", "generate", "MLIP relax", "DFT", "training",
+                "wall"):
+        table.add_column(col, justify="right")
+
+    def cell(r, stage: str) -> str:
+        s = r.stages.get(stage)
+        return "-" if s is None else f"{s.compute_s:.0f} ({s.wall_s:.0f})"
+
+    for r in plan.rounds:
+        table.add_row(str(r.round), str(r.candidates), str(r.relaxations), str(r.dft_calcs), cell(r, "generate"),
+                      cell(r, "relax"), cell(r, "dft"), cell(r, "train"), f"{r.wall_s / 60:.1f} min")
+    console.print(table)
+    total = plan.totals()
+    console.print(f"total: {total['wall_s'] / 3600:.2f} h wall, {total['dft_cpu_hours']:.3f} DFT CPU-hours, "
+                  f"{total['gpu_hours']:.3f} MLIP worker hours; peak memory per worker: "
+                  + ", ".join(f"{k} {v:.2f} GB" for k, v in plan.memory.items()))
+    sources = sorted({plan.rates.origin(k) for k in plan.rates.as_dict() if k != "source"})
+    console.print(f"rates from: {', '.join(sources)}")
+    for name, b in plan.budget.items():
+        if b["limit"] is not None:
+            verdict = "fits" if b["fits"] else "does NOT fit: the campaign will shrink DFT batches, then stop"
+            console.print(f"budget.{name}: {b['spent']:.3g} h spent + {b['planned']:.3g} h planned of {b['limit']:.3g} h"
+                          f" — {verdict}")
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -158,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="deployment name (default: the campaign name)")
     p.add_argument("--store", help="campaign store path (overrides the config)")
     p.set_defaults(func=_cmd_deploy)
+    p = sub.add_parser("plan", help="estimate a campaign's cost per round before running it")
+    p.add_argument("config")
+    p.add_argument("--store", help="campaign store path (overrides the config)")
+    p.add_argument("--rounds", type=int, help="total active-learning rounds (overrides the config)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--reprobe", action="store_true", help="measure this machine again (ignore the probe cache)")
+    p.add_argument("--no-probe", action="store_true", help="no measurements: cached rates, the store's, or priors")
+    p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("status", help="per-round table of a campaign store")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")

@@ -369,6 +369,20 @@ class ActiveLearningConfig(_Strict):
     )
 
 
+class BudgetConfig(_Strict):
+    """Resource budgets of the whole campaign (None: unlimited). Spending is the measured compute
+    time recorded in the store; the campaign shrinks a round's DFT batch to what is left and stops
+    cleanly, with the reason in the store and the UI, instead of overrunning."""
+
+    dft_cpu_hours: float | None = Field(
+        None, gt=0, description="reference calculations: seconds × cores per calculation, in hours"
+    )
+    gpu_hours: float | None = Field(
+        None, gt=0, description="MLIP worker hours: relaxations and training (on the GPU, or the CPU without one)"
+    )
+    wall_hours: float | None = Field(None, gt=0, description="wall time of the campaign's stages, in hours")
+
+
 class SlurmConfig(_Strict):
     """dask-jobqueue settings (pip install matdisc[hpc]): two job pools, one Dask scheduler.
 
@@ -420,6 +434,7 @@ class CampaignConfig(_Strict):
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     @field_validator("chemsys")
     @classmethod

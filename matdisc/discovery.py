@@ -17,7 +17,7 @@ import pandas as pd
 from ase import Atoms
 from pymatgen.core import Composition, Structure
 
-from matdisc import metrics
+from matdisc import metrics, planning
 from matdisc.active import select
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
@@ -97,20 +97,54 @@ def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) ->
     picks = select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
                    explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
                    structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition)
+    cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
+    picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
     w.append("selections", key, {"id": [p.id for p in picks], "round": [round_] * len(picks),
                                  "strategy": [al.acquisition] * len(picks), "score": [p.score for p in picks],
                                  "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
-                                 "rank": [p.rank for p in picks]})
+                                 "rank": [p.rank for p in picks], "predicted_s": cost[: len(picks)]})
     return [p.id for p in picks]
+
+
+def cheapest_reference_seconds(w: CampaignWriter, cfg: CampaignConfig) -> float | None:
+    """Predicted seconds of the cheapest candidate without a reference result (None: there is none)."""
+    from matdisc.loop import candidate_atoms, dft_done
+
+    done = dft_done(w, settings_hash(cfg.reference))
+    atoms = [a for cid, a in candidate_atoms(w) if cid not in done]
+    if not atoms:
+        return None
+    rates, _ = planning.campaign_rates(cfg, w)
+    return planning.dft_seconds(min(atoms, key=lambda a: planning.dft_work(a, cfg.reference)), cfg.reference,
+                                rates, rates.dft_steps)
+
+
+def predicted_reference_seconds(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> list[float]:
+    """Predicted seconds of verifying each candidate (cost model calibrated on the store)."""
+    from matdisc.loop import candidate_atoms
+
+    if not ids:
+        return []
+    rates, _ = planning.campaign_rates(cfg, w)
+    return [planning.dft_seconds(a, cfg.reference, rates, rates.dft_steps) for _, a in candidate_atoms(w, ids)]
 
 
 def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | None:
     """Why the campaign stops before ``round_`` (None: it goes on).
 
-    Rules: the total DFT budget is spent, or ``patience`` rounds in a row found no new hit.
-    (The number of rounds is the flow's loop bound.)
+    Rules: a resource budget is spent (:func:`matdisc.planning.budget_stop_reason`), the total
+    DFT budget is spent, or ``patience`` rounds in a row found no new hit. (The number of rounds
+    is the flow's loop bound.)
     """
     al = cfg.active_learning
+    if (reason := planning.budget_stop_reason(cfg, w)) is not None:
+        return reason
+    left = planning.remaining_dft_seconds(cfg, w)
+    if left is not None:
+        cheapest = cheapest_reference_seconds(w, cfg)
+        if cheapest is not None and left < cheapest:
+            return (f"budget: {left:.3g} s of reference calculation left, less than the cheapest unverified "
+                    f"candidate needs ({cheapest:.3g} s predicted)")
     if al.max_dft_total is not None and dft_calls_used(w, round_) >= al.max_dft_total:
         return f"DFT budget spent: {dft_calls_used(w, round_)} of max_dft_total {al.max_dft_total} calculations"
     rounds = w.rounds()

@@ -171,8 +171,7 @@ def relax_batch_key(round_: int, model_sha: str, ids: list[str]) -> str:
 def record_relaxations(w: CampaignWriter, key: str, round_: int, results: list[RelaxResult], model_sha: str) -> None:
     records = []
     for r in results:
-        row = scalar_fields(r)
-        row.pop("walltime_s")
+        row = scalar_fields(r)  # walltime_s: this structure's share of its task (cost calibration)
         row.update(round=round_, model_sha256=model_sha, e_mlip_per_atom=r.energy_per_atom)
         records.append(row)
     w.append_records("mlip", key, records, Frames.from_atoms([r.atoms for r in results]))

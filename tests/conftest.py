@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# probe results are cached per user: the tests start from none (and never touch the user's)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="matdisc-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ JOB, RESULT, FRAMES, LOG = "job.pkl", "result.pkl", "frames.extxyz", "runner.log
 def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path) -> ReferenceResult:
     """Relax + static with the configured reference calculator. Never raises for a failed calculation."""
     ref = cfg.resolved()
+    t0 = time.perf_counter()
     calc_dir = _new_attempt_dir(Path(workdir) / id)
     attempt = int(calc_dir.name.rsplit("-", 1)[1])
     walltime = float(ref.walltime_s or 0)
@@ -47,6 +48,7 @@ def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path)
         if res.status == "timeout":
             res.reason = f"wall time {walltime:g} s exceeded ({res.reason})"
     res.attempt = attempt
+    res.walltime_s = time.perf_counter() - t0  # what the worker spent, process start included (budgets)
     if attempt > 1:
         res.notes = "; ".join(filter(None, [f"attempt {attempt} (earlier ones kept beside it)", res.notes]))
     return res

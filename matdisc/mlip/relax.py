@@ -12,6 +12,7 @@ gives ``sigma`` (energy std, eV/atom) and ``force_std`` (largest per-atom force 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 from ase import Atoms
@@ -31,15 +32,22 @@ def relax_many(structures: list[tuple[str, Atoms]], model_paths: list[str],
     mlip = mlip or MLIPConfig()
     if not structures:
         return []
+    t0 = time.perf_counter()
     device = resolve_device(mlip.device)
     engine = mlip.engine if mlip.engine != "auto" else "torch-sim"
+    results = None
     if engine == "torch-sim":
         try:
-            return _relax_torch_sim(structures, model_paths, mlip, device)
+            results = _relax_torch_sim(structures, model_paths, mlip, device)
         except Exception as err:  # a batch-level failure: the ASE loop still gives every structure its outcome
             log.warning("batched relaxation failed (%s: %s); falling back to the ASE loop",
                         type(err).__name__, str(err).splitlines()[0][:200])
-    return relax_ase(structures, model_paths, mlip, device)
+    if results is None:
+        results = relax_ase(structures, model_paths, mlip, device)
+    share = (time.perf_counter() - t0) / len(results)  # the call's time (models loaded, spread) per structure
+    for r in results:
+        r.walltime_s = share
+    return results
 
 
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:

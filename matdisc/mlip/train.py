@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class TrainedModel:
     n_train: int
     n_valid: int
     metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # training run (subprocess) wall time: the training cost model is fitted on it
 
 
 def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int):
@@ -153,7 +155,9 @@ def train_mace(
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     if threads:  # torch's intra-op threads for this training run
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
     proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - t0
     model = workdir / f"{name}.model"
     if proc.returncode != 0 or not model.exists():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -162,7 +166,7 @@ def train_mace(
         _keep_campaign_head(model)
     with MODEL_LOCK:  # members run in threads: see MODEL_LOCK
         metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
-    return TrainedModel(model, mode, len(train), len(valid), metrics)
+    return TrainedModel(model, mode, len(train), len(valid), metrics, seconds)
 
 
 def _keep_campaign_head(path: Path) -> None:

@@ -1,0 +1,223 @@
+"""Cost models: what one stage of a round costs, from stated forms and measured rates.
+
+Forms (seconds of one job; the rates are measured, see :mod:`matdisc.probe` and :func:`calibrate`):
+
+* MLIP relaxation task: ``t = relax_task_s + relax_s × Σ atoms × steps`` over the task's structures
+  (``steps``: FIRE steps per structure, the campaign's mean so far, else a prior).
+* Reference calculation: ``t = dft_call_s + dft_s × work × (1 + STEP_COST × ionic_steps)``, where
+  ``work = k-points (irreducible) × valence electrons × plane waves`` for GPAW (the FFT/grid term
+  that dominates cells of tens of atoms; the N³ orthogonalisation term is left out) and
+  ``work = atoms`` for any other calculator. A relaxation step reuses the previous wave functions
+  and costs ``STEP_COST`` of a fresh static.
+* Training, per committee member: ``t = train_member_s + train_s × frame atoms × epochs``;
+  members train side by side, ``min(members, cores)`` at a time.
+* Wall time of a stage: list scheduling of its jobs on the stage's workers, plus ``task_s`` of
+  orchestration (Prefect + Dask + store write) per job.
+
+The store records predicted and actual cost of every stage (table ``costs``); :func:`calibrate`
+refits each rate on those records (a ratio estimator over the jobs' work), so every round
+predicts the next one better.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from ase import Atoms
+
+from matdisc.config import CampaignConfig, ReferenceConfig
+
+#: Cost of one relaxation step relative to a fresh static calculation (wave functions reused).
+STEP_COST = 0.6
+#: Stages of a round whose cost is modelled and recorded.
+STAGES = ("generate", "relax", "dft", "train")
+#: Å per bohr and eV per hartree: plane-wave count from the cutoff.
+_BOHR, _HARTREE = 0.529177, 27.2114
+
+
+@dataclass
+class Rates:
+    """The coefficients of the cost forms, and where each came from (prior, probe or store)."""
+
+    relax_s: float = 2e-4  # s per atom-step, batched MLIP relaxation
+    relax_task_s: float = 3.0  # s per relaxation task (model load, committee spread)
+    mlip_steps: float = 60.0  # FIRE steps per structure
+    dft_s: float = 1e-6  # s per work unit of a static calculation
+    dft_call_s: float = 2.0  # s per calculation (process start, setups, I/O)
+    dft_steps: float = 8.0  # ionic steps of a verification (from an MLIP-relaxed structure)
+    seed_steps: float = 15.0  # ionic steps of a cold-start seed (from a prototype)
+    train_s: float = 1e-3  # s per frame atom per epoch, one member
+    train_member_s: float = 10.0  # s per member (start-up, data, E0s, saving)
+    task_s: float = 0.3  # s of orchestration per task
+    source: dict[str, str] = field(default_factory=dict)  # coefficient -> prior | probe | store
+
+    def updated(self, how: str, **values: float) -> Rates:
+        finite = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(v) and v >= 0}
+        return replace(self, **finite, source={**self.source, **{k: how for k in finite}})
+
+    def origin(self, name: str) -> str:
+        return self.source.get(name, "prior")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- work measures -------------------------------------------------------------------------------
+def valence_electrons(symbol: str) -> float:
+    """Valence electrons of GPAW's default PBE setup (Z when no setup is installed)."""
+    from ase.data import atomic_numbers
+
+    try:
+        from gpaw.setup_data import SetupData
+
+        return float(SetupData(symbol, "PBE").Nv)
+    except Exception:  # noqa: BLE001 - no setups for this element: an upper bound
+        return float(atomic_numbers[symbol])
+
+
+def irreducible_kpoints(atoms: Atoms, mesh: Sequence[int]) -> int:
+    """k-points GPAW computes: the Monkhorst-Pack mesh reduced by the crystal's symmetry."""
+    import spglib
+
+    cell = (atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)
+    try:
+        mapping, _ = spglib.get_ir_reciprocal_mesh(list(mesh), cell, is_shift=[0, 0, 0])
+        return int(len(np.unique(mapping)))
+    except Exception:  # noqa: BLE001 - spglib failed on an odd cell: the full mesh
+        return int(np.prod(mesh))
+
+
+def dft_work(atoms: Atoms, ref: ReferenceConfig) -> float:
+    """The work measure of one static calculation of ``atoms`` (see the module docstring)."""
+    ref = ref.resolved()
+    if ref.calculator != "gpaw":
+        return float(len(atoms))
+    from matdisc.dft.calculators import kpoints
+
+    kpts = irreducible_kpoints(atoms, kpoints(atoms, ref.kpoint_density or 2.5))
+    electrons = sum(valence_electrons(s) for s in atoms.get_chemical_symbols())
+    from matdisc.dft.calculators import calculator_parameters
+
+    mode = calculator_parameters(ref)["parameters"].get("mode")
+    ecut = float(mode.get("ecut") or ref.ecut) if isinstance(mode, dict) else float(ref.ecut or 300.0)
+    k_cut = math.sqrt(2 * ecut / _HARTREE) / _BOHR  # Å⁻¹
+    planewaves = atoms.get_volume() * k_cut**3 / (6 * math.pi**2)
+    spin = 2.0 if _spin_polarised(atoms, ref) else 1.0
+    return kpts * electrons * planewaves * spin
+
+
+def _spin_polarised(atoms: Atoms, ref: ReferenceConfig) -> bool:
+    from matdisc.dft.calculators import magmoms_for
+
+    return ref.spin == "on" or (ref.spin == "auto" and magmoms_for(atoms, ref) is not None)
+
+
+def dft_seconds(atoms: Atoms, ref: ReferenceConfig, rates: Rates, steps: float) -> float:
+    """Predicted seconds of one reference calculation with ``steps`` ionic steps."""
+    return rates.dft_call_s + rates.dft_s * dft_work(atoms, ref) * (1 + STEP_COST * steps)
+
+
+def relax_tasks(n_atoms: Sequence[int], per_task: int, rates: Rates) -> list[float]:
+    """Predicted seconds of each relaxation task (structures split as the flow splits them)."""
+    return [rates.relax_task_s + rates.relax_s * rates.mlip_steps * sum(n_atoms[i : i + per_task])
+            for i in range(0, len(n_atoms), per_task)]
+
+
+def train_member_seconds(frame_atoms: float, epochs: int, rates: Rates) -> float:
+    return rates.train_member_s + rates.train_s * frame_atoms * epochs
+
+
+def concurrent_members(size: int, cores: int) -> int:
+    """Committee members trained side by side (as :func:`matdisc.mlip.train_committee` does)."""
+    return max(1, min(size, cores))
+
+
+# -- wall time -----------------------------------------------------------------------------------
+def makespan(jobs: Iterable[float], workers: int) -> float:
+    """Wall time of independent jobs on ``workers``: longest job first to the least-loaded worker."""
+    loads = [0.0] * max(1, workers)
+    for t in sorted(jobs, reverse=True):
+        heapq.heapreplace(loads, loads[0] + t)
+    return max(loads)
+
+
+def stage_wall(jobs: Sequence[float], workers: int, rates: Rates) -> float:
+    return makespan(jobs, workers) + rates.task_s * math.ceil(len(jobs) / max(1, workers))
+
+
+# -- calibration ---------------------------------------------------------------------------------
+def _ratio(num: Iterable[float], den: Iterable[float]) -> float | None:
+    n, d = float(np.nansum(list(num))), float(np.nansum(list(den)))
+    return n / d if d > 0 and n > 0 else None
+
+
+def _fit(jobs: np.ndarray, work: np.ndarray, actual: np.ndarray, fixed: float) -> tuple[float, float]:
+    """(per-job, per-work) seconds of ``actual ≈ per_job × jobs + per_work × work`` over a stage's records.
+
+    Least squares when the records tell the two parts apart (different work per job) and both
+    come out non-negative; else the per-job part is kept and the rate is the ratio estimator; and
+    when the kept per-job part alone exceeds what was measured, everything counts as per-work.
+    """
+    design = np.c_[jobs, work]
+    scaled = design / np.maximum(design.max(axis=0), 1e-300)
+    if len(jobs) >= 2 and np.linalg.matrix_rank(scaled, tol=0.05) == 2:
+        (c, s), *_ = np.linalg.lstsq(design, actual, rcond=None)
+        if c >= 0 and s > 0:
+            return float(c), float(s)
+    rate = _ratio(actual - jobs * fixed, work)
+    if rate is None:
+        return 0.0, float(actual.sum() / work.sum())
+    return fixed, rate
+
+
+def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.DataFrame) -> Rates:
+    """Refit the rates on a campaign's records (tables ``costs``, ``mlip``, ``dft``).
+
+    Steps come from the relaxations themselves (mean FIRE steps; mean ionic steps of seeds and
+    of verifications); each stage's per-job and per-work seconds are fitted on its records
+    (:func:`_fit`). Orchestration per task is what the stages' wall time exceeded their compute by.
+    """
+    out = rates
+    if not mlip.empty and "n_steps" in mlip:
+        ok = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged"))]
+        if len(ok):
+            out = out.updated("store", mlip_steps=float(ok["n_steps"].mean()))
+    if not dft.empty and "n_steps" in dft:
+        seeds, verif = dft[dft["round"] == 0], dft[dft["round"] >= 1]
+        if len(seeds):
+            out = out.updated("store", seed_steps=float(seeds["n_steps"].mean()))
+        if len(verif):
+            out = out.updated("store", dft_steps=float(verif["n_steps"].mean()))
+    if costs.empty:
+        return out
+    fitted = {}
+    for stage, fixed, rate in (("relax", "relax_task_s", "relax_s"), ("dft", "dft_call_s", "dft_s"),
+                               ("train", "train_member_s", "train_s")):
+        rows = costs[(costs["stage"] == stage) & (costs["work"] > 0)]
+        if len(rows):
+            c, s = _fit(rows["jobs"].to_numpy(float), rows["work"].to_numpy(float), rows["actual_s"].to_numpy(float),
+                        getattr(out, fixed))
+            fitted.update({fixed: c, rate: s})
+    out = out.updated("store", **fitted)
+    waits = costs[costs["stage"].isin(("relax", "dft")) & (costs["jobs"] > 0)]
+    if len(waits):
+        extra = (waits["wall_s"] - waits["ideal_wall_s"]).clip(lower=0)
+        over = _ratio(extra, waits["jobs"] / waits["workers"].clip(lower=1))
+        out = out.updated("store", task_s=over if over is not None else 0.0)
+    return out
+
+
+def reference_cores(cfg: CampaignConfig) -> int:
+    """Cores one reference calculation occupies (what a CPU-hour budget is charged per second)."""
+    return cfg.compute.threads_per_dft_worker * cfg.reference.ranks
+
+
+__all__ = ["STAGES", "STEP_COST", "Rates", "calibrate", "concurrent_members", "dft_seconds", "dft_work",
+           "irreducible_kpoints", "makespan", "reference_cores", "relax_tasks", "stage_wall",
+           "train_member_seconds", "valence_electrons"]

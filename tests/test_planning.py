@@ -1,0 +1,126 @@
+"""Planning on the session's EMT campaign: recorded predicted vs actual cost, ``matdisc plan``,
+budgets that shrink a round's DFT batch and stop the campaign with a report."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from matdisc import discovery, planning
+from matdisc.cli import main
+from matdisc.config import CampaignConfig
+from matdisc.store import CampaignWriter, open_campaign
+
+
+def _copy(cfg: CampaignConfig, tmp_path: Path, name: str, **update) -> CampaignConfig:
+    dst = tmp_path / name
+    shutil.copytree(cfg.store_path, dst)
+    data = cfg.model_dump(mode="json")
+    data.update(store=str(dst), **update)
+    return CampaignConfig.model_validate(data)
+
+
+def _commit_logs(path: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted((path / "_commits").glob("*.jsonl"))}
+
+
+def test_every_stage_of_every_round_records_predicted_and_actual_cost(campaign_store):
+    cfg, _ = campaign_store
+    store = open_campaign(cfg.store_path)
+    costs = store.table("costs")
+    stages = {r: set(costs["stage"][costs["round"] == r]) for r in (0, 1, 2)}
+    assert stages == {0: {"dft", "train"}, 1: {"generate", "relax", "dft", "train"},
+                      2: {"generate", "relax", "dft", "train"}}
+    mlip, dft = store.table("mlip"), store.table("dft")
+    for r in (1, 2):
+        rows = costs[costs["round"] == r].set_index("stage")
+        n_relaxed = int((mlip["round"] == r).sum())
+        assert rows.loc["relax", "jobs"] == math.ceil(n_relaxed / cfg.mlip.structures_per_task)
+        # a relaxation task's compute is shared out over its structures: they add back up
+        assert rows.loc["relax", "actual_s"] == pytest.approx(mlip["walltime_s"][mlip["round"] == r].sum())
+        assert rows.loc["dft", "jobs"] == int((dft["round"] == r).sum()) == cfg.active_learning.dft_budget
+        assert rows.loc["train", "jobs"] == cfg.mlip.ensemble
+        for stage in ("relax", "dft", "train"):
+            assert rows.loc[stage, "actual_s"] > 0 and np.isfinite(rows.loc[stage, "predicted_s"])
+            assert rows.loc[stage, "wall_s"] >= rows.loc[stage, "ideal_wall_s"] * 0.99
+
+
+def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
+    """Round 2's predictions were made from rounds 0-1's records. Stated factors: MLIP relaxation
+    and training compute within ×1.5 (the issue's calibrated target); EMT reference calculations
+    take milliseconds, so there the check is 1 s of absolute agreement over the stage."""
+    cfg, _ = campaign_store
+    costs = planning.round_costs(open_campaign(cfg.store_path))
+    r2 = costs[costs["round"] == 2].set_index("stage")
+    for stage in ("relax", "train"):
+        assert 1 / 1.5 <= r2.loc[stage, "ratio"] <= 1.5, (stage, r2.loc[stage].to_dict())
+    assert abs(r2.loc["dft", "predicted_s"] - r2.loc["dft", "actual_s"]) < 1.0
+    rates, _ = planning.campaign_rates(cfg, open_campaign(cfg.store_path))
+    assert rates.origin("relax_s") == rates.origin("train_s") == rates.origin("mlip_steps") == "store"
+
+
+def test_plan_prices_the_next_round_from_the_store_and_leaves_it_untouched(campaign_store, tmp_path, capsys):
+    cfg, _ = campaign_store
+    before = _commit_logs(cfg.store_path)
+    path = tmp_path / "campaign.yaml"
+    data = cfg.model_dump(mode="json")
+    data["budget"] = {"dft_cpu_hours": 1e-6}  # already spent: the plan must say it does not fit
+    path.write_text(yaml.safe_dump(data))
+    assert main(["plan", str(path), "--json", "--no-probe", "--rounds", "3"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert _commit_logs(cfg.store_path) == before  # planning never writes the store
+    (r3,) = plan["rounds"]  # rounds 0-2 are done: only round 3 is priced
+    n_stored = len(open_campaign(cfg.store_path).table("candidates").drop_duplicates("id"))
+    assert r3["round"] == 3 and r3["relaxations"] == n_stored + r3["candidates"]  # every candidate, new model
+    assert r3["dft_calcs"] == cfg.active_learning.dft_budget
+    assert set(r3["stages"]) == {"generate", "relax", "dft", "train"}
+    assert all(s["compute_s"] > 0 and s["wall_s"] > 0 for s in r3["stages"].values())
+    assert plan["rate_sources"]["relax_s"] == plan["rate_sources"]["train_s"] == "store"
+    assert plan["budget"]["dft_cpu_hours"]["fits"] is False and plan["budget"]["gpu_hours"]["limit"] is None
+    assert plan["peak_memory_gb"]["dft_worker"] > 0
+
+
+def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store, tmp_path):
+    cfg, _ = campaign_store
+    free = _copy(cfg, tmp_path, "free.zarr", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 5})
+    with CampaignWriter(free.store_path) as w:
+        ranked = discovery.select_for_reference(w, free, 3)
+        cost = discovery.predicted_reference_seconds(w, free, ranked)
+        used = planning.spent(w, free)["dft_cpu_hours"]
+    assert len(ranked) >= 3 and all(c > 0 for c in cost)
+    # budget: what was spent, plus the first two picks, plus half the third
+    limit = used + (cost[0] + cost[1] + 0.5 * cost[2]) * planning.reference_cores(free) / 3600
+    tight = _copy(cfg, tmp_path, "tight.zarr", active_learning=free.active_learning.model_dump(),
+                  budget={"dft_cpu_hours": limit})
+    with CampaignWriter(tight.store_path) as w:
+        picks = discovery.select_for_reference(w, tight, 3)
+        sel = w.table("selections")
+    assert picks == ranked[:2]  # the ranking kept, cut where the money ends
+    assert list(sel["predicted_s"][sel["round"] == 3]) == pytest.approx(cost[:2])
+
+
+def test_a_spent_budget_stops_the_campaign_with_a_report_and_a_consistent_store(campaign_store, prefect_api,
+                                                                                tmp_path, capsys):
+    from flows.campaign import campaign_flow
+
+    cfg, _ = campaign_store
+    used = planning.spent(open_campaign(cfg.store_path), cfg)["dft_cpu_hours"]
+    spent_cfg = _copy(cfg, tmp_path, "spent.zarr", budget={"dft_cpu_hours": used})  # paid exactly what ran
+    before = {k: v for k, v in _commit_logs(spent_cfg.store_path).items() if k not in ("runs.jsonl",)}
+    summary = campaign_flow(config=spent_cfg.model_dump(mode="json"), rounds=3)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]  # round 3 never started
+    after = _commit_logs(spent_cfg.store_path)
+    assert {k: after[k] for k in before} == before  # nothing but the run and the stop was written
+    assert set(after) - set(before) == {"runs.jsonl", "stops.jsonl"}
+    assert main(["status", str(spent_cfg.store_path), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["stopped"]["round"] == 3 and "budget.dft_cpu_hours spent" in status["stopped"]["reason"]
+    assert status["budget"]["dft_cpu_hours"]["remaining"] == 0.0
+    n_dft = len(open_campaign(spent_cfg.store_path).table("dft"))
+    assert n_dft == len(open_campaign(cfg.store_path).table("dft"))  # the N calculations the budget paid for
