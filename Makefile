@@ -34,7 +34,7 @@ demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/matdisc run examples/quickstart.yaml
 
 test: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q -n 2 --dist loadgroup
 
 bench: install
 	$(PY) benchmarks/store.py

@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -42,13 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.local_server import prefect_server  # noqa: E402
 warnings.filterwarnings("ignore")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def candidates(n: int, seed: int = 0) -> list:
@@ -96,13 +89,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="matdisc-orch-"))
-    os.environ.update(MATDISC_HOME=str(tmp / "home"), MATDISC_PREFECT_PORT=str(free_port()),
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1")
-    os.environ.pop("PREFECT_API_URL", None)
-    from matdisc import server
-
-    api = server.ensure_api()  # a real `prefect server start` on 127.0.0.1
-    try:
+    with prefect_server(tmp) as api:  # a real `prefect server start` on 127.0.0.1
         from flows.deployment import run_campaign, run_name
         from matdisc import loop
         from matdisc.config import CampaignConfig
@@ -128,8 +115,6 @@ def main() -> None:
             loop.add_candidates(w, pool, 1, "generated")
         run_campaign(cfg, rounds=1)
         wall, compute, n_tasks = asyncio.run(flow_run_times(run_name(cfg, 1, 1)))
-    finally:
-        server.stop()
     print(json.dumps({
         "candidates": args.candidates,
         "wall_s": round(wall, 1),

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import tempfile
 import time
@@ -31,13 +29,8 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.local_server import prefect_server  # noqa: E402
 warnings.filterwarnings("ignore")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worst(ratios) -> float:
@@ -65,13 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="matdisc-plan-"))
-    os.environ.update(MATDISC_HOME=str(tmp / "home"), MATDISC_PREFECT_PORT=str(free_port()),
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp / "cache"))
-    os.environ.pop("PREFECT_API_URL", None)
-    from matdisc import server
-
-    server.ensure_api()
-    try:
+    with prefect_server(tmp, XDG_CACHE_HOME=str(tmp / "cache")):
         from flows.deployment import run_campaign
         from matdisc import planning
         from matdisc.config import CampaignConfig
@@ -103,8 +90,6 @@ def main() -> None:
         run_campaign(cfg, rounds=2)
         costs = planning.round_costs(open_campaign(cfg.store_path))
         calibrated = compare(after, costs, [2])
-    finally:
-        server.stop()
     print(json.dumps({
         "stages": {k.split("/", 1)[1]: v for k, v in calibrated.items()},
         "worst_ratio_calibrated": round(worst(v["ratio"] for v in calibrated.values()), 3),

@@ -93,7 +93,8 @@ def _print_spending(console, summary: dict) -> None:
         console.print(f"stopped before round {summary['stopped']['round']}: {summary['stopped']['reason']}")
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
+def _campaign_args(args: argparse.Namespace):
+    """The campaign file with ``--store`` applied, ``--rounds`` checked (run and plan)."""
     from matdisc.config import load_config
 
     cfg = load_config(args.config)
@@ -101,6 +102,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         cfg = cfg.model_copy(update={"store": Path(args.store)})
     if args.rounds is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
+    return cfg
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    cfg = _campaign_args(args)
     from matdisc import planning
     from matdisc.probe import probe
     from matdisc.store import open_campaign
@@ -175,13 +181,7 @@ def _print_hits(console, store: str | Path) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from matdisc.config import load_config
-
-    cfg = load_config(args.config)
-    if args.store:
-        cfg = cfg.model_copy(update={"store": Path(args.store)})
-    if args.rounds is not None and args.rounds < 1:
-        raise UserError("--rounds: must be at least 1")
+    cfg = _campaign_args(args)
     if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
         raise UserError("--more-rounds: must be at least 1, and not given together with --rounds")
     from matdisc.store.tables import check_not_locked

@@ -2,7 +2,7 @@
 
 Before a campaign has any history, ``matdisc plan`` probes: two static reference calculations
 on the smallest seed structures (slope and intercept of the DFT form), two short MACE trainings
-of the configured size (1 and 3 epochs: per-member start-up and per-epoch cost), and a short
+of the configured size (1 and 4 epochs: per-member start-up and per-epoch cost), and a short
 batched relaxation with the model the training left (per atom-step cost and the worker's memory).
 Results are cached per machine and settings in ``~/.cache/matdisc/probes.json`` (``$XDG_CACHE_HOME``),
 so the flow and later plans reuse them without probing again.
@@ -26,8 +26,10 @@ from ase import Atoms
 from matdisc.config import CampaignConfig
 from matdisc.costs import Rates, dft_work
 
-#: Structures and steps of the relaxation probe.
-PROBE_STRUCTURES, PROBE_STEPS = 8, 20
+#: Structures and steps of the relaxation probe (a batch like a task's, small enough to be quick).
+PROBE_STRUCTURES, PROBE_STEPS = 24, 20
+#: Training probe: at least this many frames, trained for each number of epochs.
+PROBE_FRAMES, PROBE_EPOCHS = 48, (1, 4)
 
 
 def cache_path() -> Path:
@@ -137,7 +139,7 @@ def _labelled(seeds: list[Atoms], cfg: CampaignConfig) -> list[Atoms]:
     calc = EMT() if all(s in parameters for s in cfg.chemsys) else LennardJones(sigma=2.3, epsilon=0.1, rc=5.0)
     rng = np.random.default_rng(0)
     out = []
-    for k in range(3):
+    for k in range(max(2, -(-PROBE_FRAMES // len(seeds)))):
         for a in seeds:
             b = a.copy()
             b.positions += rng.normal(0, 0.05, b.positions.shape) * (k > 0)
@@ -147,7 +149,7 @@ def _labelled(seeds: list[Atoms], cfg: CampaignConfig) -> list[Atoms]:
 
 
 def _probe_training(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rates: Rates) -> tuple[Rates, Path]:
-    """Two trainings (1 and 3 epochs) on the same frames: per-member start-up and per-epoch cost."""
+    """Two trainings (1 and 4 epochs) on the same frames: per-member start-up and per-epoch cost."""
     from matdisc.costs import concurrent_members
     from matdisc.mlip import resolve_device
     from matdisc.mlip.train import split_by_structure, train_mace
@@ -161,14 +163,14 @@ def _probe_training(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rate
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // concurrent_members(cfg.mlip.ensemble, cores))
     times, model = [], None
-    for epochs in (1, 3):
+    for epochs in PROBE_EPOCHS:
         sized = training.model_copy(update={"max_num_epochs": epochs})
         trained, seconds = _timed(train_mace, train_frames, valid, workdir / f"e{epochs}", sized, seed=0,
                                   device=device, dtype=cfg.mlip.dtype, threads=threads)
         times.append(seconds)
         model = trained.path
     atoms = sum(len(a) for a in train_frames)
-    per_epoch = max(0.0, (times[1] - times[0]) / 2)
+    per_epoch = max(0.0, (times[1] - times[0]) / (PROBE_EPOCHS[1] - PROBE_EPOCHS[0]))
     return rates.updated("probe", train_s=per_epoch / atoms, train_member_s=max(0.0, times[0] - per_epoch)), model
 
 
@@ -185,7 +187,10 @@ def _probe_relax(cfg: CampaignConfig, seeds: list[Atoms], model_paths: list[str]
     from matdisc.mlip import relax_many
     from matdisc.mlip.model import load_torch_model
 
-    structures = [(f"p{i}", seeds[i % len(seeds)].copy()) for i in range(PROBE_STRUCTURES)]
+    n = min(PROBE_STRUCTURES, max(len(seeds), cfg.mlip.structures_per_task))
+    structures = [(f"p{i}", seeds[i % len(seeds)].copy()) for i in range(n)]
+    for k, (_, a) in enumerate(structures):
+        a.rattle(0.02, seed=k)
     mlip = cfg.mlip.model_copy(update={"fmax": 1e-9, "max_steps": PROBE_STEPS})  # nothing converges early
     members = model_paths * cfg.mlip.ensemble if len(model_paths) == 1 else model_paths
     rss0 = _rss_bytes("VmRSS")

@@ -13,6 +13,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="matdisc-test-cache-")
 
 
+def pytest_collection_modifyitems(items):
+    """Under ``pytest -n 2 --dist loadgroup`` every test of the session's EMT campaign runs in one
+    process, so the campaign is computed once; the other tests spread over both processes."""
+    for item in items:
+        if "campaign_store" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("campaign"))
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness

@@ -61,6 +61,7 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
         ["validate", str(tmp_path / "missing.yaml")],
         ["status", str(tmp_path / "missing.zarr")],
         ["run", str(tmp_path / "missing.yaml")],
+        ["plan", str(tmp_path / "missing.yaml")],
     ]
     (tmp_path / "bad.yaml").write_text("chemsys: [Cu\n")
     cases.append(["validate", str(tmp_path / "bad.yaml")])
@@ -68,6 +69,15 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "matdisc.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bad_budget_and_plan_arguments_are_one_line_errors(tmp_path, capsys):
+    cfg = emt_config(tmp_path, budget={"dft_cpu_hours": -1})
+    assert main(["validate", write(tmp_path, cfg)]) == 2
+    assert capsys.readouterr().err.strip() == "matdisc: budget.dft_cpu_hours: Input should be greater than 0"
+    assert main(["plan", write(tmp_path, emt_config(tmp_path)), "--rounds", "0", "--no-probe"]) == 2
+    assert capsys.readouterr().err.strip() == "matdisc: --rounds: must be at least 1"
+    assert not (tmp_path / "cu-pd.zarr").exists()
 
 
 def test_bad_run_leaves_no_store(tmp_path):
