@@ -261,6 +261,16 @@ def _n_atoms(store) -> list[int]:
     return list(last.values())
 
 
+def _unverified(store, cfg: CampaignConfig) -> list[Atoms]:
+    from matdisc.dft import settings_hash
+    from matdisc.loop import candidate_atoms, dft_done
+
+    if store is None or "candidates" not in store.tables.tables():
+        return []
+    done = dft_done(store, settings_hash(cfg.reference))
+    return [a for cid, a in candidate_atoms(store) if cid not in done]
+
+
 def _frame_atoms(store) -> float:
     if store is None or "frames" not in store.tables.tables():
         return 0.0
@@ -313,15 +323,20 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         n_atoms += [len(a) for a in seeds]
     total = rounds if rounds is not None else al.rounds
     generated: tuple[list[Atoms], float, int] | None = None
+    pool = _unverified(store, cfg)  # what acquisition picks from: every candidate without a reference result
     for r in range(1, total + 1):
         if r in done:
             continue
         if generated is None:  # the next round's generation, for real; later rounds: its repeatable sources
-            t0 = time.perf_counter()
             existing = loop._stored_by_key(store) if store is not None else (lambda keys: {})
             hits = loop.verified_hits(store) if store is not None and cfg.generation.substitution.from_hits else []
-            cands, _, report = generate(cfg.chemsys, cfg.generation, round_=r, existing_by_key=existing, hits=hits)
-            seconds = time.perf_counter() - t0
+            # twice: the first call in a process pays for imports and tables (~10 s), which a
+            # round's generation pays only when it is the first in its process
+            for _ in range(2):
+                t0 = time.perf_counter()
+                cands, _, report = generate(cfg.chemsys, cfg.generation, round_=r, existing_by_key=existing,
+                                            hits=hits)
+                seconds = time.perf_counter() - t0
             atoms = [c.structure.to_ase_atoms() for c in cands]
             again = sum(n for src, n in report.new.items() if src != "prototype")
             generated = (atoms, seconds, again)
@@ -330,11 +345,13 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         else:
             new = generated[0][: generated[2]] if generated[2] else []
         n_atoms += [len(a) for a in new]
+        pool += new
         picks = min(al.dft_budget, len(n_atoms))
         if al.max_dft_total is not None:
             picks = max(0, min(picks, al.max_dft_total - used_calls))
         used_calls += picks
-        sample = _quantile_sample(generated[0], picks, key=lambda a: dft_work(a, cfg.reference))
+        sample = _quantile_sample(pool, picks, key=lambda a: dft_work(a, cfg.reference))
+        pool = [a for a in pool if not any(a is s for s in sample)]
         frames_new = picks * _training_frames_per_calc(cfg, rates.dft_steps)
         frame_atoms += frames_new * (np.mean([len(a) for a in sample]) if sample else 0.0)
         stages = {

@@ -256,7 +256,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 
     cfg, summary = campaign_store
     keys = ["cu-pd-emt-r0-reference-calculations", "cu-pd-emt-r1-mlip-relaxations", "cu-pd-emt-r2-mlip-relaxations",
-            "cu-pd-emt-candidates-r2", "cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"]
+            "cu-pd-emt-candidates-r2", "cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2", "cu-pd-emt-costs"]
 
     async def latest():
         async with get_client() as client:
@@ -276,6 +276,12 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
     for key in ("cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"):
         png = Path(urlparse(art[key].data).path)
         assert art[key].type == "image" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # predicted vs actual seconds per round and stage (the latest version: this campaign's last round)
+    costs = art["cu-pd-emt-costs"].data
+    costs = json.loads(costs) if isinstance(costs, str) else costs
+    assert {(r["round"], r["stage"]) for r in costs} >= {(0, "dft"), (0, "train"), (1, "relax"), (1, "dft"),
+                                                          (1, "train"), (1, "generate")}
+    assert all(r["actual_s"] > 0 and r["predicted_s"] > 0 for r in costs if r["stage"] in ("relax", "train"))
 
 
 @pytest.mark.parametrize("error,retry", [(MemoryError(), True), (OSError("stale file handle"), True),
