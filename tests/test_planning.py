@@ -16,6 +16,7 @@ import yaml
 from matdisc import discovery, planning
 from matdisc.cli import main
 from matdisc.config import CampaignConfig
+from matdisc.costs import train_member_seconds
 from matdisc.store import CampaignWriter, open_campaign
 
 
@@ -127,33 +128,21 @@ def test_a_spent_budget_stops_the_campaign_with_a_report_and_a_consistent_store(
     assert n_dft == len(open_campaign(cfg.store_path).table("dft"))  # the N calculations the budget paid for
 
 
-def test_probe_measures_this_machine_once_and_caches_it(campaign_store, tmp_path, monkeypatch):
-    """A probe of the EMT campaign's settings; its uncalibrated price of the cold start's training
-    is checked against what the session's campaign paid (stated factor: ×3, the issue's target)."""
+def test_probe_measures_this_machine_once_and_caches_it(tmp_path, monkeypatch):
+    """A probe of the EMT test campaign's settings (kept off the session campaign, so it runs beside it)."""
+    from conftest import emt_config
     from matdisc.probe import cached_rates, probe
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    cfg, _ = campaign_store
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
     assert cached_rates(cfg) is None
     rates, memory = probe(cfg, log=lambda msg: None)
     assert {rates.origin(k) for k in ("dft_s", "dft_call_s", "train_s", "train_member_s", "relax_s")} == {"probe"}
-    assert rates.train_member_s > 1.0 and rates.train_s > 0 and rates.relax_s > 0  # MACE start-up takes seconds
+    assert rates.train_s > 0 and rates.relax_s > 0
+    assert train_member_seconds(100.0, 4, rates) > 1.0  # a MACE training run takes seconds
     assert memory["mlip_base_bytes"] > 1e8  # torch and the model are in memory
     t0 = time.perf_counter()
     assert probe(cfg) == (rates, memory) and time.perf_counter() - t0 < 1.0  # cached: no second measurement
     bigger = cfg.model_copy(update={"mlip": cfg.mlip.model_copy(update={
         "training": cfg.mlip.training.model_copy(update={"num_channels": 32})})})
     assert cached_rates(bigger) is None  # another model size is another measurement
-    actual = planning.round_costs(open_campaign(cfg.store_path)).set_index(["round", "stage"])
-    predicted = planning.train_cost(_round0_frame_atoms(cfg), cfg, rates, planning.workers(cfg),
-                                    planning.epochs_for(cfg, 0, "cpu"))
-    ratio = predicted.compute_s / actual.loc[(0, "train"), "actual_s"]
-    assert 1 / 3 <= ratio <= 3, ratio
-
-
-def _round0_frame_atoms(cfg: CampaignConfig) -> float:
-    """Frame atoms round 0 trained on: the frames recorded in round 0."""
-    store = open_campaign(cfg.store_path)
-    frames = store.table("frames")
-    sizes = np.diff(store.frames("frames").offsets)
-    return float(sizes[(frames["round"] == 0).to_numpy()].sum())
