@@ -13,12 +13,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="matdisc-test-cache-")
 
 
+#: Expensive session fixtures -> the xdist group of the tests that use them.
+SHARED_FIXTURES = {"campaign_store": "campaign", "committee": "committee", "model_paths": "committee"}
+
+
 def pytest_collection_modifyitems(items):
-    """Under ``pytest -n 2 --dist loadgroup`` every test of the session's EMT campaign runs in one
-    process, so the campaign is computed once; the other tests spread over both processes."""
+    """Under ``pytest -n 2 --dist loadgroup`` the tests of one expensive session fixture (the EMT
+    campaign, the trained MACE committee) run in one process, so it is computed once; the other
+    tests spread over both processes."""
     for item in items:
-        if "campaign_store" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("campaign"))
+        names = getattr(item, "fixturenames", ())
+        group = next((g for f, g in SHARED_FIXTURES.items() if f in names), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
