@@ -46,8 +46,9 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
                                        len(jobs))
     rates, _ = planning.campaign_rates(cfg, w)
     steps = 0.0 if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
-    n_workers = planning.workers(cfg).dft
-    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps)
+    pool = planning.workers(cfg)
+    n_workers = pool.dft
+    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps)
     t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=DFT):
         futures = {fn.submit(cid, atoms, cfg.reference.model_dump(mode="json"), workdir): (cid, atoms)

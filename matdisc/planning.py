@@ -387,8 +387,8 @@ def _memory(cfg: CampaignConfig, atoms: Sequence[Atoms], probed: dict[str, float
         for a in atoms:
             electrons = sum(valence_electrons(s) for s in a.get_chemical_symbols())
             bands = electrons / 2 * 1.2 + 4
-            pw = dft_work(a, ref) / max(1, irreducible_kpoints(a, kpoints(a, ref.kpoint_density))) / electrons
             k = irreducible_kpoints(a, kpoints(a, ref.kpoint_density))
+            pw = dft_work(a, ref) / max(1, k) / electrons  # plane waves × spins
             dft = max(dft, 0.3 + 3 * 16 * k * bands * pw / gb)
     out["dft_worker"] = dft
     return out
