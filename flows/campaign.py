@@ -8,6 +8,7 @@ completes (it is the store's single writer), so a crash loses at most the tasks 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask
@@ -21,7 +22,7 @@ from flows.tasks import evaluate_task, reference_task, relax_task, static_task, 
 from matdisc import discovery, loop, planning
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig
-from matdisc.costs import STEP_COST, concurrent_members, dft_work
+from matdisc.costs import Rates, concurrent_members, dft_work, scf_cycles
 from matdisc.dft import settings_hash
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
@@ -45,7 +46,7 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     progress = artifacts.StageProgress(cfg, round_, "training frames" if static else "reference calculations",
                                        len(jobs))
     rates, _ = planning.campaign_rates(cfg, w)
-    steps = 0.0 if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
+    steps = None if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
     pool = planning.workers(cfg)
     n_workers = pool.dft
     predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps)
@@ -60,13 +61,25 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
             res = loop.failed_reference(*futures[fut], err, settings)
         loop.record_reference(w, round_, res, settings, verified=verified)
         seconds.append(res.walltime_s)
-        work += dft_work(futures[fut][1], cfg.reference) * (1 + STEP_COST * res.n_steps)
+        work += dft_work(futures[fut][1], cfg.reference) * scf_cycles(None if static else res.n_steps)
         progress.advance()
         log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
     planning.record_stage(w, round_, "dft", predicted, seconds, work, time.perf_counter() - t0, n_workers)
 
 
-def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
+@dataclass
+class FlowWorkers:
+    """What this flow run's workers have done: its first MLIP stage waits for them to import torch
+    and MACE, and its predicted cost says so."""
+
+    mlip_started: bool = False
+
+    def first_mlip(self, cost: planning.StageCost, rates: Rates) -> planning.StageCost:
+        started, self.mlip_started = self.mlip_started, True
+        return cost if started else cost.started(rates.mlip_start_s)
+
+
+def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, run: FlowWorkers) -> dict:
     """Train (or fine-tune) the next committee; its held-out errors go to the store and the UI."""
     log = get_run_logger()
     frames, groups = loop.training_set(w, cfg)
@@ -81,7 +94,7 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> dict:
     sized = cfg.mlip.training.sized(device)
     epochs = int(sized.finetune_epochs if start else sized.max_num_epochs)
     frame_atoms = float(sum(len(a) for a in frames))
-    predicted = planning.train_cost(frame_atoms, cfg, rates, planning.workers(cfg), epochs)
+    predicted = run.first_mlip(planning.train_cost(frame_atoms, cfg, rates, planning.workers(cfg), epochs), rates)
     t0 = time.perf_counter()
     with dask.annotate(resources=MLIP):
         fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
@@ -120,7 +133,7 @@ def _configured_paths(cfg: CampaignConfig) -> list[Path]:
     return [Path(cfg.mlip.model)] if cfg.mlip.is_model_file else []
 
 
-def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
+def _initial_model(w: CampaignWriter, cfg: CampaignConfig, run: FlowWorkers) -> dict:
     """Round 0: the configured model, or (cold start) seed reference data and a first MACE."""
     log = get_run_logger()
     model = loop.current_model(w)
@@ -137,10 +150,10 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig) -> dict:
     log.info("cold start: %d seed structures with the reference calculator", len(jobs))
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
-    return _train(w, cfg, 0)
+    return _train(w, cfg, 0, run)
 
 
-def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dict) -> None:
+def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dict, run: FlowWorkers) -> None:
     log = get_run_logger()
     check_trusted(model["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
     pending = loop.pending_relaxations(w, model["sha256"])
@@ -149,7 +162,7 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
     progress = artifacts.StageProgress(cfg, round_, "MLIP relaxations", len(pending))
     rates, _ = planning.campaign_rates(cfg, w)
     n_workers = planning.workers(cfg)
-    predicted = planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers)
+    predicted = run.first_mlip(planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers), rates)
     t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=MLIP):
         futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): b for b in batches}
@@ -172,7 +185,8 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
     n_rounds = rounds if rounds is not None else cfg.active_learning.rounds
     with CampaignWriter(cfg.store_path) as w:
         loop.record_run(w, cfg)
-        model = _initial_model(w, cfg)
+        run = FlowWorkers()
+        model = _initial_model(w, cfg, run)
         refs = loop.reference_set_jobs(w, cfg)
         if refs:
             log.info("reference set %s: %d elemental references", settings_hash(cfg.reference), len(refs))
@@ -200,7 +214,7 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
                 seconds = time.perf_counter() - t0
                 planning.record_stage(w, r, "generate", None, [seconds], 0.0, seconds, 1)
                 log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
-            _relax_stage(w, cfg, r, model)
+            _relax_stage(w, cfg, r, model, run)
             discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = discovery.select_for_reference(w, cfg, r)
             done = loop.dft_done(w, settings_hash(cfg.reference))
@@ -211,7 +225,7 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             cand = discovery.update_scores(w, cfg, r, f"r{r}/scores")
             trained = loop.current_model(w, before_round=r + 1)
             if trained is None or trained["round"] != r:
-                trained = _train(w, cfg, r)
+                trained = _train(w, cfg, r, run)
             metrics = discovery.round_metrics(w, cfg, r, model["sha256"], _model_errors(w, cfg, r, model, trained))
             metrics["trained_model_sha256"] = trained["sha256"]
             metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})

@@ -4,15 +4,19 @@ Forms (seconds of one job; the rates are measured, see :mod:`matdisc.probe` and 
 
 * MLIP relaxation task: ``t = relax_task_s + relax_s × Σ atoms × steps`` over the task's structures
   (``steps``: FIRE steps per structure, the campaign's mean so far, else a prior).
-* Reference calculation: ``t = dft_call_s + dft_s × work × (1 + STEP_COST × ionic_steps)``, where
-  ``work = k-points (irreducible) × valence electrons × plane waves`` for GPAW (the FFT/grid term
-  that dominates cells of tens of atoms; the N³ orthogonalisation term is left out) and
-  ``work = atoms`` for any other calculator. A relaxation step reuses the previous wave functions
-  and costs ``STEP_COST`` of a fresh static.
+* Reference calculation: ``t = dft_call_s + dft_s × work × cycles``. ``cycles`` are the SCF
+  cycles of the protocol: one per configuration of the relaxation (ionic steps + 1: the cell
+  changes every step and GPAW starts each from a fresh set-up) plus the final static; one for a
+  static calculation. For GPAW ``work = irreducible k-points × (plane waves × bands + K_OVERHEAD)
+  × spins``: a plane-wave SCF iteration applies the Hamiltonian to every band at every k-point
+  (FFTs over the plane-wave sphere), and each k-point carries a fixed overhead (projectors,
+  Python-level loops) worth ``K_OVERHEAD`` coefficient-bands; the N³ subspace term is left out, it
+  matters only beyond tens of atoms. Any other calculator: ``work = atoms``.
 * Training, per committee member: ``t = train_member_s + train_s × frame atoms × epochs``;
   members train side by side, ``min(members, cores)`` at a time.
 * Wall time of a stage: list scheduling of its jobs on the stage's workers, plus ``task_s`` of
-  orchestration (Prefect + Dask + store write) per job.
+  orchestration (Prefect + Dask + store write) per job; the first MLIP stage of a flow run also
+  waits ``mlip_start_s`` for its fresh workers to import torch and MACE.
 
 The store records predicted and actual cost of every stage (table ``costs``); :func:`calibrate`
 refits each rate on those records (a ratio estimator over the jobs' work), so every round
@@ -33,8 +37,10 @@ from ase import Atoms
 
 from matdisc.config import CampaignConfig, ReferenceConfig
 
-#: Cost of one relaxation step relative to a fresh static calculation (wave functions reused).
-STEP_COST = 0.6
+#: Fixed cost of one k-point in a plane-wave SCF iteration, in plane-wave coefficients × bands
+#: (fitted on 16 GPAW ``fast`` calculations of 1-4 atom Al-Si cells: 1700; rms error of the
+#: form 14 % per calculation given its cycles).
+K_OVERHEAD = 1500.0
 #: Stages of a round whose cost is modelled and recorded.
 STAGES = ("generate", "relax", "dft", "train")
 #: Å per bohr and eV per hartree: plane-wave count from the cutoff.
@@ -48,13 +54,14 @@ class Rates:
     relax_s: float = 2e-4  # s per atom-step, batched MLIP relaxation
     relax_task_s: float = 3.0  # s per relaxation task (model load, committee spread)
     mlip_steps: float = 30.0  # FIRE steps per structure (27 measured on 64 mixed 4-32 atom cells)
-    dft_s: float = 1e-6  # s per work unit of a static calculation
-    dft_call_s: float = 2.0  # s per calculation (process start, setups, I/O)
+    dft_s: float = 3e-5  # s per work unit of one SCF cycle (GPAW fast on 2 cores: 3.0e-5)
+    dft_call_s: float = 3.0  # s per calculation (process start, setups, I/O)
     dft_steps: float = 10.0  # ionic steps of a verification (from an MLIP-relaxed structure)
     seed_steps: float = 6.0  # ionic steps of a cold-start seed (from a prototype)
     train_s: float = 1e-3  # s per frame atom per epoch, one member
     train_member_s: float = 10.0  # s per member (start-up, data, E0s, saving)
     task_s: float = 0.3  # s of orchestration per task
+    mlip_start_s: float = 10.0  # s for a fresh MLIP worker to import torch + MACE (once per flow run)
     source: dict[str, str] = field(default_factory=dict)  # coefficient -> prior | probe | store
 
     def updated(self, how: str, **values: float) -> Rates:
@@ -82,45 +89,78 @@ def valence_electrons(symbol: str) -> float:
 
 
 def irreducible_kpoints(atoms: Atoms, mesh: Sequence[int]) -> int:
-    """k-points GPAW computes: the Monkhorst-Pack mesh reduced by the crystal's symmetry."""
+    """k-points GPAW computes: the Monkhorst-Pack mesh reduced by the crystal's symmetry and time
+    reversal. (A Monkhorst-Pack mesh of even size is offset by half a step from Γ.)"""
     import spglib
 
     cell = (atoms.cell[:], atoms.get_scaled_positions(), atoms.numbers)
     try:
-        mapping, _ = spglib.get_ir_reciprocal_mesh(list(mesh), cell, is_shift=[0, 0, 0])
+        mapping, _ = spglib.get_ir_reciprocal_mesh(list(mesh), cell, is_shift=[1 - n % 2 for n in mesh])
         return int(len(np.unique(mapping)))
     except Exception:  # noqa: BLE001 - spglib failed on an odd cell: the full mesh
         return int(np.prod(mesh))
 
 
+def bands(atoms: Atoms, magnetic: bool = False) -> int:
+    """GPAW's default number of bands: 1.2 × occupied + 4, at most the setups' bound partial waves."""
+    symbols = atoms.get_chemical_symbols()
+    electrons = sum(valence_electrons(s) for s in symbols)
+    n = math.ceil(1.2 * (electrons + (len(symbols) if magnetic else 0)) / 2) + 4
+    return min(n, int(sum(_bound_orbitals(s) for s in symbols))) or n
+
+
+def _bound_orbitals(symbol: str) -> int:
+    try:
+        from gpaw.setup_data import SetupData
+
+        data = SetupData(symbol, "PBE")
+        return sum(2 * l + 1 for l, n in zip(data.l_j, data.n_j) if n > 0)  # noqa: E741 - GPAW's name
+    except Exception:  # noqa: BLE001 - no setup: no cap
+        return 10**6
+
+
 def dft_work(atoms: Atoms, ref: ReferenceConfig) -> float:
-    """The work measure of one static calculation of ``atoms`` (see the module docstring)."""
+    """The work measure of one SCF cycle of ``atoms`` (see the module docstring)."""
     ref = ref.resolved()
     if ref.calculator != "gpaw":
         return float(len(atoms))
+    spin = spin_polarised(atoms, ref)
+    return gpaw_kpoints(atoms, ref) * (planewaves(atoms, ref) * bands(atoms, spin) + K_OVERHEAD) * (2.0 if spin else 1.0)
+
+
+def gpaw_kpoints(atoms: Atoms, ref: ReferenceConfig) -> int:
+    """Irreducible k-points of the mesh the reference settings give ``atoms``."""
     from matdisc.dft.calculators import kpoints
 
-    kpts = irreducible_kpoints(atoms, kpoints(atoms, ref.kpoint_density or 2.5))
-    electrons = sum(valence_electrons(s) for s in atoms.get_chemical_symbols())
+    return irreducible_kpoints(atoms, kpoints(atoms, ref.resolved().kpoint_density or 2.5))
+
+
+def planewaves(atoms: Atoms, ref: ReferenceConfig) -> float:
+    """Plane waves per k-point: the volume of the cutoff sphere in reciprocal space × the cell's volume."""
     from matdisc.dft.calculators import calculator_parameters
 
+    ref = ref.resolved()
     mode = calculator_parameters(ref)["parameters"].get("mode")
     ecut = float(mode.get("ecut") or ref.ecut) if isinstance(mode, dict) else float(ref.ecut or 300.0)
     k_cut = math.sqrt(2 * ecut / _HARTREE) / _BOHR  # Å⁻¹
-    planewaves = atoms.get_volume() * k_cut**3 / (6 * math.pi**2)
-    spin = 2.0 if _spin_polarised(atoms, ref) else 1.0
-    return kpts * electrons * planewaves * spin
+    return atoms.get_volume() * k_cut**3 / (6 * math.pi**2)
 
 
-def _spin_polarised(atoms: Atoms, ref: ReferenceConfig) -> bool:
+def spin_polarised(atoms: Atoms, ref: ReferenceConfig) -> bool:
     from matdisc.dft.calculators import magmoms_for
 
     return ref.spin == "on" or (ref.spin == "auto" and magmoms_for(atoms, ref) is not None)
 
 
-def dft_seconds(atoms: Atoms, ref: ReferenceConfig, rates: Rates, steps: float) -> float:
-    """Predicted seconds of one reference calculation with ``steps`` ionic steps."""
-    return rates.dft_call_s + rates.dft_s * dft_work(atoms, ref) * (1 + STEP_COST * steps)
+def scf_cycles(steps: float | None) -> float:
+    """SCF cycles of one reference calculation: a relaxation of ``steps`` ionic steps (its
+    configurations and the final static), or a static calculation (``steps=None``)."""
+    return 1.0 if steps is None else steps + 2.0
+
+
+def dft_seconds(atoms: Atoms, ref: ReferenceConfig, rates: Rates, steps: float | None) -> float:
+    """Predicted seconds of one reference calculation with ``steps`` ionic steps (None: a static)."""
+    return rates.dft_call_s + rates.dft_s * dft_work(atoms, ref) * scf_cycles(steps)
 
 
 def relax_tasks(n_atoms: Sequence[int], per_task: int, rates: Rates) -> list[float]:
@@ -207,7 +247,8 @@ def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.Dat
     out = out.updated("store", **fitted)
     waits = costs[costs["stage"].isin(("relax", "dft")) & (costs["jobs"] > 0)]
     if len(waits):
-        extra = (waits["wall_s"] - waits["ideal_wall_s"]).clip(lower=0)
+        started = waits["start_s"].fillna(0.0) if "start_s" in waits else 0.0  # fresh workers' imports
+        extra = (waits["wall_s"] - waits["ideal_wall_s"] - started).clip(lower=0)
         over = _ratio(extra, waits["jobs"] / waits["workers"].clip(lower=1))
         out = out.updated("store", task_s=over if over is not None else 0.0)
     return out
@@ -218,6 +259,6 @@ def reference_cores(cfg: CampaignConfig) -> int:
     return cfg.compute.threads_per_dft_worker * cfg.reference.ranks
 
 
-__all__ = ["STAGES", "STEP_COST", "Rates", "calibrate", "concurrent_members", "dft_seconds", "dft_work",
-           "irreducible_kpoints", "makespan", "reference_cores", "relax_tasks", "stage_wall",
-           "train_member_seconds", "valence_electrons"]
+__all__ = ["K_OVERHEAD", "STAGES", "Rates", "bands", "calibrate", "concurrent_members", "dft_seconds", "dft_work",
+           "gpaw_kpoints", "irreducible_kpoints", "makespan", "planewaves", "reference_cores", "relax_tasks",
+           "scf_cycles", "spin_polarised", "stage_wall", "train_member_seconds", "valence_electrons"]

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,8 +21,8 @@ import pandas as pd
 from ase import Atoms
 
 from matdisc.config import CampaignConfig
-from matdisc.costs import (STEP_COST, Rates, calibrate, concurrent_members, dft_seconds, dft_work, reference_cores,
-                           relax_tasks, stage_wall, train_member_seconds)
+from matdisc.costs import (Rates, calibrate, concurrent_members, dft_seconds, dft_work, reference_cores, relax_tasks,
+                           scf_cycles, stage_wall, train_member_seconds)
 
 __all__ = ["Plan", "RoundPlan", "StageCost", "Workers", "affordable", "budget_status", "budget_stop_reason",
            "campaign_rates", "dft_cost", "dft_seconds", "dft_work", "epochs_for", "plan_campaign", "record_stage",
@@ -37,6 +37,11 @@ class StageCost:
     work: float = 0.0
     compute_s: float = 0.0
     wall_s: float = 0.0
+    start_s: float = 0.0  # of wall_s: fresh workers importing their libraries
+
+    def started(self, seconds: float) -> StageCost:
+        """This stage as the first of a flow run on its workers: their start-up adds to the wall."""
+        return replace(self, wall_s=self.wall_s + seconds, start_s=self.start_s + seconds)
 
 
 @dataclass
@@ -83,10 +88,11 @@ def relax_cost(n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Wor
     return StageCost(len(jobs), float(sum(n_atoms)) * rates.mlip_steps, sum(jobs), stage_wall(jobs, w.mlip, rates))
 
 
-def dft_cost(atoms: Sequence[Atoms], cfg: CampaignConfig, rates: Rates, w: Workers, steps: float) -> StageCost:
+def dft_cost(atoms: Sequence[Atoms], cfg: CampaignConfig, rates: Rates, w: Workers, steps: float | None) -> StageCost:
+    """Reference calculations of ``atoms``: relaxations of ``steps`` ionic steps, or statics (None)."""
     ref = cfg.reference
     jobs = [dft_seconds(a, ref, rates, steps) for a in atoms]
-    work = sum(dft_work(a, ref) * (1 + STEP_COST * steps) for a in atoms)
+    work = sum(dft_work(a, ref) * scf_cycles(steps) for a in atoms)
     return StageCost(len(jobs), work, sum(jobs), stage_wall(jobs, w.dft, rates))
 
 
@@ -206,7 +212,8 @@ def record_stage(w, round_: int, stage: str, predicted: StageCost | None, job_se
         "predicted_s": predicted.compute_s if predicted else nan,
         "predicted_wall_s": predicted.wall_s if predicted else nan,
         "actual_s": float(sum(job_seconds)), "wall_s": float(wall_s),
-        "ideal_wall_s": makespan(job_seconds, n_workers), "recorded": time.time()}])
+        "ideal_wall_s": makespan(job_seconds, n_workers), "start_s": predicted.start_s if predicted else 0.0,
+        "recorded": time.time()}])
 
 
 def round_costs(store) -> pd.DataFrame:
@@ -271,6 +278,15 @@ def _unverified(store, cfg: CampaignConfig) -> list[Atoms]:
     return [a for cid, a in candidate_atoms(store) if cid not in done]
 
 
+def _perturbed(seeds: Sequence[Atoms], cfg: CampaignConfig) -> list[Atoms]:
+    """The cold start's rattled statics: priced as such, their broken symmetry leaves more k-points."""
+    from matdisc.dft import perturbed_copies
+
+    cs = cfg.mlip.cold_start
+    return [c for a in seeds for c in perturbed_copies(a, cs.perturbed_per_structure, rattle=cs.rattle_stdev,
+                                                       strain=cs.strain, seed=0)]
+
+
 def _frame_atoms(store) -> float:
     if store is None or "frames" not in store.tables.tables():
         return 0.0
@@ -309,17 +325,19 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
     frame_atoms = _frame_atoms(store)
     used_calls = int(len(store.table("selections"))) if store is not None else 0
     out: list[RoundPlan] = []
+    mlip_fresh = True  # the plan is one flow run: its first MLIP stage starts the workers
     if 0 not in done and (store is None or store.models().empty) and cfg.mlip.is_cold_start:
         seeds = [c.structure.to_ase_atoms() for c in loop.seed_candidates(cfg)]
         statics = len(seeds) * cfg.mlip.cold_start.perturbed_per_structure
         seed_cost = dft_cost(seeds, cfg, rates, w, rates.seed_steps)
-        static_cost = dft_cost([a for a in seeds for _ in range(cfg.mlip.cold_start.perturbed_per_structure)],
-                               cfg, rates, w, 0.0)
+        static_cost = dft_cost(_perturbed(seeds, cfg), cfg, rates, w, None)
         frame_atoms += sum(len(a) for a in seeds) * (rates.seed_steps + 1 + cfg.mlip.cold_start.perturbed_per_structure)
         dft = StageCost(seed_cost.jobs + static_cost.jobs, seed_cost.work + static_cost.work,
                         seed_cost.compute_s + static_cost.compute_s, seed_cost.wall_s + static_cost.wall_s)
+        train = train_cost(frame_atoms, cfg, rates, w, epochs_for(cfg, 0, device)).started(rates.mlip_start_s)
+        mlip_fresh = False
         out.append(RoundPlan(0, len(seeds), 0, len(seeds) + statics, int(len(seeds) * (rates.seed_steps + 1) + statics),
-                             {"dft": dft, "train": train_cost(frame_atoms, cfg, rates, w, epochs_for(cfg, 0, device))}))
+                             {"dft": dft, "train": train}))
         n_atoms += [len(a) for a in seeds]
     total = rounds if rounds is not None else al.rounds
     generated: tuple[list[Atoms], float, int] | None = None
@@ -356,10 +374,11 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         frame_atoms += frames_new * (np.mean([len(a) for a in sample]) if sample else 0.0)
         stages = {
             "generate": StageCost(1, 0.0, generated[1], generated[1]),
-            "relax": relax_cost(n_atoms, cfg, rates, w),
+            "relax": relax_cost(n_atoms, cfg, rates, w).started(rates.mlip_start_s if mlip_fresh else 0.0),
             "dft": dft_cost(sample, cfg, rates, w, rates.dft_steps),
             "train": train_cost(frame_atoms, cfg, rates, w, epochs_for(cfg, r, device)),
         }
+        mlip_fresh = False
         out.append(RoundPlan(r, len(new), len(n_atoms), picks, int(frames_new), stages))
     cores = reference_cores(cfg)
     mem = _memory(cfg, generated[0] if generated else [], memory or {})
@@ -372,8 +391,7 @@ def _memory(cfg: CampaignConfig, atoms: Sequence[Atoms], probed: dict[str, float
     """Peak memory per worker (GB). MLIP: the probe's base plus its per-atom growth times a full
     batch; DFT (GPAW): 16-byte plane-wave coefficients × k-points × bands × spin, ×3 for work
     arrays, over a 0.3 GB process; any other calculator: the process."""
-    from matdisc.costs import irreducible_kpoints, valence_electrons
-    from matdisc.dft.calculators import kpoints
+    from matdisc.costs import spin_polarised, bands, gpaw_kpoints, planewaves
     from matdisc.mlip.batched import CPU_BATCH_ATOMS
 
     gb = 1024**3
@@ -385,10 +403,8 @@ def _memory(cfg: CampaignConfig, atoms: Sequence[Atoms], probed: dict[str, float
     dft = 0.3
     if ref.calculator == "gpaw" and atoms:
         for a in atoms:
-            electrons = sum(valence_electrons(s) for s in a.get_chemical_symbols())
-            bands = electrons / 2 * 1.2 + 4
-            k = irreducible_kpoints(a, kpoints(a, ref.kpoint_density))
-            pw = dft_work(a, ref) / max(1, k) / electrons  # plane waves × spins
-            dft = max(dft, 0.3 + 3 * 16 * k * bands * pw / gb)
+            spin = spin_polarised(a, ref)
+            coefficients = gpaw_kpoints(a, ref) * bands(a, spin) * planewaves(a, ref) * (2 if spin else 1)
+            dft = max(dft, 0.3 + 3 * 16 * coefficients / gb)
     out["dft_worker"] = dft
     return out

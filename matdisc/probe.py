@@ -30,6 +30,10 @@ from matdisc.costs import Rates, dft_work
 PROBE_STRUCTURES, PROBE_STEPS = 24, 20
 #: Training probe: at least this many frames, trained for each number of epochs.
 PROBE_FRAMES, PROBE_EPOCHS = 48, (1, 4)
+#: Version of the cost forms the cached rates were measured for (a changed form re-probes).
+FORMS = 2
+#: What a fresh MLIP worker imports before its first task.
+MLIP_IMPORTS = "import matdisc.mlip.relax, matdisc.mlip.train, mace.modules, torch_sim"
 
 
 def cache_path() -> Path:
@@ -48,7 +52,7 @@ def probe_key(cfg: CampaignConfig) -> str:
         "device": device, "dtype": cfg.mlip.dtype, "model": cfg.mlip.model, "chemsys": sorted(cfg.chemsys),
         "training": training.model_dump(mode="json", include={"num_channels", "max_L", "r_max", "batch_size"}),
         "ensemble": cfg.mlip.ensemble, "reference": cfg.reference.resolved().model_dump(mode="json"),
-        "threads": cfg.compute.threads_per_dft_worker, "engine": cfg.mlip.engine,
+        "threads": cfg.compute.threads_per_dft_worker, "engine": cfg.mlip.engine, "forms": FORMS,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -96,6 +100,9 @@ def probe(cfg: CampaignConfig, *, refresh: bool = False, log=print) -> tuple[Rat
         paths = [cfg.mlip.model] if cfg.mlip.is_model_file else [str(model)]
         rates, memory = _probe_relax(cfg, seeds, paths, rates)
         log(f"probe: MACE relaxation {time.perf_counter() - t:.1f} s")
+        _, start = _timed(subprocess.run, [sys.executable, "-c", MLIP_IMPORTS], check=True, capture_output=True)
+        rates = rates.updated("probe", mlip_start_s=start)
+        log(f"probe: an MLIP worker's imports {start:.1f} s")
     _store_cache(cfg, rates, memory)
     return rates, memory
 

@@ -10,7 +10,7 @@ import pytest
 from ase.build import bulk
 
 from matdisc.config import CampaignConfig, ReferenceConfig
-from matdisc.costs import (STEP_COST, Rates, calibrate, dft_seconds, dft_work, irreducible_kpoints, makespan,
+from matdisc.costs import (K_OVERHEAD, Rates, bands, calibrate, dft_seconds, dft_work, irreducible_kpoints, makespan,
                            relax_tasks)
 from matdisc.planning import affordable, budget_status, spent, train_cost, workers
 
@@ -34,19 +34,29 @@ def test_dft_work_follows_the_stated_form():
     emt = ReferenceConfig(calculator="emt")
     assert dft_work(cu * (2, 1, 1), emt) == 2.0  # any calculator but GPAW: atoms
     fast, tighter = ReferenceConfig(calculator="gpaw"), ReferenceConfig(calculator="gpaw", ecut=600.0)
-    assert dft_work(cu, tighter) / dft_work(cu, fast) == pytest.approx((600 / 300) ** 1.5)  # plane waves ∝ ecut^1.5
-    # symmetry reduces a Gamma-centred 4x4x4 mesh of fcc to 8 points; a rattled cell keeps only time reversal
-    assert irreducible_kpoints(cu, (4, 4, 4)) == 8
+    kpts = irreducible_kpoints(cu, (8, 8, 8))  # the 2.5 Å⁻¹ density on this cell
+    # GPAW's default bands: 11 valence electrons -> ceil(1.2 x 5.5) + 4 = 11, capped at Cu's 9 bound orbitals
+    assert bands(cu) == 9
+
+    def planewaves(ref):
+        return (dft_work(cu, ref) / kpts - K_OVERHEAD) / 9
+
+    assert planewaves(fast) == pytest.approx(cu.get_volume() * (2 * 300 / 27.2114) ** 1.5 / 0.529177**3 / (6 * math.pi**2))
+    assert planewaves(tighter) / planewaves(fast) == pytest.approx((600 / 300) ** 1.5)  # plane waves ∝ ecut^1.5
+    # the Monkhorst-Pack meshes GPAW reduces (even sizes offset from Γ): fcc 4x4x4 -> 10, 8x8x8 -> 60
+    assert irreducible_kpoints(cu, (4, 4, 4)) == 10 and kpts == 60
     odd = cu * (1, 1, 2)
-    odd.rattle(0.05, seed=1)
-    assert irreducible_kpoints(odd, (4, 4, 4)) > 8
+    odd.rattle(0.05, seed=1)  # a rattled cell keeps only time reversal: half the mesh (+ the self-inverse points)
+    assert irreducible_kpoints(odd, (4, 4, 4)) == 4 * 4 * 4 // 2
 
 
 def test_dft_seconds_and_relax_tasks_apply_the_rates():
     rates = Rates(dft_s=0.5, dft_call_s=2.0, relax_s=0.01, relax_task_s=3.0, mlip_steps=10)
     emt = ReferenceConfig(calculator="emt")
     atoms = bulk("Cu", "fcc", a=3.6) * (2, 2, 1)  # 4 atoms
-    assert dft_seconds(atoms, emt, rates, steps=5) == pytest.approx(2.0 + 0.5 * 4 * (1 + STEP_COST * 5))
+    # a relaxation of 5 steps: 6 configurations and the final static, each a full SCF cycle
+    assert dft_seconds(atoms, emt, rates, steps=5) == pytest.approx(2.0 + 0.5 * 4 * 7)
+    assert dft_seconds(atoms, emt, rates, steps=None) == pytest.approx(2.0 + 0.5 * 4)  # a static
     # 5 structures of 4 atoms, 2 per task: tasks of 2, 2, 1 structures
     assert relax_tasks([4] * 5, 2, rates) == pytest.approx([3 + 0.01 * 10 * 8] * 2 + [3 + 0.01 * 10 * 4])
 
@@ -56,8 +66,10 @@ def test_calibration_recovers_the_rates_the_records_were_made_with():
     prior = Rates()
     rows = []
     for work, jobs in ((1e4, 3), (3e4, 5)):
+        # the second relax stage was its flow run's first: 12 s of it were the workers' imports
         rows.append({"stage": "relax", "jobs": jobs, "work": work, "actual_s": jobs * prior.relax_task_s + true.relax_s * work,
-                     "wall_s": 10.0, "ideal_wall_s": 9.0, "workers": 1})
+                     "wall_s": 10.0 + (12.0 if jobs == 5 else 0.0), "ideal_wall_s": 9.0,
+                     "start_s": 12.0 if jobs == 5 else 0.0, "workers": 1})
         rows.append({"stage": "dft", "jobs": jobs, "work": work, "actual_s": jobs * prior.dft_call_s + true.dft_s * work,
                      "wall_s": 5.0, "ideal_wall_s": 5.0, "workers": 1})
         rows.append({"stage": "train", "jobs": 2, "work": work,
@@ -70,7 +82,7 @@ def test_calibration_recovers_the_rates_the_records_were_made_with():
     assert fitted.dft_s == pytest.approx(true.dft_s)
     assert fitted.train_s == pytest.approx(true.train_s)
     assert (fitted.mlip_steps, fitted.seed_steps, fitted.dft_steps) == (30.0, 15.0, 5.0)  # exploded ones excluded
-    # relax stages waited 1 s beyond their compute, DFT stages none: 2 s over 16 tasks on one worker
+    # relax stages waited 1 s beyond their compute and the workers' start, DFT stages none: 2 s over 16 tasks
     assert fitted.task_s == pytest.approx(2.0 / 16)
     assert {fitted.origin(k) for k in ("relax_s", "dft_s", "train_s", "mlip_steps")} == {"store"}
     assert fitted.dft_call_s == pytest.approx(prior.dft_call_s)  # both parts fitted: the records tell them apart
@@ -83,6 +95,14 @@ def test_calibration_of_a_cheap_calculator_drops_a_per_job_prior_the_records_con
                            "ideal_wall_s": 26.0, "workers": 1}])
     fitted = calibrate(Rates(dft_call_s=2.0), costs, pd.DataFrame(), pd.DataFrame())
     assert fitted.dft_call_s == 0.0 and fitted.dft_s == pytest.approx(0.26)
+
+
+def test_the_first_mlip_stage_of_a_flow_run_waits_for_its_workers_to_start():
+    from matdisc.planning import StageCost
+
+    cost = StageCost(jobs=2, work=1.0, compute_s=20.0, wall_s=21.0)
+    started = cost.started(11.0)
+    assert (started.wall_s, started.start_s, started.compute_s) == (32.0, 11.0, 20.0)  # wall only: no compute
 
 
 def test_training_members_share_the_cores():

@@ -51,6 +51,9 @@ def test_every_stage_of_every_round_records_predicted_and_actual_cost(campaign_s
         for stage in ("relax", "dft", "train"):
             assert rows.loc[stage, "actual_s"] > 0 and np.isfinite(rows.loc[stage, "predicted_s"])
             assert rows.loc[stage, "wall_s"] >= rows.loc[stage, "ideal_wall_s"] * 0.99
+    # the cold start's training was the first MLIP stage of its flow run: its prediction includes the imports
+    r0_train = costs[(costs["round"] == 0) & (costs["stage"] == "train")]
+    assert (r0_train["start_s"] > 0).all()
 
 
 def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
@@ -83,6 +86,9 @@ def test_plan_prices_the_next_round_from_the_store_and_leaves_it_untouched(campa
     assert r3["dft_calcs"] == cfg.active_learning.dft_budget
     assert set(r3["stages"]) == {"generate", "relax", "dft", "train"}
     assert all(s["compute_s"] > 0 and s["wall_s"] > 0 for s in r3["stages"].values())
+    # a plan is one flow run: its first MLIP stage waits for the workers' imports, the others do not
+    starts = {k: s["start_s"] for k, s in r3["stages"].items()}
+    assert starts == {"generate": 0.0, "relax": plan["rates"]["mlip_start_s"], "dft": 0.0, "train": 0.0}
     assert plan["rate_sources"]["relax_s"] == plan["rate_sources"]["train_s"] == "store"
     assert plan["budget"]["dft_cpu_hours"]["fits"] is False and plan["budget"]["gpu_hours"]["limit"] is None
     assert plan["peak_memory_gb"]["dft_worker"] > 0
