@@ -1,4 +1,4 @@
-"""The ``matdisc`` command: run, deploy, plan, status, report, validate, server start/stop.
+"""The ``matdisc`` command: run, deploy, plan, tradeoff, status, report, validate, server start/stop.
 
 User errors (bad config, missing store, unknown element) print one line per problem on
 stderr and exit 2, never a traceback.
@@ -54,7 +54,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _spending(store) -> dict:
     """Cost per round and stage, budgets (limits from the store's latest run config), why it stopped."""
-    from matdisc import planning
+    from matdisc import planning, tradeoff
     from matdisc.config import CampaignConfig
 
     costs = planning.round_costs(store)
@@ -68,6 +68,8 @@ def _spending(store) -> dict:
             out["budget"] = planning.budget_status(cfg, store)
         except ValueError:  # a store written by an older matdisc, or a model file since moved
             pass
+    out["tradeoffs"] = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
+                        for r in tradeoff.latest(store)]
     stops = store.table("stops")
     if not stops.empty:
         last = stops.iloc[-1]
@@ -89,6 +91,8 @@ def _print_spending(console, summary: dict) -> None:
     for name, b in summary["budget"].items():
         limit = "no limit" if b["limit"] is None else f"{b['limit']:.4g} h, {b['remaining']:.4g} h left"
         console.print(f"budget.{name}: spent {b['spent']:.4g} h ({limit})")
+    if summary["tradeoffs"]:
+        _print_tradeoffs(console, summary["tradeoffs"], "accuracy vs cost (matdisc tradeoff)")
     if summary["stopped"]:
         console.print(f"stopped before round {summary['stopped']['round']}: {summary['stopped']['reason']}")
 
@@ -124,6 +128,45 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         return 0
     _print_plan(plan)
     return 0
+
+
+def _cmd_tradeoff(args: argparse.Namespace) -> int:
+    from matdisc.config import load_config
+    from matdisc.tradeoff import measure
+
+    cfg = load_config(args.config)
+    if args.store:
+        cfg = cfg.model_copy(update={"store": Path(args.store)})
+    if not cfg.store_path.exists():
+        raise UserError(f"{cfg.store_path}: no campaign store: the trade-offs are measured on a campaign's data")
+    if args.structures < 2:
+        raise UserError("--structures: must be at least 2")
+    split = lambda text: [t for t in text.split(",") if t.strip()] if text != "none" else []  # noqa: E731
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
+    options = measure(cfg, presets=split(args.presets), sizes=split(args.sizes) if args.sizes else None,
+                      structures=args.structures, log=say)
+    rows = [vars(o) for o in options]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=float))
+        return 0
+    from rich.console import Console
+
+    _print_tradeoffs(Console(), rows, f"accuracy vs cost on {cfg.name}'s data")
+    return 0
+
+
+def _print_tradeoffs(console, rows: list[dict], title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("kind", "option", "error meV/atom", "vs", "forces eV/Å", "seconds", "relative cost", "µs/atom",
+                "structures"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["kind"], r["option"], _fmt(r["error_mev_per_atom"], ".1f"), r["against"],
+                      _fmt(r["forces_rmse"], ".3f"), _fmt(r["seconds"], ".1f"), _fmt(r["relative_cost"], ".2f"),
+                      _fmt(r["infer_us_per_atom"], ".0f"), str(r["n_structures"]))
+    console.print(table)
 
 
 def _print_plan(plan) -> None:
@@ -268,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reprobe", action="store_true", help="measure this machine again (ignore the probe cache)")
     p.add_argument("--no-probe", action="store_true", help="no measurements: cached rates, the store's, or priors")
     p.set_defaults(func=_cmd_plan)
+    p = sub.add_parser("tradeoff", help="measured error vs cost of the DFT presets and MACE sizes on a campaign's data")
+    p.add_argument("config")
+    p.add_argument("--store", help="campaign store path (overrides the config)")
+    p.add_argument("--presets", default="fast,accurate", help="reference presets to compare (none: skip)")
+    p.add_argument("--sizes", help="MACE sizes CHANNELSxL, e.g. 8x0e,16x0e (default: half, configured, double; "
+                   "none: skip)")
+    p.add_argument("--structures", type=int, default=4, help="verified structures the presets recompute")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_tradeoff)
     p = sub.add_parser("status", help="per-round table of a campaign store")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")

@@ -62,6 +62,7 @@ class Rates:
     train_member_s: float = 10.0  # s per member (start-up, data, E0s, saving)
     task_s: float = 0.3  # s of orchestration per task
     mlip_start_s: float = 10.0  # s for a fresh MLIP worker to import torch + MACE (once per flow run)
+    store_write_s: float = 0.5  # s to store a round's new candidates, beyond generating them
     source: dict[str, str] = field(default_factory=dict)  # coefficient -> prior | probe | store
 
     def updated(self, how: str, **values: float) -> Rates:
@@ -216,12 +217,14 @@ def _fit(jobs: np.ndarray, work: np.ndarray, actual: np.ndarray, fixed: float) -
     return fixed, rate
 
 
-def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.DataFrame) -> Rates:
-    """Refit the rates on a campaign's records (tables ``costs``, ``mlip``, ``dft``).
+def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.DataFrame,
+              generation: pd.DataFrame | None = None) -> Rates:
+    """Refit the rates on a campaign's records (tables ``costs``, ``mlip``, ``dft``, ``generation``).
 
     Steps come from the relaxations themselves (mean FIRE steps; mean ionic steps of seeds and
     of verifications); each stage's per-job and per-work seconds are fitted on its records
-    (:func:`_fit`). Orchestration per task is what the stages' wall time exceeded their compute by.
+    (:func:`_fit`). Orchestration per task is what the stages' wall time exceeded their compute by;
+    storing candidates, what a generation stage took beyond the generation's own timings.
     """
     out = rates
     if not mlip.empty and "n_steps" in mlip:
@@ -245,6 +248,12 @@ def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.Dat
                         getattr(out, fixed))
             fitted.update({fixed: c, rate: s})
     out = out.updated("store", **fitted)
+    gen = costs[costs["stage"] == "generate"]
+    if len(gen) and generation is not None and not generation.empty:
+        pure = generation.groupby("round")["seconds"].sum()
+        beyond = [row["actual_s"] - pure[row["round"]] for _, row in gen.iterrows() if row["round"] in pure.index]
+        if beyond:
+            out = out.updated("store", store_write_s=max(0.0, float(np.mean(beyond))))
     waits = costs[costs["stage"].isin(("relax", "dft")) & (costs["jobs"] > 0)]
     if len(waits):
         started = waits["start_s"].fillna(0.0) if "start_s" in waits else 0.0  # fresh workers' imports

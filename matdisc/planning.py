@@ -124,7 +124,7 @@ def campaign_rates(cfg: CampaignConfig, store=None) -> tuple[Rates, dict[str, An
     cached = cached_rates(cfg)
     rates, memory = cached if cached is not None else (Rates(), {})
     if store is not None:
-        rates = calibrate(rates, store.table("costs"), store.table("mlip"), store.table("dft"))
+        rates = calibrate(rates, store.table("costs"), store.table("mlip"), store.table("dft"), store.table("generation"))
     return rates, memory
 
 
@@ -373,7 +373,7 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         frames_new = picks * _training_frames_per_calc(cfg, rates.dft_steps)
         frame_atoms += frames_new * (np.mean([len(a) for a in sample]) if sample else 0.0)
         stages = {
-            "generate": StageCost(1, 0.0, generated[1], generated[1]),
+            "generate": StageCost(1, 0.0, generated[1] + rates.store_write_s, generated[1] + rates.store_write_s),
             "relax": relax_cost(n_atoms, cfg, rates, w).started(rates.mlip_start_s if mlip_fresh else 0.0),
             "dft": dft_cost(sample, cfg, rates, w, rates.dft_steps),
             "train": train_cost(frame_atoms, cfg, rates, w, epochs_for(cfg, r, device)),

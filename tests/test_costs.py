@@ -77,7 +77,13 @@ def test_calibration_recovers_the_rates_the_records_were_made_with():
                      "workers": 1})
     mlip = pd.DataFrame({"status": ["ok", "ok", "exploded"], "n_steps": [20, 40, 3]})
     dft = pd.DataFrame({"round": [0, 0, 1, 2], "n_steps": [10, 20, 4, 6]})
-    fitted = calibrate(prior, pd.DataFrame(rows), mlip, dft)
+    # generation stages: 3.0 and 2.0 s in all, of which the generators' own timings 2.5 and 1.5 s
+    rows += [{"stage": "generate", "round": r, "jobs": 1, "work": 0.0, "actual_s": t, "wall_s": t, "ideal_wall_s": t,
+              "workers": 1} for r, t in ((1, 3.0), (2, 2.0))]
+    generation = pd.DataFrame({"round": [1, 1, 2], "source": ["prototype", "dedup", "prototype"],
+                               "seconds": [2.0, 0.5, 1.5]})
+    fitted = calibrate(prior, pd.DataFrame(rows), mlip, dft, generation)
+    assert fitted.store_write_s == pytest.approx(0.5)
     assert fitted.relax_s == pytest.approx(true.relax_s)
     assert fitted.dft_s == pytest.approx(true.dft_s)
     assert fitted.train_s == pytest.approx(true.train_s)
