@@ -15,7 +15,7 @@ ratio), ``worst_ratio_calibrated`` (the largest max(r, 1/r) of round 2's stages)
 ``worst_ratio_uncalibrated`` (the same over rounds 0 and 1), plus the per-stage figures of the
 uncalibrated rounds. Targets (issue 10): every stage within ×1.5 calibrated, ×3 uncalibrated.
 
-Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/planning.py`` (about 15 minutes on 2 cores).
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/planning.py`` (about 30 minutes on 2 cores).
 """
 
 from __future__ import annotations

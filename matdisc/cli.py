@@ -164,7 +164,7 @@ def _print_tradeoffs(console, rows: list[dict], title: str) -> None:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["kind"], r["option"], _fmt(r["error_mev_per_atom"], ".1f"), r["against"],
-                      _fmt(r["forces_rmse"], ".3f"), _fmt(r["seconds"], ".1f"), _fmt(r["relative_cost"], ".2f"),
+                      _fmt(r["forces_rmse"], ".4f"), _fmt(r["seconds"], ".1f"), _fmt(r["relative_cost"], ".2f"),
                       _fmt(r["infer_us_per_atom"], ".0f"), str(r["n_structures"]))
     console.print(table)
 

@@ -16,7 +16,7 @@ from matdisc.cli import main
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.errors import UserError
 from matdisc.store import open_campaign
-from matdisc.tradeoff import dft_tradeoff, formation_deviation, parse_size, reference_options
+from matdisc.tradeoff import dft_tradeoff, formation_deviation, parse_size, reference_options, spread_held_out
 
 
 def _structures():
@@ -52,6 +52,13 @@ def test_sizes_and_presets_are_checked_before_any_work():
         reference_options(cfg, ["fast", "tight"])
 
 
+def test_held_out_structures_spread_over_cell_sizes():
+    frames = [bulk("Cu", "fcc", a=3.6) * (n, 1, 1) for n in (1, 1, 2, 2, 3, 3, 4, 4)]
+    groups = ["a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"]
+    frames, groups = frames + frames[:1], groups + ["a1"]  # a structure's frames count once
+    assert spread_held_out(frames, groups) == {"a2", "a4"}
+
+
 def test_gpaw_settings_are_compared_on_the_same_structures(tmp_path):
     """A coarse and a finer GPAW setting on 4 Al-Si cells: the finer one is the reference (error 0),
     the coarse one deviates by a finite amount, and costs less per calculation."""
@@ -85,7 +92,8 @@ def test_tradeoff_command_measures_records_and_status_shows_it(campaign_store, t
     assert rows[("dft", "fast")]["n_structures"] == 4
     for size in ("8x0e", "12x0e"):
         r = rows[("mlip", size)]
-        assert 0 < r["error_mev_per_atom"] < 1000 and 0 < r["forces_rmse"] < 10 and r["seconds"] > 0
+        # held out: structures of every size, so forces are measured too (one-atom cells have none)
+        assert 0 < r["error_mev_per_atom"] < 1000 and 1e-4 < r["forces_rmse"] < 10 and r["seconds"] > 0
         assert r["infer_us_per_atom"] >= 0
     assert min(rows[("mlip", s)]["relative_cost"] for s in ("8x0e", "12x0e")) == 1.0
 

@@ -47,13 +47,14 @@ class TrainedModel:
     seconds: float = 0.0  # training run (subprocess) wall time: the training cost model is fitted on it
 
 
-def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int):
-    """(train, valid) frames, whole structures on one side, chosen by ``seed``."""
+def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int,
+                       held_out: set[str] | None = None):
+    """(train, valid) frames, whole structures on one side, chosen by ``seed`` (or named in ``held_out``)."""
     rng = np.random.default_rng(seed)
     names = sorted(set(groups))
     rng.shuffle(names)
     n_valid = max(1, int(round(valid_fraction * len(names)))) if len(names) > 1 else 0
-    valid_names = set(names[:n_valid])
+    valid_names = set(names[:n_valid]) if held_out is None else set(held_out)
     train = [(f, g) for f, g in zip(frames, groups) if g not in valid_names]
     valid = [f for f, g in zip(frames, groups) if g in valid_names]
     return train, valid
@@ -227,15 +228,17 @@ def train_committee(
     device: str = "cpu",
     dtype: str = "float64",
     start_models: list[str] | None = None,
+    held_out: set[str] | None = None,
 ) -> list[TrainedModel]:
     """``size`` models that differ in seed and training subsample, on one validation split.
 
-    ``start_models`` (one per member, or one for all) makes each member a fine-tune of it.
+    ``start_models`` (one per member, or one for all) makes each member a fine-tune of it;
+    ``held_out`` names the validation structures (default: ``valid_fraction`` of them by ``seed``).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     cfg = cfg.sized(device)
-    train, valid = split_by_structure(frames, groups, cfg.valid_fraction, seed)
+    train, valid = split_by_structure(frames, groups, cfg.valid_fraction, seed, held_out)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     concurrent = max(1, min(size, cores))
     threads = max(1, cores // concurrent)
