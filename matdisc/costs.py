@@ -223,7 +223,8 @@ def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.Dat
 
     Steps come from the relaxations themselves (mean FIRE steps; mean ionic steps of seeds and
     of verifications); each stage's per-job and per-work seconds are fitted on its records
-    (:func:`_fit`). Orchestration per task is what the stages' wall time exceeded their compute by;
+    (:func:`_fit`; DFT on the verification rounds' records once there are any: the cold start's
+    relaxations from prototypes and rattled statics are other jobs). Orchestration per task is what the stages' wall time exceeded their compute by;
     storing candidates, what a generation stage took beyond the generation's own timings.
     """
     out = rates
@@ -243,6 +244,8 @@ def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.Dat
     for stage, fixed, rate in (("relax", "relax_task_s", "relax_s"), ("dft", "dft_call_s", "dft_s"),
                                ("train", "train_member_s", "train_s")):
         rows = costs[(costs["stage"] == stage) & (costs["work"] > 0)]
+        if stage == "dft" and "round" in rows and (rows["round"] >= 1).any():
+            rows = rows[rows["round"] >= 1]  # verifications, once there are any: not seeds or rattled statics
         if len(rows):
             c, s = _fit(rows["jobs"].to_numpy(float), rows["work"].to_numpy(float), rows["actual_s"].to_numpy(float),
                         getattr(out, fixed))

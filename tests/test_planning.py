@@ -58,14 +58,15 @@ def test_every_stage_of_every_round_records_predicted_and_actual_cost(campaign_s
 
 def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
     """Round 2's predictions were made from rounds 0-1's records. Stated factors: MLIP relaxation
-    and training compute within ×1.5 (the issue's calibrated target); EMT reference calculations
-    take milliseconds, so there the check is 1 s of absolute agreement over the stage."""
+    and training compute within ×1.5 (the issue's calibrated target); the EMT reference stage is
+    three calculations of about 0.3 s whose cost follows their ionic steps (a mean of 3.7 in
+    round 1, 2.0 in round 2 of this campaign), so there the factor is ×3."""
     cfg, _ = campaign_store
     costs = planning.round_costs(open_campaign(cfg.store_path))
     r2 = costs[costs["round"] == 2].set_index("stage")
     for stage in ("relax", "train"):
         assert 1 / 1.5 <= r2.loc[stage, "ratio"] <= 1.5, (stage, r2.loc[stage].to_dict())
-    assert abs(r2.loc["dft", "predicted_s"] - r2.loc["dft", "actual_s"]) < 1.0
+    assert 1 / 3 <= r2.loc["dft", "predicted_s"] / r2.loc["dft", "actual_s"] <= 3, r2.loc["dft"].to_dict()
     rates, _ = planning.campaign_rates(cfg, open_campaign(cfg.store_path))
     assert rates.origin("relax_s") == rates.origin("train_s") == rates.origin("mlip_steps") == "store"
 
