@@ -17,6 +17,7 @@ os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="matdisc-test-cache-")
 SHARED_FIXTURES = {"campaign_store": "campaign", "committee": "committee", "model_paths": "committee"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the markers to name the groups
 def pytest_collection_modifyitems(items):
     """Under ``pytest -n 2 --dist loadgroup`` the tests of one expensive session fixture (the EMT
     campaign, the trained MACE committee) run in one process, so it is computed once; the other
