@@ -98,13 +98,13 @@ def _print_spending(console, summary: dict) -> None:
 
 
 def _campaign_args(args: argparse.Namespace):
-    """The campaign file with ``--store`` applied, ``--rounds`` checked (run and plan)."""
+    """The campaign file with ``--store`` applied, ``--rounds`` checked (run, plan, tradeoff)."""
     from matdisc.config import load_config
 
     cfg = load_config(args.config)
     if args.store:
         cfg = cfg.model_copy(update={"store": Path(args.store)})
-    if args.rounds is not None and args.rounds < 1:
+    if getattr(args, "rounds", None) is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
     return cfg
 
@@ -131,12 +131,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_tradeoff(args: argparse.Namespace) -> int:
-    from matdisc.config import load_config
     from matdisc.tradeoff import measure
 
-    cfg = load_config(args.config)
-    if args.store:
-        cfg = cfg.model_copy(update={"store": Path(args.store)})
+    cfg = _campaign_args(args)
     if not cfg.store_path.exists():
         raise UserError(f"{cfg.store_path}: no campaign store: the trade-offs are measured on a campaign's data")
     if args.structures < 2:

@@ -60,7 +60,7 @@ def reference_options(cfg: CampaignConfig, names: list[str]) -> dict[str, Refere
     return {n: ReferenceConfig(**kept, preset=n, max_steps=0) for n in sorted(dict.fromkeys(names), key=order.index)}
 
 
-def verified_structures(store, cfg: CampaignConfig, n: int) -> list[tuple[str, Atoms]]:
+def verified_structures(store, n: int) -> list[tuple[str, Atoms]]:
     """Up to ``n`` relaxed, verified structures: one per composition first, smallest cells first."""
     dft = store.table("dft")
     if dft.empty:
@@ -191,7 +191,7 @@ def measure(cfg: CampaignConfig, *, presets: list[str], sizes: list[str] | None,
     out: list[Option] = []
     with tempfile.TemporaryDirectory(prefix="matdisc-tradeoff-") as tmp:
         if options:
-            picked = verified_structures(store, cfg, structures)
+            picked = verified_structures(store, structures)
             out += dft_tradeoff(picked, options, Path(tmp) / "dft", log=log)
         if sizes:
             frames, groups = loop.training_set(store, cfg)
