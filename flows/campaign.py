@@ -19,10 +19,10 @@ from prefect.futures import as_completed
 from flows import artifacts
 from flows.artifacts import slug
 from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
-from matdisc import discovery, loop, planning
+from matdisc import discovery, loop, planning, screening
 from matdisc.cluster import DFT, MLIP
-from matdisc.config import CampaignConfig
-from matdisc.costs import Rates, concurrent_members, dft_work, scf_cycles
+from matdisc.config import CampaignConfig, ReferenceConfig
+from matdisc.costs import Rates, concurrent_members, dft_seconds, dft_work, scf_cycles
 from matdisc.dft import settings_hash
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
@@ -35,36 +35,92 @@ TRAINING_METRICS = ("energy_rmse_per_atom", "forces_rmse")
 
 
 def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: list, *, verified: bool,
-                     static: bool = False) -> None:
-    """Run reference calculations on DFT workers; record each as it completes."""
+                     static: bool = False, screen: ReferenceConfig | None = None,
+                     allowance_s: float | None = None) -> None:
+    """Run reference calculations on DFT workers; record each as it completes.
+
+    ``screen``: single points with these cheaper settings, recorded in the screening table
+    (stage ``screen``), never in the DFT table or the training frames. ``allowance_s``: seconds
+    of calculation the stage may spend; jobs are then submitted one per free worker, in order,
+    and the next only while the measured seconds plus the predicted ones in flight leave room.
+    """
     log = get_run_logger()
     if not jobs:
         return
-    settings = settings_hash(cfg.reference)
-    workdir = str(w.path / "calculations" / f"r{round_}")
+    ref = screen or cfg.reference
+    settings = settings_hash(ref)
+    static = static or screen is not None
+    stage, what = ("screen", "screening calculations") if screen else (
+        "dft", "training frames" if static else "reference calculations")
+    workdir = str(w.path / "calculations" / (f"r{round_}-screen" if screen else f"r{round_}"))
     fn = static_task if static else reference_task
-    progress = artifacts.StageProgress(cfg, round_, "training frames" if static else "reference calculations",
-                                       len(jobs))
+    progress = artifacts.StageProgress(cfg, round_, what, len(jobs))
     rates, _ = planning.campaign_rates(cfg, w)
     steps = None if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
     pool = planning.workers(cfg)
     n_workers = pool.dft
-    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps)
-    t0, seconds, work = time.perf_counter(), [], 0.0
-    with dask.annotate(resources=DFT):
-        futures = {fn.submit(cid, atoms, cfg.reference.model_dump(mode="json"), workdir): (cid, atoms)
-                   for cid, atoms in jobs}
-    for n, fut in enumerate(as_completed(list(futures)), 1):
-        try:
-            res = fut.result()
-        except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
-            res = loop.failed_reference(*futures[fut], err, settings)
-        loop.record_reference(w, round_, res, settings, verified=verified)
-        seconds.append(res.walltime_s)
-        work += dft_work(futures[fut][1], cfg.reference) * scf_cycles(None if static else res.n_steps)
-        progress.advance()
-        log.info("reference %d/%d: %s %s %s", n, len(jobs), res.id, res.status, res.reason)
-    planning.record_stage(w, round_, "dft", predicted, seconds, work, time.perf_counter() - t0, n_workers)
+    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps, ref)
+    queue = [(cid, atoms, dft_seconds(atoms, ref, rates, steps)) for cid, atoms in jobs]
+    window = len(queue) if allowance_s is None else n_workers
+    t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
+
+    def fill() -> None:
+        while queue and len(futures) < window:
+            if allowance_s is not None and sum(seconds) + sum(p for *_, p in futures.values()) + queue[0][2] > allowance_s:
+                log.info("%s: %d of %d calculations left out, the budget allows %.3g s", stage, len(queue),
+                         len(jobs), allowance_s)
+                queue.clear()
+                return
+            cid, atoms, cost = queue.pop(0)
+            with dask.annotate(resources=DFT):
+                fut = fn.submit(cid, atoms, ref.model_dump(mode="json"), workdir)
+            futures[fut] = (cid, atoms, cost)
+
+    fill()
+    n = 0
+    while futures:
+        for fut in as_completed(list(futures)):
+            cid, atoms, _ = futures.pop(fut)
+            try:
+                res = fut.result()
+            except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
+                res = loop.failed_reference(cid, atoms, err, settings)
+            if screen:
+                screening.record(w, round_, res, settings)
+            else:
+                loop.record_reference(w, round_, res, settings, verified=verified)
+            seconds.append(res.walltime_s)
+            work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
+            progress.advance()
+            n += 1
+            log.info("%s %d/%d: %s %s %s", stage, n, len(jobs), res.id, res.status, res.reason)
+            if queue:  # a worker is free: submit the next while the allowance lasts
+                fill()
+                break
+    planning.record_stage(w, round_, stage, predicted, seconds, work, time.perf_counter() - t0, n_workers)
+
+
+def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
+    """The round's DFT picks: acquisition order, screened with cheaper DFT when the budget cannot
+    verify them all (:mod:`matdisc.screening`), cut where the budget ends; recorded once."""
+    log = get_run_logger()
+    recorded = discovery.recorded_selection(w, round_)
+    if recorded is not None:
+        return recorded
+    ranked = discovery.rank_for_reference(w, cfg, round_)
+    cost = discovery.predicted_reference_seconds(w, cfg, [p.id for p in ranked])
+    screen = screening.plan(w, cfg, [p.id for p in ranked], cost, planning.remaining_dft_seconds(cfg, w))
+    if screen is None:
+        return discovery.record_selection(w, cfg, round_, ranked)
+    log.info("round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
+             round_, len(ranked), len(screen.picks), settings_hash(screen.reference), screen.reference.preset)
+    _reference_stage(w, cfg, round_, screen.jobs, verified=False, screen=screen.reference,
+                     allowance_s=screen.allowance_s)
+    kept = screening.funnel(w, cfg, screen.picks)
+    by_id = {p.id: p for p in ranked}
+    log.info("round %d: %d of %d screened picks within %.3g eV/atom of the hull", round_, len(kept),
+             len(screen.picks), cfg.budget.screening.margin)
+    return discovery.record_selection(w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept))
 
 
 @dataclass
@@ -216,7 +272,7 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
                 log.info("round %d: %d new candidates (%s)", r, n_new, loop.generation_summary(w, r))
             _relax_stage(w, cfg, r, model, run)
             discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
-            picks = discovery.select_for_reference(w, cfg, r)
+            picks = _select(w, cfg, r)
             done = loop.dft_done(w, settings_hash(cfg.reference))
             log.info("round %d: verifying %d candidates with %s (%s acquisition)", r, len(picks),
                      cfg.reference.calculator, cfg.active_learning.acquisition)

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -369,10 +369,35 @@ class ActiveLearningConfig(_Strict):
     )
 
 
+class ScreeningConfig(_Strict):
+    """Screening DFT when a budget runs short: cheaper settings rank a round's picks first.
+
+    When what is left of a budget cannot verify all of a round's picks with the configured
+    reference settings, the picks (from their MLIP-relaxed structures) get single-point
+    calculations with these cheaper settings, and only those the screen puts within ``margin``
+    of the DFT hull are verified, most stable first, as many as the budget still pays for.
+    Screening energies form their own reference set: they rank, they never join the hull or
+    the training data. Accuracy fields of ``reference`` (cutoff, smearing, k-points) are
+    replaced by ``preset``'s unless set here; its calculator, spin and launcher are kept.
+    """
+
+    enabled: bool = Field(True, description="screen when a budget cannot verify a round's picks")
+    preset: Literal["fast", "accurate"] = Field("fast", description="settings preset of the screening calculations")
+    ecut: float | None = Field(None, gt=0, description="gpaw: plane-wave cutoff of the screen in eV (None: preset)")
+    kpoint_density: float | None = Field(None, gt=0, description="k-points per Å⁻¹ of the screen (None: preset)")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="calculator keyword arguments of the screen, over the reference's"
+    )
+    margin: float = Field(
+        0.05, ge=0, description="eV/atom: a screened pick further than this above the DFT hull is not verified"
+    )
+
+
 class BudgetConfig(_Strict):
     """Resource budgets of the whole campaign (None: unlimited). Spending is the measured compute
-    time recorded in the store; the campaign shrinks a round's DFT batch to what is left and stops
-    cleanly, with the reason in the store and the UI, instead of overrunning."""
+    time recorded in the store; the campaign screens a round's picks with cheaper DFT (see
+    :class:`ScreeningConfig`), shrinks its DFT batch to what is left and stops cleanly, with the
+    reason in the store and the UI, instead of overrunning."""
 
     dft_cpu_hours: float | None = Field(
         None, gt=0, description="reference calculations: seconds × cores per calculation, in hours"
@@ -381,6 +406,13 @@ class BudgetConfig(_Strict):
         None, gt=0, description="MLIP worker hours: relaxations and training (on the GPU, or the CPU without one)"
     )
     wall_hours: float | None = Field(None, gt=0, description="wall time of the campaign's stages, in hours")
+    screening: ScreeningConfig = Field(default_factory=ScreeningConfig)
+
+    #: The budgeted resources (the other fields say how a short budget is spent).
+    LIMITS: ClassVar[tuple[str, ...]] = ("dft_cpu_hours", "gpu_hours", "wall_hours")
+
+    def limits(self) -> dict[str, float | None]:
+        return {name: getattr(self, name) for name in self.LIMITS}
 
 
 class SlurmConfig(_Strict):

@@ -18,7 +18,7 @@ from ase import Atoms
 from pymatgen.core import Composition, Structure
 
 from matdisc import metrics, planning
-from matdisc.active import select
+from matdisc.active import Pick, select
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.records import USABLE
@@ -75,16 +75,21 @@ def round_budget(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> int:
     return max(0, min(al.dft_budget, al.max_dft_total - dft_calls_used(w, round_)))
 
 
-def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
-    """This round's DFT picks, recorded once so that a resumed round verifies the same ones.
-
-    Each pick is stored with the strategy, its acquisition score, predicted e_hull and
-    committee spread at the time of picking (what precision of "stable" calls is measured on).
-    """
-    key = f"r{round_}/selection"
+def recorded_selection(w: CampaignWriter, round_: int) -> list[str] | None:
+    """The round's DFT picks if they were recorded (a resumed round verifies the same ones)."""
+    if not w.has_batch("selections", f"r{round_}/selection"):
+        return None
     sel = w.table("selections")
-    if w.has_batch("selections", key):
-        return list(sel["id"][sel["round"] == round_])
+    return list(sel["id"][sel["round"] == round_])
+
+
+def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[Pick]:
+    """This round's acquisition order, up to its DFT budget in calculations (no cost cut yet).
+
+    Candidates an earlier round's screen turned down are passed over (:mod:`matdisc.screening`).
+    """
+    from matdisc.screening import rejected
+
     al = cfg.active_learning
     cand = w.candidates()
     verified: dict[str, list[Structure]] = {}
@@ -94,16 +99,41 @@ def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) ->
         done = cand[(cand["dft_status"] == "ok") & cand["mlip_status"].isin(USABLE)]
         for cid, formula in zip(done["id"], done["formula"]):
             verified.setdefault(formula, []).append(structure_of(cid))
-    picks = select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
-                   explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
-                   structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition)
+    passed = rejected(w, cfg, round_)
+    if passed and not cand.empty:
+        cand = cand[~cand["id"].isin(passed)]
+    return select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
+                  explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
+                  structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition)
+
+
+def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks: list[Pick],
+                     screened: dict[str, float] | None = None) -> list[str]:
+    """Record the picks the budget pays for, in order, and return their ids.
+
+    Each pick is stored with the strategy, its acquisition score, predicted e_hull and
+    committee spread at the time of picking (what precision of "stable" calls is measured on),
+    its predicted cost and, when the round was screened, its screened e_hull.
+    """
     cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
     picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
-    w.append("selections", key, {"id": [p.id for p in picks], "round": [round_] * len(picks),
-                                 "strategy": [al.acquisition] * len(picks), "score": [p.score for p in picks],
-                                 "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
-                                 "rank": [p.rank for p in picks], "predicted_s": cost[: len(picks)]})
+    screened = screened or {}
+    w.append("selections", f"r{round_}/selection", {
+        "id": [p.id for p in picks], "round": [round_] * len(picks),
+        "strategy": [cfg.active_learning.acquisition] * len(picks), "score": [p.score for p in picks],
+        "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
+        "rank": [p.rank for p in picks], "predicted_s": cost[: len(picks)],
+        "e_hull_screen": [screened.get(p.id, float("nan")) for p in picks]})
     return [p.id for p in picks]
+
+
+def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
+    """This round's DFT picks without screening: the acquisition order cut where the budget ends,
+    recorded once."""
+    recorded = recorded_selection(w, round_)
+    if recorded is not None:
+        return recorded
+    return record_selection(w, cfg, round_, rank_for_reference(w, cfg, round_))
 
 
 def cheapest_reference_seconds(w: CampaignWriter, cfg: CampaignConfig) -> float | None:
@@ -156,6 +186,12 @@ def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | No
 
 
 # -- round metrics -------------------------------------------------------------------------------
+def _screened_in(w: CampaignWriter, round_: int) -> int:
+    """Screening calculations of a round (cheaper DFT that ranked its picks, see matdisc.screening)."""
+    table = w.table("screening")
+    return int((table["round"] == round_).sum()) if not table.empty else 0
+
+
 def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha: str,
                   model_errors: dict[str, float] | None = None) -> dict[str, Any]:
     """The round's record: counts, discovery metrics (see :mod:`matdisc.metrics`), hull changes.
@@ -197,6 +233,7 @@ def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha
         "model_sha256": model_sha,
         "mae_mev_per_atom": metrics.energy_mae_mev(pairs["e_mlip_per_atom"], pairs["e_dft_per_atom"]),
         "dft_calls": n_calls,
+        "screened": _screened_in(w, round_),
         "dft_calls_total": len(all_picks),
         "new_hits": new_hits,
         "hit_rate": new_hits / n_calls if n_calls else float("nan"),

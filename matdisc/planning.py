@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from ase import Atoms
 
-from matdisc.config import CampaignConfig
+from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.costs import (Rates, calibrate, concurrent_members, dft_seconds, dft_work, reference_cores, relax_tasks,
                            scf_cycles, stage_wall, train_member_seconds)
 
@@ -88,9 +88,11 @@ def relax_cost(n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Wor
     return StageCost(len(jobs), float(sum(n_atoms)) * rates.mlip_steps, sum(jobs), stage_wall(jobs, w.mlip, rates))
 
 
-def dft_cost(atoms: Sequence[Atoms], cfg: CampaignConfig, rates: Rates, w: Workers, steps: float | None) -> StageCost:
-    """Reference calculations of ``atoms``: relaxations of ``steps`` ionic steps, or statics (None)."""
-    ref = cfg.reference
+def dft_cost(atoms: Sequence[Atoms], cfg: CampaignConfig, rates: Rates, w: Workers, steps: float | None,
+             ref: ReferenceConfig | None = None) -> StageCost:
+    """Reference calculations of ``atoms``: relaxations of ``steps`` ionic steps, or statics (None),
+    with the configured reference settings or ``ref`` (a screen's)."""
+    ref = ref or cfg.reference
     jobs = [dft_seconds(a, ref, rates, steps) for a in atoms]
     work = sum(dft_work(a, ref) * scf_cycles(steps) for a in atoms)
     return StageCost(len(jobs), work, sum(jobs), stage_wall(jobs, w.dft, rates))
@@ -176,7 +178,7 @@ def spent(store, cfg: CampaignConfig) -> dict[str, float]:
     costs = store.table("costs") if store is not None else pd.DataFrame()
     if costs.empty:
         return {"dft_cpu_hours": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0}
-    dft = costs.loc[costs["stage"] == "dft", "actual_s"].sum()
+    dft = costs.loc[costs["stage"].isin(("dft", "screen")), "actual_s"].sum()
     mlip = costs.loc[costs["stage"].isin(("relax", "train")), "actual_s"].sum()
     return {"dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600, "gpu_hours": float(mlip) / 3600,
             "wall_hours": float(costs["wall_s"].sum()) / 3600}
@@ -186,7 +188,7 @@ def budget_status(cfg: CampaignConfig, store, planned: dict[str, float] | None =
     """Per budgeted resource: limit, spent, remaining, and (for a plan) what the plan needs."""
     used = spent(store, cfg)
     out: dict[str, Any] = {}
-    for name, limit in cfg.budget.model_dump().items():
+    for name, limit in cfg.budget.limits().items():
         row = {"limit": limit, "spent": used[name],
                "remaining": None if limit is None else max(0.0, limit - used[name])}
         if planned is not None:

@@ -1,0 +1,195 @@
+"""Screening DFT: when a budget cannot verify a round's picks, cheaper settings rank them first.
+
+A two-fidelity funnel. Acquisition ranks a round's picks by the MLIP; when what is left of a
+budget (:func:`matdisc.planning.remaining_dft_seconds`) cannot verify all of them with the
+configured reference settings, each pick gets one single-point calculation with cheaper
+settings (``budget.screening``, the ``fast`` preset by default) at its MLIP-relaxed structure,
+and the budget left after that verifies the picks the screen puts closest to the hull.
+
+Screening energies are a reference set of their own (their settings hash): they never join
+the hull or the training data, which stay at the configured settings. A pick's screened
+distance to the hull is its screened formation energy (against the elements' ground states
+computed with the same cheap settings, so per-element offsets of the cheap settings cancel)
+minus the configured DFT hull's formation energy at its composition, the way
+:func:`matdisc.thermo.energy_above_reference_hull` measures MLIP predictions.
+
+Records: table ``screening`` (one row per calculation and settings, with its reason when it
+failed) and the cost stage ``screen``, charged to the DFT budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+from pymatgen.core import Composition
+
+from matdisc import planning
+from matdisc.config import CampaignConfig, ReferenceConfig
+from matdisc.costs import dft_seconds
+from matdisc.dft import settings_hash
+from matdisc.records import ReferenceResult, scalar_fields
+from matdisc.store import CampaignWriter
+from matdisc.thermo import energy_above_reference_hull
+
+#: Reference fields a screening preset replaces (what sets the accuracy, not where or how it runs).
+ACCURACY_FIELDS = ("ecut", "smearing", "kpoint_density", "fmax", "stress_tol", "max_steps", "walltime_s")
+TABLE = "screening"
+
+
+def screening_reference(cfg: CampaignConfig) -> ReferenceConfig:
+    """The configured reference calculator with the screening's cheaper settings."""
+    scr = cfg.budget.screening
+    update = {name: None for name in ACCURACY_FIELDS}
+    update.update(preset=scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density,
+                  parameters={**cfg.reference.parameters, **scr.parameters})
+    return ReferenceConfig.model_validate({**cfg.reference.model_dump(), **update})
+
+
+@dataclass
+class ScreenPlan:
+    """What a round screens: ``jobs`` (elemental ground states and picks not screened before,
+    at their relaxed structures) to rank the first ``len(picks)`` picks of the acquisition order.
+    The flow submits them in order while measured seconds stay within ``allowance_s``."""
+
+    reference: ReferenceConfig
+    picks: list[str]
+    jobs: list[tuple[str, Atoms]] = field(default_factory=list)
+    predicted_s: list[float] = field(default_factory=list)
+    #: what the screen may spend: the budget left less the cheapest of its picks' verifications
+    allowance_s: float = float("inf")
+
+
+def screened(w: CampaignWriter, settings: str) -> dict[str, float]:
+    """id -> screened energy per atom (NaN where the calculation failed) with these settings."""
+    table = w.table(TABLE)
+    if table.empty:
+        return {}
+    rows = table[table["settings_hash"] == settings]
+    return dict(zip(rows["id"], rows["e_screen_per_atom"].astype(float)))
+
+
+def ground_states(w: CampaignWriter, cfg: CampaignConfig) -> dict[str, tuple[str, Atoms]]:
+    """element -> (id, DFT-relaxed Atoms) of its lowest verified structure in the reference set."""
+    settings = settings_hash(cfg.reference)
+    dft = w.table("dft")
+    if dft.empty:
+        return {}
+    frames = w.frames("dft")
+    cand = w.table("candidates")
+    formula = dict(zip(cand["id"], cand["formula"]))
+    best: dict[str, tuple[float, str, int]] = {}
+    for i, row in enumerate(dft.to_dict("records")):
+        if row["status"] != "ok" or row.get("settings_hash") != settings or not np.isfinite(row["e_dft_per_atom"]):
+            continue
+        comp = Composition(formula[row["id"]])
+        if len(comp.elements) != 1:
+            continue
+        el = str(comp.elements[0])
+        if el not in best or row["e_dft_per_atom"] < best[el][0]:
+            best[el] = (float(row["e_dft_per_atom"]), row["id"], i)
+    return {el: (cid, frames.atoms(i)) for el, (_, cid, i) in best.items()}
+
+
+def relaxed_atoms(w: CampaignWriter, ids: list[str]) -> dict[str, Atoms]:
+    """id -> latest MLIP-relaxed structure of each candidate (where there is one)."""
+    mlip = w.table("mlip")
+    if mlip.empty:
+        return {}
+    frames = w.frames("mlip")
+    row_of = {cid: i for i, cid in enumerate(mlip["id"])}
+    return {cid: frames.atoms(row_of[cid]) for cid in ids if cid in row_of}
+
+
+def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[float],
+         remaining_s: float | None) -> ScreenPlan | None:
+    """The screen this round needs, or None: the budget verifies every pick, screening is off,
+    has the reference's own settings, lacks an element's ground state, or would look at no more
+    picks than verification alone can.
+
+    Screened: the longest prefix of the ranking whose screening, plus the cheapest of its
+    verifications, fits what is left (elements' ground states screened once per campaign).
+    """
+    if not cfg.budget.screening.enabled or remaining_s is None:
+        return None
+    direct = planning.affordable(cost, remaining_s)
+    if direct == len(ranked):
+        return None
+    ref = screening_reference(cfg)
+    settings = settings_hash(ref)
+    if settings == settings_hash(cfg.reference):
+        return None
+    elements = ground_states(w, cfg)
+    if set(elements) != set(cfg.chemsys):
+        return None
+    done = screened(w, settings)
+    rates, _ = planning.campaign_rates(cfg, w)
+    jobs = [(cid, a) for cid, a in elements.values() if cid not in done]
+    spend = sum(dft_seconds(a, ref, rates, None) for _, a in jobs)
+    structures = relaxed_atoms(w, ranked)
+    picks: list[str] = []
+    pick_jobs: list[tuple[str, Atoms]] = []
+    cheapest = float("inf")
+    for cid, c in zip(ranked, cost):
+        if cid not in structures:
+            break
+        s = 0.0 if cid in done else dft_seconds(structures[cid], ref, rates, None)
+        if spend + s + min(cheapest, c) > remaining_s:
+            break
+        spend, cheapest = spend + s, min(cheapest, c)
+        picks.append(cid)
+        if cid not in done:
+            pick_jobs.append((cid, structures[cid]))
+    if len(picks) <= direct:
+        return None
+    jobs += pick_jobs
+    return ScreenPlan(ref, picks, jobs, [dft_seconds(a, ref, rates, None) for _, a in jobs], remaining_s - cheapest)
+
+
+def record(w: CampaignWriter, round_: int, result: ReferenceResult, settings: str) -> None:
+    """One screening calculation (a failed one with its reason), once per id and settings."""
+    row = scalar_fields(result)
+    row.update(round=round_, settings_hash=settings, e_screen_per_atom=result.energy_per_atom)
+    w.append_records(TABLE, f"r{round_}/{result.id}/{settings}", [row])
+
+
+def screened_hull_distance(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> dict[str, float]:
+    """id -> screened energy above the configured DFT hull in eV/atom (NaN: not screened, failed,
+    or an element's ground state without a screened energy)."""
+    settings = settings_hash(screening_reference(cfg))
+    energy = screened(w, settings)
+    mu = {el: energy.get(cid, np.nan) for el, (cid, _) in ground_states(w, cfg).items()}
+    cand = w.candidates(settings_hash(cfg.reference))
+    formula = dict(zip(cand["id"], cand["formula"]))
+    e_form = []
+    for cid in ids:
+        comp = Composition(formula[cid])
+        shift = sum(comp.get_atomic_fraction(el) * mu.get(str(el), np.nan) for el in comp.elements)
+        e_form.append(energy.get(cid, np.nan) - shift)
+    ref = cand[np.isfinite(cand["e_form_dft"].astype(float))] if "e_form_dft" in cand else cand.iloc[:0]
+    above = energy_above_reference_hull([formula[c] for c in ids], e_form, list(ref["formula"]),
+                                        list(ref["e_form_dft"].astype(float)), cfg.chemsys)
+    return dict(zip(ids, above))
+
+
+def funnel(w: CampaignWriter, cfg: CampaignConfig, picks: list[str]) -> list[tuple[str, float]]:
+    """The screened picks worth verifying, most stable first: (id, screened e_hull) within the margin."""
+    above = screened_hull_distance(w, cfg, picks)
+    keep = [(cid, e) for cid, e in above.items() if np.isfinite(e) and e <= cfg.budget.screening.margin]
+    return sorted(keep, key=lambda item: item[1])
+
+
+def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
+    """Candidates a round before ``round_`` screened and did not verify: acquisition passes over them."""
+    table = w.table(TABLE)
+    if table.empty:
+        return set()
+    earlier = (table["settings_hash"] == settings_hash(screening_reference(cfg))) & (table["round"] < round_)
+    ids = set(table["id"][earlier])
+    sel = w.table("selections")
+    return ids - (set(sel["id"]) if not sel.empty else set())
+
+
+__all__ = ["ACCURACY_FIELDS", "TABLE", "ScreenPlan", "funnel", "ground_states", "plan", "record", "rejected",
+           "relaxed_atoms", "screened", "screened_hull_distance", "screening_reference"]

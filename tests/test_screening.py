@@ -1,0 +1,208 @@
+"""Screening DFT when a budget runs short: cheaper settings rank a round's picks, the budget
+left verifies the best of them. Real GPAW (a cheaper cutoff and k-point mesh as the screen) on a
+small hand-built Al-Si store; the session's EMT campaign for the case with no cheaper settings."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from pymatgen.core import Composition
+
+from conftest import emt_config
+from matdisc import discovery, loop, planning, screening
+from matdisc.config import CampaignConfig
+from matdisc.costs import dft_seconds, dft_work
+from matdisc.dft import run_static, settings_hash
+from matdisc.generate import prototype_candidates
+from matdisc.records import RelaxResult
+from matdisc.store import CampaignWriter, open_campaign
+
+ASAP = {"parameters": {"asap_cutoff": True}}
+ROUND = 3  # of the session campaign (two rounds done)
+
+
+def _copy(cfg: CampaignConfig, tmp_path: Path, name: str, **update) -> CampaignConfig:
+    dst = tmp_path / name
+    shutil.copytree(cfg.store_path, dst)
+    data = cfg.model_dump(mode="json")
+    data.update(store=str(dst), **update)
+    return CampaignConfig.model_validate(data)
+
+
+def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> tuple[CampaignConfig, list, list]:
+    """A copy whose DFT budget verifies the first two of the round's six ranked picks and no more."""
+    free = _copy(cfg, tmp_path, name + "-free", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 6})
+    with CampaignWriter(free.store_path) as w:
+        ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
+        cost = discovery.predicted_reference_seconds(w, free, ranked)
+        used = planning.spent(w, free)["dft_cpu_hours"]
+    assert len(ranked) == 6
+    left = cost[0] + cost[1] + 0.9 * min(cost[2:])
+    limit = used + left * planning.reference_cores(free) / 3600
+    tight = _copy(free, tmp_path, name, budget={"dft_cpu_hours": limit, "screening": screening})
+    return tight, ranked, cost
+
+
+def _in_a_flow(cfg: CampaignConfig) -> list[str]:
+    from prefect import flow
+
+    from flows.campaign import _select
+
+    @flow(name="select")
+    def select(config: dict) -> list[str]:
+        c = CampaignConfig.model_validate(config)
+        with CampaignWriter(c.store_path) as w:
+            return _select(w, c, ROUND)
+
+    return select(cfg.model_dump(mode="json"))
+
+
+def test_screening_settings_take_the_fast_preset_and_keep_the_calculator():
+    cfg = CampaignConfig.model_validate({
+        "name": "x", "chemsys": ["Al", "Si"],
+        "reference": {"preset": "accurate", "ecut": 520.0, "kpoint_density": 6.0, "spin": "off",
+                      "parameters": {"xc": "PBE"}}})
+    screen = screening.screening_reference(cfg)
+    assert (screen.calculator, screen.spin, screen.parameters) == ("gpaw", "off", {"xc": "PBE"})
+    fast = screen.resolved()
+    assert (fast.ecut, fast.kpoint_density, fast.smearing) == (300.0, 2.5, 0.1)  # the fast preset, not the user's
+    assert settings_hash(screen) != settings_hash(cfg.reference)
+    from ase.build import bulk
+
+    si = bulk("Si", "diamond", a=5.47)
+    assert dft_work(si, screen) < dft_work(si, cfg.reference) / 4  # what makes a screen worth its cost
+    own = CampaignConfig.model_validate({**cfg.model_dump(), "budget": {"screening": {"ecut": 200.0}}})
+    assert screening.screening_reference(own).resolved().ecut == 200.0
+
+
+def _hand_built_al_si(tmp_path: Path, **over) -> CampaignConfig:
+    """Al-Si with GPAW as the reference: elements verified by real GPAW statics, five compounds
+    the (hand-set) MLIP calls stable by -0.10 ... -0.02 eV/atom. No costs recorded: the model's
+    prior rates price every calculation."""
+    cfg = CampaignConfig.model_validate(emt_config(
+        tmp_path, chemsys=["Al", "Si"],
+        reference={"calculator": "gpaw", "preset": "accurate", "ecut": 300.0, "kpoint_density": 2.0,
+                   "isolate": False},
+        active_learning={"rounds": 2, "dft_budget": 4, "acquisition": "greedy"}, **over))
+    keep = {("Al", "fcc"), ("Si", "diamond"), ("AlSi", "B1"), ("AlSi", "B2"), ("AlSi", "B3"), ("Al3Si", "L1_2"),
+            ("AlSi3", "L1_2")}
+    cands = [c for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "diamond", "B1", "B2", "B3",
+                                                                                  "L1_2"])
+             if (c.formula, c.prototype) in keep]
+    assert len(cands) == len(keep)
+    settings = settings_hash(cfg.reference)
+    with CampaignWriter(cfg.store_path) as w:
+        loop.record_run(w, cfg)
+        loop.add_candidates(w, cands, 0, "prototype")
+        atoms = loop.candidate_atoms(w)
+        elements = [(cid, a) for cid, a in atoms if len(set(a.get_chemical_symbols())) == 1]
+        for cid, a in elements:
+            res = run_static(a, cfg.reference, id=cid, workdir=w.path / "calculations" / "r0")
+            assert res.ok, res.reason
+            loop.record_reference(w, 0, res, settings, verified=True)
+        compounds = [cid for cid, a in atoms if len(set(a.get_chemical_symbols())) > 1]
+        e_mlip = {cid: 0.0 for cid, _ in elements} | {cid: -0.10 + 0.02 * k for k, cid in enumerate(compounds)}
+        loop.record_relaxations(w, "r0/mlip/hand", 0, [
+            RelaxResult(cid, "ok", "", a, energy=e_mlip[cid] * len(a), sigma=0.01) for cid, a in atoms], "hand")
+        discovery.update_scores(w, cfg, ROUND, f"r{ROUND}/scores-mlip")
+    return cfg
+
+
+def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(prefect_api, tmp_path):
+    free = _hand_built_al_si(tmp_path)
+    with CampaignWriter(free.store_path) as w:
+        ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
+        cost = discovery.predicted_reference_seconds(w, free, ranked)
+    assert len(ranked) == 4
+    left = cost[0] + cost[1] + 0.5 * cost[2]  # verifies two of the four, and no more
+    tight = _copy(free, tmp_path, "tight.zarr", budget={
+        "dft_cpu_hours": left * planning.reference_cores(free) / 3600,
+        "screening": {"ecut": 200.0, "kpoint_density": 1.5, "margin": 1.0}})
+    before = open_campaign(tight.store_path)
+    n_dft, n_frames = len(before.table("dft")), len(before.table("frames"))
+    picks = _in_a_flow(tight)
+
+    w = open_campaign(tight.store_path)
+    scr = w.table("screening")
+    ground = screening.ground_states(w, tight)
+    screened_picks = [c for c in ranked if c in set(scr["id"])]
+    assert {cid for cid, _ in ground.values()} <= set(scr["id"]) and len(screened_picks) > 2  # more than it verifies
+    assert screened_picks == ranked[: len(screened_picks)]  # screened in acquisition order
+    assert (scr["status"] == "ok").all()
+    assert (scr["settings_hash"] == settings_hash(screening.screening_reference(tight))).all()
+    for workdir in scr["workdir"]:  # each ran with the screening cutoff
+        assert "Cutoff: 200.0 eV" in (Path(workdir) / "static" / "gpaw.txt").read_text()
+    # the screened distance to the hull, recomputed here: formation energy against the
+    # screened elements (the DFT hull holds only the elements, at zero)
+    energy = dict(zip(scr["id"], scr["e_screen_per_atom"]))
+    mu = {el: energy[cid] for el, (cid, _) in ground.items()}
+    formula = dict(zip(w.table("candidates")["id"], w.table("candidates")["formula"]))
+    expected = {}
+    for cid in screened_picks:
+        comp = Composition(formula[cid])
+        expected[cid] = energy[cid] - sum(comp.get_atomic_fraction(el) * mu[str(el)] for el in comp.elements)
+    funnel = screening.funnel(w, tight, screened_picks)
+    kept = sorted((c for c in screened_picks if expected[c] <= 1.0), key=expected.get)
+    assert [c for c, _ in funnel] == kept
+    assert [e for _, e in funnel] == pytest.approx([expected[c] for c in kept], abs=1e-9)
+    # verified: the screen's order, cut where the budget left after screening ends
+    sel = w.table("selections")
+    sel = sel[sel["round"] == ROUND]
+    assert list(sel["id"]) == picks
+    pick_cost = discovery.predicted_reference_seconds(w, tight, kept)
+    assert picks == kept[: planning.affordable(pick_cost, planning.remaining_dft_seconds(tight, w))]
+    assert list(sel["e_hull_screen"]) == pytest.approx([expected[c] for c in picks], abs=1e-9)
+    # the budget holds: screening is charged to it, and the picks' verification fits what is left
+    costs = w.table("costs")
+    assert list(costs["stage"]) == ["screen"] and costs["actual_s"].iloc[0] > 0
+    assert planning.spent(w, tight)["dft_cpu_hours"] * 3600 + sel["predicted_s"].sum() <= left + 1e-9
+    # screening energies never join the hull or the training data
+    assert (len(w.table("dft")), len(w.table("frames"))) == (n_dft, n_frames)
+    assert discovery.round_metrics(w, tight, ROUND, "hand")["screened"] == len(scr)
+    # a later round passes over the screened picks that were not verified
+    with CampaignWriter(tight.store_path) as rw:
+        later = {p.id for p in discovery.rank_for_reference(rw, tight, ROUND + 1)}
+    assert not later & (set(screened_picks) - set(picks))
+
+
+def test_without_cheaper_settings_a_short_budget_only_cuts_the_batch(campaign_store, prefect_api, tmp_path):
+    """EMT has no presets: its default screen has the reference's own settings, so nothing is screened."""
+    cfg, _ = campaign_store
+    tight, ranked, _ = _tight(cfg, tmp_path, "plain.zarr", {})
+    picks = _in_a_flow(tight)
+    w = open_campaign(tight.store_path)
+    assert w.table("screening").empty and picks == ranked[:2]
+    off, ranked_off, _ = _tight(cfg, tmp_path, "off.zarr", {**ASAP, "enabled": False})
+    assert _in_a_flow(off) == ranked_off[:2] and open_campaign(off.store_path).table("screening").empty
+
+
+def test_a_screen_submits_in_order_and_stops_where_its_allowance_ends(prefect_api, tmp_path):
+    """The budget guard of a screening stage: one job per free worker, the next only while the
+    measured seconds plus its predicted ones fit the allowance."""
+    from ase.build import bulk
+    from prefect import flow
+
+    from flows.campaign import _reference_stage
+
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path, budget={"screening": ASAP}))
+    ref = screening.screening_reference(cfg)
+    jobs = [(f"cu-{k}", bulk("Cu", "fcc", a=3.5 + 0.02 * k)) for k in range(10)]
+    with CampaignWriter(cfg.store_path) as w:
+        rates, _ = planning.campaign_rates(cfg, w)
+    each = [dft_seconds(a, ref, rates, None) for _, a in jobs]
+    allowance = each[0] + 0.2
+
+    @flow(name="screen")
+    def screen(config: dict) -> None:
+        c = CampaignConfig.model_validate(config)
+        with CampaignWriter(c.store_path) as w:
+            _reference_stage(w, c, 1, jobs, verified=False, screen=ref, allowance_s=allowance)
+
+    screen(cfg.model_dump(mode="json"))
+    scr = open_campaign(cfg.store_path).table("screening")
+    ran, took = list(scr["id"]), list(scr["walltime_s"])
+    assert ran == [cid for cid, _ in jobs][: len(ran)] and 0 < len(ran) < len(jobs)
+    assert sum(took[:-1]) + each[len(ran) - 1] <= allowance  # the last one submitted fitted
+    assert sum(took) + each[len(ran)] > allowance  # the next would not have
