@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dask
+import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
@@ -83,6 +84,8 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
             cid, atoms, _ = futures.pop(fut)
             try:
                 res = fut.result()
+            except httpx.HTTPError:  # the Prefect API is gone: the run stops, a rerun redoes this one
+                raise
             except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
                 res = loop.failed_reference(cid, atoms, err, settings)
             if screen:

@@ -233,11 +233,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from matdisc.server import ensure_api, ui_url
 
+    own_server = not os.environ.get("PREFECT_API_URL")
     api = ensure_api()
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
     from flows.deployment import run_campaign
 
-    run_campaign(cfg, rounds=args.rounds, more_rounds=args.more_rounds)
+    import httpx
+
+    try:
+        run_campaign(cfg, rounds=args.rounds, more_rounds=args.more_rounds)
+    except httpx.TransportError as err:  # the Prefect server went away mid-run (killed, restarted, network)
+        again = " (matdisc starts its server again)" if own_server else ""
+        print(f"matdisc: lost the Prefect API at {api} ({type(err).__name__}: {err}); every completed batch is in "
+              f"{cfg.store_path}: run again to resume{again}", file=sys.stderr)
+        return 1
     from rich.console import Console
 
     console = Console()

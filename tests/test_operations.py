@@ -3,10 +3,11 @@
 The session fixture ran the conftest EMT campaign without faults. This test starts from
 that store as it stood after the cold start (the store is append-only with a commit log,
 so that state is the log's round-0 prefix) and runs round 1 again as ``matdisc run`` in its
-own process group against the session's Prefect API. Mid-round its Dask workers are
-killed (their nannies restart them, the batch in flight is redone), then the whole process
-group gets SIGKILL once the round's retrained model is registered but before the round is
-recorded. A scheduled-style deployment (``matdisc deploy``, served in another process) is
+own process group, with the Prefect server ``matdisc run`` starts. Mid-round its Dask workers
+are killed (their nannies restart them, the batch in flight is redone), then the Prefect
+server is killed (the run stops by itself, with a one-line reason), then a second ``matdisc
+run`` (with a new server) has its whole process group killed once the round's retrained
+model is registered but before the round is recorded. A scheduled-style deployment (``matdisc deploy``, served in another process) is
 then triggered through the Prefect API and finishes the round without training again.
 Round 1 must equal the uninterrupted run's: same candidates, energies, DFT results, picks,
 the same retrained model bit for bit, no duplicates.
@@ -97,6 +98,22 @@ def api_env(prefect_api, tmp_path):
             "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
+def _own_server_env(api_env: dict) -> dict:
+    """``matdisc run`` without PREFECT_API_URL: it starts its own Prefect server (and after a kill,
+    a new one on the same port and database). One client retry: an API that is gone fails fast."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in api_env.items() if k != "PREFECT_API_URL"}
+    return {**env, "MATDISC_PREFECT_PORT": str(port), "PREFECT_CLIENT_MAX_RETRIES": "1"}
+
+
+def _server_pid(env: dict) -> int:
+    return int(json.loads((Path(env["MATDISC_HOME"]) / "prefect-server.json").read_text())["pid"])
+
+
 def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_store(campaign_store, api_env, tmp_path):
     reference_cfg, _ = campaign_store
     cfg = emt_config(tmp_path)
@@ -108,9 +125,11 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
     assert list(open_campaign(store).rounds()["round"]) == [0] and open_campaign(store).table("mlip").empty
     log = tmp_path / "run.log"
 
+    own = _own_server_env(api_env)
     with open(log, "w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT, env=api_env,
+        run = subprocess.Popen([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT, env=own,
                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    servers: list[int] = []
     try:
         # 1. a Dask worker killed mid-batch: round 1 has committed one MLIP batch, the next is running
         _wait_for("round 1's first MLIP batch", lambda: any(k.startswith("r1/") for k in _commit_keys(store, "mlip")),
@@ -126,14 +145,33 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2, second.stderr
         assert second.stderr.count("\n") == 1 and f"pid {run.pid}" in second.stderr, second.stderr
-        # 2. the whole run (flow process and its workers) killed once round 1's committee is trained
-        #    and registered, before the round is recorded: the resumed run must not train it again
+        # 2. the Prefect server killed mid-round: the run stops by itself, saying why, keeping what it committed
+        servers.append(_server_pid(own))
+        os.killpg(servers[0], signal.SIGKILL)
+        run.wait(300)
+        assert run.returncode == 1, log.read_text()[-3000:]
+        assert "matdisc: lost the Prefect API" in log.read_text() and "run again to resume" in log.read_text()
+        assert open_campaign(store).rounds()["round"].max() == 0
+        # 3. run again: matdisc starts its server again; this whole run (flow process and workers) is
+        #    killed once round 1's committee is trained and registered, before the round is recorded:
+        #    the resumed run must not train it again
+        log = tmp_path / "run-2.log"
+        with open(log, "w") as out:
+            run = subprocess.Popen([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT, env=own,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_for("round 1's model", lambda: "r1/model" in _commit_keys(store, "models"), run, 400, log)
+        servers.append(_server_pid(own))
+        assert servers[1] != servers[0]  # a new server on the same port and database
         os.killpg(run.pid, signal.SIGKILL)
         run.wait(30)
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+        for pid in servers:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert run.returncode == -signal.SIGKILL
     killed = open_campaign(store)
     assert killed.rounds()["round"].max() == 0  # round 1 was cut short: not recorded
