@@ -5,6 +5,8 @@ The metrics run on a hand-built store whose hull is worked out by hand in the co
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -134,8 +136,16 @@ def _energy(formula: str, e_form: float, mu: dict) -> float:
 
 
 @pytest.fixture
-def hand_store(tmp_path):
-    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+def hand_store(built_hand_store, tmp_path):
+    """A fresh copy per test (tests record picks in it) of the store built once per module."""
+    cfg, ids, r1, r2 = built_hand_store
+    shutil.copytree(cfg.store_path, tmp_path / cfg.store_path.name)
+    return cfg.model_copy(update={"store": tmp_path / cfg.store_path.name}), ids, r1, r2
+
+
+@pytest.fixture(scope="module")
+def built_hand_store(tmp_path_factory):
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path_factory.mktemp("hand")))
     ref_set = settings_hash(cfg.reference)
     with CampaignWriter(cfg.store_path) as w:
         loop.record_run(w, cfg)
