@@ -193,7 +193,9 @@ def _print_plan(plan) -> None:
     console.print(f"rates from: {', '.join(sources)}")
     for name, b in plan.budget.items():
         if b["limit"] is not None:
-            verdict = "fits" if b["fits"] else "does NOT fit: the campaign will shrink DFT batches, then stop"
+            verdict = "fits" if b["fits"] else (
+                "does NOT fit: the campaign will screen picks with cheaper DFT where that pays "
+                "(budget.screening), shrink DFT batches, then stop")
             console.print(f"budget.{name}: {b['spent']:.3g} h spent + {b['planned']:.3g} h planned of {b['limit']:.3g} h"
                           f" — {verdict}")
 

@@ -1,10 +1,9 @@
 """Accuracy vs cost: the formation-energy deviation on known answers, GPAW settings compared on real
-calculations, and ``matdisc tradeoff`` on the session's EMT campaign (recorded, shown by status)."""
+calculations, and ``matdisc tradeoff`` on EMT reference data (recorded, shown by status)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +11,14 @@ import pytest
 import yaml
 from ase.build import bulk
 
+from conftest import emt_config
+from matdisc import loop
 from matdisc.cli import main
 from matdisc.config import CampaignConfig, ReferenceConfig
+from matdisc.dft import run_reference, run_static, settings_hash
 from matdisc.errors import UserError
-from matdisc.store import open_campaign
+from matdisc.generate import prototype_candidates
+from matdisc.store import CampaignWriter, open_campaign
 from matdisc.tradeoff import dft_tradeoff, formation_deviation, parse_size, reference_options, spread_held_out
 
 
@@ -73,12 +76,32 @@ def test_gpaw_settings_are_compared_on_the_same_structures(tmp_path):
     assert out["coarse"].relative_cost == 1.0 and out["fine"].relative_cost > 1.0
 
 
-def test_tradeoff_command_measures_records_and_status_shows_it(campaign_store, tmp_path, capsys):
-    cfg, _ = campaign_store
-    store = tmp_path / "copy.zarr"
-    shutil.copytree(cfg.store_path, store)
+def _emt_reference_store(tmp_path: Path) -> CampaignConfig:
+    """Cu-Pd prototypes of 1-4 atoms relaxed with EMT and rattled copies of them (real calculations,
+    recorded as a cold start records them): what ``matdisc tradeoff`` reads of a campaign.
+    (Not the session campaign: its test group already holds the suite's longest tests.)"""
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    cands = [c for c in prototype_candidates(cfg.chemsys, cfg.generation,
+                                             names=["fcc", "bcc", "hcp", "B2", "L1_0", "L1_2", "D0_19"])
+             if len(c.structure) <= 4]
+    settings = settings_hash(cfg.reference)
+    with CampaignWriter(cfg.store_path) as w:
+        loop.record_run(w, cfg)
+        loop.add_candidates(w, cands, 0, "prototype")
+        for cid, atoms in loop.candidate_atoms(w):
+            res = run_reference(atoms, cfg.reference, id=cid, workdir=w.path / "calculations" / "r0")
+            assert res.ok, res.reason
+            loop.record_reference(w, 0, res, settings, verified=True)
+        for jid, atoms in loop.perturbed_seed_jobs(w, cfg):  # rattled statics: frames with forces, as a cold start
+            res = run_static(atoms, cfg.reference, id=jid, workdir=w.path / "calculations" / "r0")
+            loop.record_reference(w, 0, res, settings, verified=False)
+    return cfg
+
+
+def test_tradeoff_command_measures_records_and_status_shows_it(tmp_path, capsys):
+    cfg = _emt_reference_store(tmp_path)
+    store = cfg.store_path
     data = cfg.model_dump(mode="json")
-    data["store"] = str(store)
     data["mlip"]["training"]["max_num_epochs"] = 4  # a quick comparison
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(data))
