@@ -75,3 +75,17 @@ def emt_config(tmp_path, **over) -> dict:
     for key, value in over.items():
         cfg[key] = value
     return cfg
+
+
+def copy_campaign(cfg, tmp_path, name: str, **update):
+    """A copy of ``cfg``'s store at ``tmp_path/name`` and the config pointing at it (``update``
+    replaces top-level sections): tests that write leave the session's stores alone."""
+    import shutil
+
+    from matdisc.config import CampaignConfig
+
+    dst = tmp_path / name
+    shutil.copytree(cfg.store_path, dst)
+    data = cfg.model_dump(mode="json")
+    data.update(store=str(dst), **update)
+    return CampaignConfig.model_validate(data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -13,19 +12,12 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import copy_campaign
 from matdisc import discovery, planning
 from matdisc.cli import main
 from matdisc.config import CampaignConfig
 from matdisc.costs import train_member_seconds
 from matdisc.store import CampaignWriter, open_campaign
-
-
-def _copy(cfg: CampaignConfig, tmp_path: Path, name: str, **update) -> CampaignConfig:
-    dst = tmp_path / name
-    shutil.copytree(cfg.store_path, dst)
-    data = cfg.model_dump(mode="json")
-    data.update(store=str(dst), **update)
-    return CampaignConfig.model_validate(data)
 
 
 def _commit_logs(path: Path) -> dict[str, str]:
@@ -97,7 +89,7 @@ def test_plan_prices_the_next_round_from_the_store_and_leaves_it_untouched(campa
 
 def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store, tmp_path):
     cfg, _ = campaign_store
-    free = _copy(cfg, tmp_path, "free.zarr", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 5})
+    free = copy_campaign(cfg, tmp_path, "free.zarr", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 5})
     with CampaignWriter(free.store_path) as w:
         ranked = discovery.select_for_reference(w, free, 3)
         cost = discovery.predicted_reference_seconds(w, free, ranked)
@@ -105,7 +97,7 @@ def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store,
     assert len(ranked) >= 3 and all(c > 0 for c in cost)
     # budget: what was spent, plus the first two picks, plus half the third
     limit = used + (cost[0] + cost[1] + 0.5 * cost[2]) * planning.reference_cores(free) / 3600
-    tight = _copy(cfg, tmp_path, "tight.zarr", active_learning=free.active_learning.model_dump(),
+    tight = copy_campaign(cfg, tmp_path, "tight.zarr", active_learning=free.active_learning.model_dump(),
                   budget={"dft_cpu_hours": limit})
     with CampaignWriter(tight.store_path) as w:
         picks = discovery.select_for_reference(w, tight, 3)
@@ -120,7 +112,7 @@ def test_a_spent_budget_stops_the_campaign_with_a_report_and_a_consistent_store(
 
     cfg, _ = campaign_store
     used = planning.spent(open_campaign(cfg.store_path), cfg)["dft_cpu_hours"]
-    spent_cfg = _copy(cfg, tmp_path, "spent.zarr", budget={"dft_cpu_hours": used})  # paid exactly what ran
+    spent_cfg = copy_campaign(cfg, tmp_path, "spent.zarr", budget={"dft_cpu_hours": used})  # paid exactly what ran
     before = {k: v for k, v in _commit_logs(spent_cfg.store_path).items() if k not in ("runs.jsonl",)}
     summary = campaign_flow(config=spent_cfg.model_dump(mode="json"), rounds=3)
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]  # round 3 never started

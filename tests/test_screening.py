@@ -4,13 +4,12 @@ small hand-built Al-Si store; the session's EMT campaign for the case with no ch
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 from pymatgen.core import Composition
 
-from conftest import emt_config
+from conftest import copy_campaign, emt_config
 from matdisc import discovery, loop, planning, screening
 from matdisc.config import CampaignConfig
 from matdisc.costs import dft_seconds, dft_work
@@ -23,17 +22,9 @@ ASAP = {"parameters": {"asap_cutoff": True}}
 ROUND = 3  # of the session campaign (two rounds done)
 
 
-def _copy(cfg: CampaignConfig, tmp_path: Path, name: str, **update) -> CampaignConfig:
-    dst = tmp_path / name
-    shutil.copytree(cfg.store_path, dst)
-    data = cfg.model_dump(mode="json")
-    data.update(store=str(dst), **update)
-    return CampaignConfig.model_validate(data)
-
-
 def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> tuple[CampaignConfig, list, list]:
     """A copy whose DFT budget verifies the first two of the round's six ranked picks and no more."""
-    free = _copy(cfg, tmp_path, name + "-free", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 6})
+    free = copy_campaign(cfg, tmp_path, name + "-free", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 6})
     with CampaignWriter(free.store_path) as w:
         ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
         cost = discovery.predicted_reference_seconds(w, free, ranked)
@@ -41,7 +32,7 @@ def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> t
     assert len(ranked) == 6
     left = cost[0] + cost[1] + 0.9 * min(cost[2:])
     limit = used + left * planning.reference_cores(free) / 3600
-    tight = _copy(free, tmp_path, name, budget={"dft_cpu_hours": limit, "screening": screening})
+    tight = copy_campaign(free, tmp_path, name, budget={"dft_cpu_hours": limit, "screening": screening})
     return tight, ranked, cost
 
 
@@ -117,7 +108,7 @@ def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(prefect_a
         cost = discovery.predicted_reference_seconds(w, free, ranked)
     assert len(ranked) == 4
     left = cost[0] + cost[1] + 0.5 * cost[2]  # verifies two of the four, and no more
-    tight = _copy(free, tmp_path, "tight.zarr", budget={
+    tight = copy_campaign(free, tmp_path, "tight.zarr", budget={
         "dft_cpu_hours": left * planning.reference_cores(free) / 3600,
         "screening": {"ecut": 200.0, "kpoint_density": 1.5, "margin": 1.0}})
     before = open_campaign(tight.store_path)
