@@ -61,7 +61,9 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     pool = planning.workers(cfg)
     n_workers = pool.dft
     predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps, ref)
-    queue = [(cid, atoms, dft_seconds(atoms, ref, rates, steps)) for cid, atoms in jobs]
+    # each job's prediction only matters under an allowance (the stage's total is in ``predicted``)
+    queue = [(cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0)
+             for cid, atoms in jobs]
     window = len(queue) if allowance_s is None else n_workers
     t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
 
@@ -114,16 +116,17 @@ def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
     cost = discovery.predicted_reference_seconds(w, cfg, [p.id for p in ranked])
     screen = screening.plan(w, cfg, [p.id for p in ranked], cost, planning.remaining_dft_seconds(cfg, w))
     if screen is None:
-        return discovery.record_selection(w, cfg, round_, ranked)
+        return discovery.record_selection(w, cfg, round_, ranked, cost=cost)
     log.info("round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
              round_, len(ranked), len(screen.picks), settings_hash(screen.reference), screen.reference.preset)
     _reference_stage(w, cfg, round_, screen.jobs, verified=False, screen=screen.reference,
                      allowance_s=screen.allowance_s)
     kept = screening.funnel(w, cfg, screen.picks)
-    by_id = {p.id: p for p in ranked}
+    by_id, cost_of = {p.id: p for p in ranked}, {p.id: c for p, c in zip(ranked, cost)}
     log.info("round %d: %d of %d screened picks within %.3g eV/atom of the hull", round_, len(kept),
              len(screen.picks), cfg.budget.screening.margin)
-    return discovery.record_selection(w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept))
+    return discovery.record_selection(w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept),
+                                      cost=[cost_of[cid] for cid, _ in kept])
 
 
 @dataclass

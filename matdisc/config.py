@@ -319,6 +319,16 @@ class ReferenceConfig(_Strict):
                 raise ValueError(f"launcher {value!r} may only use the placeholder {{ranks}}") from None
         return value
 
+    #: Fields a preset decides (the accuracy), as opposed to what runs and how.
+    ACCURACY_FIELDS: ClassVar[tuple[str, ...]] = ("ecut", "smearing", "kpoint_density", "fmax", "stress_tol",
+                                                  "max_steps", "walltime_s")
+
+    def under_preset(self, preset: str, **update: Any) -> ReferenceConfig:
+        """These settings with ``preset`` deciding the accuracy fields (calculator, spin, parameters,
+        launcher and the rest kept); ``update`` sets fields over that."""
+        cleared = {name: None for name in self.ACCURACY_FIELDS}
+        return ReferenceConfig.model_validate({**self.model_dump(), **cleared, "preset": preset, **update})
+
     def resolved(self) -> ReferenceConfig:
         """This config with every preset-dependent field filled in."""
         preset = REFERENCE_PRESETS[self.preset]

@@ -53,9 +53,7 @@ def _n_elements(formula: str) -> int:
 
 def _relaxed_structures(w: CampaignWriter) -> Callable[[str], Structure]:
     """id -> latest MLIP-relaxed structure, read once from the store."""
-    mlip = w.table("mlip")
-    frames = w.frames("mlip") if not mlip.empty else None
-    row_of = {cid: i for i, cid in enumerate(mlip["id"])} if not mlip.empty else {}
+    frames, row_of = w.latest_frames("mlip")
     return lambda cid: frames.structure(row_of[cid])  # type: ignore[union-attr]
 
 
@@ -108,14 +106,16 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
 
 
 def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks: list[Pick],
-                     screened: dict[str, float] | None = None) -> list[str]:
+                     screened: dict[str, float] | None = None, cost: list[float] | None = None) -> list[str]:
     """Record the picks the budget pays for, in order, and return their ids.
 
     Each pick is stored with the strategy, its acquisition score, predicted e_hull and
     committee spread at the time of picking (what precision of "stable" calls is measured on),
-    its predicted cost and, when the round was screened, its screened e_hull.
+    its predicted cost (``cost``, when the caller has it) and, when the round was screened, its
+    screened e_hull.
     """
-    cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
+    if cost is None:
+        cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
     picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
     screened = screened or {}
     w.append("selections", f"r{round_}/selection", {

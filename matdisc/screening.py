@@ -33,18 +33,14 @@ from matdisc.records import ReferenceResult, scalar_fields
 from matdisc.store import CampaignWriter
 from matdisc.thermo import energy_above_reference_hull
 
-#: Reference fields a screening preset replaces (what sets the accuracy, not where or how it runs).
-ACCURACY_FIELDS = ("ecut", "smearing", "kpoint_density", "fmax", "stress_tol", "max_steps", "walltime_s")
 TABLE = "screening"
 
 
 def screening_reference(cfg: CampaignConfig) -> ReferenceConfig:
     """The configured reference calculator with the screening's cheaper settings."""
     scr = cfg.budget.screening
-    update = {name: None for name in ACCURACY_FIELDS}
-    update.update(preset=scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density,
-                  parameters={**cfg.reference.parameters, **scr.parameters})
-    return ReferenceConfig.model_validate({**cfg.reference.model_dump(), **update})
+    return cfg.reference.under_preset(scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density,
+                                      parameters={**cfg.reference.parameters, **scr.parameters})
 
 
 @dataclass
@@ -56,7 +52,6 @@ class ScreenPlan:
     reference: ReferenceConfig
     picks: list[str]
     jobs: list[tuple[str, Atoms]] = field(default_factory=list)
-    predicted_s: list[float] = field(default_factory=list)
     #: what the screen may spend: the budget left less the cheapest of its picks' verifications
     allowance_s: float = float("inf")
 
@@ -94,12 +89,8 @@ def ground_states(w: CampaignWriter, cfg: CampaignConfig) -> dict[str, tuple[str
 
 def relaxed_atoms(w: CampaignWriter, ids: list[str]) -> dict[str, Atoms]:
     """id -> latest MLIP-relaxed structure of each candidate (where there is one)."""
-    mlip = w.table("mlip")
-    if mlip.empty:
-        return {}
-    frames = w.frames("mlip")
-    row_of = {cid: i for i, cid in enumerate(mlip["id"])}
-    return {cid: frames.atoms(row_of[cid]) for cid in ids if cid in row_of}
+    frames, row_of = w.latest_frames("mlip")
+    return {cid: frames.atoms(row_of[cid]) for cid in ids if cid in row_of}  # type: ignore[union-attr]
 
 
 def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[float],
@@ -144,7 +135,7 @@ def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[f
     if len(picks) <= direct:
         return None
     jobs += pick_jobs
-    return ScreenPlan(ref, picks, jobs, [dft_seconds(a, ref, rates, None) for _, a in jobs], remaining_s - cheapest)
+    return ScreenPlan(ref, picks, jobs, remaining_s - cheapest)
 
 
 def record(w: CampaignWriter, round_: int, result: ReferenceResult, settings: str) -> None:
@@ -191,5 +182,5 @@ def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
     return ids - (set(sel["id"]) if not sel.empty else set())
 
 
-__all__ = ["ACCURACY_FIELDS", "TABLE", "ScreenPlan", "funnel", "ground_states", "plan", "record", "rejected",
+__all__ = ["TABLE", "ScreenPlan", "funnel", "ground_states", "plan", "record", "rejected",
            "relaxed_atoms", "screened", "screened_hull_distance", "screening_reference"]

@@ -49,15 +49,13 @@ class Option:
 
 # -- reference settings --------------------------------------------------------------------------
 def reference_options(cfg: CampaignConfig, names: list[str]) -> dict[str, ReferenceConfig]:
-    """The campaign's reference config under each preset (its calculator, spin and parameters kept;
-    the preset decides cutoff, smearing, k-points and SCF tolerance)."""
+    """The campaign's reference config under each preset, as statics (its calculator, spin and
+    parameters kept; the preset decides cutoff, smearing, k-points and SCF tolerance)."""
     unknown = [n for n in names if n not in REFERENCE_PRESETS]
     if unknown:
         raise UserError(f"unknown reference preset {unknown[0]!r}: use {', '.join(REFERENCE_PRESETS)}")
-    kept = cfg.reference.model_dump(include={"calculator", "parameters", "spin", "magmoms", "isolate", "launcher",
-                                             "ranks"})
     order = list(REFERENCE_PRESETS)  # cheapest first: errors are measured against the last
-    return {n: ReferenceConfig(**kept, preset=n, max_steps=0) for n in sorted(dict.fromkeys(names), key=order.index)}
+    return {n: cfg.reference.under_preset(n, max_steps=0) for n in sorted(dict.fromkeys(names), key=order.index)}
 
 
 def verified_structures(store, n: int) -> list[tuple[str, Atoms]]:

@@ -144,6 +144,13 @@ class Campaign:
     def frames(self, table: str = "frames") -> Frames:
         return self.tables.read_frames(table)
 
+    def latest_frames(self, table: str) -> tuple[Frames | None, dict[str, int]]:
+        """A table's structures and the row of each id's latest one (later rows supersede), read once."""
+        rows = self.table(table)
+        if rows.empty:
+            return None, {}
+        return self.frames(table), {cid: i for i, cid in enumerate(rows["id"])}
+
     def rounds(self) -> pd.DataFrame:
         df = _latest(self.table("rounds"), "round")
         return df.sort_values("round").reset_index(drop=True) if not df.empty else df
