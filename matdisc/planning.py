@@ -173,13 +173,30 @@ def planned_usage(rounds: Sequence[RoundPlan], cores_per_dft: int) -> dict[str, 
             "wall_hours": sum(r.wall_s for r in rounds) / 3600}
 
 
+# the table each stage records its calculations in, one row per structure with its ``walltime_s``
+STAGE_RECORDS = {"dft": "dft", "screen": "screening", "relax": "mlip"}
+
+
 def spent(store, cfg: CampaignConfig) -> dict[str, float]:
-    """What a campaign has used so far, from its ``costs`` records (same units as :func:`planned_usage`)."""
+    """What a campaign has used so far (same units as :func:`planned_usage`).
+
+    From its ``costs`` records; a stage killed before it recorded its cost (flow process or
+    server gone) left its finished calculations in their tables, so per round and stage the
+    larger of the two counts: the rerun's cost row covers only what the rerun computed.
+    """
     costs = store.table("costs") if store is not None else pd.DataFrame()
     if costs.empty:
-        return {"dft_cpu_hours": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0}
-    dft = costs.loc[costs["stage"].isin(("dft", "screen")), "actual_s"].sum()
-    mlip = costs.loc[costs["stage"].isin(("relax", "train")), "actual_s"].sum()
+        costs = pd.DataFrame(columns=["round", "stage", "actual_s", "wall_s"])
+    actual = costs.groupby(["round", "stage"])["actual_s"].sum().to_dict() if len(costs) else {}
+    for stage, table in STAGE_RECORDS.items():
+        rows = store.table(table) if store is not None else pd.DataFrame()
+        if rows.empty or "walltime_s" not in rows:
+            continue
+        for round_, seconds in rows.groupby("round")["walltime_s"].sum().items():
+            key = (int(round_), stage)
+            actual[key] = max(actual.get(key, 0.0), float(seconds))
+    dft = sum(v for (_, stage), v in actual.items() if stage in ("dft", "screen"))
+    mlip = sum(v for (_, stage), v in actual.items() if stage in ("relax", "train"))
     return {"dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600, "gpu_hours": float(mlip) / 3600,
             "wall_hours": float(costs["wall_s"].sum()) / 3600}
 

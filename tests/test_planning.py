@@ -127,6 +127,32 @@ def test_a_spent_budget_stops_the_campaign_with_a_report_and_a_consistent_store(
     assert n_dft == len(open_campaign(cfg.store_path).table("dft"))  # the N calculations the budget paid for
 
 
+def test_spent_counts_the_calculations_of_a_stage_killed_before_it_recorded_its_cost(tmp_path):
+    """A killed flow leaves finished calculations in their tables but no cost row; the rerun's
+    row covers only what it computed: the budget must count both, and each only once."""
+    cfg = CampaignConfig.model_validate({"name": "spent", "chemsys": ["Cu", "Pd"], "store": str(tmp_path / "s.zarr"),
+                                         "budget": {"dft_cpu_hours": 1.0}})
+    with CampaignWriter(cfg.store_path) as w:
+        # round 1: 3 calculations recorded (30 s), then the process died; the rerun did 1 more (10 s)
+        w.append_records("dft", "r1/killed", [{"round": 1, "id": f"c{i}", "status": "ok", "walltime_s": 10.0}
+                                              for i in range(3)])
+        w.append_records("dft", "r1/rerun", [{"round": 1, "id": "c3", "status": "ok", "walltime_s": 10.0}])
+        planning.record_stage(w, 1, "dft", None, [10.0], 1.0, 12.0, 1)
+        # round 2 completed normally: its cost row (statics included) is the larger count
+        w.append_records("dft", "r2/all", [{"round": 2, "id": "c4", "status": "ok", "walltime_s": 5.0}])
+        planning.record_stage(w, 2, "dft", None, [5.0, 2.0], 1.0, 8.0, 1)
+        # MLIP relaxations of round 2 killed before their cost row
+        w.append_records("mlip", "r2/relax", [{"round": 2, "id": "c5", "status": "ok", "walltime_s": 36.0}])
+    store = open_campaign(cfg.store_path)
+    used = planning.spent(store, cfg)
+    cores = planning.reference_cores(cfg)
+    assert used["dft_cpu_hours"] == pytest.approx((40.0 + 7.0) * cores / 3600)  # not 17 s (costs) nor 45 s (tables)
+    assert used["gpu_hours"] == pytest.approx(36.0 / 3600)
+    assert used["wall_hours"] == pytest.approx(20.0 / 3600)
+    status = planning.budget_status(cfg, store)["dft_cpu_hours"]
+    assert status["remaining"] == pytest.approx(1.0 - used["dft_cpu_hours"])
+
+
 def test_probe_measures_this_machine_once_and_caches_it(tmp_path, monkeypatch):
     """A probe of the EMT test campaign's settings (kept off the session campaign, so it runs beside it)."""
     from conftest import emt_config
