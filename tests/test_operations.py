@@ -331,3 +331,42 @@ def test_tasks_retry_only_transient_failures(error, retry):
     assert relax_task.retries == 2 and relax_task.retry_condition_fn is transient_failure
     assert RETRY["retry_delay_seconds"] == [5, 30]  # backoff
     assert transient_failure(relax_task, None, Failed(data=error)) is retry
+
+
+def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(tmp_path, monkeypatch):
+    """What the next ``matdisc run`` does after its Prefect server was killed: ``ensure_api``
+    finds the recorded server dead and starts a new one on the same 127.0.0.1 port, on the same
+    SQLite database (the flow runs of the killed server stay visible in the UI)."""
+    import httpx
+
+    from matdisc import server
+
+    env = _own_server_env({**os.environ, "MATDISC_HOME": str(tmp_path / "home")})
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for key in ("MATDISC_HOME", "MATDISC_PREFECT_PORT"):
+        monkeypatch.setenv(key, env[key])
+    pids = []
+    try:
+        url = server.ensure_api(timeout=120)
+        pids.append(_server_pid(env))
+        assert url == f"http://127.0.0.1:{env['MATDISC_PREFECT_PORT']}/api"
+        flow = httpx.post(f"{url}/flows/", json={"name": "before-the-kill"}, timeout=30).json()
+        os.killpg(pids[0], signal.SIGKILL)
+        deadline = time.time() + 30
+        while server.healthy(url) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server.healthy(url)
+
+        monkeypatch.delenv("PREFECT_API_URL", raising=False)  # a new process: nothing inherited
+        assert server.ensure_api(timeout=120) == url
+        pids.append(_server_pid(env))
+        assert pids[1] != pids[0] and server.healthy(url)
+        again = httpx.get(f"{url}/flows/{flow['id']}", timeout=30)
+        assert again.status_code == 200 and again.json()["name"] == "before-the-kill"
+        assert (tmp_path / "home" / "prefect" / "prefect.db").is_file()
+    finally:
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
