@@ -187,3 +187,81 @@ def test_candidates_view_takes_latest_results(tmp_path):
     assert cand.loc["c2", "status"] == "generated"
     s = open_campaign(tmp_path / "c.zarr").structure("c1", "mlip")
     assert np.allclose(s.cart_coords, atoms[1].positions)
+
+
+@pytest.fixture()
+def s3_bucket(monkeypatch):
+    """An S3 API on 127.0.0.1 (moto's server) with one empty bucket; credentials only in the
+    environment, as s3fs/botocore read them for any real object store."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("campaigns")
+    try:
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_a_store_copied_to_an_object_store_reads_as_the_original(tmp_path, s3_bucket):
+    """Notebooks and ``matdisc status`` read a store from an fsspec URL (here an S3 API):
+    the same tables, structures and candidates; only committed batches; writing is refused."""
+    import pandas as pd
+
+    atoms, forces, energy = random_batch(7, 40)
+    local = tmp_path / "c.zarr"
+    with CampaignWriter(local) as w:
+        w.append_records("candidates", "r0", [
+            {"id": f"c{i}", "formula": a.get_chemical_formula(), "round": 0, "source": "prototype", "prototype": "x"}
+            for i, a in enumerate(atoms)], Frames.from_atoms(atoms))
+        for i in range(2):  # two batches: offsets stitched across appends
+            sl = slice(20 * i, 20 * (i + 1))
+            w.append("frames", f"f{i}", {"energy": energy[sl], "id": [f"c{j}" for j in range(40)][sl]},
+                     Frames.from_atoms(atoms[sl], forces=forces[sl]))
+        w.append_records("dft", "r0-dft", [
+            {"id": "c3", "round": 0, "status": "ok", "reason": "", "settings_hash": "h", "energy": -2.0,
+             "e_dft_per_atom": -2.0 / len(atoms[3]), "n_steps": 4, "walltime_s": 1.5}], Frames.from_atoms(atoms[3:4]))
+    s3_bucket.put(str(local), "campaigns/c.zarr", recursive=True)
+    # a batch cut short after the copy started: its log line is torn, so readers must not see it
+    with s3_bucket.open("campaigns/c.zarr/_commits/dft.jsonl", "ab") as f:
+        f.write(b'{"key": "r1-dft", "rows": [1, 2')
+
+    url = "s3://campaigns/c.zarr"
+    remote, mine = open_campaign(url), open_campaign(local)
+    assert remote.path == url
+    assert remote.tables.tables() == mine.tables.tables() == ["candidates", "dft", "frames"]
+    for table in ("candidates", "dft", "frames"):
+        pd.testing.assert_frame_equal(remote.table(table), mine.table(table))
+    pd.testing.assert_frame_equal(remote.candidates(), mine.candidates())
+    back = remote.frames()
+    assert np.array_equal(back.positions, np.concatenate([a.positions for a in atoms]))
+    assert np.array_equal(back.forces_of(33), forces[33].astype(np.float32))
+    assert remote.structure("c3", "dft").composition == open_campaign(local).structure("c3", "dft").composition
+
+    keys = s3_bucket.find("campaigns/c.zarr", detail=True)
+    with pytest.raises(StoreError, match="read-only"):
+        CampaignWriter(url)
+    s3_bucket.invalidate_cache()
+    assert s3_bucket.find("campaigns/c.zarr", detail=True) == keys  # nothing written
+    env = {**os.environ}
+    ok = subprocess.run([sys.executable, "-m", "matdisc.cli", "status", url, "--json"], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert '"store": "s3://campaigns/c.zarr"' in ok.stdout
+    missing = subprocess.run([sys.executable, "-m", "matdisc.cli", "status", "s3://campaigns/nope.zarr"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
+    assert "s3://campaigns/nope.zarr is not a campaign store" in missing.stderr

@@ -29,7 +29,7 @@ from pymatgen.core import Structure
 
 from matdisc.errors import StoreError, UserError
 from matdisc.store.frames import Frames
-from matdisc.store.tables import TableStore
+from matdisc.store.tables import TableStore, local_path, store_url
 
 #: Row dimension names, so ``xarray.open_zarr(store, group=table)`` has meaningful dims.
 ROW_DIMS = {
@@ -65,8 +65,10 @@ class Campaign:
     """Read-only view of a campaign store (what notebooks and ``matdisc status`` use)."""
 
     def __init__(self, path: str | Path, *, _tables: TableStore | None = None):
-        self.path = Path(path).absolute()  # workers and subprocesses may run elsewhere
-        if _tables is None and not self.path.exists():
+        url = store_url(path)  # read-only analysis of a store at an fsspec URL (s3://, https://, ...)
+        # workers and subprocesses may run elsewhere: a local store is named by its absolute path
+        self.path: Path | str = url or local_path(path).absolute()
+        if _tables is None and url is None and not Path(self.path).exists():
             raise StoreError(f"campaign store {str(self.path)!r} does not exist")
         self.tables = _tables or TableStore(self.path)
 
@@ -271,5 +273,6 @@ def _plain(value: Any) -> Any:
 
 
 def open_campaign(path: str | Path) -> Campaign:
-    """Open a campaign store read-only."""
+    """Open a campaign store read-only: a path, or an fsspec URL of a copy (``s3://bucket/x.zarr``;
+    credentials come from the protocol's usual environment, never from matdisc's configs)."""
     return Campaign(path)

@@ -20,6 +20,10 @@ Why one writer: the orchestrating process owns the store and the workers return 
 to it. Appends are then sequential, batches are contiguous, and the log is a plain
 high-water mark; an exclusive ``flock`` on ``_commits/writer.lock`` makes a second writer fail fast
 instead of interleaving. Workers never open the store for writing.
+
+Reading also works from any fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``):
+a notebook can analyse a store that was copied to an object store. Writing needs a local or
+shared filesystem (``file://`` URLs are local paths): the log is appended and locked in place.
 """
 
 from __future__ import annotations
@@ -30,13 +34,13 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
-from zarr.storage import LocalStore
+from zarr.storage import FsspecStore, LocalStore
 
 from matdisc.errors import StoreError
 from matdisc.store.frames import Frames
@@ -62,12 +66,27 @@ class Commit:
     atoms: tuple[int, int]
 
 
+def store_url(location: str | Path) -> str | None:
+    """The fsspec URL of a store location, or None for a local path (``file://`` URLs included)."""
+    text = str(location)
+    if "://" not in text or text.split("://", 1)[0] in ("file", "local"):
+        return None
+    return text
+
+
+def local_path(location: str | Path) -> Path:
+    """A local store location as a path (``file:///runs/x.zarr`` -> ``/runs/x.zarr``)."""
+    text = str(location)
+    return Path(text.split("://", 1)[1]) if "://" in text else Path(location)
+
+
 def _read_log(path: Path) -> tuple[list[Commit], int]:
     """Valid commits, and the byte length of the valid prefix (a torn tail is excluded)."""
+    return _parse_log(path.read_bytes() if path.exists() else b"")
+
+
+def _parse_log(data: bytes) -> tuple[list[Commit], int]:
     commits: list[Commit] = []
-    if not path.exists():
-        return commits, 0
-    data = path.read_bytes()
     good = 0
     for line in data.splitlines(keepends=True):
         if not line.endswith(b"\n"):
@@ -125,11 +144,15 @@ class TableStore:
     """The tables of one store directory: committed reads, and (with ``write=True``) appends."""
 
     def __init__(self, path: str | Path, *, write: bool = False):
-        self.path = Path(path)
+        url = store_url(path)
+        self.path: Path | str = url or local_path(path)
         self.write = write
         self._lock_fd: int | None = None
         self._logs: dict[str, list[Commit]] = {}
-        if write:
+        self._fs = None  # the fsspec filesystem of a URL store (``_fs_root``: the store's path on it)
+        if url is not None:
+            self._open_url(url)
+        elif write:
             self.path.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
             self.root = zarr.open_group(store=LocalStore(self.path), mode="a", zarr_format=3)
@@ -141,6 +164,21 @@ class TableStore:
             if not (self.path / "zarr.json").exists():
                 raise StoreError(f"{self.path} is not a campaign store (no zarr.json)")
             self.root = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+
+    def _open_url(self, url: str) -> None:
+        import fsspec
+
+        if self.write:
+            raise StoreError(f"{url}: a campaign store is written on a local or shared filesystem; "
+                             "stores at URLs are read-only (copy it to a filesystem to continue the campaign)")
+        try:
+            self._fs, self._fs_root = fsspec.core.url_to_fs(url)
+            found = self._fs.exists(f"{self._fs_root}/zarr.json")
+        except (ImportError, ValueError, OSError) as err:  # no driver for the protocol, bad URL, no access
+            raise StoreError(f"cannot read the campaign store at {url}: {err}") from None
+        if not found:
+            raise StoreError(f"{url} is not a campaign store (no zarr.json)")
+        self.root = zarr.open_group(store=FsspecStore.from_url(url, read_only=True), mode="r", zarr_format=3)
 
     # -- locking -----------------------------------------------------------------------
     def _acquire_lock(self) -> None:
@@ -174,7 +212,14 @@ class TableStore:
 
     def commits(self, table: str) -> list[Commit]:
         if table not in self._logs or not self.write:
-            self._logs[table] = _read_log(self._log_path(table))[0]
+            if self._fs is not None:
+                try:
+                    data = self._fs.cat_file(f"{self._fs_root}/_commits/{table}.jsonl")
+                except FileNotFoundError:
+                    data = b""
+                self._logs[table] = _parse_log(data)[0]
+            else:
+                self._logs[table] = _read_log(self._log_path(table))[0]
         return self._logs[table]
 
     def committed(self, table: str) -> tuple[int, int]:
@@ -186,6 +231,8 @@ class TableStore:
         return any(c.key == key for c in self.commits(table))
 
     def tables(self) -> list[str]:
+        if self._fs is not None:
+            return sorted(PurePosixPath(p).stem for p in self._fs.glob(f"{self._fs_root}/_commits/*.jsonl"))
         log_dir = self.path / "_commits"
         return sorted(p.stem for p in log_dir.glob("*.jsonl")) if log_dir.exists() else []
 
