@@ -123,7 +123,8 @@ def test_training_members_share_the_cores():
 
 
 class _Store:
-    """The read API budget accounting needs: a ``costs`` table."""
+    """The read API budget accounting needs: a ``costs`` table (rows carry their round, as
+    ``record_stage`` writes them), no calculation tables."""
 
     def __init__(self, costs: pd.DataFrame):
         self._costs = costs
@@ -135,7 +136,8 @@ class _Store:
 def test_spending_counts_cores_per_calculation_and_the_remaining_budget():
     cfg = CampaignConfig(name="t", chemsys=["Cu"], budget={"dft_cpu_hours": 1.0, "gpu_hours": 0.5},
                          compute={"threads_per_dft_worker": 2})
-    costs = pd.DataFrame({"stage": ["dft", "relax", "train", "generate"], "actual_s": [900.0, 360.0, 360.0, 5.0],
+    costs = pd.DataFrame({"round": [1, 1, 1, 1], "stage": ["dft", "relax", "train", "generate"],
+                          "actual_s": [900.0, 360.0, 360.0, 5.0],
                           "wall_s": [600.0, 300.0, 300.0, 5.0]})
     used = spent(_Store(costs), cfg)
     assert used["dft_cpu_hours"] == pytest.approx(900 * 2 / 3600)
