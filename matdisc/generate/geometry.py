@@ -14,6 +14,7 @@ from functools import lru_cache
 import warnings
 
 import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Element, Species, Structure
 
 
@@ -63,13 +64,28 @@ def _pair_min_distances(s: Structure) -> tuple[np.ndarray, np.ndarray]:
     return d, np.array([str(getattr(site.specie, "element", site.specie)) for site in s])
 
 
-def scale_to_alloy_volume(s: Structure) -> Structure:
-    """Sum of atomic volumes, then opened up if two atoms overlap (open structures)."""
-    s.scale_lattice(sum(atomic_volume(str(getattr(site.specie, "element", site.specie))) for site in s))
-    if len(s) > 1:
-        d, symbols = _pair_min_distances(s)
-        r = np.array([metallic_radius(x) for x in symbols])
-        ratio = float(np.min(d / (ALLOY_CONTACT * (r[:, None] + r[None, :]))))
+def alloy_volume(s: Structure) -> float:
+    """The volume model of an alloy cell: the sum of its atoms' volumes (Å³)."""
+    return sum(atomic_volume(str(getattr(site.specie, "element", site.specie))) for site in s)
+
+
+def _alloy_contact_ratio(s: Structure) -> float:
+    """Smallest distance over ``ALLOY_CONTACT`` × the sum of metallic radii (< 1: overlap)."""
+    d, symbols = _pair_min_distances(s)
+    r = np.array([metallic_radius(x) for x in symbols])
+    return float(np.min(d / (ALLOY_CONTACT * (r[:, None] + r[None, :]))))
+
+
+def scale_to_alloy_volume(s: Structure, open_up: bool = True) -> Structure:
+    """Sum of atomic volumes, then (``open_up``) opened up if two atoms overlap (open structures).
+
+    Random crystals pass ``open_up=False`` and go through :func:`push_apart` instead: their
+    closest pair is an accident of placement, and scaling the whole cell to separate it left
+    half of PyXtal's metal cells at 2.5-8x the metallic volume.
+    """
+    s.scale_lattice(alloy_volume(s))
+    if open_up and len(s) > 1:
+        ratio = _alloy_contact_ratio(s)
         if ratio < 1:
             s.scale_lattice(s.volume / ratio**3)
     return s
@@ -119,3 +135,59 @@ def expand_to_min_distance(s: Structure, factor: float, max_volume_ratio: float)
         return f"atoms too close: {pair}, needs {ratio ** -3:.1f}x the volume"
     s.scale_lattice(s.volume / ratio**3 * 1.0001)
     return None
+
+
+def push_apart(s: Structure, steps: int = 150, symprec: float = 1e-3) -> float:
+    """Move overlapping atoms apart at fixed volume, keeping the space group (AIRSS's MINSEP).
+
+    A harmonic repulsion acts between pairs closer than ``ALLOY_CONTACT`` × the sum of
+    metallic radii (zero beyond: no energy model, only a separation); atoms and cell shape
+    relax under it with FIRE, ASE's ``FixSymmetry`` and a constant-volume cell filter (a
+    PyXtal cell is often too flat for its atoms at any uniform scale). ``s`` is updated in
+    place; returns the contact ratio reached (1: no pair overlaps).
+    """
+    ratio = _alloy_contact_ratio(s)
+    if ratio >= 1 or len(s) < 2:
+        return ratio
+    from ase.constraints import FixSymmetry
+    from ase.filters import UnitCellFilter
+    from ase.optimize import FIRE
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    atoms = AseAtomsAdaptor.get_atoms(s)
+    atoms.calc = _Repulsion(np.array([metallic_radius(x) for x in atoms.get_chemical_symbols()]) * ALLOY_CONTACT)
+    atoms.set_constraint(FixSymmetry(atoms, symprec=symprec))
+    FIRE(UnitCellFilter(atoms, constant_volume=True), logfile=None).run(fmax=1e-3, steps=steps)
+    pushed = Structure(atoms.cell[:], s.species, atoms.get_positions(), coords_are_cartesian=True)
+    pushed.scale_lattice(s.volume)  # the cell filter's constant volume drifts over large shape changes
+    s.lattice = pushed.lattice
+    for i, site in enumerate(pushed):
+        s.replace(i, site.species, site.frac_coords)
+    return _alloy_contact_ratio(s)
+
+
+class _Repulsion(Calculator):
+    """Soft-sphere separation: E = Σ_pairs (d0 - d)² / 2 for d < d0, with d0 the sum of the two
+    atoms' contact radii. A geometric tool for starting cells, not an energy of anything."""
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress"]
+
+    def __init__(self, radii: np.ndarray):
+        super().__init__()
+        self.radii = radii
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        from ase.neighborlist import neighbor_list
+
+        super().calculate(atoms, properties, system_changes)
+        i, j, d, vec = neighbor_list("ijdD", self.atoms, 2 * float(self.radii.max()))
+        overlap = self.radii[i] + self.radii[j] - d
+        near = overlap > 0
+        i, overlap, d, vec = i[near], overlap[near], d[near], vec[near]
+        forces = np.zeros((len(self.atoms), 3))
+        np.add.at(forces, i, -(overlap / d)[:, None] * vec)  # vec points from i to j: push i away
+        # virial (1/V) Σ_pairs φ'(d) D⊗D / d with φ' = -overlap; each pair is listed twice
+        virial = -np.einsum("p,pa,pb->ab", overlap / d, vec, vec) / (2 * self.atoms.get_volume())
+        stress = virial[[0, 1, 2, 1, 0, 0], [0, 1, 2, 2, 2, 1]]
+        energy = 0.25 * float(np.sum(overlap**2))
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces, "stress": stress}

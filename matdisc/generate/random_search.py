@@ -6,9 +6,13 @@ PyXtal places atoms on Wyckoff sites at random with its own (loose) separation o
 sum of covalent radii: asking PyXtal for more makes it retry for seconds per 20-atom cell
 (0.14 s vs 0.7-0.9 s per accepted structure at 0.7), while our expansion step below
 reaches the wanted separation for free. The cell is then scaled to the campaign's
-volume model; if two atoms then sit closer than ``min_distance`` × the sum of covalent
-radii it is expanded until they do not, and rejected when that takes more than 1.5× the
-volume. Every failure (incompatible group, PyXtal giving up, atoms too close) is
+volume model. An alloy cell's overlapping atoms are then pushed apart at that volume,
+keeping the space group (:func:`~matdisc.generate.geometry.push_apart`, AIRSS's MINSEP):
+scaling the whole cell until its closest pair separates left half of the cells at 2.5-8x
+the metallic volume, where EMT and short-ranged MLIPs have no forces to bring them back.
+If two atoms still sit too close (or closer than ``min_distance`` × the sum of covalent
+radii) the cell is expanded until they do not, and rejected when that takes more than 1.5×
+the volume model. Every failure (incompatible group, PyXtal giving up, atoms too close) is
 recorded as a skip with its reason; a structure that fails is retried with a new draw up
 to ``max_attempts`` times.
 
@@ -30,7 +34,8 @@ import numpy as np
 from pymatgen.core import Composition, Structure
 
 from matdisc.generate.compositions import CompositionScreen
-from matdisc.generate.geometry import expand_to_min_distance, scale_to_alloy_volume, scale_to_ionic_radii
+from matdisc.generate.geometry import (alloy_volume, expand_to_min_distance, push_apart, scale_to_alloy_volume,
+                                       scale_to_ionic_radii)
 from matdisc.generate.parallel import process_pool
 
 _CENTERED = ("A", "B", "C", "F", "I", "R")
@@ -111,6 +116,19 @@ def _one(comp: Composition, z: int, group: int, state: int, tm: object) -> Struc
     return s
 
 
+def dense_alloy_cell(s: Structure, min_distance: float) -> str | None:
+    """Bring a random alloy cell to the volume model with no overlapping atoms (in place), or
+    say why not: pushed apart at that volume, then opened up by at most ``MAX_EXPANSION``."""
+    target = alloy_volume(s)
+    scale_to_alloy_volume(s, open_up=False)
+    ratio = push_apart(s)
+    if ratio < 1:
+        if ratio**-3 > MAX_EXPANSION:
+            return f"atoms overlap after pushing apart: {ratio**-3:.1f}x the volume needed"
+        s.scale_lattice(s.volume / ratio**3 * 1.0001)
+    return expand_to_min_distance(s, min_distance, MAX_EXPANSION * target / s.volume)
+
+
 def random_crystals(
     screen: CompositionScreen,
     n: int,
@@ -155,8 +173,10 @@ def random_crystals(
                 skips.append(Skip(formula, group, f"{len(s)} atoms > max_atoms {max_atoms}"))
                 continue
             ox = screen.oxidation.get(formula)
-            s = scale_to_ionic_radii(s, ox) if ox and any(ox.values()) else scale_to_alloy_volume(s)
-            reason = expand_to_min_distance(s, min_distance, MAX_EXPANSION)
+            if ox and any(ox.values()):
+                reason = expand_to_min_distance(scale_to_ionic_radii(s, ox), min_distance, MAX_EXPANSION)
+            else:
+                reason = dense_alloy_cell(s, min_distance)
             if reason:
                 skips.append(Skip(formula, group, reason))
                 continue
