@@ -14,9 +14,9 @@ from matdisc.config import GenerationConfig
 from matdisc.generate import generate
 from matdisc.generate.compositions import enumerate_compositions, screen
 from matdisc.generate.dedup import naive_unique, unique
-from matdisc.generate.geometry import closest_approach
+from matdisc.generate.geometry import ALLOY_CONTACT, alloy_volume, closest_approach, metallic_radius, push_apart
 from matdisc.generate.prototypes import PROTOTYPES, decorate
-from matdisc.generate.random_search import random_batch, random_crystals
+from matdisc.generate.random_search import MAX_EXPANSION, random_batch, random_crystals
 from matdisc.generate.substitution import substitute
 
 
@@ -121,6 +121,46 @@ def test_random_crystals_are_deterministic_and_physical():
     for x in a:
         assert len(x.structure) <= 8 and closest_approach(x.structure, 0.7)[0] >= 1.0
         assert 2 <= x.spacegroup <= 230
+        # metallic density: within MAX_EXPANSION of the volume model, no two atoms overlapping
+        assert 1 - 1e-6 <= x.structure.volume / alloy_volume(x.structure) <= MAX_EXPANSION + 1e-3
+        assert _contact(x.structure) >= 1 - 1e-4
+
+
+def _contact(s: Structure) -> float:
+    """Smallest distance over ALLOY_CONTACT x the sum of metallic radii."""
+    d = s.distance_matrix + np.diag([min(s.lattice.abc)] * len(s))
+    r = np.array([metallic_radius(site.specie.symbol) for site in s])
+    return float(np.min(d / (ALLOY_CONTACT * (r[:, None] + r[None, :]))))
+
+
+def test_overlapping_atoms_are_pushed_apart_at_fixed_volume_keeping_the_space_group():
+    """A random cell at the volume model with atoms too close: pushing apart separates them
+    without changing volume, composition or space group (scaling the whole cell instead inflated
+    half of the random metal cells 2.5-8x)."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from matdisc.generate.random_search import _one, _shared_tolerances
+
+    cases = []
+    with _shared_tolerances() as tm:
+        for state in range(40):
+            s = _one(Structure(Lattice.cubic(3), ["Cu", "Cu", "Pd"], [[0, 0, 0]] * 3).composition, 2, 12, state, tm)
+            s.scale_lattice(alloy_volume(s))
+            if _contact(s) < 0.9:
+                cases.append(s)
+    assert len(cases) >= 3
+    for s in cases[:3]:
+        before = SpacegroupAnalyzer(s, symprec=1e-3).get_symmetry_operations(cartesian=False)
+        volume, formula, start = s.volume, s.composition, _contact(s)
+        ratio = push_apart(s)
+        assert ratio == pytest.approx(_contact(s)) and ratio > max(start, 0.9)
+        assert s.volume == pytest.approx(volume) and s.composition == formula
+        # every symmetry operation of the start still maps the cell onto itself (FixSymmetry;
+        # the cell may gain symmetry as its shape relaxes)
+        for op in before:
+            moved = s.copy()
+            moved.apply_operation(op, fractional=True)
+            assert StructureMatcher(0.01, 0.01, 0.5, primitive_cell=False, scale=False).fit(moved, s)
 
 
 def test_random_batch_does_not_depend_on_worker_count():
@@ -262,4 +302,12 @@ def test_fast_reduction_gives_the_matchers_niggli_cell():
     for s in [c.structure for c in cands] + [skewed] + doubled:
         ours, theirs = reduce_structure(s), StructureMatcher._get_reduced_structure(s, True, True)
         assert len(ours) == len(theirs)
-        assert np.allclose(ours.lattice.parameters, theirs.lattice.parameters, atol=1e-6)
+        assert np.allclose(ours.lattice.abc, theirs.lattice.abc, atol=1e-6)
+        # the same angles, except that a cell with right angles may come in either Niggli sign
+        # convention (spglib: all non-acute, as Krivy-Gruber prescribe; pymatgen's tolerance may
+        # pick all-acute): the same lattice, which StructureMatcher.fit maps either way
+        mirrored = np.allclose(np.minimum(ours.lattice.angles, 180 - np.array(ours.lattice.angles)),
+                               np.minimum(theirs.lattice.angles, 180 - np.array(theirs.lattice.angles)), atol=1e-6)
+        assert np.allclose(ours.lattice.angles, theirs.lattice.angles, atol=1e-6) or (
+            mirrored and np.isclose(ours.lattice.angles, 90.0, atol=1e-6).any())
+        assert ours.lattice.find_mapping(theirs.lattice, ltol=1e-5, atol=1e-3) is not None

@@ -75,7 +75,8 @@ def reduce_structure(s: Structure) -> Structure:
     Most candidates are primitive already (element counts without common divisor, or no
     translation maps them onto themselves), and then only the Niggli step is needed, done
     by spglib's Křivý-Gruber implementation: 0.1 ms instead of pymatgen's 1.5-5 ms, the
-    same Niggli cell (tests compare the lattice parameters with pymatgen's).
+    same Niggli cell (tests compare the lattice parameters with pymatgen's; a cell with right
+    angles may come in the other sign convention, the same lattice for ``fit``).
     """
     if not _maybe_supercell(s):
         matrix = spglib.niggli_reduce(s.lattice.matrix, eps=1e-5)
