@@ -184,12 +184,12 @@ def spent(store, cfg: CampaignConfig) -> dict[str, float]:
     server gone) left its finished calculations in their tables, so per round and stage the
     larger of the two counts: the rerun's cost row covers only what the rerun computed.
     """
-    costs = store.table("costs") if store is not None else pd.DataFrame()
-    if costs.empty:
-        costs = pd.DataFrame(columns=["round", "stage", "actual_s", "wall_s"])
-    actual = costs.groupby(["round", "stage"])["actual_s"].sum().to_dict() if len(costs) else {}
+    if store is None:
+        return {"dft_cpu_hours": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0}
+    costs = store.table("costs")
+    actual = costs.groupby(["round", "stage"])["actual_s"].sum().to_dict() if not costs.empty else {}
     for stage, table in STAGE_RECORDS.items():
-        rows = store.table(table) if store is not None else pd.DataFrame()
+        rows = store.table(table)
         if rows.empty or "walltime_s" not in rows:
             continue
         for round_, seconds in rows.groupby("round")["walltime_s"].sum().items():
@@ -197,8 +197,9 @@ def spent(store, cfg: CampaignConfig) -> dict[str, float]:
             actual[key] = max(actual.get(key, 0.0), float(seconds))
     dft = sum(v for (_, stage), v in actual.items() if stage in ("dft", "screen"))
     mlip = sum(v for (_, stage), v in actual.items() if stage in ("relax", "train"))
+    wall = float(costs["wall_s"].sum()) if not costs.empty else 0.0
     return {"dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600, "gpu_hours": float(mlip) / 3600,
-            "wall_hours": float(costs["wall_s"].sum()) / 3600}
+            "wall_hours": wall / 3600}
 
 
 def budget_status(cfg: CampaignConfig, store, planned: dict[str, float] | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import base64
 import html
 import io
 import time
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matdisc import analysis
 from matdisc.discovery import hits_by_source
 from matdisc.store import open_campaign
-from matdisc.store.tables import store_url
+from matdisc.store.tables import store_name, store_url
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:3px 8px;
@@ -38,8 +38,7 @@ def _table(df: pd.DataFrame, floats: str = "{:.4g}") -> str:
 def default_report_dir(store: Path | str) -> Path:
     """``<store>-report`` beside the store (``runs/x.zarr`` -> ``runs/x-report``); in the working
     directory for a store at a URL."""
-    name = PurePosixPath(str(store).rstrip("/")).name.removesuffix(".zarr")
-    return (Path.cwd() if store_url(store) else Path(store).parent) / f"{name}-report"
+    return (Path.cwd() if store_url(store) else Path(store).parent) / f"{store_name(store)}-report"
 
 
 def write_report(store: str | Path, out: str | Path | None = None) -> Path:
@@ -52,7 +51,7 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     cand = camp.candidates()
     found = analysis.hits(cand)
     cif_paths = analysis.export_structures(camp, list(found["id"]), out / "hits", "cif") if len(found) else []
-    sections = [f"<h1>Campaign report: {html.escape(PurePosixPath(str(camp.path)).name)}</h1>",
+    sections = [f"<h1>Campaign report: {html.escape(store_name(camp.path))}</h1>",
                 f"<p>Store <code>{html.escape(str(camp.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
                 f"{len(cand)} candidates, {int((cand['dft_status'] == 'ok').sum())} verified with DFT, "
                 f"{len(found)} stable phases found.</p>"]
@@ -80,6 +79,6 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
         sections += ["<h2>Rounds</h2>", _table(rounds)]
     out.mkdir(parents=True, exist_ok=True)
     page = out / "report.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(PurePosixPath(str(camp.path)).name)}</title>"
+    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(store_name(camp.path))}</title>"
                     f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
     return page

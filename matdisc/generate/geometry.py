@@ -76,15 +76,15 @@ def _alloy_contact_ratio(s: Structure) -> float:
     return float(np.min(d / (ALLOY_CONTACT * (r[:, None] + r[None, :]))))
 
 
-def scale_to_alloy_volume(s: Structure, open_up: bool = True) -> Structure:
-    """Sum of atomic volumes, then (``open_up``) opened up if two atoms overlap (open structures).
+def scale_to_alloy_volume(s: Structure) -> Structure:
+    """Sum of atomic volumes, then opened up if two atoms overlap (open prototype structures).
 
-    Random crystals pass ``open_up=False`` and go through :func:`push_apart` instead: their
-    closest pair is an accident of placement, and scaling the whole cell to separate it left
-    half of PyXtal's metal cells at 2.5-8x the metallic volume.
+    Not for random crystals: their closest pair is an accident of placement, and scaling the
+    whole cell to separate it left half of PyXtal's metal cells at 2.5-8x the metallic volume;
+    they go through :func:`push_apart` instead.
     """
     s.scale_lattice(alloy_volume(s))
-    if open_up and len(s) > 1:
+    if len(s) > 1:
         ratio = _alloy_contact_ratio(s)
         if ratio < 1:
             s.scale_lattice(s.volume / ratio**3)

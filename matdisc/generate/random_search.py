@@ -34,8 +34,7 @@ import numpy as np
 from pymatgen.core import Composition, Structure
 
 from matdisc.generate.compositions import CompositionScreen
-from matdisc.generate.geometry import (alloy_volume, expand_to_min_distance, push_apart, scale_to_alloy_volume,
-                                       scale_to_ionic_radii)
+from matdisc.generate.geometry import alloy_volume, expand_to_min_distance, push_apart, scale_to_ionic_radii
 from matdisc.generate.parallel import process_pool
 
 _CENTERED = ("A", "B", "C", "F", "I", "R")
@@ -120,7 +119,7 @@ def dense_alloy_cell(s: Structure, min_distance: float) -> str | None:
     """Bring a random alloy cell to the volume model with no overlapping atoms (in place), or
     say why not: pushed apart at that volume, then opened up by at most ``MAX_EXPANSION``."""
     target = alloy_volume(s)
-    scale_to_alloy_volume(s, open_up=False)
+    s.scale_lattice(target)
     ratio = push_apart(s)
     if ratio < 1:
         if ratio**-3 > MAX_EXPANSION:

@@ -74,6 +74,11 @@ def store_url(location: str | Path) -> str | None:
     return text
 
 
+def store_name(location: str | Path) -> str:
+    """The store's name without ``.zarr`` (``s3://b/runs/x.zarr`` and ``runs/x.zarr`` -> ``x``)."""
+    return PurePosixPath(str(location).rstrip("/")).name.removesuffix(".zarr")
+
+
 def local_path(location: str | Path) -> Path:
     """A local store location as a path (``file:///runs/x.zarr`` -> ``/runs/x.zarr``)."""
     text = str(location)
