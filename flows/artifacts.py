@@ -41,10 +41,19 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
 
 
+def _local_store(cfg: CampaignConfig) -> Path:
+    """The store on this machine: its path, or for a store at a URL the writer's working copy."""
+    from matdisc.store.remote import mirror_dir
+
+    location = cfg.store_path
+    return mirror_dir(location) if isinstance(location, str) else location
+
+
 def report_dir(cfg: CampaignConfig) -> Path:
+    """``<store>-report`` beside the store on this machine (never in the working directory)."""
     from matdisc.report import default_report_dir
 
-    return default_report_dir(cfg.store_path)
+    return default_report_dir(_local_store(cfg))
 
 
 def _safely(what: str, make: Callable[[], object]) -> None:
@@ -112,12 +121,13 @@ def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
 
 
 def report_link(cfg: CampaignConfig) -> None:
-    """The HTML report (hull, parity, learning and discovery figures) beside the store, linked
-    from the flow run: the figures the Prefect UI cannot draw itself."""
+    """The HTML report (hull, parity, learning and discovery figures) beside the store (a store at a
+    URL: beside this machine's working copy of it), linked from the flow run: the figures the
+    Prefect UI cannot draw itself."""
     from matdisc.report import write_report
 
     def write() -> None:
-        page = write_report(cfg.store_path, report_dir(cfg))
+        page = write_report(_local_store(cfg), report_dir(cfg))
         get_run_logger().info("campaign report: %s", page)
         create_link_artifact(key=f"{slug(cfg.name)}-report", link=page.as_uri(), link_text=f"{cfg.name} report",
                              description=f"{cfg.name}: figures and hits (report.html beside the store)")

@@ -28,6 +28,7 @@ from matdisc.dft import settings_hash
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
 from matdisc.mlip.model import check_trusted, configured_model, trusted_roots
+from matdisc.mlip.shipping import unpack
 from matdisc.mlip.train import TrainedModel
 from matdisc.store import CampaignWriter
 
@@ -161,7 +162,8 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, run: FlowWorkers
     with dask.annotate(resources=MLIP):
         fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
                                 cfg.mlip.training.model_dump(mode="json"), cfg.mlip.ensemble,
-                                cfg.generation.seed + 100 * round_, cfg.mlip.device, cfg.mlip.dtype, start)
+                                cfg.generation.seed + 100 * round_, cfg.mlip.device, cfg.mlip.dtype, start,
+                                _remote(w))
     trained: list[TrainedModel] = fut.result()
     side_by_side = concurrent_members(cfg.mlip.ensemble, planning.workers(cfg).mlip_cores)
     planning.record_stage(w, round_, "train", predicted, [m.seconds for m in trained],
@@ -173,7 +175,8 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, run: FlowWorkers
                 **{name: round(v, 5) for name, v in m.metrics.items()}} for k, m in enumerate(trained)],
         description=f"{cfg.name}: MACE training, round {round_} (errors on held-out reference frames)")
     log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-    return loop.register_model(w, round_, [m.path for m in trained], n_frames=len(frames), source="trained",
+    paths = unpack(trained, w.path / "training" / f"r{round_}-shipped")
+    return loop.register_model(w, round_, paths, n_frames=len(frames), source="trained",
                                device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype,
                                mode=trained[0].mode, metrics=metrics)
 
@@ -185,10 +188,16 @@ def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened:
         return {}
     check_trusted(screened["paths"] + trained["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
     with dask.annotate(resources=MLIP):
-        fut = evaluate_task.submit([screened["paths"], trained["paths"]], frames, cfg.mlip.device, cfg.mlip.dtype)
+        fut = evaluate_task.submit([screened["paths"], trained["paths"]], frames, cfg.mlip.device, cfg.mlip.dtype,
+                                   _remote(w))
     before, after = fut.result()
     ref = [a.info["REF_energy"] / len(a) for a in frames]
     return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
+
+
+def _remote(w: CampaignWriter) -> str | None:
+    """The URL of a store on an object store: workers fetch models from it (no shared filesystem)."""
+    return w.remote.url if w.remote is not None else None
 
 
 def _configured_paths(cfg: CampaignConfig) -> list[Path]:
@@ -227,7 +236,8 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
     predicted = run.first_mlip(planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers), rates)
     t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=MLIP):
-        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json")): b for b in batches}
+        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json"), _remote(w)): b
+                   for b in batches}
     for fut in as_completed(list(futures)):
         results = fut.result()
         key = loop.relax_batch_key(round_, model["sha256"], [cid for cid, _ in futures[fut]])

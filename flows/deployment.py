@@ -21,13 +21,16 @@ from flows.artifacts import slug
 from flows.campaign import campaign_flow
 from matdisc.config import CampaignConfig, ComputeConfig, load_config
 from matdisc.errors import UserError
+from matdisc.locations import as_location
 
 
 def completed_rounds(cfg: CampaignConfig) -> int:
     """The last round the store has a complete record of (0: cold start only or a new store)."""
-    if not (cfg.store_path / "zarr.json").exists():
-        return 0
     from matdisc.store import open_campaign
+    from matdisc.store.tables import store_exists
+
+    if not store_exists(cfg.store_path):
+        return 0
 
     rounds = open_campaign(cfg.store_path).rounds()
     return int(rounds["round"].max()) if not rounds.empty else 0
@@ -92,7 +95,7 @@ def continue_campaign(config_path: str, more_rounds: int = 1, store: str | None 
     """Continue a campaign by ``more_rounds`` rounds (finishing an interrupted one first)."""
     cfg = load_config(config_path)
     if store:
-        cfg = cfg.model_copy(update={"store": Path(store)})
+        cfg = cfg.model_copy(update={"store": str(as_location(store))})
     return run_campaign(cfg, more_rounds=more_rounds)
 
 
@@ -100,7 +103,13 @@ def deployment_parameters(config_path: str | Path, more_rounds: int = 1, store: 
     """Absolute paths: a worker or a served run may start in another directory."""
     cfg = load_config(config_path)
     return {"config_path": str(Path(config_path).resolve()), "more_rounds": more_rounds,
-            "store": str(Path(store or cfg.store_path).resolve())}
+            "store": str(_absolute(store or cfg.store_path))}
+
+
+def _absolute(location: str | Path) -> str | Path:
+    """A local store as an absolute path; a store at a URL as it is."""
+    location = as_location(location)
+    return location.resolve() if isinstance(location, Path) else location
 
 
 def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: int = 1, name: str | None = None,

@@ -41,10 +41,12 @@ RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": tra
 
 
 @task(name="relax-mace", **RETRY)
-def relax_task(batch: list, model_paths: list[str], mlip: dict) -> list:
+def relax_task(batch: list, model_paths: list[str], mlip: dict, store: str | None = None) -> list:
+    """``store``: the URL of a store on an object store, to fetch models this worker cannot see."""
     from matdisc.mlip import relax_many
+    from matdisc.mlip.shipping import localize
 
-    return relax_many(batch, model_paths, MLIPConfig.model_validate(mlip))
+    return relax_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip))
 
 
 @task(name="reference-relax-static", **RETRY)
@@ -62,16 +64,22 @@ def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
 
 
 @task(name="evaluate-mace", **RETRY)
-def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str) -> list:
+def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str, store: str | None = None) -> list:
     from matdisc.mlip import predict_energies, resolve_device
+    from matdisc.mlip.shipping import localize
 
-    return [predict_energies(paths, frames, device=resolve_device(device), dtype=dtype) for paths in models]
+    return [predict_energies(localize(paths, store), frames, device=resolve_device(device), dtype=dtype)
+            for paths in models]
 
 
 @task(name="train-mace", **RETRY)
 def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
-               device: str, dtype: str, start_models: list[str] | None) -> list["TrainedModel"]:
+               device: str, dtype: str, start_models: list[str] | None, store: str | None = None) -> list["TrainedModel"]:
+    """``store``: the URL of a store on an object store; the trained files then travel back as bytes."""
     from matdisc.mlip import resolve_device, train_committee
+    from matdisc.mlip.shipping import localize, pack
 
-    return train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
-                           device=resolve_device(device), dtype=dtype, start_models=start_models)
+    trained = train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
+                              device=resolve_device(device), dtype=dtype,
+                              start_models=localize(start_models, store) if start_models else None)
+    return pack(trained) if store else trained

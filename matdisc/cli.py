@@ -100,10 +100,11 @@ def _print_spending(console, summary: dict) -> None:
 def _campaign_args(args: argparse.Namespace):
     """The campaign file with ``--store`` applied, ``--rounds`` checked (run, plan, tradeoff)."""
     from matdisc.config import load_config
+    from matdisc.locations import as_location
 
     cfg = load_config(args.config)
     if args.store:
-        cfg = cfg.model_copy(update={"store": Path(args.store)})
+        cfg = cfg.model_copy(update={"store": str(as_location(args.store))})
     if getattr(args, "rounds", None) is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
     return cfg
@@ -114,8 +115,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from matdisc import planning
     from matdisc.probe import probe
     from matdisc.store import open_campaign
+    from matdisc.store.tables import store_exists
 
-    store = open_campaign(cfg.store_path) if cfg.store_path.exists() else None
+    store = open_campaign(cfg.store_path) if store_exists(cfg.store_path) else None
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
     rates = memory = None
     if not args.no_probe:
@@ -131,13 +133,14 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_tradeoff(args: argparse.Namespace) -> int:
+    from matdisc.store.tables import store_exists
     from matdisc.tradeoff import measure
 
     cfg = _campaign_args(args)
-    if not cfg.store_path.exists():
-        raise UserError(f"{cfg.store_path}: no campaign store: the trade-offs are measured on a campaign's data")
     if args.structures < 2:
         raise UserError("--structures: must be at least 2")
+    if not store_exists(cfg.store_path):
+        raise UserError(f"{cfg.store_path}: no campaign store: the trade-offs are measured on a campaign's data")
     split = lambda text: [t for t in text.split(",") if t.strip()] if text != "none" else []  # noqa: E731
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
     options = measure(cfg, presets=split(args.presets), sizes=split(args.sizes) if args.sizes else None,

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from matdisc.errors import UserError
+from matdisc.locations import as_location
 
 #: Calculators that need no ``module:Class`` spelling.
 BUILTIN_CALCULATORS = ("gpaw", "emt")
@@ -470,7 +471,9 @@ class CampaignConfig(_Strict):
 
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="campaign name")
     chemsys: list[str] = Field(..., description="elements of the chemical system, e.g. [Cu, Pd]")
-    store: Path | None = Field(None, description="campaign store (default runs/NAME.zarr)")
+    store: str | None = Field(
+        None, description="campaign store: a path (default runs/NAME.zarr) or an fsspec URL such as s3://bucket/NAME.zarr"
+    )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     mlip: MLIPConfig = Field(default_factory=MLIPConfig)
     reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
@@ -495,7 +498,7 @@ class CampaignConfig(_Strict):
     @model_validator(mode="after")
     def _defaults_and_cross_checks(self) -> CampaignConfig:
         if self.store is None:
-            object.__setattr__(self, "store", Path("runs") / f"{self.name}.zarr")
+            object.__setattr__(self, "store", str(Path("runs") / f"{self.name}.zarr"))
         if self.reference.calculator == "emt":
             from ase.calculators.emt import parameters
 
@@ -507,10 +510,16 @@ class CampaignConfig(_Strict):
                 )
         return self
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
     @property
-    def store_path(self) -> Path:
+    def store_path(self) -> Path | str:
+        """Where the store is: a local path, or the fsspec URL (a string) of a store on an object store."""
         assert self.store is not None
-        return self.store
+        return as_location(self.store)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -89,3 +89,33 @@ def copy_campaign(cfg, tmp_path, name: str, **update):
     data = cfg.model_dump(mode="json")
     data.update(store=str(dst), **update)
     return CampaignConfig.model_validate(data)
+
+
+@pytest.fixture()
+def s3_bucket(monkeypatch):
+    """An S3 API on 127.0.0.1 (moto's server) with one empty bucket; credentials only in the
+    environment, as s3fs/botocore read them for any real object store."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    import urllib.request  # moto's backends live in this process: forget earlier tests' buckets
+
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"))
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("campaigns")
+    try:
+        yield fs
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

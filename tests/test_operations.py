@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from matdisc.store import open_campaign
+from matdisc.store.remote import mirror_dir
 from conftest import emt_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -370,3 +371,61 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_campaign_on_an_object_store_killed_mid_round_is_finished_by_another_machine(campaign_store, api_env,
+                                                                                       s3_bucket, tmp_path):
+    """Multi-node runs without a shared filesystem: the store lives on an S3 API (moto on 127.0.0.1).
+    ``matdisc run`` writes it through a working copy under its MATDISC_HOME, pushing every commit;
+    it is killed (whole process group, -9) once round 1 has MLIP results on the bucket, and a run on
+    "another machine" (a fresh MATDISC_HOME: no working copy, no model files) takes the dead writer's
+    lease, pulls the store and finishes round 1. The bucket then equals the uninterrupted run's store."""
+    reference_cfg, _ = campaign_store
+    cold = tmp_path / "cold.zarr"
+    _store_after_cold_start(reference_cfg.store_path, cold)
+    s3_bucket.put(str(cold), "campaigns/cu-pd.zarr", recursive=True)
+    url = "s3://campaigns/cu-pd.zarr"
+    cfg = emt_config(tmp_path, store=url)
+    cfg["active_learning"] = {**cfg["active_learning"], "rounds": 1}
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+    def remote_keys(table: str) -> list[str]:
+        s3_bucket.invalidate_cache()
+        try:
+            text = s3_bucket.cat_file(f"campaigns/cu-pd.zarr/_commits/{table}.jsonl").decode()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line)["key"] for line in text.splitlines() if line.strip().endswith("}")]
+
+    log = tmp_path / "node-a.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT,
+                               env={**api_env, **aws, "MATDISC_HOME": str(tmp_path / "node-a")},
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for("round 1's first MLIP batch on the bucket", lambda: any(k.startswith("r1/") for k in remote_keys("mlip")),
+                  run, 400, log)
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait(30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    s3_bucket.invalidate_cache()
+    lease = json.loads(s3_bucket.cat_file("campaigns/cu-pd.zarr/_commits/writer.lease"))
+    assert lease["pid"] == run.pid  # the dead writer's lease is still there
+    assert open_campaign(url).rounds()["round"].max() == 0
+
+    node_b = tmp_path / "node-b"
+    done = subprocess.run([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT,
+                          env={**api_env, **aws, "MATDISC_HOME": str(node_b)}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    s3_bucket.invalidate_cache()
+    assert not s3_bucket.exists("campaigns/cu-pd.zarr/_commits/writer.lease")  # released
+    resumed = open_campaign(url)
+    _assert_same_campaign(resumed, open_campaign(reference_cfg.store_path), last_round=1)
+    for path in json.loads(resumed.models()["paths"].iloc[-1]):  # round 1's committee is on the bucket
+        assert s3_bucket.exists(f"campaigns/cu-pd.zarr/{path}")
+    assert [p.parent.name for p in (node_b / "mirrors").glob("*/report.html")] == [f"{mirror_dir(url).stem}-report"]

@@ -45,6 +45,7 @@ class TrainedModel:
     n_valid: int
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0  # training run (subprocess) wall time: the training cost model is fitted on it
+    content: bytes | None = None  # the file's bytes, for a writer on another machine (mlip.shipping)
 
 
 def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int,

@@ -70,6 +70,7 @@ class Campaign:
         self.path: Path | str = url or local_path(path).absolute()
         if _tables is None and url is None and not Path(self.path).exists():
             raise StoreError(f"campaign store {str(self.path)!r} does not exist")
+        self.location: Path | str = self.path  # where users name it (a writer's working copy differs)
         self.tables = _tables or TableStore(self.path)
 
     # -- tables as DataFrames ---------------------------------------------------------------
@@ -183,7 +184,7 @@ class Campaign:
             )
         hits = cand[cand["is_hit"]] if not cand.empty else cand
         return {
-            "store": str(self.path),
+            "store": str(self.location),
             "rounds": round_rows,
             "hits": [
                 {"id": r["id"], "formula": r["formula"], "prototype": r.get("prototype", ""),
@@ -220,15 +221,37 @@ def _status(mlip: str, dft: str, is_hit: bool) -> str:
 
 
 class CampaignWriter(Campaign):
-    """The single writer of a campaign store (the orchestrating process)."""
+    """The single writer of a campaign store (the orchestrating process).
+
+    A store at an fsspec URL is written through a local working copy (``self.path``) that is
+    leased and pulled here and pushed after every commit (:mod:`matdisc.store.remote`);
+    ``location`` is then the URL.
+    """
 
     def __init__(self, path: str | Path):
-        tables = TableStore(path, write=True)
+        url = store_url(path)
+        self.remote = None
+        if url is not None:
+            from matdisc.store.remote import RemoteStore
+
+            self.remote = RemoteStore(url)
+            path = self.remote.open()
+        try:
+            tables = TableStore(path, write=True, on_commit=self.remote.push if self.remote else None)
+        except BaseException:
+            if self.remote is not None:
+                self.remote.lease.release()
+            raise
         super().__init__(path, _tables=tables)
+        self.location = url or self.path
         (self.path / "models").mkdir(exist_ok=True)
 
     def close(self) -> None:
-        self.tables.close()
+        try:
+            if self.remote is not None:
+                self.remote.close()
+        finally:
+            self.tables.close()
 
     def __enter__(self) -> CampaignWriter:
         return self

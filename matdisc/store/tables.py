@@ -22,8 +22,10 @@ high-water mark; an exclusive ``flock`` on ``_commits/writer.lock`` makes a seco
 instead of interleaving. Workers never open the store for writing.
 
 Reading also works from any fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``):
-a notebook can analyse a store that was copied to an object store. Writing needs a local or
-shared filesystem (``file://`` URLs are local paths): the log is appended and locked in place.
+a notebook can analyse a store that lives on an object store. A ``TableStore`` writes only on a
+filesystem (``file://`` URLs are local paths): the log is appended and locked in place. Writing
+a store at a URL goes through a local working copy (:mod:`matdisc.store.remote`), which calls
+``on_commit`` to push every commit.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -43,6 +45,7 @@ from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from matdisc.errors import StoreError
+from matdisc.locations import as_location, local_path, store_name, store_url  # noqa: F401 (re-exported)
 from matdisc.store.frames import Frames
 
 ROW_CHUNK = 8192
@@ -66,23 +69,18 @@ class Commit:
     atoms: tuple[int, int]
 
 
-def store_url(location: str | Path) -> str | None:
-    """The fsspec URL of a store location, or None for a local path (``file://`` URLs included)."""
-    text = str(location)
-    if "://" not in text or text.split("://", 1)[0] in ("file", "local"):
-        return None
-    return text
+def store_exists(location: str | Path) -> bool:
+    """Whether a campaign store is at ``location`` (a path or an fsspec URL)."""
+    url = store_url(location)
+    if url is None:
+        return (local_path(location) / "zarr.json").exists()
+    import fsspec
 
-
-def store_name(location: str | Path) -> str:
-    """The store's name without ``.zarr`` (``s3://b/runs/x.zarr`` and ``runs/x.zarr`` -> ``x``)."""
-    return PurePosixPath(str(location).rstrip("/")).name.removesuffix(".zarr")
-
-
-def local_path(location: str | Path) -> Path:
-    """A local store location as a path (``file:///runs/x.zarr`` -> ``/runs/x.zarr``)."""
-    text = str(location)
-    return Path(text.split("://", 1)[1]) if "://" in text else Path(location)
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        return bool(fs.exists(f"{root}/zarr.json"))
+    except (ImportError, ValueError, OSError) as err:
+        raise StoreError(f"cannot read the campaign store at {url}: {err}") from None
 
 
 def _read_log(path: Path) -> tuple[list[Commit], int]:
@@ -130,8 +128,14 @@ def _locked_message(path: Path, holder: str) -> str:
 
 def check_not_locked(path: str | Path) -> None:
     """Raise :class:`StoreError` if a writer holds the store; creates nothing (a store that
-    does not exist yet is not locked)."""
-    lock = Path(path) / "_commits" / "writer.lock"
+    does not exist yet is not locked). A store at a URL: whether a live writer holds its lease."""
+    url = store_url(path)
+    if url is not None:
+        from matdisc.store.remote import check_not_leased
+
+        check_not_leased(url)
+        return
+    lock = local_path(path) / "_commits" / "writer.lock"
     if not lock.exists():
         return
     fd = os.open(lock, os.O_RDONLY)
@@ -148,10 +152,11 @@ def check_not_locked(path: str | Path) -> None:
 class TableStore:
     """The tables of one store directory: committed reads, and (with ``write=True``) appends."""
 
-    def __init__(self, path: str | Path, *, write: bool = False):
+    def __init__(self, path: str | Path, *, write: bool = False, on_commit: Callable[[], None] | None = None):
         url = store_url(path)
         self.path: Path | str = url or local_path(path)
         self.write = write
+        self.on_commit = on_commit
         self._lock_fd: int | None = None
         self._logs: dict[str, list[Commit]] = {}
         self._fs = None  # the fsspec filesystem of a URL store (``_fs_root``: the store's path on it)
@@ -174,8 +179,8 @@ class TableStore:
         import fsspec
 
         if self.write:
-            raise StoreError(f"{url}: a campaign store is written on a local or shared filesystem; "
-                             "stores at URLs are read-only (copy it to a filesystem to continue the campaign)")
+            raise StoreError(f"{url}: tables are written on a filesystem; a store at a URL is "
+                             "written through CampaignWriter's working copy")
         try:
             self._fs, self._fs_root = fsspec.core.url_to_fs(url)
             found = self._fs.exists(f"{self._fs_root}/zarr.json")
@@ -381,6 +386,8 @@ class TableStore:
             f.write(line.encode() + b"\n")
             f.flush()
         self._logs.setdefault(table, []).append(commit)
+        if self.on_commit is not None:
+            self.on_commit()
 
     # -- read ----------------------------------------------------------------------------
     def columns(self, table: str) -> list[str]:

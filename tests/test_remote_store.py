@@ -1,0 +1,176 @@
+"""Writing a campaign store at an fsspec URL: lease, pull, push, crash consistency, model shipping.
+
+The object store is moto's S3 API on 127.0.0.1 (``s3_bucket`` in conftest): the same s3fs
+calls (exclusive put with If-None-Match, whole-object puts, listings) a real bucket answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+from ase.build import bulk
+
+from matdisc.errors import StoreError
+from matdisc.store import CampaignWriter, Frames, open_campaign
+from matdisc.store.remote import LEASE, RemoteStore, mirror_dir
+from matdisc.store.tables import check_not_locked
+
+URL = "s3://campaigns/remote.zarr"
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MATDISC_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _candidates(n: int, start: int = 0) -> tuple[list[dict], Frames]:
+    atoms = [bulk("Cu", cubic=True) * (1, 1, 1 + (i % 2)) for i in range(start, start + n)]
+    rows = [{"id": f"c{i}", "formula": a.get_chemical_formula(), "round": 0, "source": "prototype", "prototype": "fcc"}
+            for i, a in zip(range(start, start + n), atoms)]
+    return rows, Frames.from_atoms(atoms)
+
+
+def _lease(fs) -> dict | None:
+    fs.invalidate_cache()
+    path = f"campaigns/remote.zarr/{LEASE}"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def test_a_writer_at_a_url_leases_pushes_each_commit_and_a_second_writer_is_refused(s3_bucket, home):
+    with CampaignWriter(URL) as w:
+        assert w.location == URL and w.path == mirror_dir(URL) and str(w.path).startswith(str(home))
+        lease = _lease(s3_bucket)
+        assert lease["pid"] == os.getpid() and lease["host"] == socket.gethostname()
+        assert lease["expires"] > time.time() + 60
+        w.append_records("candidates", "r0", *_candidates(3))
+        # every commit is on the bucket as soon as append returns: a reader elsewhere sees it
+        assert list(open_campaign(URL).candidates()["id"]) == ["c0", "c1", "c2"]
+        with pytest.raises(StoreError, match=f"being written by pid {os.getpid()} on {socket.gethostname()}"):
+            CampaignWriter(URL)
+        with pytest.raises(StoreError, match="being written by pid"):
+            check_not_locked(URL)  # what `matdisc run` says before starting (exit 2)
+        w.append_records("candidates", "r1", *_candidates(2, start=3))
+        assert w.summary()["store"] == URL
+    assert _lease(s3_bucket) is None  # released on close
+    check_not_locked(URL)
+    back = open_campaign(URL)
+    assert list(back.candidates()["id"]) == [f"c{i}" for i in range(5)]
+    assert len(back.structure("c3")) == 8 and len(back.structure("c4")) == 4
+    assert not s3_bucket.exists("campaigns/remote.zarr/_commits/writer.lock")  # a local file, never pushed
+
+
+def test_a_dead_or_expired_writers_lease_is_taken_over_a_live_one_is_not(s3_bucket, home):
+    with CampaignWriter(URL) as w:
+        w.append_records("candidates", "r0", *_candidates(2))
+    path = f"campaigns/remote.zarr/{LEASE}"
+    # another machine's writer, alive and renewing: refused, and its lease left as it was
+    live = {"owner": "x", "host": "node-7", "pid": 1, "expires": time.time() + 200}
+    s3_bucket.pipe_file(path, json.dumps(live).encode())
+    with pytest.raises(StoreError, match="being written by pid 1 on node-7"):
+        CampaignWriter(URL)
+    assert _lease(s3_bucket) == live
+    # that writer stopped renewing (killed with its node): its lease has expired
+    s3_bucket.pipe_file(path, json.dumps({**live, "expires": time.time() - 1}).encode())
+    with CampaignWriter(URL) as w:
+        assert _lease(s3_bucket)["pid"] == os.getpid()
+        assert len(w.candidates()) == 2
+    # a writer on this host whose process is gone (kill -9): taken over at once, unexpired or not
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    s3_bucket.pipe_file(path, json.dumps({**live, "host": socket.gethostname(), "pid": int(dead.stdout)}).encode())
+    with CampaignWriter(URL) as w:
+        assert _lease(s3_bucket)["owner"] == w.remote.lease.owner
+
+
+def test_a_writer_that_lost_its_lease_stops_writing(s3_bucket, home):
+    with pytest.raises(StoreError, match="lease was taken by pid 9 on node-2"):
+        with CampaignWriter(URL) as w:
+            w.append_records("candidates", "r0", *_candidates(1))
+            thief = {"owner": "y", "host": "node-2", "pid": 9, "expires": time.time() + 300}
+            s3_bucket.pipe_file(f"campaigns/remote.zarr/{LEASE}", json.dumps(thief).encode())
+            w.remote.lease.renew()
+    assert _lease(s3_bucket)["owner"] == "y"  # not deleted by the loser
+    assert list(open_campaign(URL).candidates()["id"]) == ["c0"]
+
+
+def test_a_push_cut_between_data_and_log_leaves_the_url_consistent_and_the_batch_is_redone(s3_bucket, home,
+                                                                                          monkeypatch):
+    """The crash window of a push: chunks uploaded, the commit log not. Readers of the URL see
+    the previous commit only; the next writer (another machine: a fresh working copy) redoes it."""
+    w = CampaignWriter(URL)  # never closed: the process dies (kill -9) inside a push
+    w.append_records("candidates", "r0", *_candidates(2))
+    real_put = w.remote.fs.put
+
+    def put_data_then_die(lpaths, rpaths, **kw):
+        if any("/_commits/" in r for r in rpaths):
+            raise KeyboardInterrupt  # the process is gone before the log's put
+        return real_put(lpaths, rpaths, **kw)
+
+    monkeypatch.setattr(w.remote.fs, "put", put_data_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        w.append_records("candidates", "r1", *_candidates(3, start=2))
+    monkeypatch.setattr(w.remote.fs, "put", real_put)
+    w.remote.lease.release()  # as a dead writer's lease runs out
+    w.tables.close()
+    assert s3_bucket.exists("campaigns/remote.zarr/candidates/id/c/0")
+    assert list(open_campaign(URL).candidates()["id"]) == ["c0", "c1"]  # r1's chunks are there, not visible
+
+    monkeypatch.setenv("MATDISC_HOME", str(home.parent / "node-b"))
+    with CampaignWriter(URL) as w:
+        assert not w.has_batch("candidates", "r1")
+        assert w.append_records("candidates", "r1", *_candidates(3, start=2))
+    back = open_campaign(URL)
+    assert list(back.candidates()["id"]) == [f"c{i}" for i in range(5)]
+    assert back.table("candidates")["id"].is_unique
+    np.testing.assert_allclose(back.frames("candidates").cell[4], bulk("Cu", cubic=True).cell[:])
+
+
+def test_pull_makes_the_working_copy_equal_the_url(s3_bucket, home):
+    """What this machine committed but never pushed is dropped; models already here are kept."""
+    with CampaignWriter(URL) as w:
+        w.append_records("candidates", "r0", *_candidates(2))
+        (w.path / "models" / "abc.model").write_bytes(b"model")
+    remote = RemoteStore(URL)
+    stale = remote.local / "candidates" / "stale-chunk"
+    stale.write_bytes(b"x")
+    remote.pull()
+    assert not stale.exists() and (remote.local / "models" / "abc.model").read_bytes() == b"model"
+    assert (remote.local / "_commits" / "candidates.jsonl").read_text().count("\n") == 1
+
+
+def test_models_reach_a_worker_by_sha256_from_the_store_and_a_tampered_one_is_refused(s3_bucket, home, tmp_path):
+    from matdisc.mlip.model import ModelError, file_sha256
+    from matdisc.mlip.shipping import localize, unpack
+    from matdisc.mlip.train import TrainedModel
+
+    blob = tmp_path / "m.model"
+    blob.write_bytes(os.urandom(1000))
+    sha = file_sha256(blob)
+    s3_bucket.put(str(blob), f"campaigns/remote.zarr/models/{sha}.model")
+    missing_here = f"/nonexistent/writer/mirror/models/{sha}.model"
+    got = localize([missing_here], URL)
+    assert got == [str(home / "model-cache" / f"{sha}.model")] and file_sha256(got[0]) == sha
+    assert localize([str(blob)], URL) == [str(blob)]  # visible here: used as it is
+    other = os.urandom(1000)
+    bad_sha = "0" * 64
+    s3_bucket.pipe_file(f"campaigns/remote.zarr/models/{bad_sha}.model", other)
+    with pytest.raises(ModelError, match="sha256 is not the one the registry recorded"):
+        localize([f"/nowhere/{bad_sha}.model"], URL)
+    assert not (home / "model-cache" / f"{bad_sha}.model").exists()
+    with pytest.raises(ModelError, match="not in the store"):
+        localize([f"/nowhere/{'1' * 64}.model"], URL)
+    # a trained model comes back as bytes when the worker's file is not on the writer's machine
+    shipped = TrainedModel(path=tmp_path / "elsewhere" / "member.model", mode="scratch", n_train=1, n_valid=0,
+                           content=blob.read_bytes())
+    (path,) = unpack([shipped], tmp_path / "received")
+    assert file_sha256(path) == sha
+    with pytest.raises(ModelError, match="was not shipped"):
+        unpack([TrainedModel(path=tmp_path / "gone.model", mode="scratch", n_train=1, n_valid=0)], tmp_path)
