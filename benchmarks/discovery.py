@@ -205,7 +205,7 @@ class Campaign:
             r = res[c.id]
             ref = self.truth[c.id]
             dft_ok = c.id in done and ref.status == "ok"
-            rows.append({"id": c.id, "formula": c.formula,
+            rows.append({"id": c.id, "formula": c.formula, "prototype": c.prototype, "source": c.source,
                          "mlip_status": "ok" if r is None else r.status,
                          "e_mlip_per_atom": 0.0 if r is None else r.energy_per_atom,
                          "sigma": 0.0 if r is None else r.sigma,
@@ -221,7 +221,7 @@ class Campaign:
     def run(self, target_phases: set[str], phase_of: dict[str, str]) -> None:
         from pymatgen.io.ase import AseAtomsAdaptor
 
-        from matdisc.active import select
+        from matdisc.active import select, structure_families
         from matdisc.config import ActiveLearningConfig
 
         round_ = 0
@@ -243,7 +243,8 @@ class Campaign:
             al = ActiveLearningConfig()  # the defaults a campaign runs with
             picks = select(df, n, strategy=self.strategy, kappa=al.kappa, explore_fraction=al.explore_fraction,
                            seed=self.seed * 1000 + round_, structure_of=structure_of, verified=verified,
-                           max_per_composition=al.max_per_composition if diversity else None)
+                           max_per_composition=al.max_per_composition if diversity else None,
+                           families=structure_families(df) if diversity and al.structure_spread else None)
             self.seconds["select"] += time.perf_counter() - t0
             if not picks:
                 break
@@ -288,7 +289,7 @@ class Item:
         from pymatgen.io.ase import AseAtomsAdaptor
 
         self.id, self.formula, self.atoms = cid, cand.formula, AseAtomsAdaptor.get_atoms(cand.structure)
-        self.prototype = cand.prototype
+        self.prototype, self.source = cand.prototype, cand.source
 
 
 def run_system(args, system: str) -> list[dict]:

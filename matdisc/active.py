@@ -13,7 +13,13 @@ possible. Three ingredients decide a round's picks:
 - diversity: walking down the ranking, a candidate is skipped when StructureMatcher calls
   its relaxed structure the same as an earlier pick or an already verified candidate (MLIP
   relaxations often fold several starting points into one phase), and at most
-  ``max_per_composition`` picks share a reduced formula.
+  ``max_per_composition`` picks share a reduced formula;
+- spread over structure families (``families``: prototype, or ``random`` for random
+  crystals): each pass takes the best candidate of each family before a second of any. A
+  committee trained on a few seed structures ranks whole structure types wrongly together
+  (the discovery benchmark's Al-Ag cold start puts dozens of random cells, truly 0.2-0.5
+  eV/atom above the hull, ahead of the L1_1 and C6 phases, all within 15 meV/atom), so a
+  blind spot of the model costs a round one pick, not the round.
 
 ``greedy`` (lowest ``e_hull_pred``) and ``random`` (a seeded draw) are the baselines.
 Everything here takes plain data (a candidates DataFrame, structures by id) and returns ids.
@@ -78,6 +84,7 @@ def select(
     structure_of: Callable[[str], Structure] | None = None,
     verified: Mapping[str, Sequence[Structure]] | None = None,
     max_per_composition: int | None = None,
+    families: Mapping[str, str] | None = None,
 ) -> list[Pick]:
     """Up to ``budget`` picks from ``candidates`` (a ``Campaign.candidates()`` frame).
 
@@ -86,7 +93,9 @@ def select(
     the others (``explore_fraction`` 1: all optimistic), spread over chemical subsystems:
     the best optimistic candidate of each subsystem (Cu-Au, Cu-Pd-Au, ...) with the fewest
     picks this round comes first, so exploration does not pile into the chemistry the
-    model already knows. With ``structure_of`` (id ->
+    model already knows. With ``families`` (id -> structure family) both passes also spread
+    over families: within each chemical subsystem, the best candidate of every family comes
+    before a second of any. With ``structure_of`` (id ->
     relaxed Structure) a candidate that matches an earlier pick or a structure in
     ``verified`` (reduced formula -> structures) is skipped; without it no structure
     comparison is made. Ties break by id, so the same inputs give the same picks.
@@ -97,7 +106,7 @@ def select(
     # (scores, picks wanted after this pass, spread over chemical subsystems)
     if strategy == "uncertainty":
         n_exploit = budget - int(np.floor(explore_fraction * budget + 0.5))
-        passes = [(acquisition_scores(pool, "greedy"), n_exploit, False),
+        passes = [(acquisition_scores(pool, "greedy"), n_exploit, families is not None),
                   (acquisition_scores(pool, strategy, kappa=kappa), budget, True)]
     else:
         passes = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget, False)]
@@ -110,7 +119,8 @@ def select(
     for scores, until, spread in passes:
         ranked = pool.assign(acq_score=scores).sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
-        systems = {row.id: _chemsys(row.formula) for _, row in rows}
+        systems = {row.id: _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else "")
+                   for _, row in rows}
         level = 0
         while len(picks) < until:
             before = len(picks)
@@ -122,7 +132,7 @@ def select(
                                        and per_formula.get(formula, 0) >= max_per_composition):
                     continue
                 if spread and per_system.get(systems[row.id], 0) > level:
-                    continue  # this chemical subsystem already has its share of the pass
+                    continue  # this chemical subsystem (and family) already has its share of the pass
                 if matcher is not None:
                     s = structure_of(row.id)
                     if any(matcher.fit(s, other) for other in seen.get(formula, ())):
@@ -138,6 +148,16 @@ def select(
                 break  # nothing more to take: a higher level would unlock no subsystem
             level += 1
     return picks
+
+
+def structure_families(candidates: pd.DataFrame) -> dict[str, str]:
+    """id -> structure family: the prototype a candidate was decorated from, else how it was made
+    (``random`` crystals are one family; a substituted structure keeps its parent's prototype)."""
+    if candidates.empty:
+        return {}
+    proto = candidates["prototype"].fillna("") if "prototype" in candidates else pd.Series("", index=candidates.index)
+    source = candidates["source"].fillna("") if "source" in candidates else pd.Series("", index=candidates.index)
+    return {cid: str(p or s) for cid, p, s in zip(candidates["id"], proto, source)}
 
 
 def _chemsys(formula: str) -> str:

@@ -372,6 +372,11 @@ class ActiveLearningConfig(_Strict):
     max_per_composition: int | None = Field(
         2, ge=1, description="most picks per reduced formula in one round (None: no cap)"
     )
+    structure_spread: bool = Field(
+        True, description="uncertainty: take the best candidate of each structure family (prototype, or random "
+        "crystals as one family) before a second of any, so a model's blind spot for one structure type costs "
+        "a round one pick"
+    )
     max_dft_total: int | None = Field(
         None, ge=0, description="stop once the campaign's rounds have used this many DFT calculations (None: no cap)"
     )

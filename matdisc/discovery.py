@@ -18,7 +18,7 @@ from ase import Atoms
 from pymatgen.core import Composition, Structure
 
 from matdisc import metrics, planning
-from matdisc.active import Pick, select
+from matdisc.active import Pick, select, structure_families
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.records import USABLE
@@ -102,7 +102,8 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
         cand = cand[~cand["id"].isin(passed)]
     return select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
                   explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
-                  structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition)
+                  structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition,
+                  families=structure_families(cand) if al.structure_spread else None)
 
 
 def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks: list[Pick],

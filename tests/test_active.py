@@ -15,7 +15,7 @@ from pymatgen.core import Lattice, Structure
 
 from conftest import emt_config
 from matdisc import discovery, loop
-from matdisc.active import select, select_greedy
+from matdisc.active import select, select_greedy, structure_families
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.generate import Candidate
@@ -76,6 +76,28 @@ def test_exploration_spreads_over_chemical_subsystems():
     # the exploit share is not spread: greedy order, then exploration in the other subsystems first
     picks = select(df, 3, strategy="uncertainty", kappa=1.0, explore_fraction=1 / 3)
     assert [p.id for p in picks] == ["cupd1", "cupd2", "cuau"]
+
+
+def test_picks_spread_over_structure_families_when_a_model_ranks_one_type_too_well():
+    """A cold-start committee puts a crowd of random cells (truly far above the hull) first: with
+    families, each pass takes the best of every family before a second random cell."""
+    rows = [(f"rand{i}", ["AlAg5", "Al5Ag", "AlAg2", "Al2Ag", "AlAg3", "Al3Ag"][i], 0.001 * (i + 1), 0.0)
+            for i in range(6)]
+    df = pool(rows + [("l11", "AlAg", 0.010, 0.0), ("c6", "AlAg2", 0.012, 0.0), ("b1", "AlAg", 0.020, 0.0)])
+    df["source"] = ["random"] * 6 + ["prototype"] * 3
+    df["prototype"] = [""] * 6 + ["L1_1", "C6", "B1"]
+    families = structure_families(df)
+    assert families["rand3"] == "random" and families["c6"] == "C6"
+    plain = select(df, 4, strategy="uncertainty", explore_fraction=0.25)
+    assert [p.id for p in plain] == ["rand0", "rand1", "rand2", "rand3"]
+    spread = select(df, 4, strategy="uncertainty", explore_fraction=0.25, families=families)
+    # exploit: the best of each family in predicted order; explore: the family no pick has yet
+    assert [p.id for p in spread] == ["rand0", "l11", "c6", "b1"]
+    # once every family has a pick, the next level takes a second of each in order
+    assert [p.id for p in select(df, 6, strategy="uncertainty", explore_fraction=0.0, families=families)] == [
+        "rand0", "l11", "c6", "b1", "rand1", "rand2"]
+    # the baselines ignore families
+    assert [p.id for p in select(df, 3, strategy="greedy", families=families)] == ["rand0", "rand1", "rand2"]
 
 
 def test_random_is_seeded():
