@@ -15,7 +15,8 @@ possible. Three ingredients decide a round's picks:
   relaxations often fold several starting points into one phase), and at most
   ``max_per_composition`` picks share a reduced formula;
 - spread over structure families (``families``: prototype, or ``random`` for random
-  crystals): each pass takes the best candidate of each family before a second of any. A
+  crystals): the predicted pass takes the best candidate of each family before a second of
+  any, the optimistic pass the best of each (subsystem, family) pair. A
   committee trained on a few seed structures ranks whole structure types wrongly together
   (the discovery benchmark's Al-Ag cold start puts dozens of random cells, truly 0.2-0.5
   eV/atom above the hull, ahead of the L1_1 and C6 phases, all within 15 meV/atom), so a
@@ -93,9 +94,9 @@ def select(
     the others (``explore_fraction`` 1: all optimistic), spread over chemical subsystems:
     the best optimistic candidate of each subsystem (Cu-Au, Cu-Pd-Au, ...) with the fewest
     picks this round comes first, so exploration does not pile into the chemistry the
-    model already knows. With ``families`` (id -> structure family) both passes also spread
-    over families: within each chemical subsystem, the best candidate of every family comes
-    before a second of any. With ``structure_of`` (id ->
+    model already knows. With ``families`` (id -> structure family) the predicted-e_hull pass
+    takes the best candidate of every family before a second of any, and the optimistic pass
+    spreads over (subsystem, family) pairs. With ``structure_of`` (id ->
     relaxed Structure) a candidate that matches an earlier pick or a structure in
     ``verified`` (reduced formula -> structures) is skipped; without it no structure
     comparison is made. Ties break by id, so the same inputs give the same picks.
@@ -103,24 +104,27 @@ def select(
     pool = eligible(candidates)
     if budget <= 0 or pool.empty:
         return []
-    # (scores, picks wanted after this pass, spread over chemical subsystems)
+    # (scores, picks wanted after this pass, what the pass spreads over: None, "family" or "system")
     if strategy == "uncertainty":
         n_exploit = budget - int(np.floor(explore_fraction * budget + 0.5))
-        passes = [(acquisition_scores(pool, "greedy"), n_exploit, families is not None),
-                  (acquisition_scores(pool, strategy, kappa=kappa), budget, True)]
+        passes = [(acquisition_scores(pool, "greedy"), n_exploit, "family" if families is not None else None),
+                  (acquisition_scores(pool, strategy, kappa=kappa), budget, "system")]
     else:
-        passes = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget, False)]
+        passes = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget, None)]
     matcher = StructureMatcher() if structure_of is not None else None
     seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
     per_formula: dict[str, int] = {}
-    per_system: dict[str, int] = {}
+    # picks so far per spread key: "family" (structure family) and "system" (subsystem, and family)
+    shares: dict[str, dict[str, int]] = {"family": {}, "system": {}}
     picks: list[Pick] = []
     taken: set[str] = set()
     for scores, until, spread in passes:
         ranked = pool.assign(acq_score=scores).sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
-        systems = {row.id: _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else "")
-                   for _, row in rows}
+        keys = {row.id: {"family": (families or {}).get(row.id, ""),
+                         "system": _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else "")}
+                for _, row in rows}
+        share = shares[spread] if spread else {}
         level = 0
         while len(picks) < until:
             before = len(picks)
@@ -131,8 +135,8 @@ def select(
                 if row.id in taken or (max_per_composition is not None
                                        and per_formula.get(formula, 0) >= max_per_composition):
                     continue
-                if spread and per_system.get(systems[row.id], 0) > level:
-                    continue  # this chemical subsystem (and family) already has its share of the pass
+                if spread and share.get(keys[row.id][spread], 0) > level:
+                    continue  # this family (or subsystem) already has its share of the pass
                 if matcher is not None:
                     s = structure_of(row.id)
                     if any(matcher.fit(s, other) for other in seen.get(formula, ())):
@@ -140,12 +144,13 @@ def select(
                         continue
                     seen.setdefault(formula, []).append(s)
                 per_formula[formula] = per_formula.get(formula, 0) + 1
-                per_system[systems[row.id]] = per_system.get(systems[row.id], 0) + 1
+                for kind, counts in shares.items():
+                    counts[keys[row.id][kind]] = counts.get(keys[row.id][kind], 0) + 1
                 taken.add(row.id)
                 sigma = float(getattr(row, "sigma", np.nan))
                 picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
-            if not spread or (len(picks) == before and level >= max(per_system.values(), default=0)):
-                break  # nothing more to take: a higher level would unlock no subsystem
+            if not spread or (len(picks) == before and level >= max(share.values(), default=0)):
+                break  # nothing more to take: a higher level would unlock no family or subsystem
             level += 1
     return picks
 

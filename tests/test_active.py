@@ -100,6 +100,19 @@ def test_picks_spread_over_structure_families_when_a_model_ranks_one_type_too_we
     assert [p.id for p in select(df, 3, strategy="greedy", families=families)] == ["rand0", "rand1", "rand2"]
 
 
+def test_in_a_ternary_exploitation_spreads_over_families_and_exploration_over_subsystem_family_pairs():
+    df = pool([("cupd", "Cu3Pd", 0.01, 0.0), ("cuau", "Cu3Au", 0.02, 0.0), ("rand", "CuPdAu", 0.03, 0.0),
+               ("pdau", "Pd3Au", 0.04, 0.0)])
+    df["source"], df["prototype"] = ["prototype", "prototype", "random", "prototype"], ["L1_2", "L1_2", "", "L1_2"]
+    families = structure_families(df)
+    # exploit: one L1_2 (the best, whatever its subsystem) before the random family
+    assert [p.id for p in select(df, 2, strategy="uncertainty", explore_fraction=0.0, families=families)] == [
+        "cupd", "rand"]
+    # explore: Cu-Au L1_2 is another (subsystem, family) pair than Cu-Pd L1_2, so it comes next
+    assert [p.id for p in select(df, 3, strategy="uncertainty", explore_fraction=1 / 3, families=families)] == [
+        "cupd", "rand", "cuau"]
+
+
 def test_random_is_seeded():
     df = pool([(f"c{i}", f"Cu{i + 1}Pd", 0.01 * i, 0.0) for i in range(20)])
     a = [p.id for p in select(df, 5, strategy="random", seed=1)]
