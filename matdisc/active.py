@@ -18,7 +18,7 @@ possible. Three ingredients decide a round's picks:
   crystals): the predicted pass takes the best candidate of each family before a second of
   any, the optimistic pass the best of each (subsystem, family) pair. A
   committee trained on a few seed structures ranks whole structure types wrongly together
-  (the discovery benchmark's Al-Ag cold start puts dozens of random cells, truly 0.2-0.5
+  (the discovery benchmark's Al-Ag cold start puts dozens of random cells, truly 0.04-0.56
   eV/atom above the hull, ahead of the L1_1 and C6 phases, all within 15 meV/atom), so a
   blind spot of the model costs a round one pick, not the round.
 
