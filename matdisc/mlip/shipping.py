@@ -34,16 +34,14 @@ def localize(paths: list[str], store: str | None = None) -> list[str]:
             local.append(p)
             continue
         name = Path(p).name
-        sha = name.removesuffix(".model")
-        cached = cache_dir() / name
-        if not (cached.is_file() and file_sha256(cached) == sha):
-            local.append(str(_fetch(f"{store.rstrip('/')}/models/{name}", cached, sha)))
-        else:
-            local.append(str(cached))
+        cached = cache_dir() / name  # only ever written after its hash was checked (_fetch)
+        if not cached.is_file():
+            _fetch(f"{store.rstrip('/')}/models/{name}", cached, name.removesuffix(".model"))
+        local.append(str(cached))
     return local
 
 
-def _fetch(url: str, dest: Path, sha: str) -> Path:
+def _fetch(url: str, dest: Path, sha: str) -> None:
     import fsspec
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +55,6 @@ def _fetch(url: str, dest: Path, sha: str) -> Path:
         tmp.unlink()
         raise ModelError(f"model {url}: its sha256 is not the one the registry recorded; refusing to load it")
     os.replace(tmp, dest)
-    return dest
 
 
 def pack(models: list[TrainedModel]) -> list[TrainedModel]:

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from matdisc.errors import StoreError
+from matdisc.locations import store_name
+from matdisc.store.tables import url_filesystem
 
 LEASE = "_commits/writer.lease"
 #: A lease not renewed for this long belongs to a dead writer. Renewed every third of it.
@@ -44,19 +46,9 @@ NOT_PUSHED = ("training",)
 _LOCAL_ONLY = ("_commits/writer.lock", LEASE)
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as err:  # no driver for the protocol, or a malformed URL
-        raise StoreError(f"cannot open the campaign store at {url}: {err}") from None
-
-
 def mirror_dir(url: str) -> Path:
     """This machine's working copy of the store at ``url``."""
     from matdisc.server import home
-    from matdisc.store.tables import store_name
 
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
     return home() / "mirrors" / f"{store_name(url)}-{digest}.zarr"
@@ -153,7 +145,7 @@ class Lease:
 
 def check_not_leased(url: str) -> None:
     """Raise :class:`StoreError` if a live writer holds the store at ``url`` (creates nothing)."""
-    fs, root = _filesystem(url)
+    fs, root = url_filesystem(url)
     held = Lease(fs, root, url).read()
     if held and not _is_stale(held):
         raise StoreError(f"store {url} is being written by {_holder_text(held)}; wait for it or stop it")
@@ -165,7 +157,7 @@ class RemoteStore:
 
     def __init__(self, url: str, local: Path | None = None):
         self.url = url.rstrip("/")
-        self.fs, self.root = _filesystem(self.url)
+        self.fs, self.root = url_filesystem(self.url)
         self.local = local or mirror_dir(self.url)
         self.lease = Lease(self.fs, self.root, self.url)
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
@@ -212,7 +204,7 @@ class RemoteStore:
             for rel in wanted:
                 (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get([f"{self.root}/{rel}" for rel in wanted], [str(self.local / rel) for rel in wanted])
-        self._pushed = {rel: stamp for rel, stamp in self._local_files().items()}
+        self._pushed = self._local_files()
 
     # -- push -------------------------------------------------------------------------
     def _local_files(self) -> dict[str, tuple[int, int]]:

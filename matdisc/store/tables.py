@@ -69,17 +69,26 @@ class Commit:
     atoms: tuple[int, int]
 
 
+def url_filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, the store's path on it) of a store URL; :class:`StoreError` when the
+    protocol has no driver installed or the URL is malformed."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as err:
+        raise StoreError(f"cannot open the campaign store at {url}: {err}") from None
+
+
 def store_exists(location: str | Path) -> bool:
     """Whether a campaign store is at ``location`` (a path or an fsspec URL)."""
     url = store_url(location)
     if url is None:
         return (local_path(location) / "zarr.json").exists()
-    import fsspec
-
+    fs, root = url_filesystem(url)
     try:
-        fs, root = fsspec.core.url_to_fs(url)
         return bool(fs.exists(f"{root}/zarr.json"))
-    except (ImportError, ValueError, OSError) as err:
+    except OSError as err:  # no access, endpoint down
         raise StoreError(f"cannot read the campaign store at {url}: {err}") from None
 
 
@@ -176,18 +185,12 @@ class TableStore:
             self.root = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
 
     def _open_url(self, url: str) -> None:
-        import fsspec
-
         if self.write:
             raise StoreError(f"{url}: tables are written on a filesystem; a store at a URL is "
                              "written through CampaignWriter's working copy")
-        try:
-            self._fs, self._fs_root = fsspec.core.url_to_fs(url)
-            found = self._fs.exists(f"{self._fs_root}/zarr.json")
-        except (ImportError, ValueError, OSError) as err:  # no driver for the protocol, bad URL, no access
-            raise StoreError(f"cannot read the campaign store at {url}: {err}") from None
-        if not found:
+        if not store_exists(url):
             raise StoreError(f"{url} is not a campaign store (no zarr.json)")
+        self._fs, self._fs_root = url_filesystem(url)
         self.root = zarr.open_group(store=FsspecStore.from_url(url, read_only=True), mode="r", zarr_format=3)
 
     # -- locking -----------------------------------------------------------------------
