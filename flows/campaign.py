@@ -16,8 +16,9 @@ import httpx
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
+from prefect.runtime import flow_run
 
-from flows import artifacts
+from flows import artifacts, runs
 from flows.artifacts import slug
 from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
 from matdisc import discovery, loop, planning, screening
@@ -256,7 +257,13 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
     log = get_run_logger()
     n_rounds = rounds if rounds is not None else cfg.active_learning.rounds
     with CampaignWriter(cfg.store_path) as w:
-        loop.record_run(w, cfg)
+        this_run = str(flow_run.id) if flow_run.id else ""
+        earlier = w.orchestrator_runs()
+        loop.record_run(w, cfg, this_run)
+        dead = runs.mark_stale_runs_crashed(earlier, this_run, str(cfg.store_path))
+        if dead:  # the writer lock is ours: whoever wrote before is gone, whatever the UI said
+            log.warning("marked Crashed: %s (earlier runs of this store that the API still showed running)",
+                        ", ".join(dead))
         run = FlowWorkers()
         model = _initial_model(w, cfg, run)
         refs = loop.reference_set_jobs(w, cfg)

@@ -19,6 +19,7 @@ from prefect.deployments.runner import EntrypointType
 
 from flows.artifacts import slug
 from flows.campaign import campaign_flow
+from flows.runs import TAG
 from matdisc.config import CampaignConfig, ComputeConfig, load_config
 from matdisc.errors import UserError
 from matdisc.locations import as_location
@@ -63,15 +64,18 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
     ``MATDISC_SCHEDULER`` (e.g. ``tcp://dask-scheduler:8786`` in the compose setup) replaces
     ``compute.scheduler``, so one campaign file runs on a laptop and on a shared cluster.
     """
+    from prefect import tags
     from prefect_dask import DaskTaskRunner
 
+    from flows.runs import ensure_zombie_automation
     from matdisc.cluster import campaign_cluster
 
     first, last = round_plan(cfg, rounds=rounds, more_rounds=more_rounds)
     compute = cfg.compute
     if os.environ.get("MATDISC_SCHEDULER"):  # where the workers are is the machine's business, not the campaign's
         compute = ComputeConfig.model_validate({**compute.model_dump(), "scheduler": os.environ["MATDISC_SCHEDULER"]})
-    with campaign_cluster(compute) as address:
+    ensure_zombie_automation()  # a run killed from here on ends Crashed, not Running forever
+    with campaign_cluster(compute) as address, tags(TAG, slug(cfg.name)):
         campaign = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address),
                                               flow_run_name=run_name(cfg, first, last))
         return campaign(config=cfg.model_dump(mode="json"), rounds=last)
@@ -112,10 +116,12 @@ def _absolute(location: str | Path) -> str | Path:
     return location.resolve() if isinstance(location, Path) else location
 
 
-def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: int = 1, name: str | None = None,
-                   store: str | Path | None = None) -> None:
-    """Create (or update) the campaign's deployment and serve its runs until interrupted."""
-    cfg = load_config(config_path)
+def check_schedule(cron: str | None, interval: float | None) -> None:
+    """A :class:`UserError` naming the option when the schedule is not one Prefect takes."""
+    if cron is not None and interval is not None:
+        raise UserError("give either --cron or --interval, not both")
+    if interval is not None and not interval > 0:
+        raise UserError("--interval: must be a positive number of seconds")
     if cron is not None:
         from prefect.client.schemas.schedules import CronSchedule
 
@@ -123,12 +129,22 @@ def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: in
             CronSchedule(cron=cron)
         except ValueError:
             raise UserError(f"--cron: {cron!r} is not a valid cron expression") from None
+
+
+def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: int = 1, name: str | None = None,
+                   store: str | Path | None = None, interval: float | None = None) -> None:
+    """Create (or update) the campaign's deployment and serve its runs until interrupted.
+
+    ``cron`` or ``interval`` (seconds between runs) is its schedule; neither: runs on demand."""
+    cfg = load_config(config_path)
+    check_schedule(cron, interval)
     continue_campaign.serve(
         name=name or slug(cfg.name),
         cron=cron,
+        interval=interval,
         parameters=deployment_parameters(config_path, more_rounds, store),
         global_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        tags=["matdisc", slug(cfg.name)],
+        tags=[TAG, slug(cfg.name)],
         description=f"{cfg.name}: {more_rounds} more active-learning round(s) per run on {cfg.store_path}",
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

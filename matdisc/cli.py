@@ -235,12 +235,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from matdisc.mlip.model import configured_model
 
     configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _engine_environment()
     from matdisc.server import ensure_api, ui_url
 
     own_server = not os.environ.get("PREFECT_API_URL")
     api = ensure_api()
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
+    _warn_if_unhealthy(api)
     from flows.deployment import run_campaign
 
     import httpx
@@ -260,23 +261,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_environment() -> None:
+    """Settings of the flow runs this process starts (or serves), before Prefect is imported."""
+    from flows.runs import enable_heartbeats
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    enable_heartbeats()
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
     from matdisc.config import load_config
 
     cfg = load_config(args.config)
     if args.more_rounds < 1:
         raise UserError("--more-rounds: must be at least 1")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    _engine_environment()
+    from flows.deployment import check_schedule
+
+    check_schedule(args.cron, args.interval)
     from matdisc.server import ensure_api, ui_url
 
     api = ensure_api()
     from flows.artifacts import slug
     from flows.deployment import serve_campaign
 
+    schedule = args.cron or (f"every {args.interval:g} s" if args.interval else "none (runs on demand)")
     print(f"Prefect UI: {ui_url(api)}   deployment: matdisc-continue-campaign/{args.name or slug(cfg.name)}   "
-          f"schedule: {args.cron or 'none (runs on demand)'}   store: {args.store or cfg.store_path}", flush=True)
-
-    serve_campaign(args.config, cron=args.cron, more_rounds=args.more_rounds, name=args.name, store=args.store)
+          f"schedule: {schedule}   store: {args.store or cfg.store_path}", flush=True)
+    _warn_if_unhealthy(api)
+    serve_campaign(args.config, cron=args.cron, interval=args.interval, more_rounds=args.more_rounds, name=args.name,
+                   store=args.store)
     return 0
 
 
@@ -293,9 +307,65 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     if args.action == "stop":
         print(server.stop())
-    else:
-        print(f"Prefect API: {server.ensure_api()}")
-    return 0
+        return 0
+    _engine_environment()
+    if args.action == "start":
+        api = server.ensure_api()
+        from flows.runs import ensure_zombie_automation
+
+        ensure_zombie_automation()
+        print(f"Prefect API: {api}")
+        return 0
+    return _server_status(args.json)
+
+
+def _server_status(as_json: bool) -> int:
+    """Exit 0 when the API answers and nothing fails, 1 with each problem listed otherwise."""
+    from matdisc import server
+
+    api = os.environ.get("PREFECT_API_URL") or (server.recorded() or {}).get("api_url")
+    if not api:
+        raise UserError("no Prefect API: PREFECT_API_URL is unset and matdisc has started no server "
+                        "(matdisc server start)")
+    os.environ["PREFECT_API_URL"] = api
+    from flows.health import check
+
+    health = check(api)
+    if as_json:
+        print(json.dumps(health.as_dict(), indent=2))
+        return 0 if not health.problems else 1
+    who = f"started by matdisc, log {health.log}" if health.started_by_matdisc else "not started by matdisc"
+    print(f"Prefect API {api}: {'answers' if health.reachable else 'DOES NOT ANSWER'}"
+          + (f" (Prefect {health.version}, {who})" if health.reachable else ""))
+    if health.reachable:
+        if health.started_by_matdisc:
+            print("services: " + (f"{len(health.services)} failing" if health.services else "no errors logged")
+                  + (f"; {health.other_errors.count} other server error(s) logged, the last at "
+                     f"{health.other_errors.last_time}: {health.other_errors.last_error}"
+                     if health.other_errors.count else ""))
+        else:
+            print("services: not a server matdisc started; its own log holds their errors")
+        print(f"scheduler: {health.scheduled_deployments} deployment(s) with an active schedule, "
+              f"{len(health.unscheduled)} without a run scheduled ahead")
+        print(f"zombie-run automation: {health.zombie_automation}")
+    for problem in health.problems:
+        print(f"problem: {problem}")
+    return 0 if not health.problems else 1
+
+
+def _warn_if_unhealthy(api: str) -> None:
+    """One line per failing service of the server before a run starts: visible, never fatal."""
+    from flows.health import check
+
+    try:
+        health = check(api)
+    except Exception as err:  # noqa: BLE001 - a status look must never stop a campaign
+        print(f"matdisc: warning: could not check the Prefect server's health ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return
+    for problem in health.problems:
+        if "zombie-run automation" not in problem:  # the run itself creates it
+            print(f"matdisc: warning: Prefect server: {problem} (matdisc server status)", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("deploy", help="serve a deployment that continues the campaign (on a cron schedule)")
     p.add_argument("config")
     p.add_argument("--cron", help='schedule, e.g. "0 2 * * *" (nightly at 02:00); none: runs only on demand')
+    p.add_argument("--interval", type=float, help="schedule: seconds between runs (instead of --cron)")
     p.add_argument("--more-rounds", type=int, default=1, help="rounds each run adds (default 1)")
     p.add_argument("--name", help="deployment name (default: the campaign name)")
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
@@ -342,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a campaign file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_validate)
-    p = sub.add_parser("server", help="the local Prefect server matdisc starts")
-    p.add_argument("action", choices=["start", "stop"])
+    p = sub.add_parser("server", help="the local Prefect server matdisc starts: start, stop, or its status "
+                       "(failing services, schedules without runs, the zombie-run automation)")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_server)
     return parser
 

@@ -48,10 +48,11 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def record_run(w: CampaignWriter, cfg: CampaignConfig) -> None:
+def record_run(w: CampaignWriter, cfg: CampaignConfig, orchestrator_run: str = "") -> None:
     reference_set = settings_hash(cfg.reference)
     earlier = w.reference_set()
-    w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set)
+    w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set,
+                 orchestrator_run)
     if earlier is not None and earlier != reference_set:
         logging.getLogger(__name__).warning(
             "reference settings changed (%s -> %s): a new reference set starts; earlier DFT energies are kept "

@@ -28,6 +28,16 @@ def _state_file() -> Path:
     return home() / "prefect-server.json"
 
 
+def log_file() -> Path:
+    return home() / "prefect-server.log"
+
+
+def recorded() -> dict | None:
+    """What matdisc recorded of the server it started (pid, api_url, log_offset), if any."""
+    state = _state_file()
+    return json.loads(state.read_text()) if state.exists() else None
+
+
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout) as resp:
@@ -57,7 +67,8 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
         raise UserError(f"port {port} already serves a Prefect API not started by matdisc; "
                         f"set PREFECT_API_URL={url} to use it, or MATDISC_PREFECT_PORT to pick another port")
     home().mkdir(parents=True, exist_ok=True)
-    log = open(home() / "prefect-server.log", "ab")
+    log = open(log_file(), "ab")
+    log_offset = log.tell()  # `matdisc server status` reads this server's lines only
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True,
@@ -65,14 +76,14 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise UserError(f"the Prefect server exited at start; see {home() / 'prefect-server.log'}")
+            raise UserError(f"the Prefect server exited at start; see {log_file()}")
         if healthy(url):
-            state.write_text(json.dumps({"pid": proc.pid, "api_url": url}))
+            state.write_text(json.dumps({"pid": proc.pid, "api_url": url, "log_offset": log_offset}))
             os.environ["PREFECT_API_URL"] = url
             return url
         time.sleep(0.5)
     proc.terminate()
-    raise UserError(f"the Prefect server did not answer within {timeout:.0f} s; see {home() / 'prefect-server.log'}")
+    raise UserError(f"the Prefect server did not answer within {timeout:.0f} s; see {log_file()}")
 
 
 def ui_url(api_url: str) -> str:

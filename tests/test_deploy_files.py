@@ -125,3 +125,5 @@ def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
         assert d.global_concurrency_limit.limit == 1 and d.concurrency_options.collision_strategy == "ENQUEUE"
         assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
         assert d.parameters["more_rounds"] == 1 and (ROOT / d.parameters["config_path"]).is_file()
+        # the worker's runs send heartbeats: a killed one is marked Crashed by the zombie-run automation
+        assert d.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"

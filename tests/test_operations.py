@@ -193,7 +193,13 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
         flow_run = run_deployment(f"matdisc-continue-campaign/{deployment.name}", timeout=600)
         assert flow_run.state.is_completed(), (flow_run.state, serve_log.read_text()[-3000:])
         assert flow_run.name == "cu-pd-emt +1 round"
-        assert _flow_run_states("cu-pd-emt round 1").count("COMPLETED") == 1  # the subflow, named by round
+        states = _flow_run_states("cu-pd-emt round 1")
+        assert [s for s, _ in states].count("COMPLETED") == 1  # the subflow, named by round
+        # the run killed in 3. was still Running: the resumed run, holding the writer lock, marked it
+        # Crashed at once (the harness runs no zombie automation), naming the run that took over
+        crashed = [m for s, m in states if s == "CRASHED"]
+        assert len(crashed) == 1 and "RUNNING" not in [s for s, _ in states], states
+        assert crashed[0].startswith("its process died: flow run ") and str(store) in crashed[0]
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:
@@ -207,7 +213,7 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
     _assert_same_campaign(resumed, open_campaign(reference_cfg.store_path), last_round=1)
 
 
-def _flow_run_states(name: str) -> list[str]:
+def _flow_run_states(name: str) -> list[tuple[str, str | None]]:
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -217,7 +223,7 @@ def _flow_run_states(name: str) -> list[str]:
         async with get_client() as client:
             return await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name])))
 
-    return [r.state.type.value for r in asyncio.run(read())]
+    return [(r.state.type.value, r.state.message) for r in asyncio.run(read())]
 
 
 def _served_deployment(serve: subprocess.Popen, log: Path):

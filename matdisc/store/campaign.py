@@ -164,6 +164,14 @@ class Campaign:
     def runs(self) -> pd.DataFrame:
         return self.table("runs")
 
+    def orchestrator_runs(self) -> list[str]:
+        """Workflow-engine ids of the runs that wrote this store, oldest first (stores written
+        before they were recorded have none)."""
+        runs = self.runs()
+        if runs.empty or "orchestrator_run" not in runs:
+            return []
+        return [r for r in runs["orchestrator_run"].astype(str) if r]
+
     def summary(self) -> dict[str, Any]:
         """What ``matdisc status --json`` prints."""
         rounds = self.rounds()
@@ -277,16 +285,19 @@ class CampaignWriter(Campaign):
         return self.append(table, key, columns, frames)
 
     def record_run(self, config_json: str, versions: Mapping[str, str], calculator: Mapping[str, Any],
-                   reference_set: str = "") -> None:
-        """Provenance of one ``matdisc run``: config, package versions, calculator parameters and
-        the settings hash of its reference set (what ``candidates()`` shows by default)."""
+                   reference_set: str = "", orchestrator_run: str = "") -> None:
+        """Provenance of one ``matdisc run``: config, package versions, calculator parameters, the
+        settings hash of its reference set (what ``candidates()`` shows by default) and the id the
+        workflow engine gave the run (a Prefect flow-run id; empty when run without one)."""
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
         self.append_records(
             "runs",
             f"run-{time.time_ns()}",
             [{"started": stamp, "config": config_json, "versions": json.dumps(dict(versions)),
-              "calculator": json.dumps(dict(calculator), default=str), "reference_set": reference_set}],
+              "calculator": json.dumps(dict(calculator), default=str), "reference_set": reference_set,
+              "orchestrator_run": orchestrator_run}],
         )
+
 
 
 def _plain(value: Any) -> Any:
