@@ -40,7 +40,7 @@ warnings.filterwarnings("ignore")
 from pymatgen.core.structure_matcher import StructureMatcher  # noqa: E402
 
 from matdisc.config import GenerationConfig  # noqa: E402
-from matdisc.generate import composition_screen, prototype_candidates, substitution_candidates  # noqa: E402
+from matdisc.generate import aflow, composition_screen, prototype_candidates, substitution_candidates  # noqa: E402
 from matdisc.generate.dedup import naive_unique, unique  # noqa: E402
 from matdisc.generate.parallel import process_pool  # noqa: E402
 from matdisc.generate.prototypes import ALLOY_PROTOTYPES, PROTOTYPES, decorate  # noqa: E402
@@ -186,6 +186,8 @@ def main() -> None:
                    "fast_s": round(t_fast, 3), "unique": len(fast)},
         "dedup_speedup_vs_naive": round(t_naive / t_fast, 1),
         "dedup_equal_results": fast == naive,
+        "prototype_library": GenerationConfig().prototype.library,
+        "prototypes_available": {str(k): v for k, v in aflow.available(8).items()},  # per species, max_atoms 8
         "workers": WORKERS,
         "cpus": os.cpu_count(),
     }))

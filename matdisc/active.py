@@ -61,6 +61,13 @@ def eligible(candidates: pd.DataFrame) -> pd.DataFrame:
     return candidates[ok].assign(e_hull_pred=pred[ok])
 
 
+def failed_relaxations(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Candidates whose MLIP relaxation exploded and that have no DFT result yet."""
+    if candidates.empty:
+        return candidates
+    return candidates[(candidates["mlip_status"] == "exploded") & (candidates["dft_status"] == "")]
+
+
 def acquisition_scores(pool: pd.DataFrame, strategy: str, *, kappa: float = 1.0, seed: int = 0) -> np.ndarray:
     """Per-candidate score, lower is picked first (random: a seeded permutation rank)."""
     if strategy not in STRATEGIES:
@@ -86,6 +93,7 @@ def select(
     verified: Mapping[str, Sequence[Structure]] | None = None,
     max_per_composition: int | None = None,
     families: Mapping[str, str] | None = None,
+    query_failed: bool = False,
 ) -> list[Pick]:
     """Up to ``budget`` picks from ``candidates`` (a ``Campaign.candidates()`` frame).
 
@@ -99,18 +107,25 @@ def select(
     spreads over (subsystem, family) pairs. With ``structure_of`` (id ->
     relaxed Structure) a candidate that matches an earlier pick or a structure in
     ``verified`` (reduced formula -> structures) is skipped; without it no structure
-    comparison is made. Ties break by id, so the same inputs give the same picks.
+    comparison is made. Ties break by id, so the same inputs give the same picks. With
+    ``query_failed`` (uncertainty only) the candidates whose MLIP relaxation exploded lead the
+    optimistic pass, spread like it: they have no prediction, and the model failing on them is
+    the strongest uncertainty there is.
     """
     pool = eligible(candidates)
-    if budget <= 0 or pool.empty:
+    failed = failed_relaxations(candidates) if query_failed and strategy == "uncertainty" else pool.iloc[:0]
+    if budget <= 0 or (pool.empty and failed.empty):
         return []
-    # (scores, picks wanted after this pass, what the pass spreads over: None, "family" or "system")
+    # (candidates with scores, picks wanted after this pass, what it spreads over: None, "family" or "system")
     if strategy == "uncertainty":
         n_exploit = budget - int(np.floor(explore_fraction * budget + 0.5))
-        passes = [(acquisition_scores(pool, "greedy"), n_exploit, "family" if families is not None else None),
-                  (acquisition_scores(pool, strategy, kappa=kappa), budget, "system")]
+        explore = pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa))
+        if not failed.empty:
+            explore = pd.concat([explore, failed.assign(acq_score=-np.inf, e_hull_pred=np.nan)])
+        passes = [(pool.assign(acq_score=acquisition_scores(pool, "greedy")), n_exploit,
+                   "family" if families is not None else None), (explore, budget, "system")]
     else:
-        passes = [(acquisition_scores(pool, strategy, kappa=kappa, seed=seed), budget, None)]
+        passes = [(pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed)), budget, None)]
     matcher = StructureMatcher() if structure_of is not None else None
     seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
     per_formula: dict[str, int] = {}
@@ -118,8 +133,8 @@ def select(
     shares: dict[str, dict[str, int]] = {"family": {}, "system": {}}
     picks: list[Pick] = []
     taken: set[str] = set()
-    for scores, until, spread in passes:
-        ranked = pool.assign(acq_score=scores).sort_values(["acq_score", "id"], kind="stable")
+    for scored, until, spread in passes:
+        ranked = scored.sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
         keys = {row.id: {"family": (families or {}).get(row.id, ""),
                          "system": _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else "")}
@@ -137,7 +152,7 @@ def select(
                     continue
                 if spread and share.get(keys[row.id][spread], 0) > level:
                     continue  # this family (or subsystem) already has its share of the pass
-                if matcher is not None:
+                if matcher is not None and row.mlip_status in USABLE:  # a failed relaxation has no structure
                     s = structure_of(row.id)
                     if any(matcher.fit(s, other) for other in seen.get(formula, ())):
                         taken.add(row.id)  # a duplicate now stays one for the other pass too
@@ -148,7 +163,8 @@ def select(
                     counts[keys[row.id][kind]] = counts.get(keys[row.id][kind], 0) + 1
                 taken.add(row.id)
                 sigma = float(getattr(row, "sigma", np.nan))
-                picks.append(Pick(row.id, float(row.acq_score), float(row.e_hull_pred), sigma, rank))
+                score = float(row.acq_score) if np.isfinite(row.acq_score) else np.nan  # nan: a failed relaxation
+                picks.append(Pick(row.id, score, float(row.e_hull_pred), sigma, rank))
             if not spread or (len(picks) == before and level >= max(share.values(), default=0)):
                 break  # nothing more to take: a higher level would unlock no family or subsystem
             level += 1

@@ -25,6 +25,48 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_candidates(args: argparse.Namespace) -> int:
+    """What a round would generate: formula, source, prototype, space group, atoms; nothing computed."""
+    cfg = _campaign_args(args)
+    if args.round < 1:
+        raise UserError("--round: must be at least 1 (round 0 is the cold start's seeds)")
+    import contextlib
+
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    with contextlib.redirect_stdout(sys.stderr):  # mace prints a notice at import: stdout is for the JSON
+        from matdisc.loop import preview_candidates
+
+    cands, report = preview_candidates(cfg, args.round)
+    rows = []
+    for c in cands:
+        try:
+            sg = SpacegroupAnalyzer(c.structure, symprec=0.1).get_space_group_number()
+        except Exception:  # noqa: BLE001 - spglib failed on a cell: the generator's own number
+            sg = c.spacegroup
+        rows.append({"formula": c.formula, "source": c.source, "prototype": c.prototype, "spacegroup": int(sg),
+                     "n_atoms": len(c.structure), "aflow": c.aflow, "strukturbericht": c.strukturbericht,
+                     "pearson": c.pearson, "parent": c.parent, "detail": c.detail})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name} round {args.round}: {len(rows)} new candidates (nothing computed)")
+    for col in ("formula", "source", "prototype", "space group", "atoms", "Pearson", "from"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["formula"], r["source"], r["prototype"], str(r["spacegroup"]), str(r["n_atoms"]),
+                      r["pearson"], r["parent"] or r["detail"])
+    console = Console()
+    console.print(table)
+    summary = report.as_dict()
+    console.print(f"generated per source: {summary['generated']}; new: {summary['new']}; "
+                  f"skipped: {summary['skip_reasons'] or 'none'}")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from matdisc.store import open_campaign
 
@@ -402,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structures", type=int, default=4, help="verified structures the presets recompute")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tradeoff)
+    p = sub.add_parser("candidates", help="what a round would generate, computing nothing and writing no store")
+    p.add_argument("config", help="campaign file (YAML)")
+    p.add_argument("--round", type=int, default=1, help="the round to preview (default 1)")
+    p.add_argument("--store", help="campaign store to deduplicate against (overrides the config; read only)")
+    p.add_argument("--json", action="store_true", help='JSON list of {"formula", "source", "prototype", '
+                   '"spacegroup", "n_atoms", ...}')
+    p.set_defaults(func=_cmd_candidates)
     p = sub.add_parser("status", help="per-round table of a campaign store")
     p.add_argument("store")
     p.add_argument("--json", action="store_true")

@@ -35,12 +35,19 @@ class _Strict(BaseModel):
 
 
 class PrototypeSourceConfig(_Strict):
-    """Decorated prototypes from the built-in library."""
+    """Decorated crystal prototypes: the AFLOW library that pymatgen ships, or the built-in one."""
 
     enabled: bool = Field(True, description="decorate the prototype library")
+    library: Literal["aflow", "builtin"] = Field(
+        "aflow", description="aflow: every AFLOW prototype (pymatgen's copy of the library) with at most max_atoms "
+        "sites and at most max_elements species; builtin: matdisc's 25 ideal-geometry prototypes (ionic ones only "
+        "for ionic systems)")
+    elements: bool | None = Field(
+        None, description="decorate the library's one-species prototypes (elemental polymorphs); None: only when "
+        "the chemical system is one element (a compound search has fcc, bcc and hcp in its reference set)")
     names: list[str] | None = Field(
-        None, description="prototype names to decorate (None: the library for the chemistry, ionic ones only "
-        "for ionic systems)"
+        None, description="prototypes to decorate instead of the whole library: built-in names (fcc, B2, ...), "
+        "Strukturbericht symbols (B32) or AFLOW labels (AB_cF16_227_a_b)"
     )
     per_round: int | None = Field(None, ge=0, description="cap on new prototype candidates per round (None: all)")
 
@@ -48,9 +55,13 @@ class PrototypeSourceConfig(_Strict):
     @classmethod
     def _known_prototypes(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
-            from matdisc.generate.prototypes import prototype_names
+            from matdisc.generate.aflow import by_name
+            from matdisc.generate.prototypes import PROTOTYPES
 
-            prototype_names(False, value)  # raises ValueError naming the unknown prototype
+            unknown = [n for n in value if n not in PROTOTYPES and n not in by_name()]
+            if unknown:
+                raise ValueError(f"unknown prototype {unknown[0]!r}: not a built-in name ({', '.join(PROTOTYPES)}), "
+                                 "nor a Strukturbericht symbol or AFLOW label of the AFLOW library")
         return value
 
 
@@ -371,6 +382,11 @@ class ActiveLearningConfig(_Strict):
     )
     max_per_composition: int | None = Field(
         2, ge=1, description="most picks per reduced formula in one round (None: no cap)"
+    )
+    query_failed_relaxations: bool = Field(
+        True, description="uncertainty: candidates whose MLIP relaxation exploded come first in the exploration "
+        "share (verified from their initial structure): the model failing on a structure is the plainest sign "
+        "that it has not seen its like"
     )
     structure_spread: bool = Field(
         True, description="uncertainty: take the best candidate of each structure family (prototype, or random "

@@ -103,7 +103,8 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
     return select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
                   explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
                   structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition,
-                  families=structure_families(cand) if al.structure_spread else None)
+                  families=structure_families(cand) if al.structure_spread else None,
+                  query_failed=al.query_failed_relaxations)
 
 
 def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks: list[Pick],

@@ -28,7 +28,8 @@ from pymatgen.io.ase import AseAtomsAdaptor
 
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
-from matdisc.generate import Candidate, dedup_key, generate, prototype_candidates, unique_against
+from matdisc.generate import (Candidate, GenerationReport, dedup_key, generate, prototype_candidates,
+                              unique_against)
 from matdisc.mlip.model import describe, file_sha256
 from matdisc.mlip.train import diverse_frames
 from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
@@ -77,7 +78,8 @@ def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, sourc
         records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}", "formula": c.formula,
                         "round": round_, "source": c.source, "prototype": c.prototype, "parent": c.parent,
                         "probability": float(c.probability), "spacegroup": int(c.spacegroup),
-                        "gen_seed": int(c.seed), "detail": c.detail, "dedup_key": k,
+                        "gen_seed": int(c.seed), "detail": c.detail, "aflow": c.aflow,
+                        "strukturbericht": c.strukturbericht, "pearson": c.pearson, "dedup_key": k,
                         "n_atoms": len(c.structure)})
         atoms.append(AseAtomsAdaptor.get_atoms(c.structure))
     w.append_records("candidates", key, records, Frames.from_atoms(atoms))
@@ -139,6 +141,24 @@ def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tup
         if skips:
             w.append_records("generation_skips", key, [{"round": round_, **s} for s in skips])
     return cands, keys
+
+
+def preview_candidates(cfg: CampaignConfig, round_: int) -> tuple[list[Candidate], GenerationReport]:
+    """What round ``round_`` would add, computing nothing and writing nothing: deduplicated against
+    the store read-only when it exists, else against the seeds a cold start begins with."""
+    from matdisc.store import open_campaign
+    from matdisc.store.tables import store_exists
+
+    if store_exists(cfg.store_path):
+        store = open_campaign(cfg.store_path)
+        hits = verified_hits(store) if cfg.generation.substitution.from_hits else []
+        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=_stored_by_key(store),
+                                    hits=hits)
+    else:
+        seeds = seed_candidates(cfg) if cfg.mlip.model == "cold-start" else []
+        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_,
+                                    existing=[c.structure for c in seeds])
+    return cands, report
 
 
 def candidate_atoms(w: CampaignWriter, ids: list[str] | None = None) -> list[tuple[str, Atoms]]:

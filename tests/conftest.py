@@ -60,7 +60,10 @@ def emt_config(tmp_path, **over) -> dict:
         "name": "cu-pd-emt",
         "chemsys": ["Cu", "Pd"],
         "store": str(tmp_path / "cu-pd.zarr"),
-        "generation": {"max_atoms": 8, "seed": 0, "random": {"per_round": 4}, "substitution": {"per_round": 6}},
+        # the built-in 25 prototypes keep the session campaign at ~40 candidates a round (the AFLOW
+        # library gives ~180 at 8 atoms); the AFLOW source runs in test_aflow and test_schedules' flows
+        "generation": {"max_atoms": 8, "seed": 0, "random": {"per_round": 4}, "substitution": {"per_round": 6},
+                       "prototype": {"library": "builtin"}},
         "mlip": {
             "model": "cold-start", "ensemble": 2, "device": "cpu", "fmax": 0.05, "max_steps": 200,
             "structures_per_task": 10,
@@ -75,6 +78,20 @@ def emt_config(tmp_path, **over) -> dict:
     for key, value in over.items():
         cfg[key] = value
     return cfg
+
+
+def stop_process_group(proc, timeout: float = 30) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its children; SIGKILL after
+    ``timeout`` seconds (a served deployment, a campaign run)."""
+    import os
+    import signal
+    import subprocess
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def copy_campaign(cfg, tmp_path, name: str, **update):

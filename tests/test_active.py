@@ -100,6 +100,26 @@ def test_picks_spread_over_structure_families_when_a_model_ranks_one_type_too_we
     assert [p.id for p in select(df, 3, strategy="greedy", families=families)] == ["rand0", "rand1", "rand2"]
 
 
+def test_candidates_the_model_could_not_relax_lead_the_exploration_share():
+    """A cold-start MACE that blows up on a structure type has no prediction for it: the exploration
+    share takes such candidates first (one per subsystem and family), exploitation never does."""
+    df = pool([("b24", "LiAl", 0.00, 0.0), ("d015", "LiAl3", 0.001, 0.0), ("c6", "LiAl2", 0.003, 0.0),
+               ("b32", "LiAl", np.nan, np.nan, "exploded"), ("rand", "LiAl6", np.nan, np.nan, "exploded"),
+               ("done", "Li3Al", np.nan, np.nan, "exploded", "ok")])
+    df["source"] = ["prototype"] * 4 + ["random", "prototype"]
+    df["prototype"] = ["B24", "D0_15", "C6", "B32", "", "L1_2"]
+    families = structure_families(df)
+    picks = select(df, 2, strategy="uncertainty", explore_fraction=0.5, families=families, query_failed=True)
+    assert [p.id for p in picks] == ["b24", "b32"]  # ties among failed ones break by id
+    assert np.isnan(picks[1].score) and np.isnan(picks[1].e_hull_pred)
+    wide = select(df, 4, strategy="uncertainty", explore_fraction=0.5, families=families, query_failed=True)
+    assert [p.id for p in wide] == ["b24", "d015", "b32", "rand"]  # a verified one ("done") never again
+    # off, and for the baselines, a failed relaxation is never picked
+    assert [p.id for p in select(df, 2, strategy="uncertainty", explore_fraction=0.5, families=families)] == [
+        "b24", "d015"]
+    assert "b32" not in [p.id for p in select(df, 5, strategy="greedy", query_failed=True)]
+
+
 def test_in_a_ternary_exploitation_spreads_over_families_and_exploration_over_subsystem_family_pairs():
     df = pool([("cupd", "Cu3Pd", 0.01, 0.0), ("cuau", "Cu3Au", 0.02, 0.0), ("rand", "CuPdAu", 0.03, 0.0),
                ("pdau", "Pd3Au", 0.04, 0.0)])

@@ -215,23 +215,36 @@ def test_fast_dedup_equals_naive_on_generated_candidates():
 
 
 # -- generate ------------------------------------------------------------------------------------
-def test_generate_is_deterministic_with_provenance():
-    cfg = GenerationConfig(max_atoms=8, seed=3, random={"per_round": 8}, substitution={"per_round": 5})
+@pytest.mark.parametrize("library", ["aflow", "builtin"])
+def test_generate_is_deterministic_with_provenance(library):
+    from matdisc.generate import aflow
+
+    cfg = GenerationConfig(max_atoms=8, seed=3, random={"per_round": 8}, substitution={"per_round": 5},
+                           prototype={"library": library})
     a, keys_a, report = generate(["Cu", "Pd"], cfg, round_=1)
     b, keys_b, _ = generate(["Cu", "Pd"], cfg, round_=1)
     assert [(c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in a] == [
         (c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in b]
     assert keys_a == keys_b
     sources = {c.source for c in a}
-    assert sources == {"prototype", "substitution", "random"}
     for c in a:
-        if c.source == "prototype":
+        if c.source == "prototype" and library == "builtin":
             assert c.prototype in PROTOTYPES and c.detail.startswith("A=")
+        elif c.source == "prototype":  # "Cu=Pd Au=Cu": the namesake compound's species -> ours
+            assert aflow.by_name()[c.prototype].aflow == c.aflow and "=" in c.detail
         elif c.source == "substitution":
             assert c.parent and c.probability > 0 and "->" in c.detail
         else:
             assert 2 <= c.spacegroup <= 230 and c.seed >= 0 and math.isnan(c.probability)
-    assert report.new["substitution"] <= 5 and report.generated["prototype"] == report.new["prototype"]
+    if library == "builtin":
+        assert sources == {"prototype", "substitution", "random"}
+        assert report.new["substitution"] <= 5 and report.generated["prototype"] == report.new["prototype"]
+    else:
+        # the library's namesake compounds substituted into Cu-Pd are decorations of the same library:
+        # substitution adds nothing before there are hits to substitute into
+        assert sources == {"prototype", "random"}
+        assert report.generated["substitution"] > 0 and report.new["substitution"] == 0
+        assert 0 < report.new["prototype"] <= report.generated["prototype"]
     # round 2 against round 1's candidates: nothing from the library again, new random crystals
     c2, _, report2 = generate(["Cu", "Pd"], cfg, round_=2, existing=[c.structure for c in a], existing_keys=keys_a)
     assert report2.new["prototype"] == 0 and report2.new["substitution"] == 0
@@ -254,7 +267,10 @@ def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path
     from matdisc.store import CampaignWriter, open_campaign
 
     cfg = parse_config({"name": "gen", "chemsys": ["Cu", "Pd"], "store": str(tmp_path / "g.zarr"),
-                        "generation": {"max_atoms": 6, "random": {"per_round": 4}}})
+                        # the built-in library: its namesake compounds give substitutions (AFLOW's
+                        # are its own decorations, test_aflow)
+                        "generation": {"max_atoms": 6, "random": {"per_round": 4},
+                                       "prototype": {"library": "builtin"}}})
     with CampaignWriter(cfg.store_path) as w:
         seeds = loop.seed_candidates(cfg)
         loop.add_candidates(w, seeds, 0, "seed")
@@ -303,11 +319,15 @@ def test_fast_reduction_gives_the_matchers_niggli_cell():
         ours, theirs = reduce_structure(s), StructureMatcher._get_reduced_structure(s, True, True)
         assert len(ours) == len(theirs)
         assert np.allclose(ours.lattice.abc, theirs.lattice.abc, atol=1e-6)
-        # the same angles, except that a cell with right angles may come in either Niggli sign
-        # convention (spglib: all non-acute, as Krivy-Gruber prescribe; pymatgen's tolerance may
-        # pick all-acute): the same lattice, which StructureMatcher.fit maps either way
+        # the same angles, except that the basis vectors may differ in sign: flipping one vector
+        # turns two angles into their supplements (an AFLOW cell reduces to 90.03/90.03/63.0 with
+        # spglib and 89.97/89.97/63.0 with pymatgen; with right angles either Niggli convention
+        # may come). The same lattice, which StructureMatcher.fit maps either way; the product of
+        # the cosines (the Krivy-Gruber type) is what a sign flip keeps.
         mirrored = np.allclose(np.minimum(ours.lattice.angles, 180 - np.array(ours.lattice.angles)),
                                np.minimum(theirs.lattice.angles, 180 - np.array(theirs.lattice.angles)), atol=1e-6)
+        cosines = [np.prod(np.cos(np.radians(c.lattice.angles))) for c in (ours, theirs)]
+        same_type = np.sign(np.round(cosines[0], 12)) == np.sign(np.round(cosines[1], 12))
         assert np.allclose(ours.lattice.angles, theirs.lattice.angles, atol=1e-6) or (
-            mirrored and np.isclose(ours.lattice.angles, 90.0, atol=1e-6).any())
+            mirrored and (same_type or np.isclose(ours.lattice.angles, 90.0, atol=1e-6).any()))
         assert ours.lattice.find_mapping(theirs.lattice, ltol=1e-5, atol=1e-3) is not None

@@ -30,7 +30,7 @@ import yaml
 
 from matdisc.store import open_campaign
 from matdisc.store.remote import mirror_dir
-from conftest import emt_config
+from conftest import emt_config, stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,11 +201,7 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
         assert len(crashed) == 1 and "RUNNING" not in [s for s, _ in states], states
         assert crashed[0].startswith("its process died: flow run ") and str(store) in crashed[0]
     finally:
-        os.killpg(serve.pid, signal.SIGTERM)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        stop_process_group(serve)
 
     resumed = open_campaign(store)
     assert list(resumed.models()["sha256"]) == trained  # the registered model was reused, not retrained

@@ -19,9 +19,10 @@ from typing import Any
 from pymatgen.core import Structure
 
 from matdisc.config import GenerationConfig
+from matdisc.generate import aflow
 from matdisc.generate.compositions import CompositionScreen, enumerate_compositions, is_ionic, screen
 from matdisc.generate.dedup import Deduplicator, dedup_key, fingerprint, unique, unique_against
-from matdisc.generate.prototypes import PROTOTYPES, Prototype, decorate, prototype_names
+from matdisc.generate.prototypes import PROTOTYPES, decorate, prototype_names
 from matdisc.generate.random_search import random_batch
 from matdisc.generate.substitution import substitute
 
@@ -40,6 +41,9 @@ class Candidate:
     spacegroup: int = 0  # space group the generator built (PyXtal's draw, or the prototype's)
     seed: int = -1  # PyXtal random_state
     detail: str = ""  # decoration or substitution map, e.g. "A=Cu B=Pd" or "Na+->Li+"
+    aflow: str = ""  # AFLOW prototype label, e.g. AB_cF16_227_a_b (library prototypes)
+    strukturbericht: str = ""  # e.g. B32
+    pearson: str = ""  # e.g. cF16
 
     @property
     def formula(self) -> str:
@@ -72,30 +76,65 @@ def composition_screen(chemsys: list[str], cfg: GenerationConfig) -> Composition
 
 def prototype_candidates(
     chemsys: list[str], cfg: GenerationConfig, names: list[str] | None = None,
-    comp_screen: CompositionScreen | None = None,
+    comp_screen: CompositionScreen | None = None, skips: list[dict[str, Any]] | None = None,
 ) -> list[Candidate]:
-    """Every symmetry-distinct decoration of the library over the chemical system."""
+    """Every symmetry-distinct decoration of the prototypes over the chemical system.
+
+    ``names`` (else ``cfg.prototype.names``): those prototypes, each looked up in the built-in
+    ideal-geometry library first (the cold-start seeds), then in AFLOW's. None: the whole library
+    of ``cfg.prototype.library``. Prototypes left out for their size, or that fail to decorate,
+    are appended to ``skips`` with the reason.
+    """
     comp_screen = comp_screen or composition_screen(chemsys, cfg)
     max_el = cfg.max_elements or len(chemsys)
+    skips = skips if skips is not None else []
+    names = names if names is not None else cfg.prototype.names
+    builtin = [n for n in names if n in PROTOTYPES] if names is not None else (
+        prototype_names(is_ionic(chemsys)) if cfg.prototype.library == "builtin" else [])
+    listed = aflow.by_name()
+    library = [listed[n] for n in names if n not in PROTOTYPES] if names is not None else (
+        list(aflow.library()) if cfg.prototype.library == "aflow" else [])
     out = []
-    for name in prototype_names(is_ionic(chemsys), names if names is not None else cfg.prototype.names):
+    for name in builtin:
         p = PROTOTYPES[name]
         if len(p.labels) > max_el:
             continue
         for species, s in decorate(p, chemsys, max_atoms=cfg.max_atoms, oxidation=comp_screen.oxidation):
             if comp_screen.allows(s.composition.reduced_formula):
                 detail = " ".join(f"{lb}={el}" for lb, el in zip(p.labels, species))
-                out.append(Candidate(s, "prototype", name, spacegroup=p.spacegroup_number, detail=detail))
+                out.append(Candidate(s, "prototype", name, spacegroup=p.spacegroup_number, detail=detail,
+                                     strukturbericht=p.strukturbericht))
+    unary = cfg.prototype.elements if cfg.prototype.elements is not None else len(chemsys) == 1
+    for p in library:
+        if len(p.species) > max_el or (len(p.species) == 1 and not unary and names is None):
+            continue
+        if p.n_sites > cfg.max_atoms:
+            skips.append({"source": "prototype", "formula": p.compound, "spacegroup": p.spacegroup,
+                          "reason": f"too many sites: {p.n_sites} > max_atoms {cfg.max_atoms} ({p.aflow})"})
+            continue
+        try:
+            decorated = aflow.decorate(p, chemsys, oxidation=comp_screen.oxidation)
+        except Exception as err:  # noqa: BLE001 - one prototype's failure must not stop the round
+            skips.append({"source": "prototype", "formula": p.compound, "spacegroup": p.spacegroup,
+                          "reason": f"decoration failed: {type(err).__name__}: {err} ({p.aflow})"})
+            continue
+        for species, s in decorated:
+            if comp_screen.allows(s.composition.reduced_formula):
+                detail = " ".join(f"{a}={b}" for a, b in zip(p.species, species))
+                out.append(Candidate(s, "prototype", p.name, spacegroup=p.spacegroup, detail=detail, aflow=p.aflow,
+                                     strukturbericht=p.strukturbericht, pearson=p.pearson))
     return out
 
 
-def library_parents(chemsys: list[str], max_elements: int) -> list[tuple[str, Structure, Prototype]]:
-    """The library's namesake compounds (NaCl, MgAl2O4, ...) as substitution parents."""
-    out = []
-    for p in PROTOTYPES.values():
-        if 1 < len(p.labels) <= max_elements:
-            out.append((f"{p.compound} ({p.name})", p.build(dict(zip(p.labels, p.example))), p))
-    return out
+def library_parents(chemsys: list[str], max_elements: int, library: str = "aflow",
+                    max_atoms: int | None = None) -> list[tuple[str, Structure, str]]:
+    """The library's namesake compounds (NaCl, NaTl, ...) as substitution parents: (label,
+    structure, prototype name). AFLOW parents larger than ``max_atoms`` are left out."""
+    if library == "builtin":
+        return [(f"{p.compound} ({p.name})", p.build(dict(zip(p.labels, p.example))), p.name)
+                for p in PROTOTYPES.values() if 1 < len(p.labels) <= max_elements]
+    return [(f"{p.compound} ({p.name})", p.structure, p.name) for p in aflow.library()
+            if 1 < len(p.species) <= max_elements and (max_atoms is None or p.n_sites <= max_atoms)]
 
 
 def substitution_candidates(
@@ -106,9 +145,10 @@ def substitution_candidates(
     parents: list[tuple[str, Structure]] = []
     prototype_of: dict[str, str] = {}
     if sc.from_prototypes:
-        for label, s, p in library_parents(chemsys, cfg.max_elements or len(chemsys)):
+        for label, s, name in library_parents(chemsys, cfg.max_elements or len(chemsys), cfg.prototype.library,
+                                              cfg.max_atoms):
             parents.append((label, s))
-            prototype_of[label] = p.name
+            prototype_of[label] = name
     if sc.from_hits:
         parents.extend(hits)
     subs = substitute(parents, chemsys, comp_screen, threshold=sc.threshold, max_atoms=cfg.max_atoms)
@@ -144,7 +184,7 @@ def generate(
     per_source: dict[str, list[Candidate]] = {}
     if cfg.prototype.enabled:
         t0 = time.perf_counter()
-        per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen)
+        per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen, skips=report.skips)
         report.seconds["prototype"] = time.perf_counter() - t0
     if cfg.substitution.enabled:
         t0 = time.perf_counter()
