@@ -41,10 +41,11 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
     rows = []
     for c in cands:
         try:
-            sg = SpacegroupAnalyzer(c.structure, symprec=0.1).get_space_group_number()
-        except Exception:  # noqa: BLE001 - spglib failed on a cell: the generator's own number
-            sg = c.spacegroup
+            sg, sg_from = SpacegroupAnalyzer(c.structure, symprec=0.1).get_space_group_number(), "spglib"
+        except Exception:  # noqa: BLE001 - spglib failed on a cell: the generator's own number, said so
+            sg, sg_from = c.spacegroup, "generator"
         rows.append({"formula": c.formula, "source": c.source, "prototype": c.prototype, "spacegroup": int(sg),
+                     "spacegroup_from": sg_from,
                      "n_atoms": len(c.structure), "aflow": c.aflow, "strukturbericht": c.strukturbericht,
                      "pearson": c.pearson, "parent": c.parent, "detail": c.detail})
     if args.json:

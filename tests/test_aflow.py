@@ -96,6 +96,7 @@ def test_matdisc_candidates_previews_a_round_without_computing_or_writing(tmp_pa
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout)
     assert rows and {"formula", "source", "prototype", "spacegroup", "n_atoms"} <= set(rows[0])
+    assert {r["spacegroup_from"] for r in rows} == {"spglib"}  # no cell fell back to the generator's number
     assert {r["source"] for r in rows} <= {"prototype", "substitution", "random"}
     l12 = [r for r in rows if r["prototype"] == "L1_2"]
     assert {(r["formula"], r["spacegroup"], r["n_atoms"]) for r in l12} <= {("Cu3Pd", 221, 4), ("CuPd3", 221, 4)}

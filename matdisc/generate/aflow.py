@@ -79,8 +79,10 @@ def library() -> tuple[LibraryPrototype, ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=1)
 def by_name() -> dict[str, LibraryPrototype]:
-    """Prototypes by name, AFLOW label (when it names one) and Strukturbericht symbol."""
+    """Prototypes by name, AFLOW label (when it names one) and Strukturbericht symbol (built once:
+    every round's generation and every config validation looks names up)."""
     protos = library()
     labels = Counter(p.aflow for p in protos)
     out: dict[str, LibraryPrototype] = {}
