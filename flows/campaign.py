@@ -217,9 +217,11 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig, run: FlowWorkers) -> 
                                    device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype)
     seeds = loop.seed_candidates(cfg)
     loop.add_candidates(w, seeds, 0, "seed")
+    loop.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
     done = loop.dft_done(w, settings_hash(cfg.reference))
     jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
-    log.info("cold start: %d seed structures with the reference calculator", len(jobs))
+    log.info("cold start: %d seed structures with the reference calculator%s", len(jobs),
+             f" (known phases among them: {len(loop.known_phase_jobs(w, cfg))})" if cfg.known_phases.configured else "")
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
     return _train(w, cfg, 0, run)
@@ -270,6 +272,10 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
         if refs:
             log.info("reference set %s: %d elemental references", settings_hash(cfg.reference), len(refs))
             _reference_stage(w, cfg, 0, refs, verified=True)
+        known = loop.known_phase_jobs(w, cfg)
+        if known:
+            log.info("known phases: %d to compute with the reference settings", len(known))
+            _reference_stage(w, cfg, 0, known, verified=True)
         done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
         if 0 not in done_rounds:
             discovery.update_scores(w, cfg, 0, "r0/scores")

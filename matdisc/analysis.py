@@ -187,7 +187,7 @@ def hits(cand: pd.DataFrame, max_e_hull: float | None = None) -> pd.DataFrame:
     out = ver[keep].sort_values(["e_hull_dft", "e_form_dft"]).copy()
     out["mlip_error_mev"] = (out["e_mlip_per_atom"] - out["e_dft_per_atom"]) * 1000
     cols = ["id", "formula", "prototype", "source", "round", "e_form_dft", "e_hull_dft", "e_form_mlip",
-            "mlip_error_mev", "sigma"]
+            "mlip_error_mev", "sigma", "novel", "known_match"]
     return out[[c for c in cols if c in out]].reset_index(drop=True)
 
 

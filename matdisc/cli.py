@@ -257,15 +257,30 @@ def _print_hits(console, store: str | Path) -> None:
 
     from matdisc.store import open_campaign
 
-    cand = open_campaign(store).candidates()
+    camp = open_campaign(store)
+    cand = camp.candidates()
+    known = camp.known_phase_summary(cand)
     hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
     table = Table(title="stable phases found (DFT-verified)")
-    for col in ("formula", "prototype", "E_form DFT eV/atom", "E_hull DFT eV/atom", "MLIP - DFT meV/atom"):
+    cols = ("formula", "prototype", "E_form DFT eV/atom", "E_hull DFT eV/atom", "MLIP - DFT meV/atom")
+    for col in cols + (("novel",) if known["known_phases"] else ()):
         table.add_column(col, justify="right")
     for r in hits.to_dict("records"):
-        table.add_row(r["formula"], r["prototype"], f"{r['e_form_dft']:.3f}", f"{r['e_hull_dft']:.3f}",
-                      f"{(r['e_mlip_per_atom'] - r['e_dft_per_atom']) * 1000:.1f}")
+        row = [r["formula"], r["prototype"] or "", f"{r['e_form_dft']:.3f}", f"{r['e_hull_dft']:.3f}",
+               f"{(r['e_mlip_per_atom'] - r['e_dft_per_atom']) * 1000:.1f}"]
+        if known["known_phases"]:
+            row.append("new" if r["novel"] else f"known: {r['known_match']}")
+        table.add_row(*row)
     console.print(table if len(hits) else "no DFT-verified stable compound yet")
+    if known["known_phases"]:
+        kt = Table(title="known phases (computed with the campaign's reference settings)")
+        for col in ("known phase", "formula", "source", "DFT", "E_form eV/atom", "E_hull eV/atom", ""):
+            kt.add_column(col, justify="right")
+        for k in known["known_phases"]:
+            kt.add_row(k["known_id"], k["formula"], Path(k["source"]).name, k["dft_status"] or "pending",
+                       _fmt(k["e_form_dft"], ".3f"), _fmt(k["e_hull_dft"], ".3f"),
+                       "ABOVE the campaign's hull" if k["above_hull"] else "")
+        console.print(kt)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -487,6 +487,40 @@ class ComputeConfig(_Strict):
         raise ValueError(f"{value!r} is not local, slurm, or an address like tcp://host:8786")
 
 
+class MaterialsProjectConfig(_Strict):
+    """Known phases from the Materials Project (mp-api): structures only, computed by the campaign."""
+
+    enabled: bool = Field(False, description="fetch the Materials Project's phases of every subsystem")
+    endpoint: str = Field("https://api.materialsproject.org/", description="Materials Project API address")
+    api_key_env: str = Field("MP_API_KEY", description="environment variable holding the API key")
+    max_e_above_hull: float = Field(
+        0.05, ge=0, description="eV/atom: fetch phases within this of the Materials Project's own hull"
+    )
+
+
+class KnownPhasesConfig(_Strict):
+    """Phases already known for the system: they join the DFT hull, and hits are compared with them."""
+
+    files: list[str] = Field(
+        default_factory=list, description="CIF/extxyz files, folders of them, globs, or JSON lists of pymatgen "
+        "ComputedStructureEntry/Structure; computed with the reference settings at the start"
+    )
+    materials_project: MaterialsProjectConfig = Field(default_factory=MaterialsProjectConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            return {"files": [str(value)]}
+        if isinstance(value, list):
+            return {"files": [str(v) for v in value]}
+        return value
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.files) or self.materials_project.enabled
+
+
 class CampaignConfig(_Strict):
     """A whole discovery campaign."""
 
@@ -501,6 +535,7 @@ class CampaignConfig(_Strict):
     active_learning: ActiveLearningConfig = Field(default_factory=ActiveLearningConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    known_phases: KnownPhasesConfig = Field(default_factory=KnownPhasesConfig)
 
     @field_validator("chemsys")
     @classmethod
@@ -529,6 +564,10 @@ class CampaignConfig(_Strict):
                     f"reference.calculator: emt has no parameters for {', '.join(missing)} "
                     f"(it knows {', '.join(sorted(parameters))})"
                 )
+        if self.known_phases.files:  # read now: a bad file is a config error, before any store exists
+            from matdisc.known_phases import from_files
+
+            from_files(self.known_phases.files, self.chemsys)
         return self
 
     @field_validator("store", mode="before")

@@ -58,6 +58,14 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     sections += ["<h2>Stable phases found (DFT-verified)</h2>",
                  _table(found.assign(cif=[f"hits/{p.name}" for p in cif_paths])) if len(found)
                  else "<p>No DFT-verified stable compound yet.</p>"]
+    known = camp.known_phase_summary(cand)
+    if known["known_phases"]:
+        above = known["known_above_hull"]
+        sections += ["<h2>Known phases (computed with the campaign's reference settings)</h2>",
+                     f"<p><b>Above the campaign's hull: {html.escape(', '.join(above))}</b> (a finding: the settings "
+                     "or the phase disagree with what was known).</p>" if above else
+                     "<p>Every computed known phase is on the campaign's hull.</p>",
+                     _table(pd.DataFrame(known["known_phases"]))]
     figures = [("Convex hull", lambda: analysis.hull_figure(cand)),
                ("MLIP vs DFT", lambda: analysis.parity_figure(cand)),
                ("Discovery curve", lambda: analysis.discovery_figure(camp)),

@@ -47,7 +47,7 @@ def campaign_store(prefect_api, tmp_path_factory):
     from matdisc.config import CampaignConfig
 
     tmp = tmp_path_factory.mktemp("flow")
-    cfg = CampaignConfig.model_validate(emt_config(tmp))
+    cfg = CampaignConfig.model_validate(emt_config(tmp, known_phases={"files": [str(known_phases_cif(tmp))]}))
     with campaign_cluster(cfg.compute) as address:
         flow = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address))
         summary = flow(config=cfg.model_dump(mode="json"))
@@ -78,6 +78,21 @@ def emt_config(tmp_path, **over) -> dict:
     for key, value in over.items():
         cfg[key] = value
     return cfg
+
+
+def known_phases_cif(directory):
+    """``known.cif`` with two phases known for Cu-Pd: L1_0 CuPd (EMT's 1:1 ground state, also a
+    cold-start seed) and B32 CuPd (above EMT's hull), from the AFLOW library."""
+    from pymatgen.io.cif import CifWriter
+
+    from matdisc.config import GenerationConfig
+    from matdisc.generate import prototype_candidates
+
+    cands = prototype_candidates(["Cu", "Pd"], GenerationConfig(max_atoms=8), names=["L1_0", "B32"])
+    by_name = {c.prototype: c.structure for c in cands if c.formula == "CuPd"}
+    path = directory / "known.cif"
+    path.write_text("".join(str(CifWriter(by_name[n])).replace("data_CuPd", f"data_CuPd_{n}") for n in ("L1_0", "B32")))
+    return path
 
 
 def stop_process_group(proc, timeout: float = 30) -> None:

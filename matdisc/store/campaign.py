@@ -11,6 +11,8 @@ Tables (all append-only; a later row for the same key supersedes an earlier one)
 - ``rounds``      per-round metrics (candidates, relaxed, dft_verified, hits, model, MAE, ...)
 - ``models``      model registry: round, sha256, path, n_train_frames, metrics
 - ``runs``        provenance of each ``matdisc run``: config, package versions, calculator
+- ``known_phases`` known_id, formula, source, candidate: the configured known phases and which
+                  candidate computes each (see :mod:`matdisc.known_phases`)
 
 Model files live beside the tables in ``models/<sha256>.model``.
 """
@@ -41,6 +43,7 @@ ROW_DIMS = {
     "rounds": "round_record",
     "models": "model",
     "runs": "run",
+    "known_phases": "known_phase",
 }
 STAGES = {"initial": "candidates", "mlip": "mlip", "dft": "dft"}
 
@@ -128,6 +131,11 @@ class Campaign:
                 cand[col] = ""
             cand[col] = cand[col].fillna("")
         cand["is_hit"] = cand["is_hit"].fillna(False).astype(bool) if "is_hit" in cand else False
+        cand["known_match"] = cand["known_match"].fillna("").astype(str) if "known_match" in cand else ""
+        # novel: a verified candidate no known phase matches (None: no known phases to tell, or no DFT)
+        has_known = not self.table("known_phases").empty
+        cand["novel"] = [(km == "") if has_known and d == "ok" else None
+                         for km, d in zip(cand["known_match"], cand["dft_status"])]
         cand["status"] = [_status(m, d, h) for m, d, h in zip(cand["mlip_status"], cand["dft_status"], cand["is_hit"])]
         return cand
 
@@ -195,11 +203,45 @@ class Campaign:
             "store": str(self.location),
             "rounds": round_rows,
             "hits": [
-                {"id": r["id"], "formula": r["formula"], "prototype": r.get("prototype", ""),
-                 "e_hull_dft": float(r["e_hull_dft"])}
+                {"id": r["id"], "formula": r["formula"], "prototype": r.get("prototype", "") or "",
+                 "e_hull_dft": float(r["e_hull_dft"]), "novel": r.get("novel"),
+                 "known_match": r.get("known_match") or None}
                 for r in hits.to_dict("records")
             ],
+            **self.known_phase_summary(cand),
         }
+
+    def known_phase_summary(self, cand: pd.DataFrame | None = None) -> dict[str, Any]:
+        """``known_phases``: each configured known phase with its DFT result against the campaign's
+        hull; ``known_above_hull``: the ids of those the hull puts above it (a finding: the
+        campaign's settings, or the phase, disagree with what was known)."""
+        known = self.table("known_phases")
+        if known.empty:
+            return {"known_phases": [], "known_above_hull": []}
+        cand = self.candidates() if cand is None else cand
+        by_id = {r["id"]: r for r in cand.to_dict("records")}
+        tolerance = self._hull_tolerance()
+        rows = []
+        for k in _latest(known, "known_id").to_dict("records"):
+            c = by_id.get(k["candidate"], {})
+            e_hull = c.get("e_hull_dft", np.nan)
+            finite = e_hull is not None and np.isfinite(e_hull)
+            rows.append({"known_id": k["known_id"], "formula": k["formula"], "source": k["source"],
+                         "candidate": k["candidate"], "dft_status": c.get("dft_status", "") or "",
+                         "e_form_dft": _json_value(c.get("e_form_dft", np.nan)),
+                         "e_hull_dft": float(e_hull) if finite else None,
+                         "above_hull": bool(finite and e_hull > tolerance + 1e-6)})
+        return {"known_phases": rows, "known_above_hull": [r["known_id"] for r in rows if r["above_hull"]]}
+
+    def _hull_tolerance(self) -> float:
+        """``active_learning.hull_tolerance`` of the latest run (0 for stores without a run record)."""
+        runs = self.runs()
+        if runs.empty or "config" not in runs:
+            return 0.0
+        try:
+            return float(json.loads(runs["config"].iloc[-1]).get("active_learning", {}).get("hull_tolerance", 0.0))
+        except (ValueError, TypeError, AttributeError):
+            return 0.0
 
 
 #: Discovery metrics of a round record that ``summary()`` passes on (see ``matdisc.discovery.round_metrics``).
