@@ -78,13 +78,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--check", help="only judge this store")
+    parser.add_argument("--workdir", help="keep the stores and logs here (default: a temporary folder)")
     args = parser.parse_args()
     if args.check:
         print(json.dumps(check(args.check)))
         return
     seeds = [int(s) for s in args.seeds.split(",")]
-    with tempfile.TemporaryDirectory(prefix="matdisc-demo-seeds-") as tmp:
-        runs = [run_seed(s, Path(tmp)) for s in seeds]
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        runs = [run_seed(s, Path(args.workdir).resolve()) for s in seeds]
+    else:
+        with tempfile.TemporaryDirectory(prefix="matdisc-demo-seeds-") as tmp:
+            runs = [run_seed(s, Path(tmp)) for s in seeds]
     print(json.dumps({"seeds": seeds, "b32_on_hull": [r.get("b32_on_hull", False) for r in runs],
                       "minutes": [round(r["minutes"], 1) for r in runs], "runs": runs}))
 

@@ -33,7 +33,8 @@ DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_
 TOP_CANDIDATES = 25
 #: Least interval between progress updates: a fast stage should not flood the API.
 UPDATE_SECONDS = 2.0
-CANDIDATE_COLUMNS = ("id", "formula", "source", "status", "e_hull_pred", "sigma", "e_hull_dft", "is_hit")
+CANDIDATE_COLUMNS = ("id", "formula", "source", "prototype", "status", "e_hull_pred", "sigma", "e_hull_dft", "is_hit",
+                     "novel", "known_match")
 
 
 def slug(name: str) -> str:

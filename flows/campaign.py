@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from flows import artifacts, runs
 from flows.artifacts import slug
 from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
-from matdisc import discovery, loop, planning, screening
+from matdisc import discovery, loop, planning, reference_phases, screening
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.costs import Rates, concurrent_members, dft_seconds, dft_work, scf_cycles
@@ -116,14 +116,28 @@ def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
         return recorded
     ranked = discovery.rank_for_reference(w, cfg, round_)
     cost = discovery.predicted_reference_seconds(w, cfg, [p.id for p in ranked])
-    screen = screening.plan(w, cfg, [p.id for p in ranked], cost, planning.remaining_dft_seconds(cfg, w))
-    if screen is None:
-        return discovery.record_selection(w, cfg, round_, ranked, cost=cost)
-    log.info("round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
-             round_, len(ranked), len(screen.picks), settings_hash(screen.reference), screen.reference.preset)
+    remaining = planning.remaining_dft_seconds(cfg, w)
+    budget = discovery.round_budget(w, cfg, round_)
+    screen = screening.shortlist_plan(w, cfg, [p.id for p in ranked], remaining)
+    if screen is not None:
+        log.info("round %d: screening a shortlist of %d candidates with %s settings (%s preset), then verifying "
+                 "the best %d", round_, len(screen.picks), settings_hash(screen.reference), screen.reference.preset,
+                 budget)
+    else:
+        ranked, cost = ranked[:budget], cost[:budget]
+        screen = screening.plan(w, cfg, [p.id for p in ranked], cost, remaining)
+        if screen is None:
+            return discovery.record_selection(w, cfg, round_, ranked, cost=cost)
+        log.info("round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
+                 round_, len(ranked), len(screen.picks), settings_hash(screen.reference), screen.reference.preset)
     _reference_stage(w, cfg, round_, screen.jobs, verified=False, screen=screen.reference,
                      allowance_s=screen.allowance_s)
     kept = screening.funnel(w, cfg, screen.picks)
+    cand = w.candidates()
+    formula = dict(zip(cand["id"], cand["formula"]))
+    allowed = set(discovery.cap_per_composition([cid for cid, _ in kept], formula,
+                                                cfg.active_learning.max_per_composition))
+    kept = [(cid, e) for cid, e in kept if cid in allowed][:budget]
     by_id, cost_of = {p.id: p for p in ranked}, {p.id: c for p, c in zip(ranked, cost)}
     log.info("round %d: %d of %d screened picks within %.3g eV/atom of the hull", round_, len(kept),
              len(screen.picks), cfg.budget.screening.margin)
@@ -217,11 +231,11 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig, run: FlowWorkers) -> 
                                    device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype)
     seeds = loop.seed_candidates(cfg)
     loop.add_candidates(w, seeds, 0, "seed")
-    loop.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
+    reference_phases.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
     done = loop.dft_done(w, settings_hash(cfg.reference))
     jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
     log.info("cold start: %d seed structures with the reference calculator%s", len(jobs),
-             f" (known phases among them: {len(loop.known_phase_jobs(w, cfg))})" if cfg.known_phases.configured else "")
+             f" (known phases among them: {len(reference_phases.known_phase_jobs(w, cfg))})" if cfg.known_phases.configured else "")
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
     return _train(w, cfg, 0, run)
@@ -268,11 +282,11 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
                         ", ".join(dead))
         run = FlowWorkers()
         model = _initial_model(w, cfg, run)
-        refs = loop.reference_set_jobs(w, cfg)
+        refs = reference_phases.reference_set_jobs(w, cfg)
         if refs:
             log.info("reference set %s: %d elemental references", settings_hash(cfg.reference), len(refs))
             _reference_stage(w, cfg, 0, refs, verified=True)
-        known = loop.known_phase_jobs(w, cfg)
+        known = reference_phases.known_phase_jobs(w, cfg)
         if known:
             log.info("known phases: %d to compute with the reference settings", len(known))
             _reference_stage(w, cfg, 0, known, verified=True)

@@ -423,6 +423,13 @@ class ScreeningConfig(_Strict):
     margin: float = Field(
         0.05, ge=0, description="eV/atom: a screened pick further than this above the DFT hull is not verified"
     )
+    shortlist: int | None = Field(
+        None, ge=1, description="screen this many of every round's acquisition order, budget or not, and verify "
+        "the best screened (None: screen only when a budget runs short)"
+    )
+    walltime_s: float | None = Field(
+        None, gt=0, description="seconds one screening calculation may take (None: the preset's)"
+    )
 
 
 class BudgetConfig(_Strict):

@@ -124,7 +124,8 @@ def recorded_selection(w: CampaignWriter, round_: int) -> list[str] | None:
 
 
 def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[Pick]:
-    """This round's acquisition order, up to its DFT budget in calculations (no cost cut yet).
+    """This round's acquisition order, up to its DFT budget in calculations, or its screening
+    shortlist when that is longer (no cost cut yet).
 
     Candidates an earlier round's screen turned down are passed over (:mod:`matdisc.screening`).
     """
@@ -142,9 +143,14 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
     passed = rejected(w, cfg, round_)
     if passed and not cand.empty:
         cand = cand[~cand["id"].isin(passed)]
-    return select(cand, round_budget(w, cfg, round_), strategy=al.acquisition, kappa=al.kappa,
+    budget = round_budget(w, cfg, round_)
+    shortlist = cfg.budget.screening.shortlist if cfg.budget.screening.enabled else None
+    n = max(budget, shortlist or 0) if budget else 0  # a shortlist ranks further
+    # a shortlist caps picks per composition after the screen (screening.cap_per_composition)
+    return select(cand, n, strategy=al.acquisition, kappa=al.kappa,
                   explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
-                  structure_of=structure_of, verified=verified, max_per_composition=al.max_per_composition,
+                  structure_of=structure_of, verified=verified,
+                  max_per_composition=None if shortlist else al.max_per_composition,
                   families=structure_families(cand) if al.structure_spread else None,
                   query_failed=al.query_failed_relaxations)
 
@@ -177,7 +183,27 @@ def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) ->
     recorded = recorded_selection(w, round_)
     if recorded is not None:
         return recorded
-    return record_selection(w, cfg, round_, rank_for_reference(w, cfg, round_))
+    ranked = rank_for_reference(w, cfg, round_)
+    if cfg.budget.screening.enabled and cfg.budget.screening.shortlist:
+        cand = w.candidates()
+        formulas = dict(zip(cand["id"], cand["formula"]))
+        keep = set(cap_per_composition([p.id for p in ranked], formulas, cfg.active_learning.max_per_composition))
+        ranked = [p for p in ranked if p.id in keep]
+    return record_selection(w, cfg, round_, ranked[: round_budget(w, cfg, round_)])
+
+
+def cap_per_composition(ids: list[str], formula: dict[str, str], cap: int | None) -> list[str]:
+    """``ids`` in order, at most ``cap`` of each reduced formula (None: all)."""
+    if cap is None:
+        return list(ids)
+    seen: dict[str, int] = {}
+    out = []
+    for cid in ids:
+        f = formula[cid]
+        if seen.get(f, 0) < cap:
+            seen[f] = seen.get(f, 0) + 1
+            out.append(cid)
+    return out
 
 
 def cheapest_reference_seconds(w: CampaignWriter, cfg: CampaignConfig) -> float | None:

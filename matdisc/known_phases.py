@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -228,8 +228,3 @@ def matches(structures: Mapping[str, Structure], known: Mapping[str, Structure],
                          if matcher.fit(s, k)), "")
     return out
 
-
-def first_match(structure: Structure, stored: Callable[[], Iterable[tuple[str, Structure]]],
-                matcher: StructureMatcher) -> str | None:
-    """The id of the first stored structure that matches ``structure``, or None."""
-    return next((cid for cid, s in stored() if matcher.fit(structure, s)), None)

@@ -62,7 +62,7 @@ def record_run(w: CampaignWriter, cfg: CampaignConfig, orchestrator_run: str = "
 
 # -- candidates --------------------------------------------------------------------------------
 def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, source: str,
-                   keys: list[str] | None = None) -> int:
+                   keys: list[str] | None = None, first_index: int = 0) -> int:
     """Append this round's candidates once (key ``r{round}/{source}``); returns how many are new.
 
     Each row carries its provenance (generator, prototype, parent, probability, space group,
@@ -74,7 +74,7 @@ def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, sourc
     if keys is None:
         keys = [dedup_key(c.structure) for c in cands]
     records, atoms = [], []
-    for i, (c, k) in enumerate(zip(cands, keys)):
+    for i, (c, k) in enumerate(zip(cands, keys), start=first_index):
         records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}", "formula": c.formula,
                         "round": round_, "source": c.source, "prototype": c.prototype, "parent": c.parent,
                         "probability": float(c.probability), "spacegroup": int(c.spacegroup),
@@ -104,7 +104,7 @@ def verified_hits(w: CampaignWriter) -> list[tuple[str, Structure]]:
     return [(cid, w.structure(cid, "dft")) for cid in cand["id"][cand["is_hit"]]]
 
 
-def _stored_by_key(w: CampaignWriter) -> Callable[[set[str]], dict[str, list[Structure]]]:
+def stored_by_key(w: CampaignWriter) -> Callable[[set[str]], dict[str, list[Structure]]]:
     """Lazy access to stored candidates by dedup key: only touched buckets are read."""
 
     def fetch(keys: set[str]) -> dict[str, list[Structure]]:
@@ -127,7 +127,7 @@ def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tup
     The generation report (counts per source, composition cuts, skips with reasons,
     timings) is stored in ``generation`` and ``generation_skips`` once per round.
     """
-    cands, keys, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=_stored_by_key(w),
+    cands, keys, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=stored_by_key(w),
                                    hits=verified_hits(w) if cfg.generation.substitution.from_hits else [])
     key = f"r{round_}/generation"
     if not w.has_batch("generation", key):
@@ -152,7 +152,7 @@ def preview_candidates(cfg: CampaignConfig, round_: int) -> tuple[list[Candidate
     if store_exists(cfg.store_path):
         store = open_campaign(cfg.store_path)
         hits = verified_hits(store) if cfg.generation.substitution.from_hits else []
-        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=_stored_by_key(store),
+        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=stored_by_key(store),
                                     hits=hits)
     else:
         seeds = seed_candidates(cfg) if cfg.mlip.model == "cold-start" else []
@@ -256,98 +256,6 @@ def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
     if dft.empty:
         return set()
     return set(dft["id"][in_reference_set(dft, reference_set)])
-
-
-def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
-    """Elemental references (each element in fcc, bcc and hcp) missing from the current reference set.
-
-    A hull needs its elements computed with the same settings: a campaign that starts from
-    a foundation model, or whose reference settings changed, computes them first. Missing
-    reference structures are added as round-0 candidates (source ``reference``).
-    """
-    settings = settings_hash(cfg.reference)
-    cand = w.table("candidates")
-    elemental = [c for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
-                 if len(c.structure.composition.elements) == 1]
-    keys = [dedup_key(c.structure) for c in elemental]
-    stored = set(cand["dedup_key"]) if not cand.empty and "dedup_key" in cand else set()
-    missing = [(c, k) for c, k in zip(elemental, keys) if k not in stored]
-    if missing:
-        for c, _ in missing:
-            c.source = "reference"
-        add_candidates(w, [c for c, _ in missing], 0, "reference", [k for _, k in missing])
-        cand = w.table("candidates")
-    wanted = set(keys)
-    ids = [cid for cid, k in zip(cand["id"], cand["dedup_key"]) if k in wanted]
-    done = dft_done(w, settings)
-    return [(cid, a) for cid, a in candidate_atoms(w, ids) if cid not in done]
-
-
-def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
-    """Record the configured known phases once (table ``known_phases``: known id, formula,
-    source, and the candidate that computes it).
-
-    A known phase identical to a stored candidate (a seed, say) is computed as that
-    candidate; the others become round-0 candidates of source ``known``. An entry computed
-    with the campaign's own settings (its settings hash) is recorded as it is, not recomputed.
-    """
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
-    from matdisc.known_phases import load
-
-    key = "r0/known"
-    if not cfg.known_phases.configured or w.has_batch("known_phases", key):
-        return
-    phases = load(cfg.known_phases, cfg.chemsys)
-    matcher, stored = StructureMatcher(), _stored_by_key(w)
-    keys = [dedup_key(p.structure) for p in phases]
-    existing = stored(set(keys))
-    table = w.table("candidates")
-    ids_by_key: dict[str, list[str]] = {}
-    if not table.empty:
-        for cid, k in zip(table["id"], table["dedup_key"]):
-            if k in existing:
-                ids_by_key.setdefault(k, []).append(cid)
-    new: list[tuple[Candidate, str]] = []
-    target: list[tuple[str, int]] = []  # per phase: ("id", -1) of a stored candidate, or ("", index into new)
-    for p, k in zip(phases, keys):
-        same = next((cid for cid, s in zip(ids_by_key.get(k, ()), existing.get(k, ())) if matcher.fit(p.structure, s)),
-                    None)
-        if same is None:
-            same_new = next((j for j, (c, kk) in enumerate(new) if kk == k and matcher.fit(p.structure, c.structure)),
-                            None)
-            if same_new is None:
-                new.append((Candidate(p.structure, "known", detail=p.id), k))
-                same_new = len(new) - 1
-            target.append(("", same_new))
-        else:
-            target.append((same, -1))
-    if new:
-        add_candidates(w, [c for c, _ in new], 0, "known", [k for _, k in new])
-    table = w.table("candidates")
-    new_ids = list(table["id"][table["source"] == "known"])[-len(new):] if new else []
-    records, settings = [], settings_hash(cfg.reference)
-    for p, (cid, j) in zip(phases, target):
-        cid = cid or new_ids[j]
-        records.append({"known_id": p.id, "formula": p.formula, "source": p.source, "candidate": cid,
-                        "settings_hash": p.settings_hash})
-        if p.energy is not None and p.settings_hash == settings and cid not in dft_done(w, settings):
-            atoms = AseAtomsAdaptor.get_atoms(p.structure)
-            record_reference(w, 0, ReferenceResult(cid, "ok", "", atoms, energy=p.energy, settings_hash=settings,
-                                                   notes=f"taken from {p.source} (computed with these settings)"),
-                             settings, verified=True)
-    w.append_records("known_phases", key, records)
-
-
-def known_phase_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
-    """(id, structure) of the known phases' candidates with no result in the current reference set."""
-    add_known_phases(w, cfg)
-    known = w.table("known_phases")
-    if known.empty:
-        return []
-    done = dft_done(w, settings_hash(cfg.reference))
-    ids = list(dict.fromkeys(c for c in known["candidate"] if c not in done))
-    return candidate_atoms(w, ids)
 
 
 # -- models --------------------------------------------------------------------------------------

@@ -366,7 +366,7 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         if r in done:
             continue
         if generated is None:  # the next round's generation, for real; later rounds: its repeatable sources
-            existing = loop._stored_by_key(store) if store is not None else (lambda keys: {})
+            existing = loop.stored_by_key(store) if store is not None else (lambda keys: {})
             hits = loop.verified_hits(store) if store is not None and cfg.generation.substitution.from_hits else []
             # twice: the first call in a process pays for imports and tables (~10 s), which a
             # round's generation pays only when it is the first in its process

@@ -40,6 +40,7 @@ def screening_reference(cfg: CampaignConfig) -> ReferenceConfig:
     """The configured reference calculator with the screening's cheaper settings."""
     scr = cfg.budget.screening
     return cfg.reference.under_preset(scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density,
+                                      walltime_s=scr.walltime_s,
                                       parameters={**cfg.reference.parameters, **scr.parameters})
 
 
@@ -138,6 +139,32 @@ def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[f
     return ScreenPlan(ref, picks, jobs, remaining_s - cheapest)
 
 
+def shortlist_plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str],
+                   remaining_s: float | None) -> ScreenPlan | None:
+    """``budget.screening.shortlist``: screen the acquisition's first ``shortlist`` candidates every
+    round (those screened before keep their energies), within what is left of a budget.
+
+    A cold-start model ranks structure types it never saw almost at random (Al-Li: B32, the
+    ground state, 18th to 47th of 47 LiAl structures); a single point at its relaxed structure
+    ranks them by DFT for a fraction of a relaxation's cost. None when screening is off, has
+    the reference's own settings, or lacks an element's ground state.
+    """
+    scr = cfg.budget.screening
+    if not scr.enabled or not scr.shortlist:
+        return None
+    ref = screening_reference(cfg)
+    settings = settings_hash(ref)
+    elements = ground_states(w, cfg)
+    if settings == settings_hash(cfg.reference) or set(elements) != set(cfg.chemsys):
+        return None
+    done = screened(w, settings)
+    structures = relaxed_atoms(w, ranked[: scr.shortlist])
+    picks = [cid for cid in ranked[: scr.shortlist] if cid in structures]
+    jobs = [(cid, a) for cid, a in elements.values() if cid not in done]
+    jobs += [(cid, structures[cid]) for cid in picks if cid not in done]
+    return ScreenPlan(ref, picks, jobs, float("inf") if remaining_s is None else remaining_s)
+
+
 def record(w: CampaignWriter, round_: int, result: ReferenceResult, settings: str) -> None:
     """One screening calculation (a failed one with its reason), once per id and settings."""
     row = scalar_fields(result)
@@ -179,8 +206,12 @@ def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
     earlier = (table["settings_hash"] == settings_hash(screening_reference(cfg))) & (table["round"] < round_)
     ids = set(table["id"][earlier])
     sel = w.table("selections")
-    return ids - (set(sel["id"]) if not sel.empty else set())
+    ids -= set(sel["id"]) if not sel.empty else set()
+    if cfg.budget.screening.shortlist and ids:  # a shortlist screens more than a round verifies: only
+        above = screened_hull_distance(w, cfg, sorted(ids))  # those the screen put beyond the margin are out
+        ids = {cid for cid, e in above.items() if not (np.isfinite(e) and e <= cfg.budget.screening.margin)}
+    return ids
 
 
 __all__ = ["TABLE", "ScreenPlan", "funnel", "ground_states", "plan", "record", "rejected",
-           "relaxed_atoms", "screened", "screened_hull_distance", "screening_reference"]
+           "relaxed_atoms", "screened", "screened_hull_distance", "screening_reference", "shortlist_plan"]

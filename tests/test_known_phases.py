@@ -223,7 +223,7 @@ def test_status_table_and_report_show_novelty_and_the_phase_above_the_hull(campa
 
 
 def test_an_entry_with_the_campaigns_settings_is_taken_as_it_is(tmp_path):
-    from matdisc import loop
+    from matdisc import loop, reference_phases
     from matdisc.dft import settings_hash
     from matdisc.store import CampaignWriter
 
@@ -235,14 +235,21 @@ def test_an_entry_with_the_campaigns_settings_is_taken_as_it_is(tmp_path):
                ComputedStructureEntry(b32, -3.0, entry_id="other", parameters={"settings_hash": theirs}).as_dict()]
     (tmp_path / "entries.json").write_text(json.dumps(entries))
     cfg = CampaignConfig.model_validate({**data, "known_phases": str(tmp_path / "entries.json")})
+    write_cif(tmp_path / "b2.cif", _cupd("B2"))
+    more = CampaignConfig.model_validate({**data, "known_phases": [str(tmp_path / "entries.json"),
+                                                                   str(tmp_path / "b2.cif")]})
     with CampaignWriter(cfg.store_path) as w:
         loop.record_run(w, cfg)
-        jobs = loop.known_phase_jobs(w, cfg)
-        again = loop.known_phase_jobs(w, cfg)  # recorded once: a resumed run finds the same
+        jobs = reference_phases.known_phase_jobs(w, cfg)
+        again = reference_phases.known_phase_jobs(w, cfg)  # recorded once: a resumed run finds the same
         dft = w.table("dft")
+        added = reference_phases.known_phase_jobs(w, more)  # a file added to the config later is read then
     known = open_campaign(cfg.store_path).table("known_phases")
-    assert list(known["known_id"]) == ["same", "other"]
-    same, other = known["candidate"]
+    assert list(known["known_id"]) == ["same", "other", "same", "other", "b2.cif:0"]
+    same, other = known["candidate"][:2]
+    assert list(known["candidate"][2:4]) == [same, other]  # the same structures: the same candidates
+    b2 = known["candidate"].iloc[4]
+    assert [cid for cid, _ in added] == [other, b2] and len(set(known["candidate"])) == 3
     assert [cid for cid, _ in jobs] == [other] == [cid for cid, _ in again]  # only the foreign one is computed
     row = dft[dft["id"] == same].iloc[0]
     assert row["status"] == "ok" and row["energy"] == -1.5 and row["settings_hash"] == ours

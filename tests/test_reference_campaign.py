@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import emt_config
-from matdisc import discovery, loop
+from matdisc import discovery, loop, reference_phases
 from matdisc.config import CampaignConfig
 from matdisc.dft import run_reference, settings_hash
 from matdisc.store import CampaignWriter
@@ -91,7 +91,7 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
     b2 = [c for c in prototype_candidates(cfg_a.chemsys, cfg_a.generation, names=["B2"])][:1]
     with CampaignWriter(cfg_a.store_path) as w:
         loop.record_run(w, cfg_a)
-        elements = loop.reference_set_jobs(w, cfg_a)
+        elements = reference_phases.reference_set_jobs(w, cfg_a)
         assert len(elements) == 6  # Cu and Pd in fcc, bcc and hcp
         _run_and_record(w, cfg_a, elements)
         loop.add_candidates(w, b2, 1, "generated")
@@ -99,7 +99,7 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
         _run_and_record(w, cfg_a, [compound], 1)
         hull_a = discovery.update_scores(w, cfg_a, 1, "r1/scores").set_index("id")
         assert np.isfinite(hull_a.loc[compound[0], "e_hull_dft"])
-        assert loop.reference_set_jobs(w, cfg_a) == []  # nothing missing in set A
+        assert reference_phases.reference_set_jobs(w, cfg_a) == []  # nothing missing in set A
 
         # new settings: nothing of set A shows, the elements are due again, and a compound verified
         # before its elements has no hull energy rather than one against set A's elements
@@ -108,7 +108,7 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
         _run_and_record(w, cfg_b, [compound], 1)
         no_elements = discovery.update_scores(w, cfg_b, 1, "r1/scores-b0").set_index("id")
         assert np.isnan(no_elements.loc[compound[0], "e_hull_dft"])
-        again = loop.reference_set_jobs(w, cfg_b)
+        again = reference_phases.reference_set_jobs(w, cfg_b)
         assert sorted(cid for cid, _ in again) == sorted(cid for cid, _ in elements)
         _run_and_record(w, cfg_b, again)
         hull_b = discovery.update_scores(w, cfg_b, 1, "r1/scores-b1").set_index("id")
