@@ -133,10 +133,7 @@ def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
     _reference_stage(w, cfg, round_, screen.jobs, verified=False, screen=screen.reference,
                      allowance_s=screen.allowance_s)
     kept = screening.funnel(w, cfg, screen.picks)
-    cand = w.candidates()
-    formula = dict(zip(cand["id"], cand["formula"]))
-    allowed = set(discovery.cap_per_composition([cid for cid, _ in kept], formula,
-                                                cfg.active_learning.max_per_composition))
+    allowed = set(discovery.capped_per_composition(w, cfg, [cid for cid, _ in kept]))
     kept = [(cid, e) for cid, e in kept if cid in allowed][:budget]
     by_id, cost_of = {p.id: p for p in ranked}, {p.id: c for p, c in zip(ranked, cost)}
     log.info("round %d: %d of %d screened picks within %.3g eV/atom of the hull", round_, len(kept),
@@ -234,8 +231,9 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig, run: FlowWorkers) -> 
     reference_phases.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
     done = loop.dft_done(w, settings_hash(cfg.reference))
     jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
+    known = set(w.table("known_phases")["candidate"]) if cfg.known_phases.configured else set()
     log.info("cold start: %d seed structures with the reference calculator%s", len(jobs),
-             f" (known phases among them: {len(reference_phases.known_phase_jobs(w, cfg))})" if cfg.known_phases.configured else "")
+             f" (known phases among them: {sum(cid in known for cid, _ in jobs)})" if known else "")
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
     return _train(w, cfg, 0, run)

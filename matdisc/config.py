@@ -431,6 +431,11 @@ class ScreeningConfig(_Strict):
         None, gt=0, description="seconds one screening calculation may take (None: the preset's)"
     )
 
+    @property
+    def active_shortlist(self) -> int | None:
+        """The shortlist every round screens (None: off, or screening disabled)."""
+        return self.shortlist if self.enabled else None
+
 
 class BudgetConfig(_Strict):
     """Resource budgets of the whole campaign (None: unlimited). Spending is the measured compute

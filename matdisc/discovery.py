@@ -144,7 +144,7 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
     if passed and not cand.empty:
         cand = cand[~cand["id"].isin(passed)]
     budget = round_budget(w, cfg, round_)
-    shortlist = cfg.budget.screening.shortlist if cfg.budget.screening.enabled else None
+    shortlist = cfg.budget.screening.active_shortlist
     n = max(budget, shortlist or 0) if budget else 0  # a shortlist ranks further
     # a shortlist caps picks per composition after the screen (screening.cap_per_composition)
     return select(cand, n, strategy=al.acquisition, kappa=al.kappa,
@@ -184,12 +184,17 @@ def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) ->
     if recorded is not None:
         return recorded
     ranked = rank_for_reference(w, cfg, round_)
-    if cfg.budget.screening.enabled and cfg.budget.screening.shortlist:
-        cand = w.candidates()
-        formulas = dict(zip(cand["id"], cand["formula"]))
-        keep = set(cap_per_composition([p.id for p in ranked], formulas, cfg.active_learning.max_per_composition))
+    if cfg.budget.screening.active_shortlist:
+        keep = set(capped_per_composition(w, cfg, [p.id for p in ranked]))
         ranked = [p for p in ranked if p.id in keep]
     return record_selection(w, cfg, round_, ranked[: round_budget(w, cfg, round_)])
+
+
+def capped_per_composition(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> list[str]:
+    """``ids`` in order, at most ``active_learning.max_per_composition`` of each reduced formula:
+    a shortlist ranks without the cap, which then applies to what is verified."""
+    cand = w.table("candidates")
+    return cap_per_composition(ids, dict(zip(cand["id"], cand["formula"])), cfg.active_learning.max_per_composition)
 
 
 def cap_per_composition(ids: list[str], formula: dict[str, str], cap: int | None) -> list[str]:

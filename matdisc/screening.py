@@ -149,8 +149,8 @@ def shortlist_plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str],
     ranks them by DFT for a fraction of a relaxation's cost. None when screening is off, has
     the reference's own settings, or lacks an element's ground state.
     """
-    scr = cfg.budget.screening
-    if not scr.enabled or not scr.shortlist:
+    size = cfg.budget.screening.active_shortlist
+    if not size:
         return None
     ref = screening_reference(cfg)
     settings = settings_hash(ref)
@@ -158,8 +158,8 @@ def shortlist_plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str],
     if settings == settings_hash(cfg.reference) or set(elements) != set(cfg.chemsys):
         return None
     done = screened(w, settings)
-    structures = relaxed_atoms(w, ranked[: scr.shortlist])
-    picks = [cid for cid in ranked[: scr.shortlist] if cid in structures]
+    structures = relaxed_atoms(w, ranked[:size])
+    picks = [cid for cid in ranked[:size] if cid in structures]
     jobs = [(cid, a) for cid, a in elements.values() if cid not in done]
     jobs += [(cid, structures[cid]) for cid in picks if cid not in done]
     return ScreenPlan(ref, picks, jobs, float("inf") if remaining_s is None else remaining_s)
@@ -207,7 +207,7 @@ def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
     ids = set(table["id"][earlier])
     sel = w.table("selections")
     ids -= set(sel["id"]) if not sel.empty else set()
-    if cfg.budget.screening.shortlist and ids:  # a shortlist screens more than a round verifies: only
+    if cfg.budget.screening.active_shortlist and ids:  # a shortlist screens more than a round verifies: only
         above = screened_hull_distance(w, cfg, sorted(ids))  # those the screen put beyond the margin are out
         ids = {cid for cid, e in above.items() if not (np.isfinite(e) and e <= cfg.budget.screening.margin)}
     return ids
