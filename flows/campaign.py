@@ -20,7 +20,7 @@ from prefect.runtime import flow_run
 
 from flows import artifacts, runs
 from flows.artifacts import slug
-from flows.tasks import evaluate_task, reference_task, relax_task, static_task, train_task
+from flows.tasks import evaluate_task, reference_task, relax_task, statics_task, train_task
 from matdisc import discovery, loop, planning, reference_phases, screening
 from matdisc.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, ReferenceConfig
@@ -43,9 +43,12 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     """Run reference calculations on DFT workers; record each as it completes.
 
     ``screen``: single points with these cheaper settings, recorded in the screening table
-    (stage ``screen``), never in the DFT table or the training frames. ``allowance_s``: seconds
-    of calculation the stage may spend; jobs are then submitted one per free worker, in order,
-    and the next only while the measured seconds plus the predicted ones in flight leave room.
+    (stage ``screen``), never in the DFT table or the training frames. Single points travel in
+    batches (``reference.statics_per_task``, smaller towards the end so no worker idles long),
+    each batch one calculation process. ``allowance_s``: seconds of calculation the stage may
+    spend; jobs are then submitted one batch per free worker, in order, each only while the
+    measured seconds plus the predicted ones in flight leave room for it; the rest are left out
+    once nothing is in flight and the next still does not fit.
     """
     log = get_run_logger()
     if not jobs:
@@ -56,51 +59,61 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     stage, what = ("screen", "screening calculations") if screen else (
         "dft", "training frames" if static else "reference calculations")
     workdir = str(w.path / "calculations" / (f"r{round_}-screen" if screen else f"r{round_}"))
-    fn = static_task if static else reference_task
     progress = artifacts.StageProgress(cfg, round_, what, len(jobs))
     rates, _ = planning.campaign_rates(cfg, w)
     steps = None if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
-    pool = planning.workers(cfg)
-    n_workers = pool.dft
-    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, pool, steps, ref)
+    n_workers = planning.workers(cfg).dft
+    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps, ref)
     # each job's prediction only matters under an allowance (the stage's total is in ``predicted``)
     queue = [(cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0)
              for cid, atoms in jobs]
-    window = len(queue) if allowance_s is None else n_workers
+    window = n_workers if allowance_s is not None or static else len(queue)
     t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
+    reference = ref.model_dump(mode="json")
 
     def fill() -> None:
         while queue and len(futures) < window:
-            if allowance_s is not None and sum(seconds) + sum(p for *_, p in futures.values()) + queue[0][2] > allowance_s:
-                log.info("%s: %d of %d calculations left out, the budget allows %.3g s", stage, len(queue),
-                         len(jobs), allowance_s)
-                queue.clear()
+            size = max(1, min(ref.statics_per_task, -(-len(queue) // (2 * n_workers)))) if static else 1
+            batch = []
+            while queue and len(batch) < size:
+                in_flight = sum(p for b in futures.values() for *_, p in b) + sum(p for *_, p in batch)
+                if allowance_s is not None and sum(seconds) + in_flight + queue[0][2] > allowance_s:
+                    if not futures and not batch:  # nothing in flight will free the room it would need
+                        log.info("%s: %d of %d calculations left out, the budget allows %.3g s", stage,
+                                 len(queue), len(jobs), allowance_s)
+                        queue.clear()
+                    break
+                batch.append(queue.pop(0))
+            if not batch:
                 return
-            cid, atoms, cost = queue.pop(0)
             with dask.annotate(resources=DFT):
-                fut = fn.submit(cid, atoms, ref.model_dump(mode="json"), workdir)
-            futures[fut] = (cid, atoms, cost)
+                if static:
+                    fut = statics_task.submit([(cid, atoms) for cid, atoms, _ in batch], reference, workdir)
+                else:
+                    fut = reference_task.submit(batch[0][0], batch[0][1], reference, workdir)
+            futures[fut] = batch
 
     fill()
     n = 0
     while futures:
         for fut in as_completed(list(futures)):
-            cid, atoms, _ = futures.pop(fut)
+            batch = futures.pop(fut)
             try:
-                res = fut.result()
-            except httpx.HTTPError:  # the Prefect API is gone: the run stops, a rerun redoes this one
+                results = fut.result() if static else [fut.result()]
+            except httpx.HTTPError:  # the Prefect API is gone: the run stops, a rerun redoes these
                 raise
             except Exception as err:  # Dask gave up on it (worker lost too often): recorded, never dropped
-                res = loop.failed_reference(cid, atoms, err, settings)
-            if screen:
-                screening.record(w, round_, res, settings)
-            else:
-                loop.record_reference(w, round_, res, settings, verified=verified)
-            seconds.append(res.walltime_s)
-            work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
-            progress.advance()
-            n += 1
-            log.info("%s %d/%d: %s %s %s", stage, n, len(jobs), res.id, res.status, res.reason)
+                results = [loop.failed_reference(cid, atoms, err, settings) for cid, atoms, _ in batch]
+            for res, (_, atoms, _) in zip(results, batch):
+                if screen:
+                    screening.record(w, round_, res, settings)
+                else:
+                    loop.record_reference(w, round_, res, settings, verified=verified)
+                seconds.append(res.walltime_s)
+                work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
+                n += 1
+                log.info("%s %d/%d: %s %s %s", stage, n, len(jobs), res.id, res.status, res.reason)
+            progress.advance(len(results))
             if queue:  # a worker is free: submit the next while the allowance lasts
                 fill()
                 break

@@ -56,11 +56,12 @@ def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
     return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
 
 
-@task(name="reference-static", **RETRY)
-def static_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
-    from matdisc.dft import run_static
+@task(name="reference-statics", **RETRY)
+def statics_task(jobs: list, reference: dict, workdir: str) -> list:
+    """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
+    from matdisc.dft import run_statics
 
-    return run_static(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
+    return run_statics(jobs, ReferenceConfig(**reference), workdir=Path(workdir))
 
 
 @task(name="evaluate-mace", **RETRY)

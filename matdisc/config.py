@@ -296,6 +296,10 @@ class ReferenceConfig(_Strict):
         None, description="command prefix for parallel runs, e.g. 'mpirun -np {ranks}' (implies isolate)"
     )
     ranks: int = Field(1, ge=1, description="MPI ranks per calculation, substituted into launcher")
+    statics_per_task: int = Field(
+        8, ge=1, description="single points (screening, training frames) one DFT task runs in one calculation "
+        "process: the process start and calculator import are paid once, each keeps its own wall time"
+    )
 
     @field_validator("calculator")
     @classmethod

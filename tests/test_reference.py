@@ -165,3 +165,46 @@ def test_presets_fill_unset_fields_and_explicit_values_win():
     assert fast.ecut < accurate.ecut and fast.kpoint_density < accurate.kpoint_density
     assert fast.fmax > accurate.fmax and fast.stress_tol > accurate.stress_tol
     assert ReferenceConfig(preset="accurate", ecut=400).resolved().ecut == 400
+
+
+def test_single_points_run_in_one_process_each_with_its_own_directory_and_energy(tmp_path):
+    from matdisc.dft import run_static, run_statics
+
+    cfg = ReferenceConfig(**TINY)
+    jobs = [("si", bulk("Si", "diamond", a=5.43)), ("al", bulk("Al", "fcc", a=4.04)), ("li", bulk("Li", "bcc", a=3.44))]
+    batch = run_statics(jobs, cfg, workdir=tmp_path / "batch")
+    assert [r.id for r in batch] == ["si", "al", "li"] and all(r.status == "ok" for r in batch), [r.reason for r in batch]
+    for (cid, atoms), res in zip(jobs, batch):
+        alone = run_static(atoms, cfg, id=cid, workdir=tmp_path / "alone")
+        assert res.energy == pytest.approx(alone.energy, abs=1e-6)  # same settings, same SCF, same energy
+        assert res.settings_hash == alone.settings_hash == settings_hash(cfg)
+        assert res.forces.shape == (len(atoms), 3) and res.n_steps == 0
+    runs = [tmp_path / "batch" / cid / "attempt-1" for cid, _ in jobs]
+    assert len({(run / "runner-0.pid").read_text() for run in runs}) == 1  # one process ran all three
+    for run in runs:  # each calculation's output in its own log and directory
+        assert (run / "static" / "gpaw.txt").is_file()
+        assert (run / "runner.log").read_text().count("matdisc.dft runner") == 1
+    assert all(r.walltime_s > 0 for r in batch)
+
+
+def test_a_single_point_that_crashes_or_hangs_its_process_is_recorded_and_the_rest_still_run(tmp_path, monkeypatch):
+    from ase.calculators.emt import EMT
+
+    from matdisc.dft import run_statics
+
+    here = str(Path(__file__).parent)
+    monkeypatch.syspath_prepend(here)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    cfg = ReferenceConfig(calculator="faulty_calculators:FaultyEMT", walltime_s=3.0)
+    jobs = [(el, bulk(el, "fcc", a=a)) for el, a in [("Cu", 3.6), ("Ag", 4.1), ("Pd", 3.9), ("Au", 4.1), ("Ni", 3.5)]]
+    res = run_statics(jobs, cfg, workdir=tmp_path)
+    assert [r.status for r in res] == ["ok", "failed", "ok", "timeout", "ok"], [r.reason for r in res]
+    assert "signal 11" in res[1].reason and "wall time 3 s exceeded" in res[3].reason
+    for (el, atoms), r in zip(jobs, res):
+        if r.ok:
+            atoms.calc = EMT()
+            assert r.energy == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+    pids = [(tmp_path / el / "attempt-1" / "runner-0.pid").read_text() for el, _ in jobs]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]  # a new process after each crash and timeout
+    assert not Path(f"/proc/{pids[3]}").exists() or "zombie" in Path(f"/proc/{pids[3]}/status").read_text().lower()
+    assert 3.0 < res[3].walltime_s < 8.0

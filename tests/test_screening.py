@@ -209,6 +209,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefe
     data = cfg.model_dump(mode="json")
     data["active_learning"].update(dft_budget=3, max_per_composition=1)
     data["budget"]["screening"].update(ecut=200.0, kpoint_density=1.5, margin=1.0, shortlist=5)
+    data["reference"]["isolate"] = True  # as GPAW runs by default: in calculation processes of their own
     cfg = CampaignConfig.model_validate(data)
     with CampaignWriter(cfg.store_path) as w:
         ranked = [p.id for p in discovery.rank_for_reference(w, cfg, ROUND)]
@@ -220,6 +221,8 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefe
     w = open_campaign(cfg.store_path)
     scr = w.table("screening")
     assert set(ranked) <= set(scr["id"]) and (scr["status"] == "ok").all()
+    pids = [(Path(d) / "runner-0.pid").read_text() for d in scr["workdir"]]
+    assert len(set(pids)) < len(pids)  # single points share calculation processes (statics_per_task)
     screened_hull = screening.screened_hull_distance(w, cfg, ranked)
     best_first = sorted(ranked, key=screened_hull.get)
     expected = discovery.cap_per_composition(best_first, formula, 1)[:3]

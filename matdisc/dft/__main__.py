@@ -1,4 +1,4 @@
-"""``python -m matdisc.dft DIR PARENT_PID``: run the job in DIR (see :mod:`matdisc.dft.runner`)."""
+"""``python -m matdisc.dft DIR PARENT_PID [DIR ...]``: run the job in each DIR (see :mod:`matdisc.dft.runner`)."""
 
 import sys
 

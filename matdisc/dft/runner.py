@@ -10,6 +10,11 @@ worker leaves no orphan DFT run behind).
 
 Every run of a candidate gets a fresh ``attempt-N`` directory under ``WORKDIR/ID``, so a
 retried calculation never overwrites what an earlier, lost attempt left for inspection.
+
+Single points (screening, training frames) cost little more than the process start and the
+calculator's import, so :func:`run_statics` runs a batch of them in one child, one after the
+other; each still has its own directory, log, wall time and outcome, and a calculation that
+hangs or crashes the child is recorded and the rest go on in a new one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from ase import Atoms
@@ -39,24 +45,46 @@ def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path)
     ref = cfg.resolved()
     t0 = time.perf_counter()
     calc_dir = _new_attempt_dir(Path(workdir) / id)
-    attempt = int(calc_dir.name.rsplit("-", 1)[1])
     walltime = float(ref.walltime_s or 0)
     if ref.runs_isolated:
-        res = _run_isolated(atoms, ref, id, calc_dir)
+        _write_job(calc_dir, atoms, ref, id)
+        res = _run_isolated([(id, atoms, calc_dir)], ref)[0]
     else:
         res = run_protocol(atoms, ref, id=id, workdir=calc_dir, deadline=time.monotonic() + walltime)
         if res.status == "timeout":
             res.reason = f"wall time {walltime:g} s exceeded ({res.reason})"
-    res.attempt = attempt
     res.walltime_s = time.perf_counter() - t0  # what the worker spent, process start included (budgets)
-    if attempt > 1:
-        res.notes = "; ".join(filter(None, [f"attempt {attempt} (earlier ones kept beside it)", res.notes]))
-    return res
+    return _attempt(res, calc_dir)
 
 
 def run_static(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path) -> ReferenceResult:
     """A single reference calculation (for perturbed training frames)."""
     return run_reference(atoms, cfg.model_copy(update={"max_steps": 0}), id=id, workdir=workdir)
+
+
+def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, workdir: Path) -> list[ReferenceResult]:
+    """Single points of ``(id, atoms)`` jobs, in order: an isolated calculator runs them in one
+    process (restarted after a calculation that timed out or crashed it). Never raises for a
+    failed calculation; ``walltime_s`` of each is the worker's time from the previous one's end."""
+    ref = cfg.model_copy(update={"max_steps": 0}).resolved()
+    if not ref.runs_isolated:
+        return [run_reference(atoms, ref, id=cid, workdir=workdir) for cid, atoms in jobs]
+    batch = []
+    for cid, atoms in jobs:
+        calc_dir = _new_attempt_dir(Path(workdir) / cid)
+        _write_job(calc_dir, atoms, ref, cid)
+        batch.append((cid, atoms, calc_dir))
+    out: list[ReferenceResult] = []
+    while len(out) < len(batch):
+        out += _run_isolated(batch[len(out):], ref)
+    return [_attempt(res, calc_dir) for res, (*_, calc_dir) in zip(out, batch)]
+
+
+def _attempt(res: ReferenceResult, calc_dir: Path) -> ReferenceResult:
+    res.attempt = attempt = int(calc_dir.name.rsplit("-", 1)[1])
+    if attempt > 1:
+        res.notes = "; ".join(filter(None, [f"attempt {attempt} (earlier ones kept beside it)", res.notes]))
+    return res
 
 
 def _new_attempt_dir(base: Path) -> Path:
@@ -82,34 +110,58 @@ def _threads() -> int:
         return 1
 
 
-def _run_isolated(atoms: Atoms, ref: ReferenceConfig, id: str, calc_dir: Path) -> ReferenceResult:
+def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> None:
     with open(calc_dir / JOB, "wb") as f:
         pickle.dump({"atoms": atoms, "config": ref.model_dump(mode="json"), "id": id}, f)
+    (calc_dir / "worker.pid").write_text(str(os.getpid()))
+
+
+def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig) -> list[ReferenceResult]:
+    """Run the jobs written in ``batch``'s directories in one child, in order. Returns the results
+    of those it finished, ending with the one it was on if it timed out or the child died."""
     launcher = shlex.split(ref.launcher.format(ranks=ref.ranks)) if ref.launcher else []
     parent = 0 if launcher else os.getpid()  # under a launcher our direct child is the launcher
-    cmd = [*launcher, sys.executable, "-m", "matdisc.dft", str(calc_dir), str(parent)]
+    dirs = [calc_dir for *_, calc_dir in batch]
+    cmd = [*launcher, sys.executable, "-m", "matdisc.dft", str(dirs[0]), str(parent), *map(str, dirs[1:])]
     threads = str(_threads())
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    (calc_dir / "worker.pid").write_text(str(os.getpid()))
     walltime = float(ref.walltime_s or 0) or None
-    t0 = time.perf_counter()
-    with open(calc_dir / LOG, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=calc_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+    out: list[ReferenceResult] = []
+    with open(dirs[0] / LOG, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=dirs[0], env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        try:
-            rc = proc.wait(timeout=walltime)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            return _partial(atoms, ref, id, calc_dir, "timeout", f"wall time {walltime:g} s exceeded: stopped", t0)
-        except BaseException:  # cancelled task, interrupted flow: never leave the calculation running
-            _kill(proc)
-            raise
-    if (calc_dir / RESULT).is_file():
-        with open(calc_dir / RESULT, "rb") as f:
-            return pickle.load(f)
-    how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-    return _partial(atoms, ref, id, calc_dir, "failed", f"calculation process ended with {how}: {_last_line(calc_dir / LOG)}",
-                    t0)
+    started = time.perf_counter()
+    try:
+        while len(out) < len(batch):
+            id, atoms, calc_dir = batch[len(out)]
+            if (calc_dir / RESULT).is_file():
+                with open(calc_dir / RESULT, "rb") as f:
+                    res = pickle.load(f)
+                now = time.perf_counter()
+                res.walltime_s, started = now - started, now
+                out.append(res)
+                continue
+            try:
+                rc = proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                if walltime is not None and time.perf_counter() - started > walltime:
+                    _kill(proc)
+                    out.append(_partial(atoms, ref, id, calc_dir, "timeout",
+                                        f"wall time {walltime:g} s exceeded: stopped", started))
+                    break
+                continue
+            if (calc_dir / RESULT).is_file():  # finished just before the child exited
+                continue
+            how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
+            out.append(_partial(atoms, ref, id, calc_dir, "failed",
+                                f"calculation process ended with {how}: {_last_line(calc_dir / LOG)}", started))
+            break
+    except BaseException:  # cancelled task, interrupted flow: never leave the calculation running
+        _kill(proc)
+        raise
+    if proc.poll() is None and len(out) == len(batch):
+        proc.wait()
+    return out
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -179,9 +231,17 @@ def _rank() -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
-    calc_dir, parent = Path(argv[1]), int(argv[2])
-    _die_with_parent(parent)
+def _log_to(path: Path) -> None:
+    """Send this process's output (the calculator's C code included) to ``path`` from now on."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _run_job(calc_dir: Path) -> None:
     with open(calc_dir / JOB, "rb") as f:
         job = pickle.load(f)
     lead = _rank() == 0
@@ -195,5 +255,14 @@ def main(argv: list[str]) -> int:
         with open(tmp, "wb") as f:
             pickle.dump(res, f)
         os.replace(tmp, calc_dir / RESULT)
-    return 0
 
+
+def main(argv: list[str]) -> int:
+    """``DIR PARENT_PID [DIR ...]``: the job in each directory, in order, each logging to its own."""
+    dirs, parent = [Path(argv[1]), *map(Path, argv[3:])], int(argv[2])
+    _die_with_parent(parent)
+    for i, calc_dir in enumerate(dirs):
+        if i:
+            _log_to(calc_dir / LOG)
+        _run_job(calc_dir)
+    return 0
