@@ -434,6 +434,23 @@ class ScreeningConfig(_Strict):
     walltime_s: float | None = Field(
         None, gt=0, description="seconds one screening calculation may take (None: the preset's)"
     )
+    geometries: list[Literal["mlip", "initial"]] = Field(
+        ["mlip"], min_length=1, description="where a candidate gets its single points: its MLIP-relaxed and/or "
+        "its initial (generated) structure; the lowest energy ranks it (both: a young model's relaxation may "
+        "end in a wrong basin)"
+    )
+
+    max_volume_change: float | None = Field(
+        0.2, gt=0, description="a candidate whose MLIP relaxation changed its cell volume by more than this "
+        "fraction is screened at its initial structure instead of the MLIP one (None: never)"
+    )
+
+    @field_validator("geometries")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"geometries {value} names one twice")
+        return value
 
     @property
     def active_shortlist(self) -> int | None:

@@ -236,3 +236,90 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefe
         assert screening.rejected(rw, cfg, ROUND + 1) == set()
         later = {p.id for p in discovery.rank_for_reference(rw, cfg, ROUND + 1)}
     assert set(ranked) - set(picks) <= later
+
+
+def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(prefect_api, tmp_path):
+    """``geometries: [mlip, initial]``: a young model that squeezed every compound's cell (6% on each
+    axis) costs nothing when the generated structure is screened too: each energy is an upper
+    bound of the relaxed one, and the lower ranks. One it squeezed by 10% on each axis (27% of
+    the volume, beyond ``max_volume_change``, as a cold-start model did to B32 LiAl) is screened
+    at its initial structure only."""
+    cfg = _hand_built_al_si(tmp_path)
+    data = cfg.model_dump(mode="json")
+    data["active_learning"].update(dft_budget=2, max_per_composition=1)
+    data["budget"]["screening"].update(ecut=200.0, kpoint_density=1.5, margin=1.0, shortlist=5,
+                                       geometries=["mlip", "initial"])
+    data["reference"]["isolate"] = True  # each calculation keeps the structure it was given (job.pkl)
+    cfg = CampaignConfig.model_validate(data)
+    with CampaignWriter(cfg.store_path) as w:
+        squeezed, factor = [], {}
+        for cid, a in loop.candidate_atoms(w):
+            if len(set(a.get_chemical_symbols())) > 1:
+                factor[cid] = 0.9 if not factor else 0.94
+                a = a.copy()
+                a.set_cell(a.cell[:] * factor[cid], scale_atoms=True)
+                squeezed.append(RelaxResult(cid, "ok", "", a, energy=-0.1 * len(a), sigma=0.01))
+        loop.record_relaxations(w, "r0/mlip/squeezed", 0, squeezed, "hand")
+        ranked = [p.id for p in discovery.rank_for_reference(w, cfg, ROUND)]
+        initial = dict(loop.candidate_atoms(w, ranked))
+    crushed = next(cid for cid, f in factor.items() if f == 0.9)
+    assert crushed in ranked
+    picks = _in_a_flow(cfg)
+
+    w = open_campaign(cfg.store_path)
+    scr = w.table("screening")
+    assert (scr["status"] == "ok").all()
+    by = {(cid, g): (e, wd) for cid, g, e, wd in zip(scr["id"], scr["geometry"], scr["e_screen_per_atom"],
+                                                    scr["workdir"])}
+    ground = {cid for cid, _ in screening.ground_states(w, cfg).values()}
+    assert {k for k in by if k[0] in ground} == {(cid, "dft") for cid in ground}
+    assert {k for k in by if k[0] not in ground} == {(cid, g) for cid in ranked for g in ("mlip", "initial")
+                                                     if cid != crushed or g == "initial"}
+    import pickle
+
+    def volume(cid: str, geometry: str) -> float:  # of the structure the calculation was given
+        return pickle.loads((Path(by[cid, geometry][1]) / "job.pkl").read_bytes())["atoms"].get_volume()
+
+    for cid in ranked:  # each single point ran at the geometry its row names
+        assert volume(cid, "initial") == pytest.approx(initial[cid].get_volume(), rel=1e-9)
+        if cid != crushed:
+            assert volume(cid, "mlip") == pytest.approx(0.94**3 * initial[cid].get_volume(), rel=1e-9)
+    twice = [cid for cid in ranked if cid != crushed]
+    lower = {cid: min(by[cid, "mlip"][0], by[cid, "initial"][0]) for cid in twice} | {crushed: by[crushed, "initial"][0]}
+    assert all(by[cid, "initial"][0] < by[cid, "mlip"][0] for cid in twice)  # squeezing costs energy
+    with CampaignWriter(cfg.store_path) as rw:
+        assert screening.screened(rw, settings_hash(screening.screening_reference(cfg))) == pytest.approx(
+            {**lower, **{cid: by[cid, "dft"][0] for cid in ground}})
+        hull = screening.screened_hull_distance(rw, cfg, ranked)
+    formula = dict(zip(w.table("candidates")["id"], w.table("candidates")["formula"]))
+    assert picks == discovery.cap_per_composition(sorted(ranked, key=hull.get), formula, 1)[:2]
+
+
+def test_a_relaxation_that_changed_the_volume_too_much_is_screened_at_the_initial_structure():
+    from ase.build import bulk
+
+    cfg = CampaignConfig.model_validate({"name": "x", "chemsys": ["Al", "Li"]})
+    start = bulk("Al", "fcc", a=4.04)
+
+    def relaxed(scale: float):
+        a = start.copy()
+        a.set_cell(a.cell[:] * scale ** (1 / 3), scale_atoms=True)
+        return a
+
+    assert cfg.budget.screening.max_volume_change == 0.2
+    assert screening.screen_geometries(cfg, relaxed(0.85), start) == ["mlip"]
+    assert screening.screen_geometries(cfg, relaxed(0.75), start) == ["initial"]
+    assert screening.screen_geometries(cfg, relaxed(1.25), start) == ["initial"]
+    both = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"screening": cfg.budget.screening.model_copy(
+        update={"geometries": ["mlip", "initial"]})})})
+    assert screening.screen_geometries(both, relaxed(0.75), start) == ["initial"]
+    assert screening.screen_geometries(both, relaxed(0.95), start) == ["mlip", "initial"]
+    never = both.budget.screening.model_copy(update={"max_volume_change": None, "geometries": ["mlip"]})
+    assert screening.screen_geometries(both.model_copy(update={"budget": both.budget.model_copy(
+        update={"screening": never})}), relaxed(0.5), start) == ["mlip"]
+    with pytest.raises(ValueError, match="names one twice"):
+        CampaignConfig.model_validate({"name": "x", "chemsys": ["Al", "Li"],
+                                       "budget": {"screening": {"geometries": ["mlip", "mlip"]}}})
+    screen = screening.screening_reference(cfg)  # a screen converges the SCF as far as ranking needs
+    assert screen.parameters["convergence"] == screening.SCREEN_SCF
+    assert settings_hash(screen) == settings_hash(screen.model_copy(update={"parameters": {}}))
