@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose
 STAMP := $(VENV)/.installed
 
-.PHONY: install sysdeps demo test bench clean
+.PHONY: install sysdeps demo test docs bench clean
 
 sysdeps:
 	@if command -v dpkg >/dev/null 2>&1; then \
@@ -36,6 +36,10 @@ demo: install
 test: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q -n 2 --dist loadgroup
 
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	@echo "documentation: site/index.html"
+
 bench: install
 	$(PY) benchmarks/store.py
 	$(PY) benchmarks/generate.py
@@ -44,4 +48,4 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) benchmarks/discovery.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

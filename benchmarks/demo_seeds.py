@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--check", help="only judge this store")
     parser.add_argument("--workdir", help="keep the stores and logs here (default: a temporary folder)")
+    parser.add_argument("--record", action="store_true", help="append the result to docs/benchmarks/demo_seeds.jsonl")
     args = parser.parse_args()
     if args.check:
         print(json.dumps(check(args.check)))
@@ -90,8 +91,13 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="matdisc-demo-seeds-") as tmp:
             runs = [run_seed(s, Path(tmp)) for s in seeds]
-    print(json.dumps({"seeds": seeds, "b32_on_hull": [r.get("b32_on_hull", False) for r in runs],
-                      "minutes": [round(r["minutes"], 1) for r in runs], "runs": runs}))
+    result = {"seeds": seeds, "b32_on_hull": [r.get("b32_on_hull", False) for r in runs],
+              "minutes": [round(r["minutes"], 1) for r in runs], "runs": runs}
+    print(json.dumps(result))
+    if args.record:
+        from record import record
+
+        record("demo_seeds", result)
 
 
 if __name__ == "__main__":

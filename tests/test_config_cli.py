@@ -10,7 +10,7 @@ import yaml
 
 from conftest import emt_config
 from matdisc.cli import main
-from matdisc.config import CampaignConfig, load_config
+from matdisc.config import load_config
 
 
 def write(tmp_path, cfg) -> str:
@@ -86,20 +86,3 @@ def test_bad_run_leaves_no_store(tmp_path):
     assert main(["run", write(tmp_path, cfg)]) == 2
     assert not (tmp_path / "cu-pd.zarr").exists()
 
-
-def test_readme_documents_every_config_field():
-    """The README's configuration reference stays in sync with the pydantic models."""
-    from pathlib import Path
-
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-
-    def fields(model, prefix=""):
-        for name, info in model.model_fields.items():
-            ann = info.annotation
-            if isinstance(ann, type) and issubclass(ann, CampaignConfig.__mro__[1]):
-                yield from fields(ann, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}"
-
-    missing = [f for f in fields(CampaignConfig) if f"`{f}`" not in readme]
-    assert not missing, f"README lacks {missing}"

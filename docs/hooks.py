@@ -1,0 +1,72 @@
+"""mkdocs hooks: pages generated from the code and from recorded benchmark runs.
+
+``<!-- matdisc:config-reference -->`` becomes the table of every campaign-file field (from the
+pydantic models in :mod:`matdisc.config`); ``<!-- matdisc:benchmarks NAME -->`` becomes the table
+of the runs ``benchmarks/NAME.py --record`` appended to ``docs/benchmarks/NAME.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIG = "<!-- matdisc:config-reference -->"
+BENCH = re.compile(r"<!-- matdisc:benchmarks (\w+) -->")
+
+
+def _default(info: Any) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if info.default is PydanticUndefined and info.default_factory is None:
+        return "required"
+    value = info.default_factory() if info.default_factory is not None else info.default
+    return str(value)
+
+
+def config_rows(model: Any = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) of every field of the campaign file, in model order."""
+    from pydantic import BaseModel
+
+    from matdisc.config import CampaignConfig
+
+    model = model or CampaignConfig
+    rows: list[tuple[str, str, str]] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += config_rows(ann, f"{prefix}{name}.")
+        else:
+            rows.append((f"{prefix}{name}", _default(info), (info.description or "").replace("|", "\\|")))
+    return rows
+
+
+def config_table() -> str:
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    lines += [f"| `{key}` | `{default}` | {text} |" for key, default, text in config_rows()]
+    return "\n".join(lines)
+
+
+def benchmark_table(name: str) -> str:
+    """The recorded runs of one benchmark, newest first: date, machine, commit, and its JSON keys."""
+    path = ROOT / "docs" / "benchmarks" / f"{name}.jsonl"
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not runs:
+        return f"*No recorded run of `benchmarks/{name}.py` yet (`--record` appends one).*"
+    out = []
+    for run in reversed(runs):
+        meta = f"**{run['date']}**, {run['machine']}, commit `{run['commit']}`, `{run['command']}`"
+        figures = json.dumps(run["result"], indent=1)
+        out.append(f"{meta}\n\n```json\n{figures}\n```")
+    return "\n\n".join(out)
+
+
+def on_page_markdown(markdown: str, **_: Any) -> str:
+    if CONFIG in markdown:
+        markdown = markdown.replace(CONFIG, config_table())
+    return BENCH.sub(lambda m: benchmark_table(m.group(1)), markdown)
