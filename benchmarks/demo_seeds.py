@@ -6,8 +6,9 @@ campaign's labels: some DFT-verified LiAl whose DFT-relaxed structure StructureM
 B32 (NaTl) structure, with e_hull_dft <= 1 meV/atom on the campaign's own DFT hull.
 
 Prints one JSON line ``{"seeds": [...], "b32_on_hull": [...], "minutes": [...], ...}``.
-Run: ``.venv/bin/python benchmarks/demo_seeds.py [--seeds 0,1,2]`` (about 12 minutes a seed on
-2 cores), or ``--check STORE`` to judge a store that a demo run already wrote.
+Run: ``.venv/bin/python benchmarks/demo_seeds.py [--seeds 0,1,2]`` (about 19 minutes a seed on
+2 cores), or ``--check STORE`` to judge a store that a demo run already wrote; ``--record`` appends
+the line to ``docs/benchmarks/demo_seeds.jsonl``.
 """
 
 from __future__ import annotations
