@@ -22,7 +22,7 @@ from flows import artifacts, runs
 from flows.artifacts import slug
 from flows.tasks import evaluate_task, reference_task, relax_task, statics_task, train_task
 from matdisc import discovery, loop, planning, reference_phases, screening
-from matdisc.cluster import DFT, MLIP
+from flows.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.costs import Rates, concurrent_members, dft_seconds, dft_work, scf_cycles
 from matdisc.dft import settings_hash

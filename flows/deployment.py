@@ -68,7 +68,7 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
     from prefect_dask import DaskTaskRunner
 
     from flows.runs import ensure_zombie_automation
-    from matdisc.cluster import campaign_cluster
+    from flows.cluster import campaign_cluster
 
     first, last = round_plan(cfg, rounds=rounds, more_rounds=more_rounds)
     compute = cfg.compute

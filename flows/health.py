@@ -149,7 +149,7 @@ def _server_version(api_url: str) -> str:
 
 def check(api_url: str) -> Health:
     """The health of the Prefect API at ``api_url`` (``PREFECT_API_URL`` must point at it)."""
-    from matdisc import server
+    from flows import server
 
     health = Health(api_url=api_url, reachable=server.healthy(api_url))
     if not health.reachable:

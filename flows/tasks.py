@@ -40,6 +40,16 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
 RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
 
 
+def worker_threads() -> int | None:
+    """The Dask worker's thread count (None outside a worker): the cores its calculation may use."""
+    try:
+        from distributed import get_worker
+
+        return int(get_worker().state.nthreads)
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
 @task(name="relax-mace", **RETRY)
 def relax_task(batch: list, model_paths: list[str], mlip: dict, store: str | None = None) -> list:
     """``store``: the URL of a store on an object store, to fetch models this worker cannot see."""
@@ -53,7 +63,7 @@ def relax_task(batch: list, model_paths: list[str], mlip: dict, store: str | Non
 def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
     from matdisc.dft import run_reference
 
-    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir))
+    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir), threads=worker_threads())
 
 
 @task(name="reference-statics", **RETRY)
@@ -61,7 +71,7 @@ def statics_task(jobs: list, reference: dict, workdir: str) -> list:
     """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
     from matdisc.dft import run_statics
 
-    return run_statics(jobs, ReferenceConfig(**reference), workdir=Path(workdir))
+    return run_statics(jobs, ReferenceConfig(**reference), workdir=Path(workdir), threads=worker_threads())
 
 
 @task(name="evaluate-mace", **RETRY)

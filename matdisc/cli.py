@@ -294,7 +294,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
     _engine_environment()
-    from matdisc.server import ensure_api, ui_url
+    from flows.server import ensure_api, ui_url
 
     own_server = not os.environ.get("PREFECT_API_URL")
     api = ensure_api()
@@ -337,7 +337,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployment import check_schedule
 
     check_schedule(args.cron, args.interval)
-    from matdisc.server import ensure_api, ui_url
+    from flows.server import ensure_api, ui_url
 
     api = ensure_api()
     from flows.artifacts import slug
@@ -361,7 +361,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from matdisc import server
+    from flows import server
 
     if args.action == "stop":
         print(server.stop())
@@ -379,7 +379,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _server_status(as_json: bool) -> int:
     """Exit 0 when the API answers and nothing fails, 1 with each problem listed otherwise."""
-    from matdisc import server
+    from flows import server
 
     api = os.environ.get("PREFECT_API_URL") or (server.recorded() or {}).get("api_url")
     if not api:

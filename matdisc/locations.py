@@ -1,10 +1,11 @@
-"""Where a campaign store is: a local path or an fsspec URL.
+"""Where things are: a campaign store (a local path or an fsspec URL), matdisc's own home.
 
 Kept free of heavy imports: configs are validated in every Dask worker that runs a task.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 
@@ -31,3 +32,8 @@ def local_path(location: str | Path) -> Path:
     """A local store location as a path (``file:///runs/x.zarr`` -> ``/runs/x.zarr``)."""
     text = str(location)
     return Path(text.split("://", 1)[1]) if "://" in text else Path(location)
+
+
+def matdisc_home() -> Path:
+    """matdisc's own files (model cache, the local Prefect server): ``$MATDISC_HOME`` or ``~/.matdisc``."""
+    return Path(os.environ.get("MATDISC_HOME", Path.home() / ".matdisc"))

@@ -43,7 +43,7 @@ def campaign_store(prefect_api, tmp_path_factory):
     from prefect_dask import DaskTaskRunner
 
     from flows.campaign import campaign_flow
-    from matdisc.cluster import campaign_cluster
+    from flows.cluster import campaign_cluster
     from matdisc.config import CampaignConfig
 
     tmp = tmp_path_factory.mktemp("flow")

@@ -75,7 +75,7 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler():
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
 
-    from matdisc.cluster import slurm_job_options
+    from flows.cluster import slurm_job_options
 
     cfg = ComputeConfig(scheduler="slurm", threads_per_dft_worker=2,
                         slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1"})

@@ -87,7 +87,7 @@ def test_batched_relaxation_on_cuda_matches_cpu(cuda_models, dtype, tol):
 def test_local_cluster_puts_the_mlip_worker_on_the_gpu():
     from distributed import Client
 
-    from matdisc.cluster import MLIP, campaign_cluster
+    from flows.cluster import MLIP, campaign_cluster
     from matdisc.config import ComputeConfig
 
     def where() -> tuple[str, str]:

@@ -342,7 +342,7 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
     SQLite database (the flow runs of the killed server stay visible in the UI)."""
     import httpx
 
-    from matdisc import server
+    from flows import server
 
     env = _own_server_env({**os.environ, "MATDISC_HOME": str(tmp_path / "home")})
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

@@ -38,7 +38,7 @@ def test_a_killed_workers_candidate_is_retried_and_lands_once(prefect_api, tmp_p
     from prefect_dask import DaskTaskRunner
 
     from flows.campaign import _reference_stage
-    from matdisc.cluster import campaign_cluster
+    from flows.cluster import campaign_cluster
 
     cfg = CampaignConfig.model_validate(emt_config(
         tmp_path, chemsys=["Al", "Si"],

@@ -40,15 +40,18 @@ from matdisc.records import ReferenceResult, labelled
 JOB, RESULT, FRAMES, LOG = "job.pkl", "result.pkl", "frames.extxyz", "runner.log"
 
 
-def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path) -> ReferenceResult:
-    """Relax + static with the configured reference calculator. Never raises for a failed calculation."""
+def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path,
+                  threads: int | None = None) -> ReferenceResult:
+    """Relax + static with the configured reference calculator. Never raises for a failed calculation.
+
+    ``threads``: cores an isolated calculation may use when ``OMP_NUM_THREADS`` is unset."""
     ref = cfg.resolved()
     t0 = time.perf_counter()
     calc_dir = _new_attempt_dir(Path(workdir) / id)
     walltime = float(ref.walltime_s or 0)
     if ref.runs_isolated:
         _write_job(calc_dir, atoms, ref, id)
-        res = _run_isolated([(id, atoms, calc_dir)], ref)[0]
+        res = _run_isolated([(id, atoms, calc_dir)], ref, threads)[0]
     else:
         res = run_protocol(atoms, ref, id=id, workdir=calc_dir, deadline=time.monotonic() + walltime)
         if res.status == "timeout":
@@ -57,18 +60,20 @@ def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path)
     return _attempt(res, calc_dir)
 
 
-def run_static(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path) -> ReferenceResult:
+def run_static(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path,
+               threads: int | None = None) -> ReferenceResult:
     """A single reference calculation (for perturbed training frames)."""
-    return run_reference(atoms, cfg.model_copy(update={"max_steps": 0}), id=id, workdir=workdir)
+    return run_reference(atoms, cfg.model_copy(update={"max_steps": 0}), id=id, workdir=workdir, threads=threads)
 
 
-def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, workdir: Path) -> list[ReferenceResult]:
+def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, workdir: Path,
+                threads: int | None = None) -> list[ReferenceResult]:
     """Single points of ``(id, atoms)`` jobs, in order: an isolated calculator runs them in one
     process (restarted after a calculation that timed out or crashed it). Never raises for a
     failed calculation; ``walltime_s`` of each is the worker's time from the previous one's end."""
     ref = cfg.model_copy(update={"max_steps": 0}).resolved()
     if not ref.runs_isolated:
-        return [run_reference(atoms, ref, id=cid, workdir=workdir) for cid, atoms in jobs]
+        return [run_reference(atoms, ref, id=cid, workdir=workdir, threads=threads) for cid, atoms in jobs]
     batch = []
     for cid, atoms in jobs:
         calc_dir = _new_attempt_dir(Path(workdir) / cid)
@@ -76,7 +81,7 @@ def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, work
         batch.append((cid, atoms, calc_dir))
     out: list[ReferenceResult] = []
     while len(out) < len(batch):
-        out += _run_isolated(batch[len(out):], ref)
+        out += _run_isolated(batch[len(out):], ref, threads)
     return [_attempt(res, calc_dir) for res, (*_, calc_dir) in zip(out, batch)]
 
 
@@ -98,16 +103,12 @@ def _new_attempt_dir(base: Path) -> Path:
             k += 1
 
 
-def _threads() -> int:
-    """OMP threads for the child: the worker's setting, else its Dask thread count, else 1."""
+def _threads(threads: int | None) -> int:
+    """OMP threads for the child: this process's setting, else what the caller says it has
+    (a Dask worker's thread count, from the engine side), else 1."""
     if os.environ.get("OMP_NUM_THREADS"):
         return int(os.environ["OMP_NUM_THREADS"])
-    try:
-        from distributed import get_worker
-
-        return int(get_worker().state.nthreads)
-    except (ImportError, ValueError, AttributeError):
-        return 1
+    return threads or 1
 
 
 def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> None:
@@ -116,15 +117,16 @@ def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> N
     (calc_dir / "worker.pid").write_text(str(os.getpid()))
 
 
-def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig) -> list[ReferenceResult]:
+def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig,
+                  threads: int | None) -> list[ReferenceResult]:
     """Run the jobs written in ``batch``'s directories in one child, in order. Returns the results
     of those it finished, ending with the one it was on if it timed out or the child died."""
     launcher = shlex.split(ref.launcher.format(ranks=ref.ranks)) if ref.launcher else []
     parent = 0 if launcher else os.getpid()  # under a launcher our direct child is the launcher
     dirs = [calc_dir for *_, calc_dir in batch]
     cmd = [*launcher, sys.executable, "-m", "matdisc.dft", str(dirs[0]), str(parent), *map(str, dirs[1:])]
-    threads = str(_threads())
-    env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    n = str(_threads(threads))
+    env = {**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
     walltime = float(ref.walltime_s or 0) or None
     out: list[ReferenceResult] = []
     with open(dirs[0] / LOG, "wb") as log:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 def cache_dir() -> Path:
-    from matdisc.server import home
+    from matdisc.locations import matdisc_home as home
 
     return home() / "model-cache"
 

@@ -48,7 +48,7 @@ _LOCAL_ONLY = ("_commits/writer.lock", LEASE)
 
 def mirror_dir(url: str) -> Path:
     """This machine's working copy of the store at ``url``."""
-    from matdisc.server import home
+    from matdisc.locations import matdisc_home as home
 
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
     return home() / "mirrors" / f"{store_name(url)}-{digest}.zarr"

@@ -18,10 +18,10 @@ import urllib.request
 from pathlib import Path
 
 from matdisc.errors import UserError
+from matdisc.locations import matdisc_home
 
 
-def home() -> Path:
-    return Path(os.environ.get("MATDISC_HOME", Path.home() / ".matdisc"))
+home = matdisc_home
 
 
 def _state_file() -> Path:

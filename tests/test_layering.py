@@ -1,0 +1,35 @@
+"""The library stays engine-free: nothing under ``matdisc/`` but the CLI (the application layer)
+imports the workflow engine, so a notebook, a test or a benchmark can use any of it without
+Prefect or Dask, and the engine side (``flows/``) is the only place that knows where things run."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = {"prefect", "distributed", "dask", "dask_jobqueue", "dask_cuda", "flows"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, at any depth (imports inside functions too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_no_module_of_the_library_but_the_cli_imports_the_engine():
+    offenders = {}
+    for path in sorted((ROOT / "matdisc").rglob("*.py")):
+        if path == ROOT / "matdisc" / "cli.py":
+            continue
+        engine = imported_modules(path) & ENGINE
+        if engine:
+            offenders[str(path.relative_to(ROOT))] = sorted(engine)
+    assert not offenders, f"engine imports in the library: {offenders}"
+    assert {"prefect", "dask", "flows"} <= imported_modules(ROOT / "flows" / "campaign.py")  # the check sees imports
+    assert "flows" in imported_modules(ROOT / "matdisc" / "cli.py")
