@@ -33,8 +33,19 @@ DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_
 TOP_CANDIDATES = 25
 #: Least interval between progress updates: a fast stage should not flood the API.
 UPDATE_SECONDS = 2.0
-CANDIDATE_COLUMNS = ("id", "formula", "source", "prototype", "status", "e_hull_pred", "sigma", "e_hull_dft", "is_hit",
-                     "novel", "known_match")
+CANDIDATE_COLUMNS = (
+    "id",
+    "formula",
+    "source",
+    "prototype",
+    "status",
+    "e_hull_pred",
+    "sigma",
+    "e_hull_dft",
+    "is_hit",
+    "novel",
+    "known_match",
+)
 
 
 def slug(name: str) -> str:
@@ -73,8 +84,9 @@ class StageProgress:
         self.id: UUID | None = None
         self._last = time.monotonic()
         if total:
-            self.id = create_progress_artifact(0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}",
-                                               description=f"{self.description} (0/{total})")
+            self.id = create_progress_artifact(
+                0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}", description=f"{self.description} (0/{total})"
+            )
 
     def advance(self, n: int = 1) -> None:
         """Count finished work; the UI hears of it at most every ``UPDATE_SECONDS`` and at the end."""
@@ -82,15 +94,21 @@ class StageProgress:
         now = time.monotonic()
         if self.id is not None and (self.done >= self.total or now - self._last >= UPDATE_SECONDS):
             self._last = now
-            update_progress_artifact(self.id, 100.0 * self.done / self.total,
-                                     description=f"{self.description} ({self.done}/{self.total})")
+            update_progress_artifact(
+                self.id, 100.0 * self.done / self.total, description=f"{self.description} ({self.done}/{self.total})"
+            )
 
 
 def discovery_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
-    rows = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k in DISCOVERY_COLUMNS}
-            for rec in w.rounds().to_dict("records")]
-    create_table_artifact(key=f"{slug(cfg.name)}-discovery", table=rows,
-                          description=f"{cfg.name}: discovery per round ({cfg.active_learning.acquisition} acquisition)")
+    rows = [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k in DISCOVERY_COLUMNS}
+        for rec in w.rounds().to_dict("records")
+    ]
+    create_table_artifact(
+        key=f"{slug(cfg.name)}-discovery",
+        table=rows,
+        description=f"{cfg.name}: discovery per round ({cfg.active_learning.acquisition} acquisition)",
+    )
 
 
 def candidates_table(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
@@ -102,8 +120,11 @@ def candidates_table(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> No
     rest = cand[~cand["is_hit"]].sort_values("e_hull_pred", na_position="last").head(TOP_CANDIDATES)
     table = pd.concat([hits, rest])[cols].round(4)
     records = [{k: (None if pd.isna(v) else v) for k, v in row.items()} for row in table.to_dict("records")]
-    create_table_artifact(key=f"{slug(cfg.name)}-candidates-r{round_}", table=records,
-                          description=f"{cfg.name} round {round_}: verified hits, then the best-predicted candidates")
+    create_table_artifact(
+        key=f"{slug(cfg.name)}-candidates-r{round_}",
+        table=records,
+        description=f"{cfg.name} round {round_}: verified hits, then the best-predicted candidates",
+    )
 
 
 def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
@@ -113,11 +134,16 @@ def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
     figures = report_dir(cfg) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for name, make in (("hull", analysis.hull_figure), ("parity", analysis.parity_figure)):
+
         def draw(name=name, make=make) -> None:
             path = figures / f"{name}-r{round_}.png"
             make(cand).savefig(path, dpi=100, bbox_inches="tight")
-            create_image_artifact(path.resolve().as_uri(), key=f"{slug(cfg.name)}-{name}-r{round_}",
-                                  description=f"{cfg.name} round {round_}: {name} ({path})")
+            create_image_artifact(
+                path.resolve().as_uri(),
+                key=f"{slug(cfg.name)}-{name}-r{round_}",
+                description=f"{cfg.name} round {round_}: {name} ({path})",
+            )
+
         _safely(f"{name} figure", draw)
 
 
@@ -130,8 +156,12 @@ def report_link(cfg: CampaignConfig) -> None:
     def write() -> None:
         page = write_report(_local_store(cfg), report_dir(cfg))
         get_run_logger().info("campaign report: %s", page)
-        create_link_artifact(key=f"{slug(cfg.name)}-report", link=page.as_uri(), link_text=f"{cfg.name} report",
-                             description=f"{cfg.name}: figures and hits (report.html beside the store)")
+        create_link_artifact(
+            key=f"{slug(cfg.name)}-report",
+            link=page.as_uri(),
+            link_text=f"{cfg.name} report",
+            description=f"{cfg.name}: figures and hits (report.html beside the store)",
+        )
 
     _safely("campaign report", write)
 
@@ -141,15 +171,28 @@ def costs_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
     from matdisc import planning
 
     def make() -> None:
-        rows = [{k: (None if pd.isna(v) else round(float(v), 3) if isinstance(v, float) else v) for k, v in r.items()}
-                for r in planning.round_costs(w).to_dict("records")]
+        rows = [
+            {k: (None if pd.isna(v) else round(float(v), 3) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in planning.round_costs(w).to_dict("records")
+        ]
         budget = planning.budget_status(cfg, w)
-        rows += [{"round": "budget", "stage": name, "predicted_s": b["limit"], "actual_s": round(b["spent"], 6),
-                  "ratio": None if b["limit"] is None else round(b["spent"] / b["limit"], 4)}
-                 for name, b in budget.items() if b["limit"] is not None]
-        create_table_artifact(key=f"{slug(cfg.name)}-costs", table=rows,
-                              description=f"{cfg.name}: predicted vs actual seconds per stage (ratio = predicted/"
-                              "actual); budget rows: limit and spent (hours)")
+        rows += [
+            {
+                "round": "budget",
+                "stage": name,
+                "predicted_s": b["limit"],
+                "actual_s": round(b["spent"], 6),
+                "ratio": None if b["limit"] is None else round(b["spent"] / b["limit"], 4),
+            }
+            for name, b in budget.items()
+            if b["limit"] is not None
+        ]
+        create_table_artifact(
+            key=f"{slug(cfg.name)}-costs",
+            table=rows,
+            description=f"{cfg.name}: predicted vs actual seconds per stage (ratio = predicted/"
+            "actual); budget rows: limit and spent (hours)",
+        )
 
     _safely("cost table", make)
 
@@ -158,12 +201,22 @@ def stop_report(w: CampaignWriter, cfg: CampaignConfig, round_: int, reason: str
     """A campaign that stops early says why: in the store (table ``stops``) and in the UI."""
     from matdisc import planning
 
-    w.append_records("stops", f"r{round_}/stop/{len(w.table('stops'))}", [{"round": round_, "reason": reason,
-                                                                          "time": time.time()}])
-    lines = [f"# {cfg.name}: stopped before round {round_}", "", reason, "", "| budget | limit (h) | spent (h) |",
-             "|---|---|---|"]
-    lines += [f"| {k} | {b['limit'] if b['limit'] is not None else '-'} | {b['spent']:.4g} |"
-              for k, b in planning.budget_status(cfg, w).items()]
-    create_markdown_artifact(key=f"{slug(cfg.name)}-stopped", markdown="\n".join(lines),
-                             description=f"{cfg.name}: why the campaign stopped")
+    w.append_records(
+        "stops", f"r{round_}/stop/{len(w.table('stops'))}", [{"round": round_, "reason": reason, "time": time.time()}]
+    )
+    lines = [
+        f"# {cfg.name}: stopped before round {round_}",
+        "",
+        reason,
+        "",
+        "| budget | limit (h) | spent (h) |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {b['limit'] if b['limit'] is not None else '-'} | {b['spent']:.4g} |"
+        for k, b in planning.budget_status(cfg, w).items()
+    ]
+    create_markdown_artifact(
+        key=f"{slug(cfg.name)}-stopped", markdown="\n".join(lines), description=f"{cfg.name}: why the campaign stopped"
+    )
     costs_table(w, cfg)

@@ -20,9 +20,9 @@ from prefect.runtime import flow_run
 
 from flows import artifacts, runs
 from flows.artifacts import slug
+from flows.cluster import DFT, MLIP
 from flows.tasks import evaluate_task, reference_task, relax_task, statics_task, train_task
 from matdisc import discovery, loop, planning, reference_phases, screening
-from flows.cluster import DFT, MLIP
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.costs import Rates, concurrent_members, dft_seconds, dft_work, scf_cycles
 from matdisc.dft import settings_hash
@@ -37,9 +37,17 @@ from matdisc.store import CampaignWriter
 TRAINING_METRICS = ("energy_rmse_per_atom", "forces_rmse")
 
 
-def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: list, *, verified: bool,
-                     static: bool = False, screen: ReferenceConfig | None = None,
-                     allowance_s: float | None = None) -> None:
+def _reference_stage(
+    w: CampaignWriter,
+    cfg: CampaignConfig,
+    round_: int,
+    jobs: list,
+    *,
+    verified: bool,
+    static: bool = False,
+    screen: ReferenceConfig | None = None,
+    allowance_s: float | None = None,
+) -> None:
     """Run reference calculations on DFT workers; record each as it completes.
 
     ``screen``: single points with these cheaper settings, recorded in the screening table
@@ -56,8 +64,11 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     ref = screen or cfg.reference
     settings = settings_hash(ref)
     static = static or screen is not None
-    stage, what = ("screen", "screening calculations") if screen else (
-        "dft", "training frames" if static else "reference calculations")
+    stage, what = (
+        ("screen", "screening calculations")
+        if screen
+        else ("dft", "training frames" if static else "reference calculations")
+    )
     workdir = str(w.path / "calculations" / (f"r{round_}-screen" if screen else f"r{round_}"))
     progress = artifacts.StageProgress(cfg, round_, what, len(jobs))
     rates, _ = planning.campaign_rates(cfg, w)
@@ -65,8 +76,9 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
     n_workers = planning.workers(cfg).dft
     predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps, ref)
     # each job's prediction only matters under an allowance (the stage's total is in ``predicted``)
-    queue = [(cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0)
-             for cid, atoms in jobs]
+    queue = [
+        (cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0) for cid, atoms in jobs
+    ]
     window = n_workers if allowance_s is not None or static else len(queue)
     t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
     reference = ref.model_dump(mode="json")
@@ -79,8 +91,13 @@ def _reference_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, jobs: 
                 in_flight = sum(p for b in futures.values() for *_, p in b) + sum(p for *_, p in batch)
                 if allowance_s is not None and sum(seconds) + in_flight + queue[0][2] > allowance_s:
                     if not futures and not batch:  # nothing in flight will free the room it would need
-                        log.info("%s: %d of %d calculations left out, the budget allows %.3g s", stage,
-                                 len(queue), len(jobs), allowance_s)
+                        log.info(
+                            "%s: %d of %d calculations left out, the budget allows %.3g s",
+                            stage,
+                            len(queue),
+                            len(jobs),
+                            allowance_s,
+                        )
                         queue.clear()
                     break
                 batch.append(queue.pop(0))
@@ -133,26 +150,44 @@ def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
     budget = discovery.round_budget(w, cfg, round_)
     screen = screening.shortlist_plan(w, cfg, [p.id for p in ranked], remaining)
     if screen is not None:
-        log.info("round %d: screening a shortlist of %d candidates with %s settings (%s preset), then verifying "
-                 "the best %d", round_, len(screen.picks), settings_hash(screen.reference), screen.reference.preset,
-                 budget)
+        log.info(
+            "round %d: screening a shortlist of %d candidates with %s settings (%s preset), then verifying the best %d",
+            round_,
+            len(screen.picks),
+            settings_hash(screen.reference),
+            screen.reference.preset,
+            budget,
+        )
     else:
         ranked, cost = ranked[:budget], cost[:budget]
         screen = screening.plan(w, cfg, [p.id for p in ranked], cost, remaining)
         if screen is None:
             return discovery.record_selection(w, cfg, round_, ranked, cost=cost)
-        log.info("round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
-                 round_, len(ranked), len(screen.picks), settings_hash(screen.reference), screen.reference.preset)
-    _reference_stage(w, cfg, round_, screen.jobs, verified=False, screen=screen.reference,
-                     allowance_s=screen.allowance_s)
+        log.info(
+            "round %d: the budget cannot verify all %d picks; screening %d with %s settings (%s preset) first",
+            round_,
+            len(ranked),
+            len(screen.picks),
+            settings_hash(screen.reference),
+            screen.reference.preset,
+        )
+    _reference_stage(
+        w, cfg, round_, screen.jobs, verified=False, screen=screen.reference, allowance_s=screen.allowance_s
+    )
     kept = screening.funnel(w, cfg, screen.picks)
     allowed = set(discovery.capped_per_composition(w, cfg, [cid for cid, _ in kept]))
     kept = [(cid, e) for cid, e in kept if cid in allowed][:budget]
     by_id, cost_of = {p.id: p for p in ranked}, {p.id: c for p, c in zip(ranked, cost)}
-    log.info("round %d: %d of %d screened picks within %.3g eV/atom of the hull", round_, len(kept),
-             len(screen.picks), cfg.budget.screening.margin)
-    return discovery.record_selection(w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept),
-                                      cost=[cost_of[cid] for cid, _ in kept])
+    log.info(
+        "round %d: %d of %d screened picks within %.3g eV/atom of the hull",
+        round_,
+        len(kept),
+        len(screen.picks),
+        cfg.budget.screening.margin,
+    )
+    return discovery.record_selection(
+        w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept), cost=[cost_of[cid] for cid, _ in kept]
+    )
 
 
 @dataclass
@@ -175,8 +210,12 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, run: FlowWorkers
     start = previous["paths"] if previous is not None and cfg.mlip.training.start_from == "previous" else None
     if start:
         check_trusted(start, trusted_roots([w.path / "models", *_configured_paths(cfg)]))
-    log.info("training MACE (%d members, %s) on %d reference frames", cfg.mlip.ensemble,
-             "fine-tuning " + previous["sha256"][:12] if start else "from scratch", len(frames))
+    log.info(
+        "training MACE (%d members, %s) on %d reference frames",
+        cfg.mlip.ensemble,
+        "fine-tuning " + previous["sha256"][:12] if start else "from scratch",
+        len(frames),
+    )
     rates, _ = planning.campaign_rates(cfg, w)
     device = resolve_device(cfg.mlip.device)
     sized = cfg.mlip.training.sized(device)
@@ -185,25 +224,58 @@ def _train(w: CampaignWriter, cfg: CampaignConfig, round_: int, run: FlowWorkers
     predicted = run.first_mlip(planning.train_cost(frame_atoms, cfg, rates, planning.workers(cfg), epochs), rates)
     t0 = time.perf_counter()
     with dask.annotate(resources=MLIP):
-        fut = train_task.submit(frames, groups, str(w.path / "training" / f"r{round_}"),
-                                cfg.mlip.training.model_dump(mode="json"), cfg.mlip.ensemble,
-                                cfg.generation.seed + 100 * round_, cfg.mlip.device, cfg.mlip.dtype, start,
-                                _remote(w))
+        fut = train_task.submit(
+            frames,
+            groups,
+            str(w.path / "training" / f"r{round_}"),
+            cfg.mlip.training.model_dump(mode="json"),
+            cfg.mlip.ensemble,
+            cfg.generation.seed + 100 * round_,
+            cfg.mlip.device,
+            cfg.mlip.dtype,
+            start,
+            _remote(w),
+        )
     trained: list[TrainedModel] = fut.result()
     side_by_side = concurrent_members(cfg.mlip.ensemble, planning.workers(cfg).mlip_cores)
-    planning.record_stage(w, round_, "train", predicted, [m.seconds for m in trained],
-                          predicted.work, time.perf_counter() - t0, side_by_side)
+    planning.record_stage(
+        w,
+        round_,
+        "train",
+        predicted,
+        [m.seconds for m in trained],
+        predicted.work,
+        time.perf_counter() - t0,
+        side_by_side,
+    )
     metrics = {k: float(sum(m.metrics[k] for m in trained) / len(trained)) for k in trained[0].metrics}
     create_table_artifact(
         key=f"{slug(cfg.name)}-training-r{round_}",
-        table=[{"member": k, "mode": m.mode, "train_frames": m.n_train, "valid_frames": m.n_valid,
-                **{name: round(v, 5) for name, v in m.metrics.items()}} for k, m in enumerate(trained)],
-        description=f"{cfg.name}: MACE training, round {round_} (errors on held-out reference frames)")
+        table=[
+            {
+                "member": k,
+                "mode": m.mode,
+                "train_frames": m.n_train,
+                "valid_frames": m.n_valid,
+                **{name: round(v, 5) for name, v in m.metrics.items()},
+            }
+            for k, m in enumerate(trained)
+        ],
+        description=f"{cfg.name}: MACE training, round {round_} (errors on held-out reference frames)",
+    )
     log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     paths = unpack(trained, w.path / "training" / f"r{round_}-shipped")
-    return loop.register_model(w, round_, paths, n_frames=len(frames), source="trained",
-                               device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype,
-                               mode=trained[0].mode, metrics=metrics)
+    return loop.register_model(
+        w,
+        round_,
+        paths,
+        n_frames=len(frames),
+        source="trained",
+        device=resolve_device(cfg.mlip.device),
+        dtype=cfg.mlip.dtype,
+        mode=trained[0].mode,
+        metrics=metrics,
+    )
 
 
 def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened: dict, trained: dict) -> dict:
@@ -213,8 +285,9 @@ def _model_errors(w: CampaignWriter, cfg: CampaignConfig, round_: int, screened:
         return {}
     check_trusted(screened["paths"] + trained["paths"], trusted_roots([w.path / "models", *_configured_paths(cfg)]))
     with dask.annotate(resources=MLIP):
-        fut = evaluate_task.submit([screened["paths"], trained["paths"]], frames, cfg.mlip.device, cfg.mlip.dtype,
-                                   _remote(w))
+        fut = evaluate_task.submit(
+            [screened["paths"], trained["paths"]], frames, cfg.mlip.device, cfg.mlip.dtype, _remote(w)
+        )
     before, after = fut.result()
     ref = [a.info["REF_energy"] / len(a) for a in frames]
     return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
@@ -237,16 +310,27 @@ def _initial_model(w: CampaignWriter, cfg: CampaignConfig, run: FlowWorkers) -> 
         return model
     info = configured_model(cfg.mlip, cfg.chemsys)
     if info is not None:
-        return loop.register_model(w, 0, list(info.paths), n_frames=0, source=cfg.mlip.model, copy=False,
-                                   device=resolve_device(cfg.mlip.device), dtype=cfg.mlip.dtype)
+        return loop.register_model(
+            w,
+            0,
+            list(info.paths),
+            n_frames=0,
+            source=cfg.mlip.model,
+            copy=False,
+            device=resolve_device(cfg.mlip.device),
+            dtype=cfg.mlip.dtype,
+        )
     seeds = loop.seed_candidates(cfg)
     loop.add_candidates(w, seeds, 0, "seed")
     reference_phases.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
     done = loop.dft_done(w, settings_hash(cfg.reference))
     jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
     known = set(w.table("known_phases")["candidate"]) if cfg.known_phases.configured else set()
-    log.info("cold start: %d seed structures with the reference calculator%s", len(jobs),
-             f" (known phases among them: {sum(cid in known for cid, _ in jobs)})" if known else "")
+    log.info(
+        "cold start: %d seed structures with the reference calculator%s",
+        len(jobs),
+        f" (known phases among them: {sum(cid in known for cid, _ in jobs)})" if known else "",
+    )
     _reference_stage(w, cfg, 0, jobs, verified=True)
     _reference_stage(w, cfg, 0, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
     return _train(w, cfg, 0, run)
@@ -264,8 +348,9 @@ def _relax_stage(w: CampaignWriter, cfg: CampaignConfig, round_: int, model: dic
     predicted = run.first_mlip(planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers), rates)
     t0, seconds, work = time.perf_counter(), [], 0.0
     with dask.annotate(resources=MLIP):
-        futures = {relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json"), _remote(w)): b
-                   for b in batches}
+        futures = {
+            relax_task.submit(b, model["paths"], cfg.mlip.model_dump(mode="json"), _remote(w)): b for b in batches
+        }
     for fut in as_completed(list(futures)):
         results = fut.result()
         key = loop.relax_batch_key(round_, model["sha256"], [cid for cid, _ in futures[fut]])
@@ -289,8 +374,9 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
         loop.record_run(w, cfg, this_run)
         dead = runs.mark_stale_runs_crashed(earlier, this_run, str(cfg.store_path))
         if dead:  # the writer lock is ours: whoever wrote before is gone, whatever the UI said
-            log.warning("marked Crashed: %s (earlier runs of this store that the API still showed running)",
-                        ", ".join(dead))
+            log.warning(
+                "marked Crashed: %s (earlier runs of this store that the API still showed running)", ", ".join(dead)
+            )
         run = FlowWorkers()
         model = _initial_model(w, cfg, run)
         refs = reference_phases.reference_set_jobs(w, cfg)
@@ -304,8 +390,11 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
         done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
         if 0 not in done_rounds:
             discovery.update_scores(w, cfg, 0, "r0/scores")
-            w.append_records("rounds", "r0", [{**discovery.round_metrics(w, cfg, 0, model["sha256"]),
-                                              "trained_model_sha256": model["sha256"]}])
+            w.append_records(
+                "rounds",
+                "r0",
+                [{**discovery.round_metrics(w, cfg, 0, model["sha256"]), "trained_model_sha256": model["sha256"]}],
+            )
         for r in range(1, n_rounds + 1):
             if r in done_rounds:
                 continue
@@ -328,10 +417,16 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             discovery.update_scores(w, cfg, r, f"r{r}/scores-mlip")
             picks = _select(w, cfg, r)
             done = loop.dft_done(w, settings_hash(cfg.reference))
-            log.info("round %d: verifying %d candidates with %s (%s acquisition)", r, len(picks),
-                     cfg.reference.calculator, cfg.active_learning.acquisition)
-            _reference_stage(w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done],
-                             verified=True)
+            log.info(
+                "round %d: verifying %d candidates with %s (%s acquisition)",
+                r,
+                len(picks),
+                cfg.reference.calculator,
+                cfg.active_learning.acquisition,
+            )
+            _reference_stage(
+                w, cfg, r, [(c, a) for c, a in loop.candidate_atoms(w, picks) if c not in done], verified=True
+            )
             cand = discovery.update_scores(w, cfg, r, f"r{r}/scores")
             trained = loop.current_model(w, before_round=r + 1)
             if trained is None or trained["round"] != r:
@@ -340,9 +435,11 @@ def campaign_flow(config: dict, rounds: int | None = None) -> dict:
             metrics["trained_model_sha256"] = trained["sha256"]
             metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
             w.append_records("rounds", f"r{r}", [metrics])
-            create_markdown_artifact(key=f"{slug(cfg.name)}-round-{r}",
-                                     markdown=discovery.round_report(cfg, metrics, cand),
-                                     description=f"{cfg.name} round {r}")
+            create_markdown_artifact(
+                key=f"{slug(cfg.name)}-round-{r}",
+                markdown=discovery.round_report(cfg, metrics, cand),
+                description=f"{cfg.name} round {r}",
+            )
             artifacts.discovery_table(w, cfg)
             artifacts.candidates_table(cfg, r, cand)
             artifacts.round_figures(cfg, r, cand)

@@ -29,12 +29,16 @@ def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str
     specs: dict[str, dict] = {}
     for i in range(n_mlip):
         env = {"OMP_NUM_THREADS": "1"} if not cuda_devices else {"CUDA_VISIBLE_DEVICES": str(i)}
-        specs[f"mlip-{i}"] = {"cls": Nanny, "options": {
-            "nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}"}}
+        specs[f"mlip-{i}"] = {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}"},
+        }
     for i in range(n_dft):
         env = {"OMP_NUM_THREADS": str(cfg.threads_per_dft_worker)}
-        specs[f"dft-{i}"] = {"cls": Nanny, "options": {
-            "nthreads": 1, "resources": DFT, "host": "127.0.0.1", "env": env, "name": f"dft-{i}"}}
+        specs[f"dft-{i}"] = {
+            "cls": Nanny,
+            "options": {"nthreads": 1, "resources": DFT, "host": "127.0.0.1", "env": env, "name": f"dft-{i}"},
+        }
     return specs
 
 
@@ -48,14 +52,14 @@ def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
         with slurm_cluster(cfg) as address:
             yield address
         return
-    from distributed import Scheduler, SpecCluster
-
     import torch
+    from distributed import Scheduler, SpecCluster
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    cluster = SpecCluster(scheduler=scheduler, workers=local_worker_specs(cfg, cuda_devices=cuda),
-                          name="matdisc", silence_logs=40)
+    cluster = SpecCluster(
+        scheduler=scheduler, workers=local_worker_specs(cfg, cuda_devices=cuda), name="matdisc", silence_logs=40
+    )
     try:
         yield cluster.scheduler_address
     finally:
@@ -71,14 +75,30 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     """
     s = cfg.slurm
     per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
-    common = {"account": s.account, "walltime": s.walltime, "interface": s.interface,
-              "job_extra_directives": list(s.job_extra_directives)}
-    dft = {**common, "queue": s.queue, "cores": s.cores, "processes": per_dft, "memory": s.memory,
-           "worker_extra_args": ["--resources", "DFT=1"],  # one calculation per worker at a time
-           "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"]}
-    mlip = {**common, "queue": s.mlip_queue or s.queue, "cores": s.mlip_cores, "processes": 1,
-            "memory": s.mlip_memory, "worker_extra_args": ["--resources", "MLIP=1"],
-            "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}"]}
+    common = {
+        "account": s.account,
+        "walltime": s.walltime,
+        "interface": s.interface,
+        "job_extra_directives": list(s.job_extra_directives),
+    }
+    dft = {
+        **common,
+        "queue": s.queue,
+        "cores": s.cores,
+        "processes": per_dft,
+        "memory": s.memory,
+        "worker_extra_args": ["--resources", "DFT=1"],  # one calculation per worker at a time
+        "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"],
+    }
+    mlip = {
+        **common,
+        "queue": s.mlip_queue or s.queue,
+        "cores": s.mlip_cores,
+        "processes": 1,
+        "memory": s.mlip_memory,
+        "worker_extra_args": ["--resources", "MLIP=1"],
+        "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}"],
+    }
     if s.gpus_per_mlip_job:
         mlip["job_extra_directives"] = [*mlip["job_extra_directives"], f"--gres=gpu:{s.gpus_per_mlip_job}"]
     return dft, mlip
@@ -95,8 +115,10 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
         raise UserError("compute.scheduler: slurm needs dask-jobqueue (pip install 'matdisc[hpc]')") from None
     dft_opts, mlip_opts = slurm_job_options(cfg)
     cluster = SLURMCluster(**dft_opts)
-    gpu_jobs = [SLURMJob(scheduler=cluster.scheduler_address, name=f"matdisc-mlip-{i}", **mlip_opts)
-                for i in range(cfg.slurm.mlip_jobs)]
+    gpu_jobs = [
+        SLURMJob(scheduler=cluster.scheduler_address, name=f"matdisc-mlip-{i}", **mlip_opts)
+        for i in range(cfg.slurm.mlip_jobs)
+    ]
     try:
         for job in gpu_jobs:
             cluster.sync(job.start)  # sbatch

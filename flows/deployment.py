@@ -67,8 +67,8 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
     from prefect import tags
     from prefect_dask import DaskTaskRunner
 
-    from flows.runs import ensure_zombie_automation
     from flows.cluster import campaign_cluster
+    from flows.runs import ensure_zombie_automation
 
     first, last = round_plan(cfg, rounds=rounds, more_rounds=more_rounds)
     compute = cfg.compute
@@ -76,8 +76,9 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
         compute = ComputeConfig.model_validate({**compute.model_dump(), "scheduler": os.environ["MATDISC_SCHEDULER"]})
     ensure_zombie_automation()  # a run killed from here on ends Crashed, not Running forever
     with campaign_cluster(compute) as address, tags(TAG, slug(cfg.name)):
-        campaign = campaign_flow.with_options(task_runner=DaskTaskRunner(address=address),
-                                              flow_run_name=run_name(cfg, first, last))
+        campaign = campaign_flow.with_options(
+            task_runner=DaskTaskRunner(address=address), flow_run_name=run_name(cfg, first, last)
+        )
         return campaign(config=cfg.model_dump(mode="json"), rounds=last)
 
 
@@ -106,8 +107,11 @@ def continue_campaign(config_path: str, more_rounds: int = 1, store: str | None 
 def deployment_parameters(config_path: str | Path, more_rounds: int = 1, store: str | Path | None = None) -> dict:
     """Absolute paths: a worker or a served run may start in another directory."""
     cfg = load_config(config_path)
-    return {"config_path": str(Path(config_path).resolve()), "more_rounds": more_rounds,
-            "store": str(_absolute(store or cfg.store_path))}
+    return {
+        "config_path": str(Path(config_path).resolve()),
+        "more_rounds": more_rounds,
+        "store": str(_absolute(store or cfg.store_path)),
+    }
 
 
 def _absolute(location: str | Path) -> str | Path:
@@ -131,8 +135,15 @@ def check_schedule(cron: str | None, interval: float | None) -> None:
             raise UserError(f"--cron: {cron!r} is not a valid cron expression") from None
 
 
-def serve_campaign(config_path: str | Path, *, cron: str | None, more_rounds: int = 1, name: str | None = None,
-                   store: str | Path | None = None, interval: float | None = None) -> None:
+def serve_campaign(
+    config_path: str | Path,
+    *,
+    cron: str | None,
+    more_rounds: int = 1,
+    name: str | None = None,
+    store: str | Path | None = None,
+    interval: float | None = None,
+) -> None:
     """Create (or update) the campaign's deployment and serve its runs until interrupted.
 
     ``cron`` or ``interval`` (seconds between runs) is its schedule; neither: runs on demand."""

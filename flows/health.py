@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 #: A Prefect server log line: "07:25:14.135 | ERROR   | docket.dependencies - message".
@@ -58,11 +58,15 @@ class Health:
         for name, err in self.services.items():
             out.append(f"service {name} failed {err.count} time(s), last at {err.last_time}: {err.last_error}")
         for name in self.unscheduled:
-            out.append(f"deployment {name} has an active schedule but no run scheduled ahead (is the scheduler "
-                       "service running?)")
+            out.append(
+                f"deployment {name} has an active schedule but no run scheduled ahead (is the scheduler "
+                "service running?)"
+            )
         if self.zombie_automation != "enabled":
-            out.append(f"the zombie-run automation is {self.zombie_automation}: killed runs stay Running "
-                       "(matdisc run creates it)")
+            out.append(
+                f"the zombie-run automation is {self.zombie_automation}: killed runs stay Running "
+                "(matdisc run creates it)"
+            )
         return out
 
     def as_dict(self) -> dict:
@@ -117,7 +121,7 @@ def unscheduled_deployments(client) -> tuple[int, list[str]]:
     )
     from prefect.client.schemas.objects import StateType
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     active, missing = 0, []
     for dep in client.read_deployments():
         if dep.paused or not any(s.active for s in dep.schedules or []):
@@ -129,8 +133,10 @@ def unscheduled_deployments(client) -> tuple[int, list[str]]:
             flow_run_filter=FlowRunFilter(
                 deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])),
-                expected_start_time=FlowRunFilterExpectedStartTime(after_=now)),
-            limit=1)
+                expected_start_time=FlowRunFilterExpectedStartTime(after_=now),
+            ),
+            limit=1,
+        )
         if not ahead:
             missing.append(dep.name)
     return active, missing

@@ -54,11 +54,16 @@ def zombie_automation():
     return Automation(
         name=ZOMBIE_AUTOMATION,
         description=f"A matdisc flow run that sent no heartbeat for {within} s is dead (killed, or its machine "
-                    "lost): mark it Crashed. Created by matdisc; disable it here to keep such runs Running.",
+        "lost): mark it Crashed. Created by matdisc; disable it here to keep such runs Running.",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match={"prefect.resource.id": ["prefect.flow-run.*"]},
             match_related={"prefect.resource.role": "tag", "prefect.resource.id": f"prefect.tag.{TAG}"},
             for_each={"prefect.resource.id"},
@@ -66,10 +71,12 @@ def zombie_automation():
             threshold=1,
             within=timedelta(seconds=within),
         ),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {within} s: the flow run's process was killed or its machine lost "
-                    "(matdisc's zombie-run automation); run the campaign again to resume it"),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within} s: the flow run's process was killed or its machine lost "
+                "(matdisc's zombie-run automation); run the campaign again to resume it",
+            ),
         ],
     )
 
@@ -102,8 +109,11 @@ def mark_stale_runs_crashed(earlier: Iterable[str], current: str | None, store: 
     ids = [UUID(i) for i in dict.fromkeys(earlier) if i and i != current]
     if not ids:
         return []
-    message = (f"its process died: flow run {current} took over the campaign store {store}"
-               if current else f"its process died: another run took over the campaign store {store}")
+    message = (
+        f"its process died: flow run {current} took over the campaign store {store}"
+        if current
+        else f"its process died: another run took over the campaign store {store}"
+    )
     marked: list[str] = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))

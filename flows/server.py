@@ -20,7 +20,6 @@ from pathlib import Path
 from matdisc.errors import UserError
 from matdisc.locations import matdisc_home
 
-
 home = matdisc_home
 
 
@@ -47,8 +46,12 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 
 def server_env() -> dict[str, str]:
-    return {**os.environ, "PREFECT_HOME": str(home() / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "true"}
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(home() / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+    }
 
 
 def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
@@ -64,14 +67,20 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
     port = port or int(os.environ.get("MATDISC_PREFECT_PORT", "4200"))
     url = f"http://127.0.0.1:{port}/api"
     if healthy(url):
-        raise UserError(f"port {port} already serves a Prefect API not started by matdisc; "
-                        f"set PREFECT_API_URL={url} to use it, or MATDISC_PREFECT_PORT to pick another port")
+        raise UserError(
+            f"port {port} already serves a Prefect API not started by matdisc; "
+            f"set PREFECT_API_URL={url} to use it, or MATDISC_PREFECT_PORT to pick another port"
+        )
     home().mkdir(parents=True, exist_ok=True)
     log = open(log_file(), "ab")
     log_offset = log.tell()  # `matdisc server status` reads this server's lines only
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=server_env(), start_new_session=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=server_env(),
+        start_new_session=True,
     )
     deadline = time.time() + timeout
     while time.time() < deadline:

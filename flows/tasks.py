@@ -79,18 +79,37 @@ def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str
     from matdisc.mlip import predict_energies, resolve_device
     from matdisc.mlip.shipping import localize
 
-    return [predict_energies(localize(paths, store), frames, device=resolve_device(device), dtype=dtype)
-            for paths in models]
+    return [
+        predict_energies(localize(paths, store), frames, device=resolve_device(device), dtype=dtype) for paths in models
+    ]
 
 
 @task(name="train-mace", **RETRY)
-def train_task(frames: list, groups: list[str], workdir: str, training: dict, size: int, seed: int,
-               device: str, dtype: str, start_models: list[str] | None, store: str | None = None) -> list["TrainedModel"]:
+def train_task(
+    frames: list,
+    groups: list[str],
+    workdir: str,
+    training: dict,
+    size: int,
+    seed: int,
+    device: str,
+    dtype: str,
+    start_models: list[str] | None,
+    store: str | None = None,
+) -> list[TrainedModel]:
     """``store``: the URL of a store on an object store; the trained files then travel back as bytes."""
     from matdisc.mlip import resolve_device, train_committee
     from matdisc.mlip.shipping import localize, pack
 
-    trained = train_committee(frames, groups, Path(workdir), TrainingConfig(**training), size=size, seed=seed,
-                              device=resolve_device(device), dtype=dtype,
-                              start_models=localize(start_models, store) if start_models else None)
+    trained = train_committee(
+        frames,
+        groups,
+        Path(workdir),
+        TrainingConfig(**training),
+        size=size,
+        seed=seed,
+        device=resolve_device(device),
+        dtype=dtype,
+        start_models=localize(start_models, store) if start_models else None,
+    )
     return pack(trained) if store else trained

@@ -122,8 +122,14 @@ def select(
         explore = pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa))
         if not failed.empty:
             explore = pd.concat([explore, failed.assign(acq_score=-np.inf, e_hull_pred=np.nan)])
-        passes = [(pool.assign(acq_score=acquisition_scores(pool, "greedy")), n_exploit,
-                   "family" if families is not None else None), (explore, budget, "system")]
+        passes = [
+            (
+                pool.assign(acq_score=acquisition_scores(pool, "greedy")),
+                n_exploit,
+                "family" if families is not None else None,
+            ),
+            (explore, budget, "system"),
+        ]
     else:
         passes = [(pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed)), budget, None)]
     matcher = StructureMatcher() if structure_of is not None else None
@@ -136,9 +142,13 @@ def select(
     for scored, until, spread in passes:
         ranked = scored.sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
-        keys = {row.id: {"family": (families or {}).get(row.id, ""),
-                         "system": _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else "")}
-                for _, row in rows}
+        keys = {
+            row.id: {
+                "family": (families or {}).get(row.id, ""),
+                "system": _chemsys(row.formula) + ("|" + families.get(row.id, "") if families else ""),
+            }
+            for _, row in rows
+        }
         share = shares[spread] if spread else {}
         level = 0
         while len(picks) < until:
@@ -147,8 +157,9 @@ def select(
                 if len(picks) >= until:
                     break
                 formula = row.formula
-                if row.id in taken or (max_per_composition is not None
-                                       and per_formula.get(formula, 0) >= max_per_composition):
+                if row.id in taken or (
+                    max_per_composition is not None and per_formula.get(formula, 0) >= max_per_composition
+                ):
                     continue
                 if spread and share.get(keys[row.id][spread], 0) > level:
                     continue  # this family (or subsystem) already has its share of the pass

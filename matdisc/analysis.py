@@ -48,8 +48,10 @@ def hull_figure(cand: pd.DataFrame, chemsys: Sequence[str] | None = None) -> Fig
     from pymatgen.analysis.phase_diagram import PDEntry, PDPlotter, PhaseDiagram
 
     ver = _verified(cand)
-    entries = [PDEntry(Composition(f), float(e) * Composition(f).num_atoms)
-               for f, e in zip(ver["formula"], ver["e_dft_per_atom"])]
+    entries = [
+        PDEntry(Composition(f), float(e) * Composition(f).num_atoms)
+        for f, e in zip(ver["formula"], ver["e_dft_per_atom"])
+    ]
     if not entries:
         raise UserError("no DFT-verified candidates yet: nothing to draw a hull of")
     ax = PDPlotter(PhaseDiagram(entries), backend="matplotlib").get_plot()
@@ -68,10 +70,21 @@ def _binary_hull(cand: pd.DataFrame, chemsys: list[str]) -> Figure:
     ax = fig.add_subplot()
     mlip = cand[np.isfinite(cand["e_form_mlip"].astype(float))]
     ver = _verified(cand)
-    ax.scatter([composition_fraction(f, b) for f in mlip["formula"]], mlip["e_form_mlip"], marker="o",
-               facecolors="none", edgecolors="tab:blue", label=f"MLIP ({len(mlip)})")
-    ax.scatter([composition_fraction(f, b) for f in ver["formula"]], ver["e_form_dft"], marker="s",
-               color="tab:red", label=f"DFT ({len(ver)})")
+    ax.scatter(
+        [composition_fraction(f, b) for f in mlip["formula"]],
+        mlip["e_form_mlip"],
+        marker="o",
+        facecolors="none",
+        edgecolors="tab:blue",
+        label=f"MLIP ({len(mlip)})",
+    )
+    ax.scatter(
+        [composition_fraction(f, b) for f in ver["formula"]],
+        ver["e_form_dft"],
+        marker="s",
+        color="tab:red",
+        label=f"DFT ({len(ver)})",
+    )
     on_hull = ver[ver["e_hull_dft"].astype(float) <= 1e-9]
     if len(on_hull):
         x = np.array([composition_fraction(f, b) for f in on_hull["formula"]])
@@ -124,8 +137,11 @@ def learning_figure(camp: Campaign) -> Figure:
     rounds, models = camp.rounds(), camp.models()
     fig = Figure(figsize=(9.6, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
-    for col, label in (("mae_mev_per_atom", "screening model vs new DFT (relaxed)"),
-                       ("mae_before_mev", "before retraining (static)"), ("mae_after_mev", "after retraining")):
+    for col, label in (
+        ("mae_mev_per_atom", "screening model vs new DFT (relaxed)"),
+        ("mae_before_mev", "before retraining (static)"),
+        ("mae_after_mev", "after retraining"),
+    ):
         if col in rounds and rounds[col].notna().any():
             ax1.plot(rounds["round"], rounds[col], "o-", label=label, gid=col)
     ax1.set_xlabel("round")
@@ -155,8 +171,14 @@ def discovery_figure(camp: Campaign) -> Figure:
         ax.plot(calls, hits, "o-", color="tab:green", label="campaign", gid="campaign")
         prevalence = rounds["prevalence_est"].dropna() if "prevalence_est" in rounds else pd.Series(dtype=float)
         if len(prevalence):
-            ax.plot(calls, hits[0] + calls * float(prevalence.iloc[-1]), "--", color="0.5",
-                    label=f"random (prevalence {prevalence.iloc[-1]:.2f})", gid="random")
+            ax.plot(
+                calls,
+                hits[0] + calls * float(prevalence.iloc[-1]),
+                "--",
+                color="0.5",
+                label=f"random (prevalence {prevalence.iloc[-1]:.2f})",
+                gid="random",
+            )
     ax.set_xlabel("DFT calculations (acquisition)")
     ax.set_ylabel("verified hits")
     ax.set_title("discovery curve")
@@ -186,8 +208,20 @@ def hits(cand: pd.DataFrame, max_e_hull: float | None = None) -> pd.DataFrame:
     keep = ver["is_hit"] if max_e_hull is None else ver["e_hull_dft"].astype(float) <= max_e_hull
     out = ver[keep].sort_values(["e_hull_dft", "e_form_dft"]).copy()
     out["mlip_error_mev"] = (out["e_mlip_per_atom"] - out["e_dft_per_atom"]) * 1000
-    cols = ["id", "formula", "prototype", "source", "round", "e_form_dft", "e_hull_dft", "e_form_mlip",
-            "mlip_error_mev", "sigma", "novel", "known_match"]
+    cols = [
+        "id",
+        "formula",
+        "prototype",
+        "source",
+        "round",
+        "e_form_dft",
+        "e_hull_dft",
+        "e_form_mlip",
+        "mlip_error_mev",
+        "sigma",
+        "novel",
+        "known_match",
+    ]
     return out[[c for c in cols if c in out]].reset_index(drop=True)
 
 
@@ -217,8 +251,9 @@ def interactive_view(structure: Structure):
     return view_x3d(AseAtomsAdaptor.get_atoms(structure))
 
 
-def export_structures(camp: Campaign, ids: Sequence[str], directory: str | Path, fmt: str = "cif",
-                      stage: str = "dft") -> list[Path]:
+def export_structures(
+    camp: Campaign, ids: Sequence[str], directory: str | Path, fmt: str = "cif", stage: str = "dft"
+) -> list[Path]:
     """Write each candidate's ``stage`` structure as ``directory/<id><suffix>``; returns the paths."""
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")

@@ -44,10 +44,21 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
             sg, sg_from = SpacegroupAnalyzer(c.structure, symprec=0.1).get_space_group_number(), "spglib"
         except Exception:  # noqa: BLE001 - spglib failed on a cell: the generator's own number, said so
             sg, sg_from = c.spacegroup, "generator"
-        rows.append({"formula": c.formula, "source": c.source, "prototype": c.prototype, "spacegroup": int(sg),
-                     "spacegroup_from": sg_from,
-                     "n_atoms": len(c.structure), "aflow": c.aflow, "strukturbericht": c.strukturbericht,
-                     "pearson": c.pearson, "parent": c.parent, "detail": c.detail})
+        rows.append(
+            {
+                "formula": c.formula,
+                "source": c.source,
+                "prototype": c.prototype,
+                "spacegroup": int(sg),
+                "spacegroup_from": sg_from,
+                "n_atoms": len(c.structure),
+                "aflow": c.aflow,
+                "strukturbericht": c.strukturbericht,
+                "pearson": c.pearson,
+                "parent": c.parent,
+                "detail": c.detail,
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -58,13 +69,22 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
     for col in ("formula", "source", "prototype", "space group", "atoms", "Pearson", "from"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["formula"], r["source"], r["prototype"], str(r["spacegroup"]), str(r["n_atoms"]),
-                      r["pearson"], r["parent"] or r["detail"])
+        table.add_row(
+            r["formula"],
+            r["source"],
+            r["prototype"],
+            str(r["spacegroup"]),
+            str(r["n_atoms"]),
+            r["pearson"],
+            r["parent"] or r["detail"],
+        )
     console = Console()
     console.print(table)
     summary = report.as_dict()
-    console.print(f"generated per source: {summary['generated']}; new: {summary['new']}; "
-                  f"skipped: {summary['skip_reasons'] or 'none'}")
+    console.print(
+        f"generated per source: {summary['generated']}; new: {summary['new']}; "
+        f"skipped: {summary['skip_reasons'] or 'none'}"
+    )
     return 0
 
 
@@ -80,14 +100,34 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"campaign store {summary['store']}")
-    for col in ("round", "candidates", "relaxed", "DFT verified", "hits", "new hits", "hit rate", "DAF", "model",
-                "MAE meV/atom", "MAE retrained"):
+    for col in (
+        "round",
+        "candidates",
+        "relaxed",
+        "DFT verified",
+        "hits",
+        "new hits",
+        "hit rate",
+        "DAF",
+        "model",
+        "MAE meV/atom",
+        "MAE retrained",
+    ):
         table.add_column(col, justify="right")
     for r in summary["rounds"]:
-        table.add_row(str(r["round"]), str(r["candidates"]), str(r["relaxed"]), str(r["dft_verified"]),
-                      str(r["hits"]), _fmt(r.get("new_hits"), "d"), _fmt(r.get("hit_rate"), ".2f"),
-                      _fmt(r.get("daf"), ".1f"), r["model_sha256"][:12], _fmt(r["mae_mev_per_atom"], ".1f"),
-                      _fmt(r.get("mae_after_mev"), ".1f"))
+        table.add_row(
+            str(r["round"]),
+            str(r["candidates"]),
+            str(r["relaxed"]),
+            str(r["dft_verified"]),
+            str(r["hits"]),
+            _fmt(r.get("new_hits"), "d"),
+            _fmt(r.get("hit_rate"), ".2f"),
+            _fmt(r.get("daf"), ".1f"),
+            r["model_sha256"][:12],
+            _fmt(r["mae_mev_per_atom"], ".1f"),
+            _fmt(r.get("mae_after_mev"), ".1f"),
+        )
     console = Console()
     console.print(table)
     _print_hits(console, args.store)
@@ -101,9 +141,17 @@ def _spending(store) -> dict:
     from matdisc.config import CampaignConfig
 
     costs = planning.round_costs(store)
-    out: dict = {"costs": [{k: (None if isinstance(v, float) and math.isnan(v) else
-                                int(v) if k in ("round", "jobs") else v) for k, v in r.items()}
-                           for r in costs.to_dict("records")], "budget": {}, "stopped": None}
+    out: dict = {
+        "costs": [
+            {
+                k: (None if isinstance(v, float) and math.isnan(v) else int(v) if k in ("round", "jobs") else v)
+                for k, v in r.items()
+            }
+            for r in costs.to_dict("records")
+        ],
+        "budget": {},
+        "stopped": None,
+    }
     runs = store.runs()
     if not runs.empty:
         try:
@@ -111,8 +159,9 @@ def _spending(store) -> dict:
             out["budget"] = planning.budget_status(cfg, store)
         except ValueError:  # a store written by an older matdisc, or a model file since moved
             pass
-    out["tradeoffs"] = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()}
-                        for r in tradeoff.latest(store)]
+    out["tradeoffs"] = [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in tradeoff.latest(store)
+    ]
     stops = store.table("stops")
     if not stops.empty:
         last = stops.iloc[-1]
@@ -128,8 +177,15 @@ def _print_spending(console, summary: dict) -> None:
         for col in ("round", "stage", "jobs", "predicted s", "actual s", "predicted/actual", "wall s"):
             table.add_column(col, justify="right")
         for r in summary["costs"]:
-            table.add_row(str(r["round"]), r["stage"], str(r["jobs"]), _fmt(r["predicted_s"], ".1f"),
-                          _fmt(r["actual_s"], ".1f"), _fmt(r["ratio"], ".2f"), _fmt(r["wall_s"], ".1f"))
+            table.add_row(
+                str(r["round"]),
+                r["stage"],
+                str(r["jobs"]),
+                _fmt(r["predicted_s"], ".1f"),
+                _fmt(r["actual_s"], ".1f"),
+                _fmt(r["ratio"], ".2f"),
+                _fmt(r["wall_s"], ".1f"),
+            )
         console.print(table)
     for name, b in summary["budget"].items():
         limit = "no limit" if b["limit"] is None else f"{b['limit']:.4g} h, {b['remaining']:.4g} h left"
@@ -186,8 +242,13 @@ def _cmd_tradeoff(args: argparse.Namespace) -> int:
         raise UserError(f"{cfg.store_path}: no campaign store: the trade-offs are measured on a campaign's data")
     split = lambda text: [t for t in text.split(",") if t.strip()] if text != "none" else []  # noqa: E731
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if args.json else print
-    options = measure(cfg, presets=split(args.presets), sizes=split(args.sizes) if args.sizes else None,
-                      structures=args.structures, log=say)
+    options = measure(
+        cfg,
+        presets=split(args.presets),
+        sizes=split(args.sizes) if args.sizes else None,
+        structures=args.structures,
+        log=say,
+    )
     rows = [vars(o) for o in options]
     if args.json:
         print(json.dumps(rows, indent=2, default=float))
@@ -202,13 +263,30 @@ def _print_tradeoffs(console, rows: list[dict], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("kind", "option", "error meV/atom", "vs", "forces eV/Å", "seconds", "relative cost", "µs/atom",
-                "structures"):
+    for col in (
+        "kind",
+        "option",
+        "error meV/atom",
+        "vs",
+        "forces eV/Å",
+        "seconds",
+        "relative cost",
+        "µs/atom",
+        "structures",
+    ):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["kind"], r["option"], _fmt(r["error_mev_per_atom"], ".1f"), r["against"],
-                      _fmt(r["forces_rmse"], ".4f"), _fmt(r["seconds"], ".1f"), _fmt(r["relative_cost"], ".2f"),
-                      _fmt(r["infer_us_per_atom"], ".0f"), str(r["n_structures"]))
+        table.add_row(
+            r["kind"],
+            r["option"],
+            _fmt(r["error_mev_per_atom"], ".1f"),
+            r["against"],
+            _fmt(r["forces_rmse"], ".4f"),
+            _fmt(r["seconds"], ".1f"),
+            _fmt(r["relative_cost"], ".2f"),
+            _fmt(r["infer_us_per_atom"], ".0f"),
+            str(r["n_structures"]),
+        )
     console.print(table)
 
 
@@ -217,10 +295,21 @@ def _print_plan(plan) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"plan for {plan.campaign}: compute seconds (wall seconds on "
-                  f"{plan.workers.mlip} MLIP + {plan.workers.dft} DFT workers)")
-    for col in ("round", "new candidates", "relaxations", "DFT calcs", "generate", "MLIP relax", "DFT", "training",
-                "wall"):
+    table = Table(
+        title=f"plan for {plan.campaign}: compute seconds (wall seconds on "
+        f"{plan.workers.mlip} MLIP + {plan.workers.dft} DFT workers)"
+    )
+    for col in (
+        "round",
+        "new candidates",
+        "relaxations",
+        "DFT calcs",
+        "generate",
+        "MLIP relax",
+        "DFT",
+        "training",
+        "wall",
+    ):
         table.add_column(col, justify="right")
 
     def cell(r, stage: str) -> str:
@@ -228,22 +317,40 @@ def _print_plan(plan) -> None:
         return "-" if s is None else f"{s.compute_s:.0f} ({s.wall_s:.0f})"
 
     for r in plan.rounds:
-        table.add_row(str(r.round), str(r.candidates), str(r.relaxations), str(r.dft_calcs), cell(r, "generate"),
-                      cell(r, "relax"), cell(r, "dft"), cell(r, "train"), f"{r.wall_s / 60:.1f} min")
+        table.add_row(
+            str(r.round),
+            str(r.candidates),
+            str(r.relaxations),
+            str(r.dft_calcs),
+            cell(r, "generate"),
+            cell(r, "relax"),
+            cell(r, "dft"),
+            cell(r, "train"),
+            f"{r.wall_s / 60:.1f} min",
+        )
     console.print(table)
     total = plan.totals()
-    console.print(f"total: {total['wall_s'] / 3600:.2f} h wall, {total['dft_cpu_hours']:.3f} DFT CPU-hours, "
-                  f"{total['gpu_hours']:.3f} MLIP worker hours; peak memory per worker: "
-                  + ", ".join(f"{k} {v:.2f} GB" for k, v in plan.memory.items()))
+    console.print(
+        f"total: {total['wall_s'] / 3600:.2f} h wall, {total['dft_cpu_hours']:.3f} DFT CPU-hours, "
+        f"{total['gpu_hours']:.3f} MLIP worker hours; peak memory per worker: "
+        + ", ".join(f"{k} {v:.2f} GB" for k, v in plan.memory.items())
+    )
     sources = sorted({plan.rates.origin(k) for k in plan.rates.as_dict() if k != "source"})
     console.print(f"rates from: {', '.join(sources)}")
     for name, b in plan.budget.items():
         if b["limit"] is not None:
-            verdict = "fits" if b["fits"] else (
-                "does NOT fit: the campaign will screen picks with cheaper DFT where that pays "
-                "(budget.screening), shrink DFT batches, then stop")
-            console.print(f"budget.{name}: {b['spent']:.3g} h spent + {b['planned']:.3g} h planned of {b['limit']:.3g} h"
-                          f" — {verdict}")
+            verdict = (
+                "fits"
+                if b["fits"]
+                else (
+                    "does NOT fit: the campaign will screen picks with cheaper DFT where that pays "
+                    "(budget.screening), shrink DFT batches, then stop"
+                )
+            )
+            console.print(
+                f"budget.{name}: {b['spent']:.3g} h spent + {b['planned']:.3g} h planned of {b['limit']:.3g} h"
+                f" — {verdict}"
+            )
 
 
 def _fmt(value: float | int | None, spec: str) -> str:
@@ -266,8 +373,13 @@ def _print_hits(console, store: str | Path) -> None:
     for col in cols + (("novel",) if known["known_phases"] else ()):
         table.add_column(col, justify="right")
     for r in hits.to_dict("records"):
-        row = [r["formula"], r["prototype"] or "", f"{r['e_form_dft']:.3f}", f"{r['e_hull_dft']:.3f}",
-               f"{(r['e_mlip_per_atom'] - r['e_dft_per_atom']) * 1000:.1f}"]
+        row = [
+            r["formula"],
+            r["prototype"] or "",
+            f"{r['e_form_dft']:.3f}",
+            f"{r['e_hull_dft']:.3f}",
+            f"{(r['e_mlip_per_atom'] - r['e_dft_per_atom']) * 1000:.1f}",
+        ]
         if known["known_phases"]:
             row.append("new" if r["novel"] else f"known: {r['known_match']}")
         table.add_row(*row)
@@ -277,9 +389,15 @@ def _print_hits(console, store: str | Path) -> None:
         for col in ("known phase", "formula", "source", "DFT", "E_form eV/atom", "E_hull eV/atom", ""):
             kt.add_column(col, justify="right")
         for k in known["known_phases"]:
-            kt.add_row(k["known_id"], k["formula"], Path(k["source"]).name, k["dft_status"] or "pending",
-                       _fmt(k["e_form_dft"], ".3f"), _fmt(k["e_hull_dft"], ".3f"),
-                       "ABOVE the campaign's hull" if k["above_hull"] else "")
+            kt.add_row(
+                k["known_id"],
+                k["formula"],
+                Path(k["source"]).name,
+                k["dft_status"] or "pending",
+                _fmt(k["e_form_dft"], ".3f"),
+                _fmt(k["e_hull_dft"], ".3f"),
+                "ABOVE the campaign's hull" if k["above_hull"] else "",
+            )
         console.print(kt)
 
 
@@ -300,16 +418,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     api = ensure_api()
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
     _warn_if_unhealthy(api)
-    from flows.deployment import run_campaign
-
     import httpx
+
+    from flows.deployment import run_campaign
 
     try:
         run_campaign(cfg, rounds=args.rounds, more_rounds=args.more_rounds)
     except httpx.TransportError as err:  # the Prefect server went away mid-run (killed, restarted, network)
         again = " (matdisc starts its server again)" if own_server else ""
-        print(f"matdisc: lost the Prefect API at {api} ({type(err).__name__}: {err}); every completed batch is in "
-              f"{cfg.store_path}: run again to resume{again}", file=sys.stderr)
+        print(
+            f"matdisc: lost the Prefect API at {api} ({type(err).__name__}: {err}); every completed batch is in "
+            f"{cfg.store_path}: run again to resume{again}",
+            file=sys.stderr,
+        )
         return 1
     from rich.console import Console
 
@@ -344,11 +465,20 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployment import serve_campaign
 
     schedule = args.cron or (f"every {args.interval:g} s" if args.interval else "none (runs on demand)")
-    print(f"Prefect UI: {ui_url(api)}   deployment: matdisc-continue-campaign/{args.name or slug(cfg.name)}   "
-          f"schedule: {schedule}   store: {args.store or cfg.store_path}", flush=True)
+    print(
+        f"Prefect UI: {ui_url(api)}   deployment: matdisc-continue-campaign/{args.name or slug(cfg.name)}   "
+        f"schedule: {schedule}   store: {args.store or cfg.store_path}",
+        flush=True,
+    )
     _warn_if_unhealthy(api)
-    serve_campaign(args.config, cron=args.cron, interval=args.interval, more_rounds=args.more_rounds, name=args.name,
-                   store=args.store)
+    serve_campaign(
+        args.config,
+        cron=args.cron,
+        interval=args.interval,
+        more_rounds=args.more_rounds,
+        name=args.name,
+        store=args.store,
+    )
     return 0
 
 
@@ -383,8 +513,9 @@ def _server_status(as_json: bool) -> int:
 
     api = os.environ.get("PREFECT_API_URL") or (server.recorded() or {}).get("api_url")
     if not api:
-        raise UserError("no Prefect API: PREFECT_API_URL is unset and matdisc has started no server "
-                        "(matdisc server start)")
+        raise UserError(
+            "no Prefect API: PREFECT_API_URL is unset and matdisc has started no server (matdisc server start)"
+        )
     os.environ["PREFECT_API_URL"] = api
     from flows.health import check
 
@@ -393,18 +524,28 @@ def _server_status(as_json: bool) -> int:
         print(json.dumps(health.as_dict(), indent=2))
         return 0 if not health.problems else 1
     who = f"started by matdisc, log {health.log}" if health.started_by_matdisc else "not started by matdisc"
-    print(f"Prefect API {api}: {'answers' if health.reachable else 'DOES NOT ANSWER'}"
-          + (f" (Prefect {health.version}, {who})" if health.reachable else ""))
+    print(
+        f"Prefect API {api}: {'answers' if health.reachable else 'DOES NOT ANSWER'}"
+        + (f" (Prefect {health.version}, {who})" if health.reachable else "")
+    )
     if health.reachable:
         if health.started_by_matdisc:
-            print("services: " + (f"{len(health.services)} failing" if health.services else "no errors logged")
-                  + (f"; {health.other_errors.count} other server error(s) logged, the last at "
-                     f"{health.other_errors.last_time}: {health.other_errors.last_error}"
-                     if health.other_errors.count else ""))
+            print(
+                "services: "
+                + (f"{len(health.services)} failing" if health.services else "no errors logged")
+                + (
+                    f"; {health.other_errors.count} other server error(s) logged, the last at "
+                    f"{health.other_errors.last_time}: {health.other_errors.last_error}"
+                    if health.other_errors.count
+                    else ""
+                )
+            )
         else:
             print("services: not a server matdisc started; its own log holds their errors")
-        print(f"scheduler: {health.scheduled_deployments} deployment(s) with an active schedule, "
-              f"{len(health.unscheduled)} without a run scheduled ahead")
+        print(
+            f"scheduler: {health.scheduled_deployments} deployment(s) with an active schedule, "
+            f"{len(health.unscheduled)} without a run scheduled ahead"
+        )
         print(f"zombie-run automation: {health.zombie_automation}")
     for problem in health.problems:
         print(f"problem: {problem}")
@@ -418,8 +559,10 @@ def _warn_if_unhealthy(api: str) -> None:
     try:
         health = check(api)
     except Exception as err:  # noqa: BLE001 - a status look must never stop a campaign
-        print(f"matdisc: warning: could not check the Prefect server's health ({type(err).__name__}: {err})",
-              file=sys.stderr)
+        print(
+            f"matdisc: warning: could not check the Prefect server's health ({type(err).__name__}: {err})",
+            file=sys.stderr,
+        )
         return
     for problem in health.problems:
         if "zombie-run automation" not in problem:  # the run itself creates it
@@ -455,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
     p.add_argument("--presets", default="fast,accurate", help="reference presets to compare (none: skip)")
-    p.add_argument("--sizes", help="MACE sizes CHANNELSxL, e.g. 8x0e,16x0e (default: half, configured, double; "
-                   "none: skip)")
+    p.add_argument(
+        "--sizes", help="MACE sizes CHANNELSxL, e.g. 8x0e,16x0e (default: half, configured, double; none: skip)"
+    )
     p.add_argument("--structures", type=int, default=4, help="verified structures the presets recompute")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_tradeoff)
@@ -464,8 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="campaign file (YAML)")
     p.add_argument("--round", type=int, default=1, help="the round to preview (default 1)")
     p.add_argument("--store", help="campaign store to deduplicate against (overrides the config; read only)")
-    p.add_argument("--json", action="store_true", help='JSON list of {"formula", "source", "prototype", '
-                   '"spacegroup", "n_atoms", ...}')
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='JSON list of {"formula", "source", "prototype", "spacegroup", "n_atoms", ...}',
+    )
     p.set_defaults(func=_cmd_candidates)
     p = sub.add_parser("status", help="per-round table of a campaign store")
     p.add_argument("store")
@@ -478,8 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a campaign file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_validate)
-    p = sub.add_parser("server", help="the local Prefect server matdisc starts: start, stop, or its status "
-                       "(failing services, schedules without runs, the zombie-run automation)")
+    p = sub.add_parser(
+        "server",
+        help="the local Prefect server matdisc starts: start, stop, or its status "
+        "(failing services, schedules without runs, the zombie-run automation)",
+    )
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_server)

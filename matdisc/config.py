@@ -39,15 +39,20 @@ class PrototypeSourceConfig(_Strict):
 
     enabled: bool = Field(True, description="decorate the prototype library")
     library: Literal["aflow", "builtin"] = Field(
-        "aflow", description="aflow: every AFLOW prototype (pymatgen's copy of the library) with at most max_atoms "
+        "aflow",
+        description="aflow: every AFLOW prototype (pymatgen's copy of the library) with at most max_atoms "
         "sites and at most max_elements species; builtin: matdisc's 25 ideal-geometry prototypes (ionic ones only "
-        "for ionic systems)")
+        "for ionic systems)",
+    )
     elements: bool | None = Field(
-        None, description="decorate the library's one-species prototypes (elemental polymorphs); None: only when "
-        "the chemical system is one element (a compound search has fcc, bcc and hcp in its reference set)")
+        None,
+        description="decorate the library's one-species prototypes (elemental polymorphs); None: only when "
+        "the chemical system is one element (a compound search has fcc, bcc and hcp in its reference set)",
+    )
     names: list[str] | None = Field(
-        None, description="prototypes to decorate instead of the whole library: built-in names (fcc, B2, ...), "
-        "Strukturbericht symbols (B32) or AFLOW labels (AB_cF16_227_a_b)"
+        None,
+        description="prototypes to decorate instead of the whole library: built-in names (fcc, B2, ...), "
+        "Strukturbericht symbols (B32) or AFLOW labels (AB_cF16_227_a_b)",
     )
     per_round: int | None = Field(None, ge=0, description="cap on new prototype candidates per round (None: all)")
 
@@ -60,8 +65,10 @@ class PrototypeSourceConfig(_Strict):
 
             unknown = [n for n in value if n not in PROTOTYPES and n not in by_name()]
             if unknown:
-                raise ValueError(f"unknown prototype {unknown[0]!r}: not a built-in name ({', '.join(PROTOTYPES)}), "
-                                 "nor a Strukturbericht symbol or AFLOW label of the AFLOW library")
+                raise ValueError(
+                    f"unknown prototype {unknown[0]!r}: not a built-in name ({', '.join(PROTOTYPES)}), "
+                    "nor a Strukturbericht symbol or AFLOW label of the AFLOW library"
+                )
         return value
 
 
@@ -90,9 +97,7 @@ class GenerationConfig(_Strict):
     """What candidate structures to build each round."""
 
     max_atoms: int = Field(8, ge=1, le=64, description="largest cell (atoms) a candidate may have")
-    max_elements: int | None = Field(
-        None, ge=1, description="most elements in one candidate (None: all of chemsys)"
-    )
+    max_elements: int | None = Field(None, ge=1, description="most elements in one candidate (None: all of chemsys)")
     seed: int = Field(0, description="seed for every random choice of the generators")
     max_candidates: int | None = Field(
         None, ge=1, description="cap on new candidates per round, after dedup (None: no cap)"
@@ -218,9 +223,7 @@ class MLIPConfig(_Strict):
             return value
         names = mace_mp_names()
         if value not in names:
-            raise ValueError(
-                f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})"
-            )
+            raise ValueError(f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})")
         return value
 
     @field_validator("device")
@@ -242,10 +245,26 @@ class MLIPConfig(_Strict):
 #: What each reference preset sets (see the README's "DFT verification" section). ``ecut`` and
 #: ``smearing`` (and the SCF tolerance) apply to GPAW; the rest to the protocol for any calculator.
 REFERENCE_PRESETS: dict[str, dict[str, Any]] = {
-    "fast": {"ecut": 300.0, "smearing": 0.1, "kpoint_density": 2.5, "fmax": 0.05, "stress_tol": 0.5,
-             "max_steps": 60, "walltime_s": 3600.0, "scf": {"energy": 5e-4}},
-    "accurate": {"ecut": 520.0, "smearing": 0.05, "kpoint_density": 5.0, "fmax": 0.01, "stress_tol": 0.1,
-                 "max_steps": 200, "walltime_s": 6 * 3600.0, "scf": {"energy": 1e-6, "density": 1e-6}},
+    "fast": {
+        "ecut": 300.0,
+        "smearing": 0.1,
+        "kpoint_density": 2.5,
+        "fmax": 0.05,
+        "stress_tol": 0.5,
+        "max_steps": 60,
+        "walltime_s": 3600.0,
+        "scf": {"energy": 5e-4},
+    },
+    "accurate": {
+        "ecut": 520.0,
+        "smearing": 0.05,
+        "kpoint_density": 5.0,
+        "fmax": 0.01,
+        "stress_tol": 0.1,
+        "max_steps": 200,
+        "walltime_s": 6 * 3600.0,
+        "scf": {"energy": 1e-6, "density": 1e-6},
+    },
 }
 
 
@@ -264,9 +283,7 @@ class ReferenceConfig(_Strict):
         default_factory=dict, description="keyword arguments for the calculator (merged over the gpaw preset)"
     )
     ecut: float | None = Field(None, gt=0, description="gpaw: plane-wave cutoff in eV (None: from preset)")
-    smearing: float | None = Field(
-        None, gt=0, description="gpaw: Fermi-Dirac width in eV (None: from preset)"
-    )
+    smearing: float | None = Field(None, gt=0, description="gpaw: Fermi-Dirac width in eV (None: from preset)")
     kpoint_density: float | None = Field(
         None, gt=0, description="k-points per Å⁻¹ of reciprocal length, when parameters set no kpts (None: preset)"
     )
@@ -297,8 +314,10 @@ class ReferenceConfig(_Strict):
     )
     ranks: int = Field(1, ge=1, description="MPI ranks per calculation, substituted into launcher")
     statics_per_task: int = Field(
-        8, ge=1, description="single points (screening, training frames) one DFT task runs in one calculation "
-        "process: the process start and calculator import are paid once, each keeps its own wall time"
+        8,
+        ge=1,
+        description="single points (screening, training frames) one DFT task runs in one calculation "
+        "process: the process start and calculator import are paid once, each keeps its own wall time",
     )
 
     @field_validator("calculator")
@@ -336,8 +355,15 @@ class ReferenceConfig(_Strict):
         return value
 
     #: Fields a preset decides (the accuracy), as opposed to what runs and how.
-    ACCURACY_FIELDS: ClassVar[tuple[str, ...]] = ("ecut", "smearing", "kpoint_density", "fmax", "stress_tol",
-                                                  "max_steps", "walltime_s")
+    ACCURACY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "ecut",
+        "smearing",
+        "kpoint_density",
+        "fmax",
+        "stress_tol",
+        "max_steps",
+        "walltime_s",
+    )
 
     def under_preset(self, preset: str, **update: Any) -> ReferenceConfig:
         """These settings with ``preset`` deciding the accuracy fields (calculator, spin, parameters,
@@ -378,8 +404,10 @@ class ActiveLearningConfig(_Strict):
     )
     kappa: float = Field(1.0, ge=0, description="weight of the committee spread in the optimistic e_hull")
     explore_fraction: float = Field(
-        0.25, ge=0, le=1, description="uncertainty: share of the budget picked by optimistic e_hull, the rest by "
-        "predicted e_hull"
+        0.25,
+        ge=0,
+        le=1,
+        description="uncertainty: share of the budget picked by optimistic e_hull, the rest by predicted e_hull",
     )
     diversity: bool = Field(
         True, description="never pick two structures StructureMatcher calls the same, nor one already verified"
@@ -388,14 +416,16 @@ class ActiveLearningConfig(_Strict):
         2, ge=1, description="most picks per reduced formula in one round (None: no cap)"
     )
     query_failed_relaxations: bool = Field(
-        True, description="uncertainty: candidates whose MLIP relaxation exploded come first in the exploration "
+        True,
+        description="uncertainty: candidates whose MLIP relaxation exploded come first in the exploration "
         "share (verified from their initial structure): the model failing on a structure is the plainest sign "
-        "that it has not seen its like"
+        "that it has not seen its like",
     )
     structure_spread: bool = Field(
-        True, description="uncertainty: take the best candidate of each structure family (prototype, or random "
+        True,
+        description="uncertainty: take the best candidate of each structure family (prototype, or random "
         "crystals as one family) before a second of any, so a model's blind spot for one structure type costs "
-        "a round one pick"
+        "a round one pick",
     )
     max_dft_total: int | None = Field(
         None, ge=0, description="stop once the campaign's rounds have used this many DFT calculations (None: no cap)"
@@ -428,21 +458,27 @@ class ScreeningConfig(_Strict):
         0.05, ge=0, description="eV/atom: a screened pick further than this above the DFT hull is not verified"
     )
     shortlist: int | None = Field(
-        None, ge=1, description="screen this many of every round's acquisition order, budget or not, and verify "
-        "the best screened (None: screen only when a budget runs short)"
+        None,
+        ge=1,
+        description="screen this many of every round's acquisition order, budget or not, and verify "
+        "the best screened (None: screen only when a budget runs short)",
     )
     walltime_s: float | None = Field(
         None, gt=0, description="seconds one screening calculation may take (None: the preset's)"
     )
     geometries: list[Literal["mlip", "initial"]] = Field(
-        ["mlip"], min_length=1, description="where a candidate gets its single points: its MLIP-relaxed and/or "
+        ["mlip"],
+        min_length=1,
+        description="where a candidate gets its single points: its MLIP-relaxed and/or "
         "its initial (generated) structure; the lowest energy ranks it (both: a young model's relaxation may "
-        "end in a wrong basin)"
+        "end in a wrong basin)",
     )
 
     max_volume_change: float | None = Field(
-        0.2, gt=0, description="a candidate whose MLIP relaxation changed its cell volume by more than this "
-        "fraction is screened at its initial structure instead of the MLIP one (None: never)"
+        0.2,
+        gt=0,
+        description="a candidate whose MLIP relaxation changed its cell volume by more than this "
+        "fraction is screened at its initial structure instead of the MLIP one (None: never)",
     )
 
     @field_validator("geometries")
@@ -535,8 +571,9 @@ class KnownPhasesConfig(_Strict):
     """Phases already known for the system: they join the DFT hull, and hits are compared with them."""
 
     files: list[str] = Field(
-        default_factory=list, description="CIF/extxyz files, folders of them, globs, or JSON lists of pymatgen "
-        "ComputedStructureEntry/Structure; computed with the reference settings at the start"
+        default_factory=list,
+        description="CIF/extxyz files, folders of them, globs, or JSON lists of pymatgen "
+        "ComputedStructureEntry/Structure; computed with the reference settings at the start",
     )
     materials_project: MaterialsProjectConfig = Field(default_factory=MaterialsProjectConfig)
 
@@ -560,7 +597,8 @@ class CampaignConfig(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="campaign name")
     chemsys: list[str] = Field(..., description="elements of the chemical system, e.g. [Cu, Pd]")
     store: str | None = Field(
-        None, description="campaign store: a path (default runs/NAME.zarr) or an fsspec URL such as s3://bucket/NAME.zarr"
+        None,
+        description="campaign store: a path (default runs/NAME.zarr) or an fsspec URL such as s3://bucket/NAME.zarr",
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     mlip: MLIPConfig = Field(default_factory=MLIPConfig)

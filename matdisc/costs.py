@@ -126,7 +126,9 @@ def dft_work(atoms: Atoms, ref: ReferenceConfig) -> float:
     if ref.calculator != "gpaw":
         return float(len(atoms))
     spin = spin_polarised(atoms, ref)
-    return gpaw_kpoints(atoms, ref) * (planewaves(atoms, ref) * bands(atoms, spin) + K_OVERHEAD) * (2.0 if spin else 1.0)
+    return (
+        gpaw_kpoints(atoms, ref) * (planewaves(atoms, ref) * bands(atoms, spin) + K_OVERHEAD) * (2.0 if spin else 1.0)
+    )
 
 
 def gpaw_kpoints(atoms: Atoms, ref: ReferenceConfig) -> int:
@@ -166,8 +168,10 @@ def dft_seconds(atoms: Atoms, ref: ReferenceConfig, rates: Rates, steps: float |
 
 def relax_tasks(n_atoms: Sequence[int], per_task: int, rates: Rates) -> list[float]:
     """Predicted seconds of each relaxation task (structures split as the flow splits them)."""
-    return [rates.relax_task_s + rates.relax_s * rates.mlip_steps * sum(n_atoms[i : i + per_task])
-            for i in range(0, len(n_atoms), per_task)]
+    return [
+        rates.relax_task_s + rates.relax_s * rates.mlip_steps * sum(n_atoms[i : i + per_task])
+        for i in range(0, len(n_atoms), per_task)
+    ]
 
 
 def train_member_seconds(frame_atoms: float, epochs: int, rates: Rates) -> float:
@@ -217,14 +221,16 @@ def _fit(jobs: np.ndarray, work: np.ndarray, actual: np.ndarray, fixed: float) -
     return fixed, rate
 
 
-def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.DataFrame,
-              generation: pd.DataFrame | None = None) -> Rates:
+def calibrate(
+    rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.DataFrame, generation: pd.DataFrame | None = None
+) -> Rates:
     """Refit the rates on a campaign's records (tables ``costs``, ``mlip``, ``dft``, ``generation``).
 
     Steps come from the relaxations themselves (mean FIRE steps; mean ionic steps of seeds and
     of verifications); each stage's per-job and per-work seconds are fitted on its records
     (:func:`_fit`; DFT on the verification rounds' records once there are any: the cold start's
-    relaxations from prototypes and rattled statics are other jobs). Orchestration per task is what the stages' wall time exceeded their compute by;
+    relaxations from prototypes and rattled statics are other jobs). Orchestration per task is
+    what the stages' wall time exceeded their compute by;
     storing candidates, what a generation stage took beyond the generation's own timings.
     """
     out = rates
@@ -241,14 +247,21 @@ def calibrate(rates: Rates, costs: pd.DataFrame, mlip: pd.DataFrame, dft: pd.Dat
     if costs.empty:
         return out
     fitted = {}
-    for stage, fixed, rate in (("relax", "relax_task_s", "relax_s"), ("dft", "dft_call_s", "dft_s"),
-                               ("train", "train_member_s", "train_s")):
+    for stage, fixed, rate in (
+        ("relax", "relax_task_s", "relax_s"),
+        ("dft", "dft_call_s", "dft_s"),
+        ("train", "train_member_s", "train_s"),
+    ):
         rows = costs[(costs["stage"] == stage) & (costs["work"] > 0)]
         if stage == "dft" and "round" in rows and (rows["round"] >= 1).any():
             rows = rows[rows["round"] >= 1]  # verifications, once there are any: not seeds or rattled statics
         if len(rows):
-            c, s = _fit(rows["jobs"].to_numpy(float), rows["work"].to_numpy(float), rows["actual_s"].to_numpy(float),
-                        getattr(out, fixed))
+            c, s = _fit(
+                rows["jobs"].to_numpy(float),
+                rows["work"].to_numpy(float),
+                rows["actual_s"].to_numpy(float),
+                getattr(out, fixed),
+            )
             fitted.update({fixed: c, rate: s})
     out = out.updated("store", **fitted)
     gen = costs[costs["stage"] == "generate"]
@@ -271,6 +284,24 @@ def reference_cores(cfg: CampaignConfig) -> int:
     return cfg.compute.threads_per_dft_worker * cfg.reference.ranks
 
 
-__all__ = ["K_OVERHEAD", "STAGES", "Rates", "bands", "calibrate", "concurrent_members", "dft_seconds", "dft_work",
-           "gpaw_kpoints", "irreducible_kpoints", "makespan", "planewaves", "reference_cores", "relax_tasks",
-           "scf_cycles", "spin_polarised", "stage_wall", "train_member_seconds", "valence_electrons"]
+__all__ = [
+    "K_OVERHEAD",
+    "STAGES",
+    "Rates",
+    "bands",
+    "calibrate",
+    "concurrent_members",
+    "dft_seconds",
+    "dft_work",
+    "gpaw_kpoints",
+    "irreducible_kpoints",
+    "makespan",
+    "planewaves",
+    "reference_cores",
+    "relax_tasks",
+    "scf_cycles",
+    "spin_polarised",
+    "stage_wall",
+    "train_member_seconds",
+    "valence_electrons",
+]

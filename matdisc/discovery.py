@@ -63,8 +63,11 @@ def known_matches(w: CampaignWriter, cand: pd.DataFrame, e_dft: np.ndarray) -> l
         own.setdefault(cid, kid)
     row = {cid: i for i, cid in enumerate(cand["id"])}
     formulas = {f for f, c in zip(known["formula"], known["candidate"]) if c in row}
-    verified = [cid for cid, f, e in zip(cand["id"], cand["formula"], e_dft)
-                if np.isfinite(e) and f in formulas and cid not in own]
+    verified = [
+        cid
+        for cid, f, e in zip(cand["id"], cand["formula"], e_dft)
+        if np.isfinite(e) and f in formulas and cid not in own
+    ]
     if verified:
         structure = _dft_or_initial(w, {cid for cid, e in zip(cand["id"], e_dft) if np.isfinite(e)})
         by_known = {kid: structure(cid) for cid, kid in own.items() if cid in row}
@@ -147,16 +150,29 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
     shortlist = cfg.budget.screening.active_shortlist
     n = max(budget, shortlist or 0) if budget else 0  # a shortlist ranks further
     # a shortlist caps picks per composition after the screen (screening.cap_per_composition)
-    return select(cand, n, strategy=al.acquisition, kappa=al.kappa,
-                  explore_fraction=al.explore_fraction, seed=cfg.generation.seed * 1000 + round_,
-                  structure_of=structure_of, verified=verified,
-                  max_per_composition=None if shortlist else al.max_per_composition,
-                  families=structure_families(cand) if al.structure_spread else None,
-                  query_failed=al.query_failed_relaxations)
+    return select(
+        cand,
+        n,
+        strategy=al.acquisition,
+        kappa=al.kappa,
+        explore_fraction=al.explore_fraction,
+        seed=cfg.generation.seed * 1000 + round_,
+        structure_of=structure_of,
+        verified=verified,
+        max_per_composition=None if shortlist else al.max_per_composition,
+        families=structure_families(cand) if al.structure_spread else None,
+        query_failed=al.query_failed_relaxations,
+    )
 
 
-def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks: list[Pick],
-                     screened: dict[str, float] | None = None, cost: list[float] | None = None) -> list[str]:
+def record_selection(
+    w: CampaignWriter,
+    cfg: CampaignConfig,
+    round_: int,
+    picks: list[Pick],
+    screened: dict[str, float] | None = None,
+    cost: list[float] | None = None,
+) -> list[str]:
     """Record the picks the budget pays for, in order, and return their ids.
 
     Each pick is stored with the strategy, its acquisition score, predicted e_hull and
@@ -168,12 +184,21 @@ def record_selection(w: CampaignWriter, cfg: CampaignConfig, round_: int, picks:
         cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
     picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
     screened = screened or {}
-    w.append("selections", f"r{round_}/selection", {
-        "id": [p.id for p in picks], "round": [round_] * len(picks),
-        "strategy": [cfg.active_learning.acquisition] * len(picks), "score": [p.score for p in picks],
-        "e_hull_pred": [p.e_hull_pred for p in picks], "sigma": [p.sigma for p in picks],
-        "rank": [p.rank for p in picks], "predicted_s": cost[: len(picks)],
-        "e_hull_screen": [screened.get(p.id, float("nan")) for p in picks]})
+    w.append(
+        "selections",
+        f"r{round_}/selection",
+        {
+            "id": [p.id for p in picks],
+            "round": [round_] * len(picks),
+            "strategy": [cfg.active_learning.acquisition] * len(picks),
+            "score": [p.score for p in picks],
+            "e_hull_pred": [p.e_hull_pred for p in picks],
+            "sigma": [p.sigma for p in picks],
+            "rank": [p.rank for p in picks],
+            "predicted_s": cost[: len(picks)],
+            "e_hull_screen": [screened.get(p.id, float("nan")) for p in picks],
+        },
+    )
     return [p.id for p in picks]
 
 
@@ -220,8 +245,9 @@ def cheapest_reference_seconds(w: CampaignWriter, cfg: CampaignConfig) -> float 
     if not atoms:
         return None
     rates, _ = planning.campaign_rates(cfg, w)
-    return planning.dft_seconds(min(atoms, key=lambda a: planning.dft_work(a, cfg.reference)), cfg.reference,
-                                rates, rates.dft_steps)
+    return planning.dft_seconds(
+        min(atoms, key=lambda a: planning.dft_work(a, cfg.reference)), cfg.reference, rates, rates.dft_steps
+    )
 
 
 def predicted_reference_seconds(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> list[float]:
@@ -248,8 +274,10 @@ def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | No
     if left is not None:
         cheapest = cheapest_reference_seconds(w, cfg)
         if cheapest is not None and left < cheapest:
-            return (f"budget: {left:.3g} s of reference calculation left, less than the cheapest unverified "
-                    f"candidate needs ({cheapest:.3g} s predicted)")
+            return (
+                f"budget: {left:.3g} s of reference calculation left, less than the cheapest unverified "
+                f"candidate needs ({cheapest:.3g} s predicted)"
+            )
     if al.max_dft_total is not None and dft_calls_used(w, round_) >= al.max_dft_total:
         return f"DFT budget spent: {dft_calls_used(w, round_)} of max_dft_total {al.max_dft_total} calculations"
     rounds = w.rounds()
@@ -267,8 +295,9 @@ def _screened_in(w: CampaignWriter, round_: int) -> int:
     return int((table["round"] == round_).sum()) if not table.empty else 0
 
 
-def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha: str,
-                  model_errors: dict[str, float] | None = None) -> dict[str, Any]:
+def round_metrics(
+    w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha: str, model_errors: dict[str, float] | None = None
+) -> dict[str, Any]:
     """The round's record: counts, discovery metrics (see :mod:`matdisc.metrics`), hull changes.
 
     ``mae_mev_per_atom`` compares the screening model's relaxed energies with the DFT ones of
@@ -282,9 +311,13 @@ def round_metrics(w: CampaignWriter, cfg: CampaignConfig, round_: int, model_sha
     this_mlip = mlip[(mlip["round"] == round_)] if not mlip.empty else mlip
     this_dft = dft[(dft["round"] == round_)] if not dft.empty else dft
     verified = cand[cand["id"].isin(this_dft["id"]) & (cand["dft_status"] == "ok")] if not dft.empty else cand[:0]
-    pairs = verified[["e_dft_per_atom"]].join(
-        this_mlip.drop_duplicates("id", keep="last").set_index("id")["e_mlip_per_atom"], on=verified["id"]
-    ) if not verified.empty and not this_mlip.empty else pd.DataFrame(columns=["e_mlip_per_atom", "e_dft_per_atom"])
+    pairs = (
+        verified[["e_dft_per_atom"]].join(
+            this_mlip.drop_duplicates("id", keep="last").set_index("id")["e_mlip_per_atom"], on=verified["id"]
+        )
+        if not verified.empty and not this_mlip.empty
+        else pd.DataFrame(columns=["e_mlip_per_atom", "e_dft_per_atom"])
+    )
     sel = w.table("selections")
     picks = sel[sel["round"] == round_] if not sel.empty else sel
     all_picks = sel[sel["round"] <= round_] if not sel.empty else sel
@@ -342,23 +375,40 @@ def hits_by_source(cand: pd.DataFrame) -> pd.DataFrame:
     """Candidates, DFT-verified and hits per generator: which source produced the hits."""
     if cand.empty:
         return pd.DataFrame(columns=["source", "candidates", "verified", "hits"])
-    return (cand.assign(verified=cand["dft_status"] == "ok")
-            .groupby("source").agg(candidates=("id", "size"), verified=("verified", "sum"), hits=("is_hit", "sum"))
-            .reset_index())
+    return (
+        cand.assign(verified=cand["dft_status"] == "ok")
+        .groupby("source")
+        .agg(candidates=("id", "size"), verified=("verified", "sum"), hits=("is_hit", "sum"))
+        .reset_index()
+    )
 
 
 def round_report(cfg: CampaignConfig, metrics: dict[str, Any], cand: pd.DataFrame) -> str:
     """Markdown for the Prefect UI: the round's numbers, hits per generator and current hits."""
     lines = [f"# {cfg.name}: round {metrics['round']}", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in metrics.items() if k != "round"]
-    lines += ["", "## Candidates by generator", "", "| source | candidates | DFT verified | hits |", "|---|---|---|---|"]
-    lines += [f"| {r['source']} | {r['candidates']} | {r['verified']} | {r['hits']} |"
-              for r in hits_by_source(cand).to_dict("records")]
+    lines += [
+        "",
+        "## Candidates by generator",
+        "",
+        "| source | candidates | DFT verified | hits |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['source']} | {r['candidates']} | {r['verified']} | {r['hits']} |"
+        for r in hits_by_source(cand).to_dict("records")
+    ]
     hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
-    lines += ["", "## Verified stable compounds", "",
-              "| formula | prototype | E_form DFT (eV/atom) | E_hull DFT | E MLIP - DFT (meV/atom) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Verified stable compounds",
+        "",
+        "| formula | prototype | E_form DFT (eV/atom) | E_hull DFT | E MLIP - DFT (meV/atom) |",
+        "|---|---|---|---|---|",
+    ]
     for r in hits.to_dict("records"):
         err = (r["e_mlip_per_atom"] - r["e_dft_per_atom"]) * 1000
-        lines.append(f"| {r['formula']} | {r['prototype']} | {r['e_form_dft']:.3f} | {r['e_hull_dft']:.3f} | {err:.1f} |")
+        lines.append(
+            f"| {r['formula']} | {r['prototype']} | {r['e_form_dft']:.3f} | {r['e_hull_dft']:.3f} | {err:.1f} |"
+        )
     return "\n".join(lines)

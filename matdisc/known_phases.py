@@ -96,8 +96,10 @@ def _read_cif(path: Path) -> list[KnownPhase]:
     names = re.findall(r"^\s*data_(\S*)", path.read_text(errors="replace"), flags=re.MULTILINE)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # pymatgen keeps one block per name: the others would be lost without a word
-        raise KnownPhasesError(f"known_phases: {path}: data block name repeated ({', '.join(repeated)}): "
-                               "give each structure its own data_ name")
+        raise KnownPhasesError(
+            f"known_phases: {path}: data block name repeated ({', '.join(repeated)}): "
+            "give each structure its own data_ name"
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pymatgen warns about every rounded occupancy
         structures = CifParser(path).parse_structures(primitive=False)
@@ -126,13 +128,23 @@ def _read_json(path: Path) -> list[KnownPhase]:
         if kind == "ComputedStructureEntry":
             entry = ComputedStructureEntry.from_dict(item)
             settings = str((entry.parameters or {}).get("settings_hash", ""))
-            out.append(KnownPhase(str(entry.entry_id or f"{path.name}:{i}"), entry.structure, str(path),
-                                  float(entry.uncorrected_energy) if settings else None, settings))
+            out.append(
+                KnownPhase(
+                    str(entry.entry_id or f"{path.name}:{i}"),
+                    entry.structure,
+                    str(path),
+                    float(entry.uncorrected_energy) if settings else None,
+                    settings,
+                )
+            )
         elif kind == "Structure":
             out.append(KnownPhase(f"{path.name}:{i}", Structure.from_dict(item), str(path)))
         else:
-            raise KnownPhasesError(f"known_phases: {path}: item {i} is neither a pymatgen ComputedStructureEntry "
-                                   "nor a Structure (its @class is " f"{kind!r})")
+            raise KnownPhasesError(
+                f"known_phases: {path}: item {i} is neither a pymatgen ComputedStructureEntry "
+                "nor a Structure (its @class is "
+                f"{kind!r})"
+            )
     return out
 
 
@@ -141,12 +153,16 @@ def check(phases: Iterable[KnownPhase], chemsys: Sequence[str]) -> None:
     allowed = set(chemsys)
     for p in phases:
         if not p.structure.is_ordered:
-            raise KnownPhasesError(f"known_phases: {p.source}: {p.id} ({p.structure.composition.formula}) is "
-                                   "disordered (partial occupancies): give an ordered cell")
+            raise KnownPhasesError(
+                f"known_phases: {p.source}: {p.id} ({p.structure.composition.formula}) is "
+                "disordered (partial occupancies): give an ordered cell"
+            )
         outside = sorted({str(el) for el in p.structure.composition.elements} - allowed)
         if outside:
-            raise KnownPhasesError(f"known_phases: {p.source}: {p.id} ({p.formula}) has {', '.join(outside)}, "
-                                   f"outside the chemical system {'-'.join(chemsys)}")
+            raise KnownPhasesError(
+                f"known_phases: {p.source}: {p.id} ({p.formula}) has {', '.join(outside)}, "
+                f"outside the chemical system {'-'.join(chemsys)}"
+            )
 
 
 def from_files(specs: Sequence[str | Path], chemsys: Sequence[str]) -> list[KnownPhase]:
@@ -155,8 +171,11 @@ def from_files(specs: Sequence[str | Path], chemsys: Sequence[str]) -> list[Know
     for spec in specs:
         paths = files_of(spec)
         if not paths:
-            what = "matches no file" if any(ch in str(spec) for ch in "*?[") else (
-                "is a folder with no .cif, .extxyz or .json file" if Path(spec).is_dir() else "does not exist")
+            what = (
+                "matches no file"
+                if any(ch in str(spec) for ch in "*?[")
+                else ("is a folder with no .cif, .extxyz or .json file" if Path(spec).is_dir() else "does not exist")
+            )
             raise KnownPhasesError(f"known_phases: {spec} {what}")
         for path in paths:
             phases = read_file(path)
@@ -172,20 +191,24 @@ def subsystems(chemsys: Sequence[str]) -> list[str]:
     return ["-".join(c) for r in range(1, len(els) + 1) for c in combinations(els, r)]
 
 
-def from_materials_project(chemsys: Sequence[str], *, endpoint: str, api_key: str,
-                           max_e_above_hull: float) -> list[KnownPhase]:
+def from_materials_project(
+    chemsys: Sequence[str], *, endpoint: str, api_key: str, max_e_above_hull: float
+) -> list[KnownPhase]:
     """The structures the Materials Project holds for every subsystem within ``max_e_above_hull``
     of its own hull (its energies stay behind: they belong to other settings)."""
     try:
         from mp_api.client import MPRester
     except ImportError:
-        raise KnownPhasesError("known_phases.materials_project: needs the mp-api package (pip install mp-api)") \
-            from None
+        raise KnownPhasesError(
+            "known_phases.materials_project: needs the mp-api package (pip install mp-api)"
+        ) from None
     try:
         with MPRester(api_key=api_key, endpoint=endpoint, use_document_model=False) as mpr:
             docs = mpr.materials.summary.search(
-                chemsys=subsystems(chemsys), energy_above_hull=(0.0, float(max_e_above_hull)),
-                fields=["material_id", "structure", "formula_pretty", "energy_above_hull"])
+                chemsys=subsystems(chemsys),
+                energy_above_hull=(0.0, float(max_e_above_hull)),
+                fields=["material_id", "structure", "formula_pretty", "energy_above_hull"],
+            )
     except Exception as err:  # noqa: BLE001 - the service's refusal or absence, in one line
         msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise KnownPhasesError(f"known_phases.materials_project: {endpoint}: {msg}") from None
@@ -205,18 +228,22 @@ def load(cfg, chemsys: Sequence[str], environ: Mapping[str, str] | None = None) 
     if mp.enabled:
         key = (environ if environ is not None else os.environ).get(mp.api_key_env, "")
         if not key:
-            raise KnownPhasesError(f"known_phases.materials_project: enabled, but {mp.api_key_env} is not set "
-                                   "(your Materials Project API key)")
-        fetched = from_materials_project(chemsys, endpoint=mp.endpoint, api_key=key,
-                                         max_e_above_hull=mp.max_e_above_hull)
+            raise KnownPhasesError(
+                f"known_phases.materials_project: enabled, but {mp.api_key_env} is not set "
+                "(your Materials Project API key)"
+            )
+        fetched = from_materials_project(
+            chemsys, endpoint=mp.endpoint, api_key=key, max_e_above_hull=mp.max_e_above_hull
+        )
         check(fetched, chemsys)
         phases += fetched
     return phases
 
 
 # -- novelty --------------------------------------------------------------------------------------
-def matches(structures: Mapping[str, Structure], known: Mapping[str, Structure],
-            matcher: StructureMatcher | None = None) -> dict[str, str]:
+def matches(
+    structures: Mapping[str, Structure], known: Mapping[str, Structure], matcher: StructureMatcher | None = None
+) -> dict[str, str]:
     """id -> the id of the first known structure (by id) StructureMatcher calls the same ("" for none)."""
     matcher = matcher or StructureMatcher()
     by_formula: dict[str, list[tuple[str, Structure]]] = {}
@@ -224,7 +251,5 @@ def matches(structures: Mapping[str, Structure], known: Mapping[str, Structure],
         by_formula.setdefault(known[kid].composition.reduced_formula, []).append((kid, known[kid]))
     out = {}
     for cid, s in structures.items():
-        out[cid] = next((kid for kid, k in by_formula.get(s.composition.reduced_formula, ())
-                         if matcher.fit(s, k)), "")
+        out[cid] = next((kid for kid, k in by_formula.get(s.composition.reduced_formula, ()) if matcher.fit(s, k)), "")
     return out
-

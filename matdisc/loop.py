@@ -16,9 +16,9 @@ import os
 import re
 import shutil
 import zlib
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,8 +28,7 @@ from pymatgen.io.ase import AseAtomsAdaptor
 
 from matdisc.config import CampaignConfig
 from matdisc.dft import calculator_parameters, perturbed_copies, settings_hash
-from matdisc.generate import (Candidate, GenerationReport, dedup_key, generate, prototype_candidates,
-                              unique_against)
+from matdisc.generate import Candidate, GenerationReport, dedup_key, generate, prototype_candidates, unique_against
 from matdisc.mlip.model import describe, file_sha256
 from matdisc.mlip.train import diverse_frames
 from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
@@ -52,17 +51,27 @@ def package_versions() -> dict[str, str]:
 def record_run(w: CampaignWriter, cfg: CampaignConfig, orchestrator_run: str = "") -> None:
     reference_set = settings_hash(cfg.reference)
     earlier = w.reference_set()
-    w.record_run(cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set,
-                 orchestrator_run)
+    w.record_run(
+        cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set, orchestrator_run
+    )
     if earlier is not None and earlier != reference_set:
         logging.getLogger(__name__).warning(
             "reference settings changed (%s -> %s): a new reference set starts; earlier DFT energies are kept "
-            "but never mixed into its hulls", earlier, reference_set)
+            "but never mixed into its hulls",
+            earlier,
+            reference_set,
+        )
 
 
 # -- candidates --------------------------------------------------------------------------------
-def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, source: str,
-                   keys: list[str] | None = None, first_index: int = 0) -> int:
+def add_candidates(
+    w: CampaignWriter,
+    cands: list[Candidate],
+    round_: int,
+    source: str,
+    keys: list[str] | None = None,
+    first_index: int = 0,
+) -> int:
     """Append this round's candidates once (key ``r{round}/{source}``); returns how many are new.
 
     Each row carries its provenance (generator, prototype, parent, probability, space group,
@@ -75,12 +84,25 @@ def add_candidates(w: CampaignWriter, cands: list[Candidate], round_: int, sourc
         keys = [dedup_key(c.structure) for c in cands]
     records, atoms = [], []
     for i, (c, k) in enumerate(zip(cands, keys), start=first_index):
-        records.append({"id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}", "formula": c.formula,
-                        "round": round_, "source": c.source, "prototype": c.prototype, "parent": c.parent,
-                        "probability": float(c.probability), "spacegroup": int(c.spacegroup),
-                        "gen_seed": int(c.seed), "detail": c.detail, "aflow": c.aflow,
-                        "strukturbericht": c.strukturbericht, "pearson": c.pearson, "dedup_key": k,
-                        "n_atoms": len(c.structure)})
+        records.append(
+            {
+                "id": f"r{round_}-{i:04d}-{c.formula}-{c.prototype or c.source}",
+                "formula": c.formula,
+                "round": round_,
+                "source": c.source,
+                "prototype": c.prototype,
+                "parent": c.parent,
+                "probability": float(c.probability),
+                "spacegroup": int(c.spacegroup),
+                "gen_seed": int(c.seed),
+                "detail": c.detail,
+                "aflow": c.aflow,
+                "strukturbericht": c.strukturbericht,
+                "pearson": c.pearson,
+                "dedup_key": k,
+                "n_atoms": len(c.structure),
+            }
+        )
         atoms.append(AseAtomsAdaptor.get_atoms(c.structure))
     w.append_records("candidates", key, records, Frames.from_atoms(atoms))
     return len(records)
@@ -127,17 +149,41 @@ def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tup
     The generation report (counts per source, composition cuts, skips with reasons,
     timings) is stored in ``generation`` and ``generation_skips`` once per round.
     """
-    cands, keys, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=stored_by_key(w),
-                                   hits=verified_hits(w) if cfg.generation.substitution.from_hits else [])
+    cands, keys, report = generate(
+        cfg.chemsys,
+        cfg.generation,
+        round_=round_,
+        existing_by_key=stored_by_key(w),
+        hits=verified_hits(w) if cfg.generation.substitution.from_hits else [],
+    )
     key = f"r{round_}/generation"
     if not w.has_batch("generation", key):
-        w.append_records("generation", key, [
-            {"round": round_, "source": src, "generated": report.generated.get(src, 0), "new": report.new.get(src, 0),
-             "seconds": float(report.seconds.get(src, 0.0))} for src in report.generated
-        ] + [{"round": round_, "source": "dedup", "generated": sum(report.generated.values()),
-              "new": len(cands), "seconds": float(report.seconds.get("dedup", 0.0))}])
-        skips = report.skips + [{"source": "composition", "formula": f, "spacegroup": 0, "reason": r}
-                                for f, r in report.cut.items()]
+        w.append_records(
+            "generation",
+            key,
+            [
+                {
+                    "round": round_,
+                    "source": src,
+                    "generated": report.generated.get(src, 0),
+                    "new": report.new.get(src, 0),
+                    "seconds": float(report.seconds.get(src, 0.0)),
+                }
+                for src in report.generated
+            ]
+            + [
+                {
+                    "round": round_,
+                    "source": "dedup",
+                    "generated": sum(report.generated.values()),
+                    "new": len(cands),
+                    "seconds": float(report.seconds.get("dedup", 0.0)),
+                }
+            ],
+        )
+        skips = report.skips + [
+            {"source": "composition", "formula": f, "spacegroup": 0, "reason": r} for f, r in report.cut.items()
+        ]
         if skips:
             w.append_records("generation_skips", key, [{"round": round_, **s} for s in skips])
     return cands, keys
@@ -152,12 +198,12 @@ def preview_candidates(cfg: CampaignConfig, round_: int) -> tuple[list[Candidate
     if store_exists(cfg.store_path):
         store = open_campaign(cfg.store_path)
         hits = verified_hits(store) if cfg.generation.substitution.from_hits else []
-        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing_by_key=stored_by_key(store),
-                                    hits=hits)
+        cands, _, report = generate(
+            cfg.chemsys, cfg.generation, round_=round_, existing_by_key=stored_by_key(store), hits=hits
+        )
     else:
         seeds = seed_candidates(cfg) if cfg.mlip.model == "cold-start" else []
-        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_,
-                                    existing=[c.structure for c in seeds])
+        cands, _, report = generate(cfg.chemsys, cfg.generation, round_=round_, existing=[c.structure for c in seeds])
     return cands, report
 
 
@@ -199,8 +245,9 @@ def record_relaxations(w: CampaignWriter, key: str, round_: int, results: list[R
 
 
 # -- reference calculations ------------------------------------------------------------------------
-def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, reference_set: str, *,
-                     verified: bool) -> None:
+def record_reference(
+    w: CampaignWriter, round_: int, result: RelaxResult, reference_set: str, *, verified: bool
+) -> None:
     """A reference result: its frames join the training set; a verified one joins the DFT table.
 
     ``reference_set`` is the campaign's settings hash the calculation was asked for; the
@@ -212,12 +259,17 @@ def record_reference(w: CampaignWriter, round_: int, result: RelaxResult, refere
     if result.frames:
         frames, cols = frames_from_atoms_with_results(result.frames)
         n = len(result.frames)
-        w.append("frames", key, {"id": [result.id] * n, "round": [round_] * n, "settings_hash": [settings] * n,
-                                 **cols}, frames)
+        w.append(
+            "frames",
+            key,
+            {"id": [result.id] * n, "round": [round_] * n, "settings_hash": [settings] * n, **cols},
+            frames,
+        )
     if verified:
         row = scalar_fields(result)
-        row.update(round=round_, reference_set=reference_set, settings_hash=settings,
-                   e_dft_per_atom=result.energy_per_atom)
+        row.update(
+            round=round_, reference_set=reference_set, settings_hash=settings, e_dft_per_atom=result.energy_per_atom
+        )
         w.append_records("dft", key, [row], Frames.from_atoms([result.atoms]))
 
 
@@ -241,8 +293,13 @@ def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[st
     for i, row in enumerate(dft.to_dict("records")):
         if row["status"] != "ok" or row.get("settings_hash") != settings:
             continue
-        copies = perturbed_copies(frames.atoms(i), cs.perturbed_per_structure, rattle=cs.rattle_stdev,
-                                  strain=cs.strain, seed=cfg.generation.seed + zlib.crc32(row["id"].encode()))
+        copies = perturbed_copies(
+            frames.atoms(i),
+            cs.perturbed_per_structure,
+            rattle=cs.rattle_stdev,
+            strain=cs.strain,
+            seed=cfg.generation.seed + zlib.crc32(row["id"].encode()),
+        )
         for k, a in enumerate(copies):
             jid = f"{row['id']}-p{k}"
             if jid not in have:
@@ -271,9 +328,19 @@ def current_model(w: CampaignWriter, before_round: int | None = None) -> dict[st
     return row
 
 
-def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n_frames: int, source: str,
-                   copy: bool = True, device: str = "cpu", dtype: str = "float64", mode: str = "",
-                   metrics: dict[str, float] | None = None) -> dict[str, Any]:
+def register_model(
+    w: CampaignWriter,
+    round_: int,
+    paths: list[Path | str],
+    *,
+    n_frames: int,
+    source: str,
+    copy: bool = True,
+    device: str = "cpu",
+    dtype: str = "float64",
+    mode: str = "",
+    metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Record a model (committee) in the registry; trained files are copied into ``models/``.
 
     A row holds what every result needs to name its model: sha256 (of the committee),
@@ -294,10 +361,26 @@ def register_model(w: CampaignWriter, round_: int, paths: list[Path | str], *, n
     abs_paths = [str(w.path / s) if copy else s for s in stored]
     info = describe(abs_paths, device=device, dtype=dtype)
     metric_cols = {k: float(v) for k, v in (metrics or {}).items()}
-    w.append_records("models", f"r{round_}/model", [{
-        "round": round_, "sha256": info.sha256, "paths": stored, "members": list(info.members),
-        "n_train_frames": n_frames, "source": source, "mode": mode, "device": device, "dtype": dtype,
-        "r_max": info.r_max, "elements": list(info.elements), **metric_cols}])
+    w.append_records(
+        "models",
+        f"r{round_}/model",
+        [
+            {
+                "round": round_,
+                "sha256": info.sha256,
+                "paths": stored,
+                "members": list(info.members),
+                "n_train_frames": n_frames,
+                "source": source,
+                "mode": mode,
+                "device": device,
+                "dtype": dtype,
+                "r_max": info.r_max,
+                "elements": list(info.elements),
+                **metric_cols,
+            }
+        ],
+    )
     return current_model(w)  # type: ignore[return-value]
 
 

@@ -88,11 +88,20 @@ def calls_to_reach(curve: np.ndarray, fraction: float) -> int | None:
     return int(reached[0]) + 1 if len(reached) else None
 
 
-def expected_random_calls(phase_of: Mapping[str, str], pool: Sequence[str], fraction: float, n_phases: int,
-                          *, draws: int = 2000, seed: int = 0) -> float:
+def expected_random_calls(
+    phase_of: Mapping[str, str],
+    pool: Sequence[str],
+    fraction: float,
+    n_phases: int,
+    *,
+    draws: int = 2000,
+    seed: int = 0,
+) -> float:
     """Mean calculations random selection (without replacement) needs to reach ``fraction``."""
     rng = np.random.default_rng(seed)
     ids = np.asarray(list(pool))
-    need = [calls_to_reach(recovery_curve(ids[rng.permutation(len(ids))], phase_of, n_phases), fraction)
-            for _ in range(draws)]
+    need = [
+        calls_to_reach(recovery_curve(ids[rng.permutation(len(ids))], phase_of, n_phases), fraction)
+        for _ in range(draws)
+    ]
     return float(np.mean([len(ids) if n is None else n for n in need]))

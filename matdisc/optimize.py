@@ -100,10 +100,20 @@ def relax(
             return _max_norm(target.get_forces()) < fmax
         return _max_norm(work.get_forces()) < fmax and float(np.abs(work.get_stress()).max()) < stress_tol
 
-    def result(status: str, reason: str, energy: float = float("nan"), final: Atoms | None = None,
-               **extra: Any) -> RelaxResult:
-        return RelaxResult(id, status, reason, final if final is not None else work.copy(), energy=energy,
-                           n_steps=n_steps, walltime_s=time.perf_counter() - t0, frames=frames, **extra)
+    def result(
+        status: str, reason: str, energy: float = float("nan"), final: Atoms | None = None, **extra: Any
+    ) -> RelaxResult:
+        return RelaxResult(
+            id,
+            status,
+            reason,
+            final if final is not None else work.copy(),
+            energy=energy,
+            n_steps=n_steps,
+            walltime_s=time.perf_counter() - t0,
+            frames=frames,
+            **extra,
+        )
 
     try:
         cell = FrechetCellFilter if cell_filter == "frechet" else UnitCellFilter
@@ -120,8 +130,11 @@ def relax(
                     done = True
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    return result("timeout", f"wall time exceeded after {n_steps} steps",
-                                  energy=float(work.get_potential_energy()))  # cached by record()
+                    return result(
+                        "timeout",
+                        f"wall time exceeded after {n_steps} steps",
+                        energy=float(work.get_potential_energy()),
+                    )  # cached by record()
         energy = float(work.get_potential_energy())
         forces = work.get_forces()
         stress = work.get_stress(voigt=True) if periodic else None

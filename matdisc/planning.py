@@ -21,12 +21,41 @@ import pandas as pd
 from ase import Atoms
 
 from matdisc.config import CampaignConfig, ReferenceConfig
-from matdisc.costs import (Rates, calibrate, concurrent_members, dft_seconds, dft_work, reference_cores, relax_tasks,
-                           scf_cycles, stage_wall, train_member_seconds)
+from matdisc.costs import (
+    Rates,
+    calibrate,
+    concurrent_members,
+    dft_seconds,
+    dft_work,
+    reference_cores,
+    relax_tasks,
+    scf_cycles,
+    stage_wall,
+    train_member_seconds,
+)
 
-__all__ = ["Plan", "RoundPlan", "StageCost", "Workers", "affordable", "budget_status", "budget_stop_reason",
-           "campaign_rates", "dft_cost", "dft_seconds", "dft_work", "epochs_for", "plan_campaign", "record_stage",
-           "relax_cost", "remaining_dft_seconds", "round_costs", "spent", "train_cost", "workers"]
+__all__ = [
+    "Plan",
+    "RoundPlan",
+    "StageCost",
+    "Workers",
+    "affordable",
+    "budget_status",
+    "budget_stop_reason",
+    "campaign_rates",
+    "dft_cost",
+    "dft_seconds",
+    "dft_work",
+    "epochs_for",
+    "plan_campaign",
+    "record_stage",
+    "relax_cost",
+    "remaining_dft_seconds",
+    "round_costs",
+    "spent",
+    "train_cost",
+    "workers",
+]
 
 
 @dataclass
@@ -73,12 +102,14 @@ def workers(cfg: CampaignConfig) -> Workers:
     cores = os.cpu_count() or 1
     if c.scheduler == "slurm":
         per_job = max(1, c.slurm.cores // c.threads_per_dft_worker)
-        return Workers(mlip=max(1, c.slurm.mlip_jobs), dft=max(1, c.slurm.dft_jobs * per_job),
-                       mlip_cores=c.slurm.mlip_cores)
+        return Workers(
+            mlip=max(1, c.slurm.mlip_jobs), dft=max(1, c.slurm.dft_jobs * per_job), mlip_cores=c.slurm.mlip_cores
+        )
     if c.scheduler == "local":
         n_mlip = c.mlip_workers
-        return Workers(mlip=n_mlip, dft=c.dft_workers or max(1, (cores - n_mlip) // c.threads_per_dft_worker),
-                       mlip_cores=cores)
+        return Workers(
+            mlip=n_mlip, dft=c.dft_workers or max(1, (cores - n_mlip) // c.threads_per_dft_worker), mlip_cores=cores
+        )
     return Workers(mlip=c.mlip_workers, dft=c.dft_workers or 1, mlip_cores=cores, assumed=True)
 
 
@@ -88,8 +119,14 @@ def relax_cost(n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Wor
     return StageCost(len(jobs), float(sum(n_atoms)) * rates.mlip_steps, sum(jobs), stage_wall(jobs, w.mlip, rates))
 
 
-def dft_cost(atoms: Sequence[Atoms], cfg: CampaignConfig, rates: Rates, w: Workers, steps: float | None,
-             ref: ReferenceConfig | None = None) -> StageCost:
+def dft_cost(
+    atoms: Sequence[Atoms],
+    cfg: CampaignConfig,
+    rates: Rates,
+    w: Workers,
+    steps: float | None,
+    ref: ReferenceConfig | None = None,
+) -> StageCost:
     """Reference calculations of ``atoms``: relaxations of ``steps`` ionic steps, or statics (None),
     with the configured reference settings or ``ref`` (a screen's)."""
     ref = ref or cfg.reference
@@ -114,8 +151,7 @@ def train_cost(frame_atoms: float, cfg: CampaignConfig, rates: Rates, w: Workers
     size = cfg.mlip.ensemble
     member = train_member_seconds(member_atoms(frame_atoms, cfg), epochs, rates)
     waves = math.ceil(size / concurrent_members(size, w.mlip_cores))
-    return StageCost(size, size * member_atoms(frame_atoms, cfg) * epochs, size * member,
-                     waves * member + rates.task_s)
+    return StageCost(size, size * member_atoms(frame_atoms, cfg) * epochs, size * member, waves * member + rates.task_s)
 
 
 # -- rates for a campaign ------------------------------------------------------------------------
@@ -126,7 +162,9 @@ def campaign_rates(cfg: CampaignConfig, store=None) -> tuple[Rates, dict[str, An
     cached = cached_rates(cfg)
     rates, memory = cached if cached is not None else (Rates(), {})
     if store is not None:
-        rates = calibrate(rates, store.table("costs"), store.table("mlip"), store.table("dft"), store.table("generation"))
+        rates = calibrate(
+            rates, store.table("costs"), store.table("mlip"), store.table("dft"), store.table("generation")
+        )
     return rates, memory
 
 
@@ -148,14 +186,23 @@ class Plan:
                 agg = stages.setdefault(name, {"compute_s": 0.0, "wall_s": 0.0})
                 agg["compute_s"] += s.compute_s
                 agg["wall_s"] += s.wall_s
-        return {"wall_s": sum(r.wall_s for r in self.rounds), "stages": stages,  # type: ignore[dict-item]
-                **planned_usage(self.rounds, self.cores_per_dft)}
+        return {
+            "wall_s": sum(r.wall_s for r in self.rounds),
+            "stages": stages,  # type: ignore[dict-item]
+            **planned_usage(self.rounds, self.cores_per_dft),
+        }
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "campaign": self.campaign,
-            "rounds": [{**{k: v for k, v in asdict(r).items() if k != "stages"}, "wall_s": r.wall_s,
-                        "stages": {k: asdict(s) for k, s in r.stages.items()}} for r in self.rounds],
+            "rounds": [
+                {
+                    **{k: v for k, v in asdict(r).items() if k != "stages"},
+                    "wall_s": r.wall_s,
+                    "stages": {k: asdict(s) for k, s in r.stages.items()},
+                }
+                for r in self.rounds
+            ],
             "total": self.totals(),
             "peak_memory_gb": self.memory,
             "workers": asdict(self.workers),
@@ -169,8 +216,11 @@ def planned_usage(rounds: Sequence[RoundPlan], cores_per_dft: int) -> dict[str, 
     """Budget units of planned rounds: DFT CPU-hours, MLIP worker hours, wall hours."""
     dft = sum(r.stages["dft"].compute_s for r in rounds if "dft" in r.stages)
     mlip = sum(r.stages[s].compute_s for r in rounds for s in ("relax", "train") if s in r.stages)
-    return {"dft_cpu_hours": dft * cores_per_dft / 3600, "gpu_hours": mlip / 3600,
-            "wall_hours": sum(r.wall_s for r in rounds) / 3600}
+    return {
+        "dft_cpu_hours": dft * cores_per_dft / 3600,
+        "gpu_hours": mlip / 3600,
+        "wall_hours": sum(r.wall_s for r in rounds) / 3600,
+    }
 
 
 # the table each stage records its calculations in, one row per structure with its ``walltime_s``
@@ -198,8 +248,11 @@ def spent(store, cfg: CampaignConfig) -> dict[str, float]:
     dft = sum(v for (_, stage), v in actual.items() if stage in ("dft", "screen"))
     mlip = sum(v for (_, stage), v in actual.items() if stage in ("relax", "train"))
     wall = float(costs["wall_s"].sum()) if not costs.empty else 0.0
-    return {"dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600, "gpu_hours": float(mlip) / 3600,
-            "wall_hours": wall / 3600}
+    return {
+        "dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600,
+        "gpu_hours": float(mlip) / 3600,
+        "wall_hours": wall / 3600,
+    }
 
 
 def budget_status(cfg: CampaignConfig, store, planned: dict[str, float] | None = None) -> dict[str, Any]:
@@ -207,8 +260,11 @@ def budget_status(cfg: CampaignConfig, store, planned: dict[str, float] | None =
     used = spent(store, cfg)
     out: dict[str, Any] = {}
     for name, limit in cfg.budget.limits().items():
-        row = {"limit": limit, "spent": used[name],
-               "remaining": None if limit is None else max(0.0, limit - used[name])}
+        row = {
+            "limit": limit,
+            "spent": used[name],
+            "remaining": None if limit is None else max(0.0, limit - used[name]),
+        }
         if planned is not None:
             row["planned"] = planned[name]
             row["fits"] = limit is None or used[name] + planned[name] <= limit
@@ -217,8 +273,16 @@ def budget_status(cfg: CampaignConfig, store, planned: dict[str, float] | None =
 
 
 # -- what the flow records and how a budget is kept ----------------------------------------------
-def record_stage(w, round_: int, stage: str, predicted: StageCost | None, job_seconds: Sequence[float],
-                 work: float, wall_s: float, n_workers: int) -> None:
+def record_stage(
+    w,
+    round_: int,
+    stage: str,
+    predicted: StageCost | None,
+    job_seconds: Sequence[float],
+    work: float,
+    wall_s: float,
+    n_workers: int,
+) -> None:
     """One stage run's predicted and actual cost (table ``costs``; a resumed stage adds another row)."""
     import uuid
 
@@ -227,23 +291,40 @@ def record_stage(w, round_: int, stage: str, predicted: StageCost | None, job_se
     if not job_seconds:
         return
     nan = float("nan")
-    w.append_records("costs", f"r{round_}/{stage}/{uuid.uuid4().hex[:12]}", [{
-        "round": round_, "stage": stage, "jobs": len(job_seconds), "work": float(work), "workers": n_workers,
-        "predicted_s": predicted.compute_s if predicted else nan,
-        "predicted_wall_s": predicted.wall_s if predicted else nan,
-        "actual_s": float(sum(job_seconds)), "wall_s": float(wall_s),
-        "ideal_wall_s": makespan(job_seconds, n_workers), "start_s": predicted.start_s if predicted else 0.0,
-        "recorded": time.time()}])
+    w.append_records(
+        "costs",
+        f"r{round_}/{stage}/{uuid.uuid4().hex[:12]}",
+        [
+            {
+                "round": round_,
+                "stage": stage,
+                "jobs": len(job_seconds),
+                "work": float(work),
+                "workers": n_workers,
+                "predicted_s": predicted.compute_s if predicted else nan,
+                "predicted_wall_s": predicted.wall_s if predicted else nan,
+                "actual_s": float(sum(job_seconds)),
+                "wall_s": float(wall_s),
+                "ideal_wall_s": makespan(job_seconds, n_workers),
+                "start_s": predicted.start_s if predicted else 0.0,
+                "recorded": time.time(),
+            }
+        ],
+    )
 
 
 def round_costs(store) -> pd.DataFrame:
     """Predicted vs actual seconds per round and stage (resumed stages summed)."""
     costs = store.table("costs") if store is not None else pd.DataFrame()
     if costs.empty:
-        return pd.DataFrame(columns=["round", "stage", "jobs", "predicted_s", "actual_s", "predicted_wall_s", "wall_s",
-                                     "ratio"])
-    agg = costs.groupby(["round", "stage"], sort=True)[
-        ["jobs", "predicted_s", "actual_s", "predicted_wall_s", "wall_s"]].sum(min_count=1).reset_index()
+        return pd.DataFrame(
+            columns=["round", "stage", "jobs", "predicted_s", "actual_s", "predicted_wall_s", "wall_s", "ratio"]
+        )
+    agg = (
+        costs.groupby(["round", "stage"], sort=True)[["jobs", "predicted_s", "actual_s", "predicted_wall_s", "wall_s"]]
+        .sum(min_count=1)
+        .reset_index()
+    )
     agg["ratio"] = agg["predicted_s"] / agg["actual_s"]
     return agg
 
@@ -303,8 +384,11 @@ def _perturbed(seeds: Sequence[Atoms], cfg: CampaignConfig) -> list[Atoms]:
     from matdisc.dft import perturbed_copies
 
     cs = cfg.mlip.cold_start
-    return [c for a in seeds for c in perturbed_copies(a, cs.perturbed_per_structure, rattle=cs.rattle_stdev,
-                                                       strain=cs.strain, seed=0)]
+    return [
+        c
+        for a in seeds
+        for c in perturbed_copies(a, cs.perturbed_per_structure, rattle=cs.rattle_stdev, strain=cs.strain, seed=0)
+    ]
 
 
 def _frame_atoms(store) -> float:
@@ -328,8 +412,15 @@ def _training_frames_per_calc(cfg: CampaignConfig, steps: float) -> float:
     return min(frames, t.frames_per_structure) if t.frames == "diverse" else frames
 
 
-def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None, rates: Rates | None = None,
-                  memory: dict[str, float] | None = None, log=lambda msg: None) -> Plan:
+def plan_campaign(
+    cfg: CampaignConfig,
+    store=None,
+    *,
+    rounds: int | None = None,
+    rates: Rates | None = None,
+    memory: dict[str, float] | None = None,
+    log=lambda msg: None,
+) -> Plan:
     """Price every round the campaign has still to run (``rounds``: total rounds, default the config's)."""
     from matdisc import loop
     from matdisc.generate import generate
@@ -352,12 +443,24 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
         seed_cost = dft_cost(seeds, cfg, rates, w, rates.seed_steps)
         static_cost = dft_cost(_perturbed(seeds, cfg), cfg, rates, w, None)
         frame_atoms += sum(len(a) for a in seeds) * (rates.seed_steps + 1 + cfg.mlip.cold_start.perturbed_per_structure)
-        dft = StageCost(seed_cost.jobs + static_cost.jobs, seed_cost.work + static_cost.work,
-                        seed_cost.compute_s + static_cost.compute_s, seed_cost.wall_s + static_cost.wall_s)
+        dft = StageCost(
+            seed_cost.jobs + static_cost.jobs,
+            seed_cost.work + static_cost.work,
+            seed_cost.compute_s + static_cost.compute_s,
+            seed_cost.wall_s + static_cost.wall_s,
+        )
         train = train_cost(frame_atoms, cfg, rates, w, epochs_for(cfg, 0, device)).started(rates.mlip_start_s)
         mlip_fresh = False
-        out.append(RoundPlan(0, len(seeds), 0, len(seeds) + statics, int(len(seeds) * (rates.seed_steps + 1) + statics),
-                             {"dft": dft, "train": train}))
+        out.append(
+            RoundPlan(
+                0,
+                len(seeds),
+                0,
+                len(seeds) + statics,
+                int(len(seeds) * (rates.seed_steps + 1) + statics),
+                {"dft": dft, "train": train},
+            )
+        )
         n_atoms += [len(a) for a in seeds]
     total = rounds if rounds is not None else al.rounds
     generated: tuple[list[Atoms], float, int] | None = None
@@ -372,8 +475,7 @@ def plan_campaign(cfg: CampaignConfig, store=None, *, rounds: int | None = None,
             # round's generation pays only when it is the first in its process
             for _ in range(2):
                 t0 = time.perf_counter()
-                cands, _, report = generate(cfg.chemsys, cfg.generation, round_=r, existing_by_key=existing,
-                                            hits=hits)
+                cands, _, report = generate(cfg.chemsys, cfg.generation, round_=r, existing_by_key=existing, hits=hits)
                 seconds = time.perf_counter() - t0
             atoms = [c.structure.to_ase_atoms() for c in cands]
             again = sum(n for src, n in report.new.items() if src != "prototype")
@@ -411,7 +513,7 @@ def _memory(cfg: CampaignConfig, atoms: Sequence[Atoms], probed: dict[str, float
     """Peak memory per worker (GB). MLIP: the probe's base plus its per-atom growth times a full
     batch; DFT (GPAW): 16-byte plane-wave coefficients × k-points × bands × spin, ×3 for work
     arrays, over a 0.3 GB process; any other calculator: the process."""
-    from matdisc.costs import spin_polarised, bands, gpaw_kpoints, planewaves
+    from matdisc.costs import bands, gpaw_kpoints, planewaves, spin_polarised
     from matdisc.mlip.batched import CPU_BATCH_ATOMS
 
     gb = 1024**3

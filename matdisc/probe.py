@@ -48,11 +48,19 @@ def probe_key(cfg: CampaignConfig) -> str:
     device = resolve_device(cfg.mlip.device)
     training = cfg.mlip.training.sized(device)
     parts = {
-        "host": os.uname().nodename, "cpus": os.cpu_count(), "python": sys.version.split()[0],
-        "device": device, "dtype": cfg.mlip.dtype, "model": cfg.mlip.model, "chemsys": sorted(cfg.chemsys),
+        "host": os.uname().nodename,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "device": device,
+        "dtype": cfg.mlip.dtype,
+        "model": cfg.mlip.model,
+        "chemsys": sorted(cfg.chemsys),
         "training": training.model_dump(mode="json", include={"num_channels", "max_L", "r_max", "batch_size"}),
-        "ensemble": cfg.mlip.ensemble, "reference": cfg.reference.resolved().model_dump(mode="json"),
-        "threads": cfg.compute.threads_per_dft_worker, "engine": cfg.mlip.engine, "forms": FORMS,
+        "ensemble": cfg.mlip.ensemble,
+        "reference": cfg.reference.resolved().model_dump(mode="json"),
+        "threads": cfg.compute.threads_per_dft_worker,
+        "engine": cfg.mlip.engine,
+        "forms": FORMS,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -121,7 +129,9 @@ def _probe_dft(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rates: Ra
     by_work = sorted(seeds, key=lambda a: dft_work(a, ref))
     small, large = by_work[0], by_work[min(len(by_work) - 1, len(by_work) // 2)]
     run_protocol(small, ref, id="warm-up", workdir=workdir / "warm-up")  # imports and setups, not counted
-    times = [_timed(run_protocol, a, ref, id=f"p{i}", workdir=workdir / f"p{i}")[1] for i, a in enumerate((small, large))]
+    times = [
+        _timed(run_protocol, a, ref, id=f"p{i}", workdir=workdir / f"p{i}")[1] for i, a in enumerate((small, large))
+    ]
     works = [dft_work(small, ref), dft_work(large, ref)]
     slope = (times[1] - times[0]) / (works[1] - works[0]) if works[1] > works[0] * 1.2 else 0.0
     if slope <= 0:
@@ -164,16 +174,26 @@ def _probe_training(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rate
     device = resolve_device(cfg.mlip.device)
     training = cfg.mlip.training.sized(device)
     frames = _labelled(seeds, cfg)
-    train, valid = split_by_structure(frames, [str(i % len(seeds)) for i in range(len(frames))],
-                                      training.valid_fraction, 0)
+    train, valid = split_by_structure(
+        frames, [str(i % len(seeds)) for i in range(len(frames))], training.valid_fraction, 0
+    )
     train_frames = [a for a, _ in train]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // concurrent_members(cfg.mlip.ensemble, cores))
     times, model = [], None
     for epochs in PROBE_EPOCHS:
         sized = training.model_copy(update={"max_num_epochs": epochs})
-        trained, seconds = _timed(train_mace, train_frames, valid, workdir / f"e{epochs}", sized, seed=0,
-                                  device=device, dtype=cfg.mlip.dtype, threads=threads)
+        trained, seconds = _timed(
+            train_mace,
+            train_frames,
+            valid,
+            workdir / f"e{epochs}",
+            sized,
+            seed=0,
+            device=device,
+            dtype=cfg.mlip.dtype,
+            threads=threads,
+        )
         times.append(seconds)
         model = trained.path
     atoms = sum(len(a) for a in train_frames)
@@ -190,8 +210,9 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
-def _probe_relax(cfg: CampaignConfig, seeds: list[Atoms], model_paths: list[str], rates: Rates
-                 ) -> tuple[Rates, dict[str, Any]]:
+def _probe_relax(
+    cfg: CampaignConfig, seeds: list[Atoms], model_paths: list[str], rates: Rates
+) -> tuple[Rates, dict[str, Any]]:
     """A short batched relaxation (every structure runs ``PROBE_STEPS`` steps) with the probe model."""
     from matdisc.mlip import relax_many
     from matdisc.mlip.model import load_torch_model

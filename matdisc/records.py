@@ -14,7 +14,6 @@ from ase import Atoms
 
 from matdisc.store.frames import Frames
 
-
 #: Relaxation outcomes whose energies may enter a convex hull (see :mod:`matdisc.mlip.outcome`).
 USABLE = ("ok", "symmetry_changed")
 
@@ -24,7 +23,8 @@ class RelaxResult:
     """Outcome of relaxing one structure (with an MLIP or a reference calculator).
 
     ``status`` is ``ok``, ``symmetry_changed`` (MLIP), ``unconverged``, ``exploded`` or
-    ``failed`` (see :mod:`matdisc.mlip.outcome`); anything but ``ok`` carries a ``reason``. ``frames`` holds every evaluated configuration with its energy,
+    ``failed`` (see :mod:`matdisc.mlip.outcome`); anything but ``ok`` carries a ``reason``.
+    ``frames`` holds every evaluated configuration with its energy,
     forces and stress (training data, for reference calculations).
     """
 
@@ -94,4 +94,12 @@ def scalar_fields(result: RelaxResult) -> dict[str, Any]:
     return {f.name: getattr(result, f.name) for f in fields(result) if f.name not in skip}
 
 
-__all__ = ["USABLE", "ReferenceResult", "RelaxResult", "asdict", "frames_from_atoms_with_results", "labelled", "scalar_fields"]
+__all__ = [
+    "USABLE",
+    "ReferenceResult",
+    "RelaxResult",
+    "asdict",
+    "frames_from_atoms_with_results",
+    "labelled",
+    "scalar_fields",
+]

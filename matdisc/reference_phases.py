@@ -31,8 +31,11 @@ def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str
     """
     settings = settings_hash(cfg.reference)
     cand = w.table("candidates")
-    elemental = [c for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
-                 if len(c.structure.composition.elements) == 1]
+    elemental = [
+        c
+        for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
+        if len(c.structure.composition.elements) == 1
+    ]
     keys = [dedup_key(c.structure) for c in elemental]
     stored = set(cand["dedup_key"]) if not cand.empty and "dedup_key" in cand else set()
     missing = [(c, k) for c, k in zip(elemental, keys) if k not in stored]
@@ -78,11 +81,13 @@ def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
     new: list[tuple[Candidate, str]] = []
     target: list[tuple[str, int]] = []  # per phase: ("id", -1) of a stored candidate, or ("", index into new)
     for p, k in zip(phases, keys):
-        same = next((cid for cid, s in zip(ids_by_key.get(k, ()), existing.get(k, ())) if matcher.fit(p.structure, s)),
-                    None)
+        same = next(
+            (cid for cid, s in zip(ids_by_key.get(k, ()), existing.get(k, ())) if matcher.fit(p.structure, s)), None
+        )
         if same is None:
-            same_new = next((j for j, (c, kk) in enumerate(new) if kk == k and matcher.fit(p.structure, c.structure)),
-                            None)
+            same_new = next(
+                (j for j, (c, kk) in enumerate(new) if kk == k and matcher.fit(p.structure, c.structure)), None
+            )
             if same_new is None:
                 new.append((Candidate(p.structure, "known", detail=p.id), k))
                 same_new = len(new) - 1
@@ -93,17 +98,36 @@ def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
         before = int((table["round"] == 0).sum()) if not table.empty else 0  # ids after every round-0 one
         add_candidates(w, [c for c, _ in new], 0, f"known-{setting}", [k for _, k in new], first_index=before)
     table = w.table("candidates")
-    new_ids = list(table["id"][table["source"] == "known"])[-len(new):] if new else []
+    new_ids = list(table["id"][table["source"] == "known"])[-len(new) :] if new else []
     records, settings = [], settings_hash(cfg.reference)
     for p, (cid, j) in zip(phases, target):
         cid = cid or new_ids[j]
-        records.append({"known_id": p.id, "formula": p.formula, "source": p.source, "candidate": cid,
-                        "settings_hash": p.settings_hash})
+        records.append(
+            {
+                "known_id": p.id,
+                "formula": p.formula,
+                "source": p.source,
+                "candidate": cid,
+                "settings_hash": p.settings_hash,
+            }
+        )
         if p.energy is not None and p.settings_hash == settings and cid not in dft_done(w, settings):
             atoms = AseAtomsAdaptor.get_atoms(p.structure)
-            record_reference(w, 0, ReferenceResult(cid, "ok", "", atoms, energy=p.energy, settings_hash=settings,
-                                                   notes=f"taken from {p.source} (computed with these settings)"),
-                             settings, verified=True)
+            record_reference(
+                w,
+                0,
+                ReferenceResult(
+                    cid,
+                    "ok",
+                    "",
+                    atoms,
+                    energy=p.energy,
+                    settings_hash=settings,
+                    notes=f"taken from {p.source} (computed with these settings)",
+                ),
+                settings,
+                verified=True,
+            )
     w.append_records("known_phases", key, records)
 
 

@@ -51,26 +51,36 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
     cand = camp.candidates()
     found = analysis.hits(cand)
     cif_paths = analysis.export_structures(camp, list(found["id"]), out / "hits", "cif") if len(found) else []
-    sections = [f"<h1>Campaign report: {html.escape(store_name(camp.path))}</h1>",
-                f"<p>Store <code>{html.escape(str(camp.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
-                f"{len(cand)} candidates, {int((cand['dft_status'] == 'ok').sum())} verified with DFT, "
-                f"{len(found)} stable phases found.</p>"]
-    sections += ["<h2>Stable phases found (DFT-verified)</h2>",
-                 _table(found.assign(cif=[f"hits/{p.name}" for p in cif_paths])) if len(found)
-                 else "<p>No DFT-verified stable compound yet.</p>"]
+    sections = [
+        f"<h1>Campaign report: {html.escape(store_name(camp.path))}</h1>",
+        f"<p>Store <code>{html.escape(str(camp.path))}</code>, written {time.strftime('%Y-%m-%d %H:%M')}. "
+        f"{len(cand)} candidates, {int((cand['dft_status'] == 'ok').sum())} verified with DFT, "
+        f"{len(found)} stable phases found.</p>",
+    ]
+    sections += [
+        "<h2>Stable phases found (DFT-verified)</h2>",
+        _table(found.assign(cif=[f"hits/{p.name}" for p in cif_paths]))
+        if len(found)
+        else "<p>No DFT-verified stable compound yet.</p>",
+    ]
     known = camp.known_phase_summary(cand)
     if known["known_phases"]:
         above = known["known_above_hull"]
-        sections += ["<h2>Known phases (computed with the campaign's reference settings)</h2>",
-                     f"<p><b>Above the campaign's hull: {html.escape(', '.join(above))}</b> (a finding: the settings "
-                     "or the phase disagree with what was known).</p>" if above else
-                     "<p>Every computed known phase is on the campaign's hull.</p>",
-                     _table(pd.DataFrame(known["known_phases"]))]
-    figures = [("Convex hull", lambda: analysis.hull_figure(cand)),
-               ("MLIP vs DFT", lambda: analysis.parity_figure(cand)),
-               ("Discovery curve", lambda: analysis.discovery_figure(camp)),
-               ("Learning curve", lambda: analysis.learning_figure(camp)),
-               ("Which generator found the hits", lambda: analysis.sources_figure(cand))]
+        sections += [
+            "<h2>Known phases (computed with the campaign's reference settings)</h2>",
+            f"<p><b>Above the campaign's hull: {html.escape(', '.join(above))}</b> (a finding: the settings "
+            "or the phase disagree with what was known).</p>"
+            if above
+            else "<p>Every computed known phase is on the campaign's hull.</p>",
+            _table(pd.DataFrame(known["known_phases"])),
+        ]
+    figures = [
+        ("Convex hull", lambda: analysis.hull_figure(cand)),
+        ("MLIP vs DFT", lambda: analysis.parity_figure(cand)),
+        ("Discovery curve", lambda: analysis.discovery_figure(camp)),
+        ("Learning curve", lambda: analysis.learning_figure(camp)),
+        ("Which generator found the hits", lambda: analysis.sources_figure(cand)),
+    ]
     for title, make in figures:
         try:
             body = _png(make())
@@ -79,14 +89,21 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
         sections += [f"<h2>{title}</h2>", body]
     sections.append(_table(hits_by_source(cand)))  # under the last figure: generator attribution
     if len(found):
-        sections += ["<h2>Structures of the hits</h2>",
-                     _png(analysis.structure_figure({f"{r.formula} ({r.id})": camp.structure(r.id, "dft")
-                                                     for r in found.head(12).itertuples()}))]
+        sections += [
+            "<h2>Structures of the hits</h2>",
+            _png(
+                analysis.structure_figure(
+                    {f"{r.formula} ({r.id})": camp.structure(r.id, "dft") for r in found.head(12).itertuples()}
+                )
+            ),
+        ]
     rounds = camp.rounds()  # not summary(): that reads every candidate again
     if not rounds.empty:
         sections += ["<h2>Rounds</h2>", _table(rounds)]
     out.mkdir(parents=True, exist_ok=True)
     page = out / "report.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(store_name(camp.path))}</title>"
-                    f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(store_name(camp.path))}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
+    )
     return page

@@ -52,8 +52,9 @@ def screening_reference(cfg: CampaignConfig) -> ReferenceConfig:
     parameters = {**cfg.reference.parameters, **scr.parameters}
     if cfg.reference.calculator == "gpaw":
         parameters.setdefault("convergence", SCREEN_SCF)
-    return cfg.reference.under_preset(scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density,
-                                      walltime_s=scr.walltime_s, parameters=parameters)
+    return cfg.reference.under_preset(
+        scr.preset, ecut=scr.ecut, kpoint_density=scr.kpoint_density, walltime_s=scr.walltime_s, parameters=parameters
+    )
 
 
 @dataclass
@@ -139,26 +140,35 @@ def screen_geometries(cfg: CampaignConfig, relaxed: Atoms, initial: Atoms) -> li
     return list(scr.geometries)
 
 
-def _pick_jobs(w: CampaignWriter, cfg: CampaignConfig, ids: list[str], relaxed: dict[str, Atoms],
-               done: dict[tuple[str, str], float]) -> dict[str, list[tuple[str, Atoms]]]:
+def _pick_jobs(
+    w: CampaignWriter,
+    cfg: CampaignConfig,
+    ids: list[str],
+    relaxed: dict[str, Atoms],
+    done: dict[tuple[str, str], float],
+) -> dict[str, list[tuple[str, Atoms]]]:
     """id -> its screening jobs not run before, one per geometry it is screened at."""
     initial = dict(candidate_atoms(w, ids))
     out = {}
     for cid in ids:
         at = {"mlip": relaxed[cid], "initial": initial[cid]}
-        out[cid] = [(job_id(cid, g), at[g]) for g in screen_geometries(cfg, relaxed[cid], initial[cid])
-                    if (cid, g) not in done]
+        out[cid] = [
+            (job_id(cid, g), at[g]) for g in screen_geometries(cfg, relaxed[cid], initial[cid]) if (cid, g) not in done
+        ]
     return out
 
 
-def _element_jobs(elements: dict[str, tuple[str, Atoms]], done: dict[tuple[str, str], float]) -> list[tuple[str, Atoms]]:
+def _element_jobs(
+    elements: dict[str, tuple[str, Atoms]], done: dict[tuple[str, str], float]
+) -> list[tuple[str, Atoms]]:
     """The elements' ground states at their DFT structures, once per campaign and settings."""
     ran = {cid for cid, _ in done}
     return [(job_id(cid, "dft"), a) for cid, a in elements.values() if cid not in ran]
 
 
-def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[float],
-         remaining_s: float | None) -> ScreenPlan | None:
+def plan(
+    w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[float], remaining_s: float | None
+) -> ScreenPlan | None:
     """The screen this round needs, or None: the budget verifies every pick, screening is off,
     has the reference's own settings, lacks an element's ground state, or would look at no more
     picks than verification alone can.
@@ -202,8 +212,9 @@ def plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], cost: list[f
     return ScreenPlan(ref, picks, jobs, remaining_s - cheapest)
 
 
-def shortlist_plan(w: CampaignWriter, cfg: CampaignConfig, ranked: list[str],
-                   remaining_s: float | None) -> ScreenPlan | None:
+def shortlist_plan(
+    w: CampaignWriter, cfg: CampaignConfig, ranked: list[str], remaining_s: float | None
+) -> ScreenPlan | None:
     """``budget.screening.shortlist``: screen the acquisition's first ``shortlist`` candidates every
     round (those screened before keep their energies), within what is left of a budget.
 
@@ -232,8 +243,9 @@ def record(w: CampaignWriter, round_: int, result: ReferenceResult, settings: st
     """One screening calculation (a failed one with its reason), once per id, geometry and settings."""
     cid, geometry = split_job_id(result.id)
     row = scalar_fields(result)
-    row.update(id=cid, geometry=geometry, round=round_, settings_hash=settings,
-               e_screen_per_atom=result.energy_per_atom)
+    row.update(
+        id=cid, geometry=geometry, round=round_, settings_hash=settings, e_screen_per_atom=result.energy_per_atom
+    )
     w.append_records(TABLE, f"r{round_}/{cid}/{settings}/{geometry}", [row])
 
 
@@ -251,8 +263,9 @@ def screened_hull_distance(w: CampaignWriter, cfg: CampaignConfig, ids: list[str
         shift = sum(comp.get_atomic_fraction(el) * mu.get(str(el), np.nan) for el in comp.elements)
         e_form.append(energy.get(cid, np.nan) - shift)
     ref = cand[np.isfinite(cand["e_form_dft"].astype(float))] if "e_form_dft" in cand else cand.iloc[:0]
-    above = energy_above_reference_hull([formula[c] for c in ids], e_form, list(ref["formula"]),
-                                        list(ref["e_form_dft"].astype(float)), cfg.chemsys)
+    above = energy_above_reference_hull(
+        [formula[c] for c in ids], e_form, list(ref["formula"]), list(ref["e_form_dft"].astype(float)), cfg.chemsys
+    )
     return dict(zip(ids, above))
 
 
@@ -278,6 +291,21 @@ def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
     return ids
 
 
-__all__ = ["TABLE", "ScreenPlan", "funnel", "ground_states", "job_id", "plan", "record", "rejected",
-           "relaxed_atoms", "screened", "screen_geometries", "screened_hull_distance", "screened_jobs", "screening_reference",
-           "shortlist_plan", "split_job_id"]
+__all__ = [
+    "TABLE",
+    "ScreenPlan",
+    "funnel",
+    "ground_states",
+    "job_id",
+    "plan",
+    "record",
+    "rejected",
+    "relaxed_atoms",
+    "screened",
+    "screen_geometries",
+    "screened_hull_distance",
+    "screened_jobs",
+    "screening_reference",
+    "shortlist_plan",
+    "split_job_id",
+]

@@ -43,8 +43,11 @@ def hull_energies(
 
 
 def energy_above_reference_hull(
-    formulas: Sequence[str], e_form_per_atom: Sequence[float],
-    ref_formulas: Sequence[str], ref_e_form_per_atom: Sequence[float], chemsys: Sequence[str],
+    formulas: Sequence[str],
+    e_form_per_atom: Sequence[float],
+    ref_formulas: Sequence[str],
+    ref_e_form_per_atom: Sequence[float],
+    chemsys: Sequence[str],
 ) -> np.ndarray:
     """Predicted formation energies measured against a hull built from reference ones (eV/atom).
 
@@ -71,8 +74,13 @@ def energy_above_reference_hull(
     return out
 
 
-def score(formulas: Sequence[str], e_mlip_per_atom: Sequence[float], e_dft_per_atom: Sequence[float],
-          chemsys: Sequence[str], hull_tolerance: float = 0.0) -> dict[str, np.ndarray]:
+def score(
+    formulas: Sequence[str],
+    e_mlip_per_atom: Sequence[float],
+    e_dft_per_atom: Sequence[float],
+    chemsys: Sequence[str],
+    hull_tolerance: float = 0.0,
+) -> dict[str, np.ndarray]:
     """Every hull quantity of a round from per-atom energies (NaN where not usable).
 
     ``e_form_mlip``/``e_hull_mlip`` (the MLIP hull), ``e_form_dft``/``e_hull_dft`` (the DFT
@@ -85,5 +93,11 @@ def score(formulas: Sequence[str], e_mlip_per_atom: Sequence[float], e_dft_per_a
     eh_p = energy_above_reference_hull(formulas, ef_m, formulas, ef_d, chemsys) if np.isfinite(ef_d).any() else eh_m
     n_el = np.array([len(Composition(f).elements) for f in formulas])
     is_hit = (eh_d <= hull_tolerance + 1e-9) & (ef_d < 0) & (n_el > 1)
-    return {"e_form_mlip": ef_m, "e_hull_mlip": eh_m, "e_form_dft": ef_d, "e_hull_dft": eh_d, "e_hull_pred": eh_p,
-            "is_hit": is_hit}
+    return {
+        "e_form_mlip": ef_m,
+        "e_hull_mlip": eh_m,
+        "e_form_dft": ef_d,
+        "e_hull_dft": eh_d,
+        "e_hull_pred": eh_p,
+        "is_hit": is_hit,
+    }

@@ -88,8 +88,9 @@ def formation_deviation(energies: np.ndarray, reference: np.ndarray, structures:
     return float(np.mean(np.abs(diff - x[ok] @ mu)) * 1000)
 
 
-def dft_tradeoff(structures: list[tuple[str, Atoms]], options: dict[str, ReferenceConfig], workdir: Path,
-                 log=lambda msg: None) -> list[Option]:
+def dft_tradeoff(
+    structures: list[tuple[str, Atoms]], options: dict[str, ReferenceConfig], workdir: Path, log=lambda msg: None
+) -> list[Option]:
     """Static calculations of ``structures`` with every option; errors against the last option
     (list options from cheapest to most accurate)."""
     from matdisc.dft import run_static
@@ -107,9 +108,19 @@ def dft_tradeoff(structures: list[tuple[str, Atoms]], options: dict[str, Referen
     best = list(options)[-1]
     atoms = [a for _, a in structures]
     cheapest = min(seconds.values())
-    return [Option("dft", name, formation_deviation(energies[name], energies[best], atoms), seconds[name],
-                   seconds[name] / cheapest if cheapest > 0 else float("nan"), len(structures), best,
-                   failed=failed[name]) for name in options]
+    return [
+        Option(
+            "dft",
+            name,
+            formation_deviation(energies[name], energies[best], atoms),
+            seconds[name],
+            seconds[name] / cheapest if cheapest > 0 else float("nan"),
+            len(structures),
+            best,
+            failed=failed[name],
+        )
+        for name in options
+    ]
 
 
 # -- MACE sizes ----------------------------------------------------------------------------------
@@ -136,8 +147,15 @@ def spread_held_out(frames: list[Atoms], groups: list[str], every: int = 4) -> s
     return set(ordered[every // 2 :: every])
 
 
-def mlip_tradeoff(frames: list[Atoms], groups: list[str], cfg: CampaignConfig, sizes: list[str], workdir: Path,
-                  device: str = "cpu", log=lambda msg: None) -> list[Option]:
+def mlip_tradeoff(
+    frames: list[Atoms],
+    groups: list[str],
+    cfg: CampaignConfig,
+    sizes: list[str],
+    workdir: Path,
+    device: str = "cpu",
+    log=lambda msg: None,
+) -> list[Option]:
     """One model per size on the same frames and validation split (a quarter of the structures,
     spread over cell sizes)."""
     from matdisc.mlip import predict_energies, train_committee
@@ -150,8 +168,17 @@ def mlip_tradeoff(frames: list[Atoms], groups: list[str], cfg: CampaignConfig, s
     for size in sizes:
         channels, L = parse_size(size)
         training = cfg.mlip.training.model_copy(update={"num_channels": channels, "max_L": L, "subsample": 1.0})
-        (model,) = train_committee(frames, groups, workdir / size, training, size=1, seed=cfg.generation.seed,
-                                   device=device, dtype=cfg.mlip.dtype, held_out=held_out)
+        (model,) = train_committee(
+            frames,
+            groups,
+            workdir / size,
+            training,
+            size=1,
+            seed=cfg.generation.seed,
+            device=device,
+            dtype=cfg.mlip.dtype,
+            held_out=held_out,
+        )
         paths = [str(model.path)]
         predict_energies(paths, frames[:1], device=device, dtype=cfg.mlip.dtype)  # warm-up (imports, first call)
         t0 = time.perf_counter()
@@ -161,11 +188,23 @@ def mlip_tradeoff(frames: list[Atoms], groups: list[str], cfg: CampaignConfig, s
         t2 = time.perf_counter()
         atoms = sum(len(a) for a in frames[1:])
         infer = max(0.0, (t2 - t1) - (t1 - t0)) / max(1, atoms) * 1e6
-        log(f"tradeoff: MACE {size}: {model.seconds:.1f} s training, held-out "
-            f"{model.metrics['energy_rmse_per_atom'] * 1000:.1f} meV/atom")
-        out.append(Option("mlip", size, model.metrics["energy_rmse_per_atom"] * 1000, model.seconds, 0.0, n_groups,
-                          "held-out", forces_rmse=model.metrics["forces_rmse"],
-                          infer_us_per_atom=infer))
+        log(
+            f"tradeoff: MACE {size}: {model.seconds:.1f} s training, held-out "
+            f"{model.metrics['energy_rmse_per_atom'] * 1000:.1f} meV/atom"
+        )
+        out.append(
+            Option(
+                "mlip",
+                size,
+                model.metrics["energy_rmse_per_atom"] * 1000,
+                model.seconds,
+                0.0,
+                n_groups,
+                "held-out",
+                forces_rmse=model.metrics["forces_rmse"],
+                infer_us_per_atom=infer,
+            )
+        )
     cheapest = min(o.seconds for o in out)
     for o in out:
         o.relative_cost = o.seconds / cheapest if cheapest > 0 else float("nan")
@@ -173,8 +212,9 @@ def mlip_tradeoff(frames: list[Atoms], groups: list[str], cfg: CampaignConfig, s
 
 
 # -- the command's work --------------------------------------------------------------------------
-def measure(cfg: CampaignConfig, *, presets: list[str], sizes: list[str] | None, structures: int = 4,
-            log=print) -> list[Option]:
+def measure(
+    cfg: CampaignConfig, *, presets: list[str], sizes: list[str] | None, structures: int = 4, log=print
+) -> list[Option]:
     """Measure the requested trade-offs on the campaign's store and record them (table ``tradeoffs``)."""
     from matdisc import loop
     from matdisc.mlip import resolve_device
@@ -197,8 +237,9 @@ def measure(cfg: CampaignConfig, *, presets: list[str], sizes: list[str] | None,
     if out:
         with CampaignWriter(cfg.store_path) as w:
             stamp = time.time()
-            w.append_records("tradeoffs", f"tradeoff/{uuid.uuid4().hex[:12]}",
-                             [{**asdict(o), "measured": stamp} for o in out])
+            w.append_records(
+                "tradeoffs", f"tradeoff/{uuid.uuid4().hex[:12]}", [{**asdict(o), "measured": stamp} for o in out]
+            )
     return out
 
 
@@ -211,5 +252,16 @@ def latest(store) -> list[dict[str, Any]]:
     return table.sort_values(["kind", "relative_cost"]).to_dict("records")
 
 
-__all__ = ["Option", "default_sizes", "dft_tradeoff", "formation_deviation", "latest", "measure", "mlip_tradeoff",
-           "parse_size", "reference_options", "spread_held_out", "verified_structures"]
+__all__ = [
+    "Option",
+    "default_sizes",
+    "dft_tradeoff",
+    "formation_deviation",
+    "latest",
+    "measure",
+    "mlip_tradeoff",
+    "parse_size",
+    "reference_options",
+    "spread_held_out",
+    "verified_structures",
+]

@@ -4,5 +4,13 @@ from matdisc.dft.calculators import calculator_parameters, make_calculator, sett
 from matdisc.dft.protocol import perturbed_copies, run_protocol
 from matdisc.dft.runner import run_reference, run_static, run_statics
 
-__all__ = ["calculator_parameters", "make_calculator", "perturbed_copies", "run_protocol", "run_reference",
-           "run_static", "run_statics", "settings_hash"]
+__all__ = [
+    "calculator_parameters",
+    "make_calculator",
+    "perturbed_copies",
+    "run_protocol",
+    "run_reference",
+    "run_static",
+    "run_statics",
+    "settings_hash",
+]

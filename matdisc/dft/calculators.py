@@ -29,8 +29,20 @@ from matdisc.config import ReferenceConfig
 #: Initial magnetic moments (µB) for spin-polarised runs; elements not listed start at 0.
 #: High-spin guesses as in common high-throughput practice: SCF finds the actual moment.
 INITIAL_MAGMOMS: dict[str, float] = {
-    "V": 3.0, "Cr": 4.0, "Mn": 5.0, "Fe": 4.0, "Co": 3.0, "Ni": 2.0,
-    "Ce": 1.0, "Pr": 2.0, "Nd": 3.0, "Sm": 5.0, "Eu": 7.0, "Gd": 7.0, "Tb": 6.0, "Dy": 5.0,
+    "V": 3.0,
+    "Cr": 4.0,
+    "Mn": 5.0,
+    "Fe": 4.0,
+    "Co": 3.0,
+    "Ni": 2.0,
+    "Ce": 1.0,
+    "Pr": 2.0,
+    "Nd": 3.0,
+    "Sm": 5.0,
+    "Eu": 7.0,
+    "Gd": 7.0,
+    "Tb": 6.0,
+    "Dy": 5.0,
 }
 
 #: GPAW keywords that steer SCF convergence without changing the converged energy.
@@ -62,8 +74,13 @@ def calculator_parameters(cfg: ReferenceConfig, overrides: dict[str, Any] | None
         params = {}
     params.update(ref.parameters)
     params.update(overrides or {})
-    return {"calculator": ref.calculator, "parameters": params, "kpoint_density": ref.kpoint_density,
-            "spin": ref.spin, "magmoms": {**INITIAL_MAGMOMS, **ref.magmoms} if ref.spin != "off" else {}}
+    return {
+        "calculator": ref.calculator,
+        "parameters": params,
+        "kpoint_density": ref.kpoint_density,
+        "spin": ref.spin,
+        "magmoms": {**INITIAL_MAGMOMS, **ref.magmoms} if ref.spin != "off" else {},
+    }
 
 
 def settings_hash(cfg: ReferenceConfig, overrides: dict[str, Any] | None = None) -> str:
@@ -83,8 +100,9 @@ def kpoints(atoms: Atoms, density: float) -> tuple[int, int, int]:
     return tuple(int(k) for k in kptdensity2monkhorstpack(atoms, density))  # type: ignore[return-value]
 
 
-def make_calculator(cfg: ReferenceConfig, atoms: Atoms, workdir: Path,
-                    overrides: dict[str, Any] | None = None) -> Calculator:
+def make_calculator(
+    cfg: ReferenceConfig, atoms: Atoms, workdir: Path, overrides: dict[str, Any] | None = None
+) -> Calculator:
     """A fresh calculator for ``atoms``, writing into ``workdir``."""
     ref = cfg.resolved()
     workdir.mkdir(parents=True, exist_ok=True)

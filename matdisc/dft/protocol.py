@@ -32,8 +32,15 @@ from matdisc.records import ReferenceResult, RelaxResult, labelled
 FrameSink = Callable[[Atoms], None]
 
 
-def run_protocol(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, deadline: float | None = None,
-                 on_frame: FrameSink | None = None) -> ReferenceResult:
+def run_protocol(
+    atoms: Atoms,
+    cfg: ReferenceConfig,
+    *,
+    id: str,
+    workdir: Path,
+    deadline: float | None = None,
+    on_frame: FrameSink | None = None,
+) -> ReferenceResult:
     """Relax + static in this process. Never raises for a failed calculation.
 
     ``deadline`` (``time.monotonic()``) is checked between steps; ``on_frame`` receives each
@@ -69,9 +76,22 @@ def run_protocol(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, 
     if res.status == "ok" and used != settings_hash(ref):
         res.status = "settings_changed"
         res.reason = f"converged only with rung {rung} ({rungs[rung].name}): energy has its own settings hash"
-    out = ReferenceResult(id, res.status, res.reason, res.atoms, energy=res.energy, n_steps=n_steps,
-                          forces=res.forces, stress=res.stress, frames=frames, settings_hash=used, scf_rung=rung,
-                          workdir=str(workdir), notes="; ".join(notes), magmom=magmom)
+    out = ReferenceResult(
+        id,
+        res.status,
+        res.reason,
+        res.atoms,
+        energy=res.energy,
+        n_steps=n_steps,
+        forces=res.forces,
+        stress=res.stress,
+        frames=frames,
+        settings_hash=used,
+        scf_rung=rung,
+        workdir=str(workdir),
+        notes="; ".join(notes),
+        magmom=magmom,
+    )
     if out.status in ("ok", "unconverged", "settings_changed"):
         out.atoms = labelled(res.atoms, res.energy, res.forces, res.stress)
     elif frames:  # timeout and failures keep the last energy that was computed
@@ -80,9 +100,19 @@ def run_protocol(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, 
     return out
 
 
-def _climb(atoms: Atoms, ref: ReferenceConfig, rungs: list[Rung], rung: int, phase: str, max_steps: int, id: str,
-           workdir: Path, deadline: float | None, on_frame: FrameSink | None,
-           notes: list[str]) -> tuple[RelaxResult, int, float]:
+def _climb(
+    atoms: Atoms,
+    ref: ReferenceConfig,
+    rungs: list[Rung],
+    rung: int,
+    phase: str,
+    max_steps: int,
+    id: str,
+    workdir: Path,
+    deadline: float | None,
+    on_frame: FrameSink | None,
+    notes: list[str],
+) -> tuple[RelaxResult, int, float]:
     """Run one phase, moving up the ladder while the SCF fails; continue from the last geometry.
 
     Returns the phase's result, the rung it ended on, and the calculator's total magnetic
@@ -95,11 +125,20 @@ def _climb(atoms: Atoms, ref: ReferenceConfig, rungs: list[Rung], rung: int, pha
     while True:
         where = workdir / (phase if rung == 0 else f"{phase}-rung{rung}")
         calc = make_calculator(ref, current, where, rungs[rung].overrides)
-        res = relax(current, calc, id=id, fmax=ref.fmax or 0.05,
-                    max_steps=max(0, max_steps - n_steps) if phase == "relax" else 0,
-                    relax_cell=ref.relax_cell, optimizer=ref.optimizer,
-                    stress_tol=ref.stress_tol * GPa if ref.stress_tol else None, deadline=deadline,
-                    keep_frames=True, on_step=sink, scf_error=is_scf_failure)
+        res = relax(
+            current,
+            calc,
+            id=id,
+            fmax=ref.fmax or 0.05,
+            max_steps=max(0, max_steps - n_steps) if phase == "relax" else 0,
+            relax_cell=ref.relax_cell,
+            optimizer=ref.optimizer,
+            stress_tol=ref.stress_tol * GPa if ref.stress_tol else None,
+            deadline=deadline,
+            keep_frames=True,
+            on_step=sink,
+            scf_error=is_scf_failure,
+        )
         frames += res.frames
         n_steps += res.n_steps
         if res.status != "scf_unconverged" or rung + 1 >= len(rungs):

@@ -40,8 +40,9 @@ from matdisc.records import ReferenceResult, labelled
 JOB, RESULT, FRAMES, LOG = "job.pkl", "result.pkl", "frames.extxyz", "runner.log"
 
 
-def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path,
-                  threads: int | None = None) -> ReferenceResult:
+def run_reference(
+    atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, threads: int | None = None
+) -> ReferenceResult:
     """Relax + static with the configured reference calculator. Never raises for a failed calculation.
 
     ``threads``: cores an isolated calculation may use when ``OMP_NUM_THREADS`` is unset."""
@@ -60,14 +61,16 @@ def run_reference(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path,
     return _attempt(res, calc_dir)
 
 
-def run_static(atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path,
-               threads: int | None = None) -> ReferenceResult:
+def run_static(
+    atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, threads: int | None = None
+) -> ReferenceResult:
     """A single reference calculation (for perturbed training frames)."""
     return run_reference(atoms, cfg.model_copy(update={"max_steps": 0}), id=id, workdir=workdir, threads=threads)
 
 
-def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, workdir: Path,
-                threads: int | None = None) -> list[ReferenceResult]:
+def run_statics(
+    jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, workdir: Path, threads: int | None = None
+) -> list[ReferenceResult]:
     """Single points of ``(id, atoms)`` jobs, in order: an isolated calculator runs them in one
     process (restarted after a calculation that timed out or crashed it). Never raises for a
     failed calculation; ``walltime_s`` of each is the worker's time from the previous one's end."""
@@ -81,7 +84,7 @@ def run_statics(jobs: Sequence[tuple[str, Atoms]], cfg: ReferenceConfig, *, work
         batch.append((cid, atoms, calc_dir))
     out: list[ReferenceResult] = []
     while len(out) < len(batch):
-        out += _run_isolated(batch[len(out):], ref, threads)
+        out += _run_isolated(batch[len(out) :], ref, threads)
     return [_attempt(res, calc_dir) for res, (*_, calc_dir) in zip(out, batch)]
 
 
@@ -117,8 +120,9 @@ def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> N
     (calc_dir / "worker.pid").write_text(str(os.getpid()))
 
 
-def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig,
-                  threads: int | None) -> list[ReferenceResult]:
+def _run_isolated(
+    batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig, threads: int | None
+) -> list[ReferenceResult]:
     """Run the jobs written in ``batch``'s directories in one child, in order. Returns the results
     of those it finished, ending with the one it was on if it timed out or the child died."""
     launcher = shlex.split(ref.launcher.format(ranks=ref.ranks)) if ref.launcher else []
@@ -130,8 +134,7 @@ def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig
     walltime = float(ref.walltime_s or 0) or None
     out: list[ReferenceResult] = []
     with open(dirs[0] / LOG, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=dirs[0], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=dirs[0], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     started = time.perf_counter()
     try:
         while len(out) < len(batch):
@@ -148,15 +151,27 @@ def _run_isolated(batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig
             except subprocess.TimeoutExpired:
                 if walltime is not None and time.perf_counter() - started > walltime:
                     _kill(proc)
-                    out.append(_partial(atoms, ref, id, calc_dir, "timeout",
-                                        f"wall time {walltime:g} s exceeded: stopped", started))
+                    out.append(
+                        _partial(
+                            atoms, ref, id, calc_dir, "timeout", f"wall time {walltime:g} s exceeded: stopped", started
+                        )
+                    )
                     break
                 continue
             if (calc_dir / RESULT).is_file():  # finished just before the child exited
                 continue
             how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-            out.append(_partial(atoms, ref, id, calc_dir, "failed",
-                                f"calculation process ended with {how}: {_last_line(calc_dir / LOG)}", started))
+            out.append(
+                _partial(
+                    atoms,
+                    ref,
+                    id,
+                    calc_dir,
+                    "failed",
+                    f"calculation process ended with {how}: {_last_line(calc_dir / LOG)}",
+                    started,
+                )
+            )
             break
     except BaseException:  # cancelled task, interrupted flow: never leave the calculation running
         _kill(proc)
@@ -179,16 +194,25 @@ def _last_line(path: Path) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
-def _partial(atoms: Atoms, ref: ReferenceConfig, id: str, calc_dir: Path, status: str, reason: str,
-             t0: float) -> ReferenceResult:
+def _partial(
+    atoms: Atoms, ref: ReferenceConfig, id: str, calc_dir: Path, status: str, reason: str, t0: float
+) -> ReferenceResult:
     """A result from what a stopped or crashed child left: its streamed frames."""
     frames = read_frames(calc_dir / FRAMES)
     last = frames[-1] if frames else atoms
     energy = float(last.info["REF_energy"]) if frames else float("nan")
     reason = f"{reason} ({len(frames)} frames kept)"
-    return ReferenceResult(id, status, reason, last.copy(), energy=energy, frames=frames,
-                           settings_hash=settings_hash(ref), workdir=str(calc_dir),
-                           walltime_s=time.perf_counter() - t0)
+    return ReferenceResult(
+        id,
+        status,
+        reason,
+        last.copy(),
+        energy=energy,
+        frames=frames,
+        settings_hash=settings_hash(ref),
+        workdir=str(calc_dir),
+        walltime_s=time.perf_counter() - t0,
+    )
 
 
 def read_frames(path: Path) -> list[Atoms]:
@@ -248,8 +272,11 @@ def _run_job(calc_dir: Path) -> None:
         job = pickle.load(f)
     lead = _rank() == 0
     (calc_dir / f"runner-{_rank()}.pid").write_text(str(os.getpid()))
-    print(f"matdisc.dft runner: pid {os.getpid()}, rank {_rank()}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
+    print(
+        f"matdisc.dft runner: pid {os.getpid()}, rank {_rank()}, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}",
+        flush=True,
+    )
     sink = (lambda frame: _append_frame(calc_dir / FRAMES, frame)) if lead else None
     res = run_protocol(job["atoms"], ReferenceConfig(**job["config"]), id=job["id"], workdir=calc_dir, on_frame=sink)
     if lead:

@@ -64,10 +64,16 @@ class GenerationReport:
     skips: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"compositions": self.compositions, "compositions_kept": self.compositions_kept,
-                "cut_reasons": self.cut_reasons, "generated": self.generated, "new": self.new,
-                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}, "skips": len(self.skips),
-                "skip_reasons": dict(Counter(s["reason"].split(":")[0] for s in self.skips))}
+        return {
+            "compositions": self.compositions,
+            "compositions_kept": self.compositions_kept,
+            "cut_reasons": self.cut_reasons,
+            "generated": self.generated,
+            "new": self.new,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "skips": len(self.skips),
+            "skip_reasons": dict(Counter(s["reason"].split(":")[0] for s in self.skips)),
+        }
 
 
 def composition_screen(chemsys: list[str], cfg: GenerationConfig) -> CompositionScreen:
@@ -75,8 +81,11 @@ def composition_screen(chemsys: list[str], cfg: GenerationConfig) -> Composition
 
 
 def prototype_candidates(
-    chemsys: list[str], cfg: GenerationConfig, names: list[str] | None = None,
-    comp_screen: CompositionScreen | None = None, skips: list[dict[str, Any]] | None = None,
+    chemsys: list[str],
+    cfg: GenerationConfig,
+    names: list[str] | None = None,
+    comp_screen: CompositionScreen | None = None,
+    skips: list[dict[str, Any]] | None = None,
 ) -> list[Candidate]:
     """Every symmetry-distinct decoration of the prototypes over the chemical system.
 
@@ -89,11 +98,17 @@ def prototype_candidates(
     max_el = cfg.max_elements or len(chemsys)
     skips = skips if skips is not None else []
     names = names if names is not None else cfg.prototype.names
-    builtin = [n for n in names if n in PROTOTYPES] if names is not None else (
-        prototype_names(is_ionic(chemsys)) if cfg.prototype.library == "builtin" else [])
+    builtin = (
+        [n for n in names if n in PROTOTYPES]
+        if names is not None
+        else (prototype_names(is_ionic(chemsys)) if cfg.prototype.library == "builtin" else [])
+    )
     listed = aflow.by_name()
-    library = [listed[n] for n in names if n not in PROTOTYPES] if names is not None else (
-        list(aflow.library()) if cfg.prototype.library == "aflow" else [])
+    library = (
+        [listed[n] for n in names if n not in PROTOTYPES]
+        if names is not None
+        else (list(aflow.library()) if cfg.prototype.library == "aflow" else [])
+    )
     out = []
     for name in builtin:
         p = PROTOTYPES[name]
@@ -102,58 +117,107 @@ def prototype_candidates(
         for species, s in decorate(p, chemsys, max_atoms=cfg.max_atoms, oxidation=comp_screen.oxidation):
             if comp_screen.allows(s.composition.reduced_formula):
                 detail = " ".join(f"{lb}={el}" for lb, el in zip(p.labels, species))
-                out.append(Candidate(s, "prototype", name, spacegroup=p.spacegroup_number, detail=detail,
-                                     strukturbericht=p.strukturbericht))
+                out.append(
+                    Candidate(
+                        s,
+                        "prototype",
+                        name,
+                        spacegroup=p.spacegroup_number,
+                        detail=detail,
+                        strukturbericht=p.strukturbericht,
+                    )
+                )
     unary = cfg.prototype.elements if cfg.prototype.elements is not None else len(chemsys) == 1
     for p in library:
         if len(p.species) > max_el or (len(p.species) == 1 and not unary and names is None):
             continue
         if p.n_sites > cfg.max_atoms:
-            skips.append({"source": "prototype", "formula": p.compound, "spacegroup": p.spacegroup,
-                          "reason": f"too many sites: {p.n_sites} > max_atoms {cfg.max_atoms} ({p.aflow})"})
+            skips.append(
+                {
+                    "source": "prototype",
+                    "formula": p.compound,
+                    "spacegroup": p.spacegroup,
+                    "reason": f"too many sites: {p.n_sites} > max_atoms {cfg.max_atoms} ({p.aflow})",
+                }
+            )
             continue
         try:
             decorated = aflow.decorate(p, chemsys, oxidation=comp_screen.oxidation)
         except Exception as err:  # noqa: BLE001 - one prototype's failure must not stop the round
-            skips.append({"source": "prototype", "formula": p.compound, "spacegroup": p.spacegroup,
-                          "reason": f"decoration failed: {type(err).__name__}: {err} ({p.aflow})"})
+            skips.append(
+                {
+                    "source": "prototype",
+                    "formula": p.compound,
+                    "spacegroup": p.spacegroup,
+                    "reason": f"decoration failed: {type(err).__name__}: {err} ({p.aflow})",
+                }
+            )
             continue
         for species, s in decorated:
             if comp_screen.allows(s.composition.reduced_formula):
                 detail = " ".join(f"{a}={b}" for a, b in zip(p.species, species))
-                out.append(Candidate(s, "prototype", p.name, spacegroup=p.spacegroup, detail=detail, aflow=p.aflow,
-                                     strukturbericht=p.strukturbericht, pearson=p.pearson))
+                out.append(
+                    Candidate(
+                        s,
+                        "prototype",
+                        p.name,
+                        spacegroup=p.spacegroup,
+                        detail=detail,
+                        aflow=p.aflow,
+                        strukturbericht=p.strukturbericht,
+                        pearson=p.pearson,
+                    )
+                )
     return out
 
 
-def library_parents(chemsys: list[str], max_elements: int, library: str = "aflow",
-                    max_atoms: int | None = None) -> list[tuple[str, Structure, str]]:
+def library_parents(
+    chemsys: list[str], max_elements: int, library: str = "aflow", max_atoms: int | None = None
+) -> list[tuple[str, Structure, str]]:
     """The library's namesake compounds (NaCl, NaTl, ...) as substitution parents: (label,
     structure, prototype name). AFLOW parents larger than ``max_atoms`` are left out."""
     if library == "builtin":
-        return [(f"{p.compound} ({p.name})", p.build(dict(zip(p.labels, p.example))), p.name)
-                for p in PROTOTYPES.values() if 1 < len(p.labels) <= max_elements]
-    return [(f"{p.compound} ({p.name})", p.structure, p.name) for p in aflow.library()
-            if 1 < len(p.species) <= max_elements and (max_atoms is None or p.n_sites <= max_atoms)]
+        return [
+            (f"{p.compound} ({p.name})", p.build(dict(zip(p.labels, p.example))), p.name)
+            for p in PROTOTYPES.values()
+            if 1 < len(p.labels) <= max_elements
+        ]
+    return [
+        (f"{p.compound} ({p.name})", p.structure, p.name)
+        for p in aflow.library()
+        if 1 < len(p.species) <= max_elements and (max_atoms is None or p.n_sites <= max_atoms)
+    ]
 
 
 def substitution_candidates(
-    chemsys: list[str], cfg: GenerationConfig, comp_screen: CompositionScreen,
+    chemsys: list[str],
+    cfg: GenerationConfig,
+    comp_screen: CompositionScreen,
     hits: list[tuple[str, Structure]] = (),
 ) -> list[Candidate]:
     sc = cfg.substitution
     parents: list[tuple[str, Structure]] = []
     prototype_of: dict[str, str] = {}
     if sc.from_prototypes:
-        for label, s, name in library_parents(chemsys, cfg.max_elements or len(chemsys), cfg.prototype.library,
-                                              cfg.max_atoms):
+        for label, s, name in library_parents(
+            chemsys, cfg.max_elements or len(chemsys), cfg.prototype.library, cfg.max_atoms
+        ):
             parents.append((label, s))
             prototype_of[label] = name
     if sc.from_hits:
         parents.extend(hits)
     subs = substitute(parents, chemsys, comp_screen, threshold=sc.threshold, max_atoms=cfg.max_atoms)
-    return [Candidate(r.structure, "substitution", prototype_of.get(r.parent, ""), parent=r.parent,
-                      probability=r.probability, detail=r.substitution) for r in subs]
+    return [
+        Candidate(
+            r.structure,
+            "substitution",
+            prototype_of.get(r.parent, ""),
+            parent=r.parent,
+            probability=r.probability,
+            detail=r.substitution,
+        )
+        for r in subs
+    ]
 
 
 def generate(
@@ -193,24 +257,36 @@ def generate(
     if cfg.random.enabled and cfg.random.per_round:
         t0 = time.perf_counter()
         rc = cfg.random
-        crystals, skips = random_batch(comp_screen, rc.per_round, seed=(cfg.seed, round_), workers=cfg.workers,
-                                       max_atoms=cfg.max_atoms, min_distance=rc.min_distance,
-                                       max_attempts=rc.max_attempts)
-        per_source["random"] = [Candidate(c.structure, "random", spacegroup=c.spacegroup, seed=c.seed)
-                                for c in crystals]
-        report.skips.extend({"source": "random", "formula": s.formula, "spacegroup": s.spacegroup,
-                             "reason": s.reason} for s in skips)
+        crystals, skips = random_batch(
+            comp_screen,
+            rc.per_round,
+            seed=(cfg.seed, round_),
+            workers=cfg.workers,
+            max_atoms=cfg.max_atoms,
+            min_distance=rc.min_distance,
+            max_attempts=rc.max_attempts,
+        )
+        per_source["random"] = [
+            Candidate(c.structure, "random", spacegroup=c.spacegroup, seed=c.seed) for c in crystals
+        ]
+        report.skips.extend(
+            {"source": "random", "formula": s.formula, "spacegroup": s.spacegroup, "reason": s.reason} for s in skips
+        )
         report.seconds["random"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     cands = [c for src in SOURCES for c in per_source.get(src, [])]
     report.generated = {src: len(v) for src, v in per_source.items()}
-    keep, keys = unique([c.structure for c in cands], existing, existing_keys=existing_keys,
-                        existing_by_key=existing_by_key, workers=cfg.workers)
+    keep, keys = unique(
+        [c.structure for c in cands],
+        existing,
+        existing_keys=existing_keys,
+        existing_by_key=existing_by_key,
+        workers=cfg.workers,
+    )
     report.seconds["dedup"] = time.perf_counter() - t0
 
-    caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round,
-            "random": None}
+    caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round, "random": None}
     taken: dict[str, int] = {}
     out, out_keys = [], []
     for i in keep:
@@ -228,7 +304,20 @@ def generate(
 
 
 __all__ = [
-    "Candidate", "CompositionScreen", "Deduplicator", "GenerationReport", "PROTOTYPES", "SOURCES",
-    "composition_screen", "dedup_key", "enumerate_compositions", "fingerprint", "generate", "prototype_candidates",
-    "screen", "substitution_candidates", "unique", "unique_against",
+    "Candidate",
+    "CompositionScreen",
+    "Deduplicator",
+    "GenerationReport",
+    "PROTOTYPES",
+    "SOURCES",
+    "composition_screen",
+    "dedup_key",
+    "enumerate_compositions",
+    "fingerprint",
+    "generate",
+    "prototype_candidates",
+    "screen",
+    "substitution_candidates",
+    "unique",
+    "unique_against",
 ]

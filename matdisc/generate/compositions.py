@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from math import gcd
 
 from pymatgen.core import Composition, Element
@@ -25,7 +25,9 @@ OXIDATION_SET = "icsd24"
 def is_ionic(chemsys: list[str]) -> bool:
     """An ionic system has a metal and a non-metal that forms anions (O, F, S, Cl, N ...)."""
     els = [Element(s) for s in chemsys]
-    return any(e.is_metal for e in els) and any(not e.is_metal and not e.is_metalloid and not e.is_noble_gas for e in els)
+    return any(e.is_metal for e in els) and any(
+        not e.is_metal and not e.is_metalloid and not e.is_noble_gas for e in els
+    )
 
 
 def enumerate_compositions(chemsys: list[str], max_atoms: int, max_elements: int | None = None) -> list[Composition]:
@@ -68,7 +70,7 @@ class CompositionScreen:
         return not self.screened or formula in self.oxidation
 
 
-@lru_cache(maxsize=None)
+@cache
 def oxidation_states(symbol: str) -> tuple[int, ...]:
     """SMACT's ICSD-24 oxidation states of an element (empty when none are known)."""
     import smact
@@ -79,15 +81,16 @@ def oxidation_states(symbol: str) -> tuple[int, ...]:
         return ()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _smact_allowed(elements: tuple[str, ...], threshold: int) -> dict[str, dict[str, int]]:
     """smact_filter over one element set: reduced formula -> first allowed oxidation states."""
     import smact
     from smact.screening import smact_filter
 
     allowed: dict[str, dict[str, int]] = {}
-    for els, ox, ratio in smact_filter([smact.Element(e) for e in elements], threshold=threshold,
-                                       oxidation_states_set=OXIDATION_SET):
+    for els, ox, ratio in smact_filter(
+        [smact.Element(e) for e in elements], threshold=threshold, oxidation_states_set=OXIDATION_SET
+    ):
         formula = Composition(dict(zip(els, ratio))).reduced_formula
         allowed.setdefault(formula, dict(zip(els, ox)))
     return allowed

@@ -154,8 +154,11 @@ def unique(
     todo = [new[i] for i in originals]
     pool = process_pool(workers) if workers > 1 and len(todo) >= PARALLEL_MIN else None
     try:
-        prints = [fp for part in pool.map(_fingerprints, chunks(todo, 4 * workers)) for fp in part] if pool \
+        prints = (
+            [fp for part in pool.map(_fingerprints, chunks(todo, 4 * workers)) for fp in part]
+            if pool
             else _fingerprints(todo)
+        )
         keys = [k for k, _ in prints]
         buckets: dict[str, list[int]] = defaultdict(list)
         for i, k in enumerate(keys):

@@ -9,21 +9,19 @@ rutile, perovskite and spinel.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import warnings
+from functools import cache
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
 from pymatgen.core import Element, Species, Structure
-
 
 #: Alloy cells are expanded until no pair is closer than this × the sum of metallic radii
 #: (open structures such as diamond would otherwise be squeezed to close-packed volume).
 ALLOY_CONTACT = 0.9
 
 
-@lru_cache(maxsize=None)
+@cache
 def metallic_radius(symbol: str) -> float:
     el = Element(symbol)
     with warnings.catch_warnings():  # pymatgen warns for elements without a tabulated radius
@@ -36,7 +34,7 @@ def atomic_volume(symbol: str) -> float:
     return 4 * np.sqrt(2) * metallic_radius(symbol) ** 3
 
 
-@lru_cache(maxsize=None)
+@cache
 def covalent_radius(symbol: str) -> float:
     """Cordero covalent radius (Å), as ASE tabulates it (the criterion PyXtal also uses)."""
     from ase.data import atomic_numbers, covalent_radii
@@ -44,7 +42,7 @@ def covalent_radius(symbol: str) -> float:
     return float(covalent_radii[atomic_numbers[symbol]])
 
 
-@lru_cache(maxsize=None)
+@cache
 def ionic_radius(species: str) -> float | None:
     """Shannon radius (Å) of an ion such as ``Na+`` (average over coordinations), None if unknown."""
     try:
@@ -131,8 +129,8 @@ def expand_to_min_distance(s: Structure, factor: float, max_volume_ratio: float)
     ratio, pair = closest_approach(s, factor)
     if ratio >= 1:
         return None
-    if ratio ** -3 > max_volume_ratio:
-        return f"atoms too close: {pair}, needs {ratio ** -3:.1f}x the volume"
+    if ratio**-3 > max_volume_ratio:
+        return f"atoms too close: {pair}, needs {ratio**-3:.1f}x the volume"
     s.scale_lattice(s.volume / ratio**3 * 1.0001)
     return None
 

@@ -1,7 +1,8 @@
 """Random symmetric crystals with PyXtal: the AIRSS-like source of unexpected structures.
 
 Each structure draws a composition (from the screened list, simple stoichiometries more
-often), a number of formula units that fits ``max_atoms``, and a space group that PyXtal says is compatible with those atom counts;
+often), a number of formula units that fits ``max_atoms``, and a space group that PyXtal says
+is compatible with those atom counts;
 PyXtal places atoms on Wyckoff sites at random with its own (loose) separation of half the
 sum of covalent radii: asking PyXtal for more makes it retry for seconds per 20-atom cell
 (0.14 s vs 0.7-0.9 s per accepted structure at 0.7), while our expansion step below
@@ -28,7 +29,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from pymatgen.core import Composition, Structure
@@ -56,14 +57,14 @@ class Skip:
     reason: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group(number: int):
     from pyxtal.symmetry import Group
 
     return Group(number)
 
 
-@lru_cache(maxsize=None)
+@cache
 def compatible_groups(counts: tuple[int, ...]) -> tuple[int, ...]:
     """Space groups (2-230) whose Wyckoff positions can hold these atom counts."""
     return tuple(g for g in range(2, 231) if _group(g).check_compatible(list(counts))[0])

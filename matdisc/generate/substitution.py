@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from pymatgen.analysis.structure_prediction.substitution_probability import SubstitutionProbability
 from pymatgen.analysis.structure_prediction.substitutor import Substitutor
@@ -43,7 +43,7 @@ def _probability_model() -> SubstitutionProbability:
     return SubstitutionProbability()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _allowed_species() -> frozenset:
     return frozenset(_probability_model().species)
 
@@ -98,16 +98,16 @@ def _ionic(parents: list[tuple[str, Structure]], screen: CompositionScreen, thre
         for targets in targets_by_size[n]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                preds = sub.pred_from_structures(targets, [{"structure": charged, "id": label}],
-                                                 remove_duplicates=False)
+                preds = sub.pred_from_structures(
+                    targets, [{"structure": charged, "id": label}], remove_duplicates=False
+                )
             for t in preds:
                 mapping = _mapping(t.history[-1].get("species_map") or {})
-                out.append(Substituted(_neutral(t.final_structure), label, float(t.other_parameters["proba"]),
-                                       mapping))
+                out.append(Substituted(_neutral(t.final_structure), label, float(t.other_parameters["proba"]), mapping))
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _as_cation(symbol: str) -> Species | None:
     el = Element(symbol)
     for q in list(el.common_oxidation_states) + list(el.oxidation_states):

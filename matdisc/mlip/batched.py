@@ -54,8 +54,10 @@ def mace_models(members: list[torch.nn.Module], device: str, dtype: str, cueq: b
     """torch-sim model over one MACE module, or the mean of a committee's."""
     from torch_sim.models.mace import MaceModel
 
-    wrapped = [MaceModel(m, device=torch.device(device), dtype=getattr(torch, dtype), compute_stress=True,
-                         enable_cueq=cueq) for m in members]
+    wrapped = [
+        MaceModel(m, device=torch.device(device), dtype=getattr(torch, dtype), compute_stress=True, enable_cueq=cueq)
+        for m in members
+    ]
     return wrapped[0] if len(wrapped) == 1 else CommitteeModel(wrapped)
 
 
@@ -74,8 +76,14 @@ class CommitteeModel(ModelInterface):
         return {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("energy", "forces", "stress")}
 
 
-def batch_atoms_for_memory(bytes_per_atom: float, free_bytes: int, largest: int, *,
-                           fraction: float = GPU_MEMORY_FRACTION, cap: int = GPU_BATCH_ATOMS_CAP) -> int:
+def batch_atoms_for_memory(
+    bytes_per_atom: float,
+    free_bytes: int,
+    largest: int,
+    *,
+    fraction: float = GPU_MEMORY_FRACTION,
+    cap: int = GPU_BATCH_ATOMS_CAP,
+) -> int:
     """Atoms per batch that fit ``fraction`` of ``free_bytes`` at ``bytes_per_atom``, within
     [largest structure, cap]."""
     fit = int(fraction * free_bytes / max(bytes_per_atom, 1.0))
@@ -130,9 +138,16 @@ def _finished(state, fmax: float, volume0: torch.Tensor) -> tuple[torch.Tensor, 
     fmax_atoms = _max_force(state)
     cell_forces = getattr(state, "cell_forces", None)
     fmax_cell = cell_forces.norm(dim=2).amax(dim=1) if cell_forces is not None else torch.zeros_like(fmax_atoms)
-    finite_forces = torch.zeros_like(fmax_atoms).scatter_reduce(
-        0, state.system_idx, torch.isfinite(state.forces).all(dim=1).to(fmax_atoms.dtype), reduce="amin",
-        include_self=False) > 0
+    finite_forces = (
+        torch.zeros_like(fmax_atoms).scatter_reduce(
+            0,
+            state.system_idx,
+            torch.isfinite(state.forces).all(dim=1).to(fmax_atoms.dtype),
+            reduce="amin",
+            include_self=False,
+        )
+        > 0
+    )
     blowup = state.volume.abs() > MAX_VOLUME_FACTOR * volume0
     exploded = ~torch.isfinite(state.energy) | ~finite_forces | blowup
     converged = (fmax_atoms < fmax) & (fmax_cell < fmax) & ~exploded
@@ -155,7 +170,8 @@ def relax_batched(
     optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
     init_fn, step_fn = optimizer(model=model)
     batch_atoms = settings.batch_atoms or (
-        CPU_BATCH_ATOMS if device.type == "cpu" else gpu_batch_atoms(model, [a for _, a in structures]))
+        CPU_BATCH_ATOMS if device.type == "cpu" else gpu_batch_atoms(model, [a for _, a in structures])
+    )
     swap_steps = settings.steps_between_swaps or SWAP_STEPS.get(device.type, 5)
     batch_atoms = max(batch_atoms, max(len(a) for _, a in structures))
     raw = ts.initialize_state([a for _, a in structures], device, dtype)
@@ -166,8 +182,9 @@ def relax_batched(
     binning.load_states(raw)
     initialised = binning.restore_original_order([init_fn(b) for b in binning])
 
-    batcher = InFlightAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms,
-                                  return_indices=True)
+    batcher = InFlightAutoBatcher(
+        model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms, return_indices=True
+    )
     batcher.load_states(initialised)
     state, _, current = batcher.next_batch(None, None)
     current = list(current)
@@ -197,8 +214,9 @@ def relax_batched(
             finals[og] = final
         current = list(current)
     walltime = (time.perf_counter() - t0) / n
-    return [_result(cid, atoms, finals[i], verdict[i], int(steps[i]), walltime)
-            for i, (cid, atoms) in enumerate(structures)]
+    return [
+        _result(cid, atoms, finals[i], verdict[i], int(steps[i]), walltime) for i, (cid, atoms) in enumerate(structures)
+    ]
 
 
 def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: int, walltime: float) -> RelaxResult:
@@ -212,8 +230,9 @@ def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: 
     status, reason = classify(initial, atoms, *verdict)
     if status == "exploded":
         energy = float("nan")
-    return RelaxResult(cid, status, reason, atoms, energy=energy, n_steps=n_steps, forces=forces, stress=stress,
-                       walltime_s=walltime)
+    return RelaxResult(
+        cid, status, reason, atoms, energy=energy, n_steps=n_steps, forces=forces, stress=stress, walltime_s=walltime
+    )
 
 
 def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | None = None) -> np.ndarray:
@@ -237,7 +256,8 @@ def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | 
         e_std = energy.std(0, unbiased=False) / counts
         f_std = forces.std(0, unbiased=False).norm(dim=1)
         f_max = torch.zeros(len(chunk), device=device, dtype=dtype).scatter_reduce(
-            0, state.system_idx, f_std, reduce="amax", include_self=False)
+            0, state.system_idx, f_std, reduce="amax", include_self=False
+        )
         out[start : start + len(chunk)] = torch.stack([e_std, f_max], 1).detach().cpu().numpy()
     return out
 

@@ -85,8 +85,9 @@ def foundation_model_path(name: str) -> str:
     try:
         return download_mace_mp_checkpoint(name)
     except Exception as err:  # offline and not cached: say which name and where it was looked for
-        raise ModelError(f"mlip.model: foundation model {name!r} is not cached and cannot be downloaded "
-                         f"({type(err).__name__})") from None
+        raise ModelError(
+            f"mlip.model: foundation model {name!r} is not cached and cannot be downloaded ({type(err).__name__})"
+        ) from None
 
 
 def trusted_roots(configured: list[str | Path]) -> list[Path]:
@@ -135,17 +136,25 @@ def describe(paths: list[str], *, device: str = "cpu", dtype: str = "float64") -
     members = tuple(file_sha256(p) for p in paths)
     headers = [_read_header(str(p), s) for p, s in zip(paths, members)]
     common = set(headers[0][1]).intersection(*(set(h[1]) for h in headers[1:]))
-    return ModelInfo(paths=tuple(str(p) for p in paths), sha256=committee_sha256(members),
-                     members=members, device=device, dtype=dtype, r_max=max(h[0] for h in headers),
-                     elements=tuple(sorted(common)))
+    return ModelInfo(
+        paths=tuple(str(p) for p in paths),
+        sha256=committee_sha256(members),
+        members=members,
+        device=device,
+        dtype=dtype,
+        r_max=max(h[0] for h in headers),
+        elements=tuple(sorted(common)),
+    )
 
 
 def require_elements(info: ModelInfo, chemsys: list[str], *, name: str = "mlip.model") -> None:
     """Refuse a model that was not trained on every element of the chemical system."""
     missing = sorted(set(chemsys) - set(info.elements))
     if missing:
-        raise ModelError(f"{name}: model {Path(info.paths[0]).name} has no {', '.join(missing)} "
-                         f"(it knows {', '.join(info.elements)})")
+        raise ModelError(
+            f"{name}: model {Path(info.paths[0]).name} has no {', '.join(missing)} "
+            f"(it knows {', '.join(info.elements)})"
+        )
 
 
 def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "float64", cueq: bool | None = None):
@@ -160,8 +169,9 @@ def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "floa
     device = resolve_device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return MACECalculator(model_paths=list(paths), device=device, default_dtype=dtype,
-                              enable_cueq=use_cueq(device, cueq))
+        return MACECalculator(
+            model_paths=list(paths), device=device, default_dtype=dtype, enable_cueq=use_cueq(device, cueq)
+        )
 
 
 def configured_model(mlip, chemsys: list[str]) -> ModelInfo | None:

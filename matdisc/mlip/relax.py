@@ -26,8 +26,9 @@ from matdisc.records import RelaxResult
 log = logging.getLogger(__name__)
 
 
-def relax_many(structures: list[tuple[str, Atoms]], model_paths: list[str],
-               mlip: MLIPConfig | None = None) -> list[RelaxResult]:
+def relax_many(
+    structures: list[tuple[str, Atoms]], model_paths: list[str], mlip: MLIPConfig | None = None
+) -> list[RelaxResult]:
     """Relax ``(id, atoms)`` pairs (positions + cell); one result per input, in order."""
     mlip = mlip or MLIPConfig()
     if not structures:
@@ -40,8 +41,11 @@ def relax_many(structures: list[tuple[str, Atoms]], model_paths: list[str],
         try:
             results = _relax_torch_sim(structures, model_paths, mlip, device)
         except Exception as err:  # a batch-level failure: the ASE loop still gives every structure its outcome
-            log.warning("batched relaxation failed (%s: %s); falling back to the ASE loop",
-                        type(err).__name__, str(err).splitlines()[0][:200])
+            log.warning(
+                "batched relaxation failed (%s: %s); falling back to the ASE loop",
+                type(err).__name__,
+                str(err).splitlines()[0][:200],
+            )
     if results is None:
         results = relax_ase(structures, model_paths, mlip, device)
     share = (time.perf_counter() - t0) / len(results)  # the call's time (models loaded, spread) per structure
@@ -55,8 +59,13 @@ def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> 
 
     modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
     model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
-    settings = BatchSettings(fmax=mlip.fmax, max_steps=mlip.max_steps, cell_filter=mlip.cell_filter,
-                             batch_atoms=mlip.batch_atoms, steps_between_swaps=mlip.steps_between_swaps)
+    settings = BatchSettings(
+        fmax=mlip.fmax,
+        max_steps=mlip.max_steps,
+        cell_filter=mlip.cell_filter,
+        batch_atoms=mlip.batch_atoms,
+        steps_between_swaps=mlip.steps_between_swaps,
+    )
     results = relax_batched(structures, model, settings)
     members = list(model.members) if len(modules) > 1 else [model]
     usable = [r for r in results if r.status in USABLE or r.status == "unconverged"]
@@ -71,8 +80,9 @@ def relax_ase(structures, model_paths, mlip: MLIPConfig, device: str = "cpu") ->
     calc = load_calculator(model_paths, device=device, dtype=mlip.dtype, cueq=mlip.cueq)
     results = []
     for cid, atoms in structures:
-        res = relax(atoms, calc, id=cid, fmax=mlip.fmax, max_steps=mlip.max_steps, relax_cell=True,
-                    cell_filter=mlip.cell_filter)
+        res = relax(
+            atoms, calc, id=cid, fmax=mlip.fmax, max_steps=mlip.max_steps, relax_cell=True, cell_filter=mlip.cell_filter
+        )
         if res.status in ("ok", "unconverged"):
             res.status, res.reason = classify(atoms, res.atoms, res.status, res.reason)
         if res.status in USABLE or res.status == "unconverged":

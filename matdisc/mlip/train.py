@@ -26,9 +26,8 @@ import numpy as np
 from ase import Atoms
 from ase.io import write
 
-from matdisc.mlip.model import MODEL_LOCK
-
 from matdisc.config import TrainingConfig
+from matdisc.mlip.model import MODEL_LOCK
 
 
 class TrainingError(RuntimeError):
@@ -48,8 +47,9 @@ class TrainedModel:
     content: bytes | None = None  # the file's bytes, for a writer on another machine (mlip.shipping)
 
 
-def split_by_structure(frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int,
-                       held_out: set[str] | None = None):
+def split_by_structure(
+    frames: list[Atoms], groups: list[str], valid_fraction: float, seed: int, held_out: set[str] | None = None
+):
     """(train, valid) frames, whole structures on one side, chosen by ``seed`` (or named in ``held_out``)."""
     rng = np.random.default_rng(seed)
     names = sorted(set(groups))
@@ -95,22 +95,42 @@ def diverse_frames(energies_per_atom: np.ndarray, max_forces: np.ndarray, k: int
     return sorted(chosen)
 
 
-def _run_train_args(name: str, workdir: Path, cfg: TrainingConfig, *, seed: int, device: str, dtype: str,
-                    epochs: int) -> list[str]:
+def _run_train_args(
+    name: str, workdir: Path, cfg: TrainingConfig, *, seed: int, device: str, dtype: str, epochs: int
+) -> list[str]:
     return [
-        sys.executable, "-m", "mace.cli.run_train",
-        f"--name={name}", f"--work_dir={workdir}", f"--model_dir={workdir}",
+        sys.executable,
+        "-m",
+        "mace.cli.run_train",
+        f"--name={name}",
+        f"--work_dir={workdir}",
+        f"--model_dir={workdir}",
         f"--train_file={workdir / 'train.xyz'}",
-        "--energy_key=REF_energy", "--forces_key=REF_forces", "--stress_key=REF_stress",
+        "--energy_key=REF_energy",
+        "--forces_key=REF_forces",
+        "--stress_key=REF_stress",
         "--model=MACE",
-        f"--num_channels={cfg.num_channels}", f"--max_L={cfg.max_L}", f"--r_max={cfg.r_max}",
-        "--num_interactions=2", "--correlation=2",
-        f"--batch_size={cfg.batch_size}", f"--valid_batch_size={cfg.batch_size * 2}",
-        f"--max_num_epochs={epochs}", f"--lr={cfg.lr}",
-        f"--energy_weight={cfg.energy_weight}", f"--forces_weight={cfg.forces_weight}",
-        "--E0s=average", "--scaling=rms_forces_scaling",
-        f"--device={device}", f"--default_dtype={dtype}", f"--seed={seed}",
-        "--ema", "--ema_decay=0.99", "--amsgrad", "--save_cpu", "--eval_interval=5",
+        f"--num_channels={cfg.num_channels}",
+        f"--max_L={cfg.max_L}",
+        f"--r_max={cfg.r_max}",
+        "--num_interactions=2",
+        "--correlation=2",
+        f"--batch_size={cfg.batch_size}",
+        f"--valid_batch_size={cfg.batch_size * 2}",
+        f"--max_num_epochs={epochs}",
+        f"--lr={cfg.lr}",
+        f"--energy_weight={cfg.energy_weight}",
+        f"--forces_weight={cfg.forces_weight}",
+        "--E0s=average",
+        "--scaling=rms_forces_scaling",
+        f"--device={device}",
+        f"--default_dtype={dtype}",
+        f"--seed={seed}",
+        "--ema",
+        "--ema_decay=0.99",
+        "--amsgrad",
+        "--save_cpu",
+        "--eval_interval=5",
         "--log_level=WARNING",
     ]
 
@@ -150,8 +170,11 @@ def train_mace(
         args.append(f"--foundation_model={start_model}")
         if mode == "multihead":  # the foundation's own atomic energies anchor both heads
             args = [a for a in args if not a.startswith("--E0s=")]
-            args += ["--E0s=foundation", "--multiheads_finetuning=True",
-                     f"--pt_train_file={Path(cfg.replay_file).resolve()}"]
+            args += [
+                "--E0s=foundation",
+                "--multiheads_finetuning=True",
+                f"--pt_train_file={Path(cfg.replay_file).resolve()}",
+            ]
         else:
             args.append("--multiheads_finetuning=False")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -205,16 +228,23 @@ def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype
             df.append((forces[offset : offset + len(a)] - a.arrays["REF_forces"]).ravel())
             offset += len(a)
     de, df = np.asarray(de), np.concatenate(df)
-    return {"energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))), "energy_mae_per_atom": float(np.mean(np.abs(de))),
-            "forces_rmse": float(np.sqrt(np.mean(df**2))), "forces_mae": float(np.mean(np.abs(df)))}
+    return {
+        "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
+        "energy_mae_per_atom": float(np.mean(np.abs(de))),
+        "forces_rmse": float(np.sqrt(np.mean(df**2))),
+        "forces_mae": float(np.mean(np.abs(df))),
+    }
 
 
-def predict_energies(model_paths: list[str], frames: list[Atoms], *, device: str = "cpu",
-                     dtype: str = "float64") -> np.ndarray:
+def predict_energies(
+    model_paths: list[str], frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64"
+) -> np.ndarray:
     """Committee-mean energy per atom (eV/atom) of each frame, as it stands (no relaxation)."""
     if not frames:
         return np.zeros(0)
-    out = [e / np.array([len(a) for a in chunk]) for chunk, e, _ in _batched_outputs(model_paths, frames, device, dtype)]
+    out = [
+        e / np.array([len(a) for a in chunk]) for chunk, e, _ in _batched_outputs(model_paths, frames, device, dtype)
+    ]
     return np.concatenate(out)
 
 
@@ -246,8 +276,17 @@ def train_committee(
 
     def member(k: int) -> TrainedModel:
         start = start_models[k % len(start_models)] if start_models else None
-        return train_mace(subsample(train, cfg.subsample, seed + k), valid, Path(workdir) / f"member-{k}", cfg,
-                          seed=seed + k, device=device, dtype=dtype, start_model=start, threads=threads)
+        return train_mace(
+            subsample(train, cfg.subsample, seed + k),
+            valid,
+            Path(workdir) / f"member-{k}",
+            cfg,
+            seed=seed + k,
+            device=device,
+            dtype=dtype,
+            start_model=start,
+            threads=threads,
+        )
 
     # members are independent runs: side by side, the cores shared out (one thread each on two
     # cores halves a committee's wall time; mace's training loop uses a single core poorly)

@@ -99,14 +99,27 @@ class Campaign:
         cand = self.table("candidates")
         if cand.empty:
             return pd.DataFrame(
-                columns=["id", "formula", "round", "source", "status", "e_mlip_per_atom", "e_hull_mlip",
-                         "sigma", "e_dft_per_atom", "e_hull_dft", "is_hit"]
+                columns=[
+                    "id",
+                    "formula",
+                    "round",
+                    "source",
+                    "status",
+                    "e_mlip_per_atom",
+                    "e_hull_mlip",
+                    "sigma",
+                    "e_dft_per_atom",
+                    "e_hull_dft",
+                    "is_hit",
+                ]
             )
         cand = _latest(cand, "id")
         mlip = _latest(self.table("mlip"), "id")
         if not mlip.empty:
-            mlip = mlip[["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]
-                        + (["force_std"] if "force_std" in mlip else [])]
+            mlip = mlip[
+                ["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]
+                + (["force_std"] if "force_std" in mlip else [])
+            ]
             mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
             cand = cand.merge(mlip, on="id", how="left")
         dft = self.table("dft")
@@ -115,15 +128,25 @@ class Campaign:
             dft = dft[in_reference_set(dft, reference)]
         dft = _latest(dft, "id")
         if not dft.empty:
-            dft = dft[["id", "status", "reason", "e_dft_per_atom", "settings_hash"]
-                      + [c for c in ("scf_rung", "attempt", "workdir") if c in dft]]
+            dft = dft[
+                ["id", "status", "reason", "e_dft_per_atom", "settings_hash"]
+                + [c for c in ("scf_rung", "attempt", "workdir") if c in dft]
+            ]
             dft = dft.rename(columns={"status": "dft_status", "reason": "dft_reason"})
             cand = cand.merge(dft, on="id", how="left")
         scores = _latest(self.table("scores"), "id")
         if not scores.empty:
             cand = cand.merge(scores.drop(columns=["round"]), on="id", how="left")
-        for col in ("e_mlip_per_atom", "sigma", "force_std", "e_dft_per_atom", "e_form_mlip", "e_hull_mlip", "e_form_dft",
-                    "e_hull_dft"):
+        for col in (
+            "e_mlip_per_atom",
+            "sigma",
+            "force_std",
+            "e_dft_per_atom",
+            "e_form_mlip",
+            "e_hull_mlip",
+            "e_form_dft",
+            "e_hull_dft",
+        ):
             if col not in cand:
                 cand[col] = np.nan
         for col in ("mlip_status", "dft_status"):
@@ -134,8 +157,9 @@ class Campaign:
         cand["known_match"] = cand["known_match"].fillna("").astype(str) if "known_match" in cand else ""
         # novel: a verified candidate no known phase matches (None: no known phases to tell, or no DFT)
         has_known = not self.table("known_phases").empty
-        cand["novel"] = [(km == "") if has_known and d == "ok" else None
-                         for km, d in zip(cand["known_match"], cand["dft_status"])]
+        cand["novel"] = [
+            (km == "") if has_known and d == "ok" else None for km, d in zip(cand["known_match"], cand["dft_status"])
+        ]
         cand["status"] = [_status(m, d, h) for m, d, h in zip(cand["mlip_status"], cand["dft_status"], cand["is_hit"])]
         return cand
 
@@ -203,9 +227,14 @@ class Campaign:
             "store": str(self.location),
             "rounds": round_rows,
             "hits": [
-                {"id": r["id"], "formula": r["formula"], "prototype": r.get("prototype", "") or "",
-                 "e_hull_dft": float(r["e_hull_dft"]), "novel": r.get("novel"),
-                 "known_match": r.get("known_match") or None}
+                {
+                    "id": r["id"],
+                    "formula": r["formula"],
+                    "prototype": r.get("prototype", "") or "",
+                    "e_hull_dft": float(r["e_hull_dft"]),
+                    "novel": r.get("novel"),
+                    "known_match": r.get("known_match") or None,
+                }
                 for r in hits.to_dict("records")
             ],
             **self.known_phase_summary(cand),
@@ -226,11 +255,18 @@ class Campaign:
             c = by_id.get(k["candidate"], {})
             e_hull = c.get("e_hull_dft", np.nan)
             finite = e_hull is not None and np.isfinite(e_hull)
-            rows.append({"known_id": k["known_id"], "formula": k["formula"], "source": k["source"],
-                         "candidate": k["candidate"], "dft_status": c.get("dft_status", "") or "",
-                         "e_form_dft": _json_value(c.get("e_form_dft", np.nan)),
-                         "e_hull_dft": float(e_hull) if finite else None,
-                         "above_hull": bool(finite and e_hull > tolerance + 1e-6)})
+            rows.append(
+                {
+                    "known_id": k["known_id"],
+                    "formula": k["formula"],
+                    "source": k["source"],
+                    "candidate": k["candidate"],
+                    "dft_status": c.get("dft_status", "") or "",
+                    "e_form_dft": _json_value(c.get("e_form_dft", np.nan)),
+                    "e_hull_dft": float(e_hull) if finite else None,
+                    "above_hull": bool(finite and e_hull > tolerance + 1e-6),
+                }
+            )
         return {"known_phases": rows, "known_above_hull": [r["known_id"] for r in rows if r["above_hull"]]}
 
     def _hull_tolerance(self) -> float:
@@ -245,8 +281,19 @@ class Campaign:
 
 
 #: Discovery metrics of a round record that ``summary()`` passes on (see ``matdisc.discovery.round_metrics``).
-DISCOVERY_KEYS = ("dft_calls", "dft_calls_total", "new_hits", "hit_rate", "precision_stable", "daf",
-                  "mae_before_mev", "mae_after_mev", "hull_phases", "new_phases", "removed_phases")
+DISCOVERY_KEYS = (
+    "dft_calls",
+    "dft_calls_total",
+    "new_hits",
+    "hit_rate",
+    "precision_stable",
+    "daf",
+    "mae_before_mev",
+    "mae_after_mev",
+    "hull_phases",
+    "new_phases",
+    "removed_phases",
+)
 
 
 def _json_value(value: Any) -> Any:
@@ -326,8 +373,14 @@ class CampaignWriter(Campaign):
         columns = {n: [_plain(r.get(n)) for r in records] for n in names}
         return self.append(table, key, columns, frames)
 
-    def record_run(self, config_json: str, versions: Mapping[str, str], calculator: Mapping[str, Any],
-                   reference_set: str = "", orchestrator_run: str = "") -> None:
+    def record_run(
+        self,
+        config_json: str,
+        versions: Mapping[str, str],
+        calculator: Mapping[str, Any],
+        reference_set: str = "",
+        orchestrator_run: str = "",
+    ) -> None:
         """Provenance of one ``matdisc run``: config, package versions, calculator parameters, the
         settings hash of its reference set (what ``candidates()`` shows by default) and the id the
         workflow engine gave the run (a Prefect flow-run id; empty when run without one)."""
@@ -335,11 +388,17 @@ class CampaignWriter(Campaign):
         self.append_records(
             "runs",
             f"run-{time.time_ns()}",
-            [{"started": stamp, "config": config_json, "versions": json.dumps(dict(versions)),
-              "calculator": json.dumps(dict(calculator), default=str), "reference_set": reference_set,
-              "orchestrator_run": orchestrator_run}],
+            [
+                {
+                    "started": stamp,
+                    "config": config_json,
+                    "versions": json.dumps(dict(versions)),
+                    "calculator": json.dumps(dict(calculator), default=str),
+                    "reference_set": reference_set,
+                    "orchestrator_run": orchestrator_run,
+                }
+            ],
         )
-
 
 
 def _plain(value: Any) -> Any:

@@ -84,8 +84,14 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
-        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
-                           "expires": time.time() + self.seconds}).encode()
+        return json.dumps(
+            {
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires": time.time() + self.seconds,
+            }
+        ).encode()
 
     def read(self) -> dict[str, Any] | None:
         try:
@@ -106,8 +112,9 @@ class Lease:
                     if held is not None:
                         self.fs.rm_file(self.path)
                     continue
-                raise StoreError(f"store {self.url} is being written by {_holder_text(held or {})}; "
-                                 "wait for it or stop it") from None
+                raise StoreError(
+                    f"store {self.url} is being written by {_holder_text(held or {})}; wait for it or stop it"
+                ) from None
             if (self.read() or {}).get("owner") != self.owner:  # a racing writer replaced it
                 raise StoreError(f"store {self.url}: another writer took the lease while this one started")
             self._thread = threading.Thread(target=self._renew_loop, name="matdisc-lease", daemon=True)
@@ -197,9 +204,13 @@ class RemoteStore:
             if entry.name in ("models", *SCRATCH):
                 continue
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        wanted = [rel for rel, size in self._remote_files().items()
-                  if not (rel.startswith("models/") and (self.local / rel).is_file()
-                          and (self.local / rel).stat().st_size == size)]
+        wanted = [
+            rel
+            for rel, size in self._remote_files().items()
+            if not (
+                rel.startswith("models/") and (self.local / rel).is_file() and (self.local / rel).stat().st_size == size
+            )
+        ]
         if wanted:
             for rel in wanted:
                 (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +220,7 @@ class RemoteStore:
     # -- push -------------------------------------------------------------------------
     def _local_files(self) -> dict[str, tuple[int, int]]:
         files = {}
-        for dirpath, dirnames, filenames in os.walk(self.local):
+        for dirpath, _dirnames, filenames in os.walk(self.local):
             rel_dir = os.path.relpath(dirpath, self.local)
             top = rel_dir.split(os.sep, 1)[0]
             for name in filenames:

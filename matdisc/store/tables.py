@@ -127,7 +127,7 @@ def _column_array(values: Any) -> np.ndarray:
 
 
 def _fill_value(dtype: np.dtype | str) -> Any:
-    kind = np.dtype(dtype).kind if dtype != str else "O"
+    kind = np.dtype(dtype).kind if dtype is not str else "O"
     return {"f": np.nan, "i": -1, "u": 0, "b": False}.get(kind, "")
 
 
@@ -186,8 +186,10 @@ class TableStore:
 
     def _open_url(self, url: str) -> None:
         if self.write:
-            raise StoreError(f"{url}: tables are written on a filesystem; a store at a URL is "
-                             "written through CampaignWriter's working copy")
+            raise StoreError(
+                f"{url}: tables are written on a filesystem; a store at a URL is "
+                "written through CampaignWriter's working copy"
+            )
         if not store_exists(url):
             raise StoreError(f"{url} is not a campaign store (no zarr.json)")
         self._fs, self._fs_root = url_filesystem(url)
@@ -311,7 +313,9 @@ class TableStore:
 
         if frames is not None:
             n_new = int(frames.offsets[-1])
-            self._put(self._require(group, "numbers", frames.numbers.astype(np.int16), atoms, "atom"), atoms, frames.numbers)
+            self._put(
+                self._require(group, "numbers", frames.numbers.astype(np.int16), atoms, "atom"), atoms, frames.numbers
+            )
             self._put(self._require(group, "positions", frames.positions, atoms, "atom"), atoms, frames.positions)
             self._put(self._require(group, "cell", frames.cell, rows, row_dim), rows, frames.cell)
             self._put(self._require(group, "pbc", frames.pbc, rows, row_dim), rows, frames.pbc)
