@@ -174,16 +174,26 @@ def _select(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
     _reference_stage(
         w, cfg, round_, screen.jobs, verified=False, screen=screen.reference, allowance_s=screen.allowance_s
     )
-    kept = screening.funnel(w, cfg, screen.picks)
-    allowed = set(discovery.capped_per_composition(w, cfg, [cid for cid, _ in kept]))
-    kept = [(cid, e) for cid, e in kept if cid in allowed][:budget]
+    within = screening.funnel(w, cfg, screen.picks)
+    allowed = set(discovery.capped_per_composition(w, cfg, [cid for cid, _ in within]))
+    kept = [(cid, e) for cid, e in within if cid in allowed][:budget]
     by_id, cost_of = {p.id: p for p in ranked}, {p.id: c for p, c in zip(ranked, cost)}
+    initial = (
+        0
+        if "initial" in cfg.budget.screening.geometries
+        else sum(screening.split_job_id(cid)[1] == "initial" for cid, _ in screen.jobs)
+    )
     log.info(
-        "round %d: %d of %d screened picks within %.3g eV/atom of the hull",
+        "round %d: %d of %d screened picks within %.3g eV/atom of the hull; verifying the best %d%s",
         round_,
-        len(kept),
+        len(within),
         len(screen.picks),
         cfg.budget.screening.margin,
+        len(kept),
+        f" ({initial} screened at their initial structure: MLIP volume change beyond "
+        f"{cfg.budget.screening.max_volume_change:g})"
+        if initial
+        else "",
     )
     return discovery.record_selection(
         w, cfg, round_, [by_id[cid] for cid, _ in kept], dict(kept), cost=[cost_of[cid] for cid, _ in kept]
