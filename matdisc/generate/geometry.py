@@ -164,6 +164,21 @@ def push_apart(s: Structure, steps: int = 150, symprec: float = 1e-3) -> float:
     return _alloy_contact_ratio(s)
 
 
+def _pairs_within(positions: np.ndarray, cell: np.ndarray, cutoff: float) -> tuple[np.ndarray, ...]:
+    """(i, j, distance, vector i->j) of every pair of a periodic cell closer than ``cutoff``, each
+    listed from both sides, self-images included: ASE's ``neighbor_list("ijdD")`` for the small
+    cells a generator makes, in one vectorised step (ASE's bins cost ~3 ms a call on 20 atoms)."""
+    frac = np.linalg.solve(cell.T, positions.T).T
+    positions = (frac % 1.0) @ cell  # wrapped: a pair's image vectors are the same set, the reach is bounded
+    heights = np.abs(np.linalg.det(cell)) / np.linalg.norm(np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]]), axis=1)
+    reach = np.ceil(cutoff / heights).astype(int) + 1
+    shifts = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij"), -1).reshape(-1, 3)
+    vec = positions[None, :, None, :] + (shifts @ cell)[None, None, :, :] - positions[:, None, None, :]
+    d = np.linalg.norm(vec, axis=-1)
+    i, j, k = np.nonzero((d < cutoff) & (d > 1e-8))
+    return i, j, d[i, j, k], vec[i, j, k]
+
+
 class _Repulsion(Calculator):
     """Soft-sphere separation: E = Σ_pairs (d0 - d)² / 2 for d < d0, with d0 the sum of the two
     atoms' contact radii. A geometric tool for starting cells, not an energy of anything."""
@@ -175,10 +190,8 @@ class _Repulsion(Calculator):
         self.radii = radii
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
-        from ase.neighborlist import neighbor_list
-
         super().calculate(atoms, properties, system_changes)
-        i, j, d, vec = neighbor_list("ijdD", self.atoms, 2 * float(self.radii.max()))
+        i, j, d, vec = _pairs_within(self.atoms.positions, self.atoms.cell[:], 2 * float(self.radii.max()))
         overlap = self.radii[i] + self.radii[j] - d
         near = overlap > 0
         i, overlap, d, vec = i[near], overlap[near], d[near], vec[near]
