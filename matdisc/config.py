@@ -242,7 +242,7 @@ class MLIPConfig(_Strict):
         return self.model.endswith(_MODEL_SUFFIXES) or "/" in self.model
 
 
-#: What each reference preset sets (see the README's "DFT verification" section). ``ecut`` and
+#: What each reference preset sets (see docs/stages/verify.md). ``ecut`` and
 #: ``smearing`` (and the SCF tolerance) apply to GPAW; the rest to the protocol for any calculator.
 REFERENCE_PRESETS: dict[str, dict[str, Any]] = {
     "fast": {

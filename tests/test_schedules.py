@@ -157,9 +157,15 @@ def test_the_scheduler_starts_a_run_that_completes_a_round_while_a_killed_run_en
     # 4. no service failed, and the status says so
     services, _ = service_errors(home / "prefect-server.log")
     assert services == {}, services
-    status = subprocess.run([sys.executable, "-m", "matdisc.cli", "server", "status", "--json"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    health = json.loads(status.stdout)
+    # the test's schedule keeps only two runs ahead, 5 s apart: on a loaded machine a status taken
+    # between two scheduler loops can find none ahead, so it gets a few loops to say healthy
+    for _ in range(6):
+        status = subprocess.run([sys.executable, "-m", "matdisc.cli", "server", "status", "--json"], cwd=ROOT,
+                                env=env, capture_output=True, text=True, timeout=120)
+        health = json.loads(status.stdout)
+        if status.returncode == 0 and health["healthy"]:
+            break
+        time.sleep(5)
     assert status.returncode == 0 and health["healthy"], health
     assert health["started_by_matdisc"] and health["zombie_automation"] == "enabled"
 

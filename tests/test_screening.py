@@ -56,7 +56,8 @@ def test_screening_settings_take_the_fast_preset_and_keep_the_calculator():
         "reference": {"preset": "accurate", "ecut": 520.0, "kpoint_density": 6.0, "spin": "off",
                       "parameters": {"xc": "PBE"}}})
     screen = screening.screening_reference(cfg)
-    assert (screen.calculator, screen.spin, screen.parameters) == ("gpaw", "off", {"xc": "PBE"})
+    assert (screen.calculator, screen.spin) == ("gpaw", "off")
+    assert screen.parameters == {"xc": "PBE", "convergence": screening.SCREEN_SCF}  # the user's, plus the screen's SCF
     fast = screen.resolved()
     assert (fast.ecut, fast.kpoint_density, fast.smearing) == (300.0, 2.5, 0.1)  # the fast preset, not the user's
     assert settings_hash(screen) != settings_hash(cfg.reference)
