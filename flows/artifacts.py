@@ -198,12 +198,9 @@ def costs_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
 
 
 def stop_report(w: CampaignWriter, cfg: CampaignConfig, round_: int, reason: str) -> None:
-    """A campaign that stops early says why: in the store (table ``stops``) and in the UI."""
+    """A campaign that stops early says why in the UI (the store's ``stops`` table has it too)."""
     from matdisc import planning
 
-    w.append_records(
-        "stops", f"r{round_}/stop/{len(w.table('stops'))}", [{"round": round_, "reason": reason, "time": time.time()}]
-    )
     lines = [
         f"# {cfg.name}: stopped before round {round_}",
         "",

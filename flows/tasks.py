@@ -1,19 +1,17 @@
-"""The campaign's Prefect tasks: one matdisc call each, run on Dask workers.
+"""The campaign's Prefect tasks: one job function of :mod:`matdisc.jobs` each, run on Dask workers.
 
-Kept apart from the flow and light to import: a worker imports this module to run a task,
-so the science libraries are imported inside each task. A DFT worker then never loads
-torch and MACE (about 10 s and several hundred MB per worker), and an MLIP worker never
-loads GPAW.
+Light to import: a worker imports this module to run a task, and the jobs import the science
+libraries inside, so a DFT worker never loads torch and MACE, and an MLIP worker never loads GPAW.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
 
-from matdisc.config import MLIPConfig, ReferenceConfig, TrainingConfig
+from matdisc import jobs
 
 if TYPE_CHECKING:
     from matdisc.mlip.train import TrainedModel
@@ -52,36 +50,23 @@ def worker_threads() -> int | None:
 
 @task(name="relax-mace", **RETRY)
 def relax_task(batch: list, model_paths: list[str], mlip: dict, store: str | None = None) -> list:
-    """``store``: the URL of a store on an object store, to fetch models this worker cannot see."""
-    from matdisc.mlip import relax_many
-    from matdisc.mlip.shipping import localize
-
-    return relax_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip))
+    return jobs.relax(batch, model_paths, mlip, store)
 
 
 @task(name="reference-relax-static", **RETRY)
 def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
-    from matdisc.dft import run_reference
-
-    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir), threads=worker_threads())
+    return jobs.reference(cid, atoms, reference, workdir, threads=worker_threads())
 
 
 @task(name="reference-statics", **RETRY)
-def statics_task(jobs: list, reference: dict, workdir: str) -> list:
+def statics_task(batch: list, reference: dict, workdir: str) -> list:
     """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
-    from matdisc.dft import run_statics
-
-    return run_statics(jobs, ReferenceConfig(**reference), workdir=Path(workdir), threads=worker_threads())
+    return jobs.statics(batch, reference, workdir, threads=worker_threads())
 
 
 @task(name="evaluate-mace", **RETRY)
 def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str, store: str | None = None) -> list:
-    from matdisc.mlip import predict_energies, resolve_device
-    from matdisc.mlip.shipping import localize
-
-    return [
-        predict_energies(localize(paths, store), frames, device=resolve_device(device), dtype=dtype) for paths in models
-    ]
+    return jobs.evaluate(models, frames, device, dtype, store)
 
 
 @task(name="train-mace", **RETRY)
@@ -98,18 +83,14 @@ def train_task(
     store: str | None = None,
 ) -> list[TrainedModel]:
     """``store``: the URL of a store on an object store; the trained files then travel back as bytes."""
-    from matdisc.mlip import resolve_device, train_committee
-    from matdisc.mlip.shipping import localize, pack
+    return jobs.train(frames, groups, workdir, training, size, seed, device, dtype, start_models, store)
 
-    trained = train_committee(
-        frames,
-        groups,
-        Path(workdir),
-        TrainingConfig(**training),
-        size=size,
-        seed=seed,
-        device=resolve_device(device),
-        dtype=dtype,
-        start_models=localize(start_models, store) if start_models else None,
-    )
-    return pack(trained) if store else trained
+
+#: The Prefect task of each job function the round submits.
+TASKS: dict[Callable[..., Any], Any] = {
+    jobs.relax: relax_task,
+    jobs.reference: reference_task,
+    jobs.statics: statics_task,
+    jobs.evaluate: evaluate_task,
+    jobs.train: train_task,
+}

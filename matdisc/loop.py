@@ -1,6 +1,6 @@
 """The steps of an active-learning round, as plain functions over config + store.
 
-The flow (``flows/campaign.py``) decides where each heavy step runs; everything here is
+The round (``matdisc/round.py``) and its executor decide where each heavy step runs; everything here is
 cheap bookkeeping that runs in the orchestrating process: which structures still need
 work (so a resumed run skips what is complete), how results become store rows, model
 registration and the training set. Scores, acquisition, stopping and metrics of a round

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,32 @@ def s3_bucket(monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+def store_after_cold_start(src: Path, dst: Path) -> None:
+    """A copy of ``src`` as it was when round 0 was recorded: each commit log cut to its
+    round-0 commits (the next writer truncates the arrays to the log), later rounds' files gone."""
+    import json
+    import shutil
+
+    from matdisc.store import open_campaign
+
+    shutil.copytree(src, dst)
+    for log in (dst / "_commits").glob("*.jsonl"):
+        if log.stem == "runs":
+            continue
+        lines = [line for line in log.read_text().splitlines(keepends=True)
+                 if json.loads(line)["key"] == "r0" or json.loads(line)["key"].startswith("r0/")]
+        if lines:
+            log.write_text("".join(lines))
+        else:  # a table round 0 does not write
+            log.unlink()
+            shutil.rmtree(dst / log.stem)
+    for side in ("calculations", "training"):
+        for d in (dst / side).iterdir():
+            if d.is_dir() and d.name != "r0":
+                shutil.rmtree(d)
+    keep = set(json.loads(open_campaign(dst).models()["paths"].iloc[0]))
+    for model in (dst / "models").glob("*.model"):
+        if f"models/{model.name}" not in keep:
+            model.unlink()

@@ -30,7 +30,7 @@ import yaml
 
 from matdisc.store import open_campaign
 from matdisc.store.remote import mirror_dir
-from conftest import emt_config, stop_process_group
+from conftest import emt_config, stop_process_group, store_after_cold_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,30 +67,6 @@ def _worker_pids(pid: int) -> list[int]:
     return pids
 
 
-def _store_after_cold_start(src: Path, dst: Path) -> None:
-    """A copy of ``src`` as it was when round 0 was recorded: each commit log cut to its
-    round-0 commits (the next writer truncates the arrays to the log), later rounds' files gone."""
-    shutil.copytree(src, dst)
-    for log in (dst / "_commits").glob("*.jsonl"):
-        if log.stem == "runs":
-            continue
-        lines = [line for line in log.read_text().splitlines(keepends=True)
-                 if json.loads(line)["key"] == "r0" or json.loads(line)["key"].startswith("r0/")]
-        if lines:
-            log.write_text("".join(lines))
-        else:  # a table round 0 does not write
-            log.unlink()
-            shutil.rmtree(dst / log.stem)
-    for side in ("calculations", "training"):
-        for d in (dst / side).iterdir():
-            if d.is_dir() and d.name != "r0":
-                shutil.rmtree(d)
-    keep = set(json.loads(open_campaign(dst).models()["paths"].iloc[0]))
-    for model in (dst / "models").glob("*.model"):
-        if f"models/{model.name}" not in keep:
-            model.unlink()
-
-
 @pytest.fixture()
 def api_env(prefect_api, tmp_path):
     from prefect.settings import PREFECT_API_URL
@@ -122,7 +98,7 @@ def test_killed_campaign_resumes_from_a_deployment_run_to_the_uninterrupted_stor
     config = tmp_path / "campaign.yaml"
     config.write_text(yaml.safe_dump(cfg))
     store = Path(cfg["store"])
-    _store_after_cold_start(reference_cfg.store_path, store)
+    store_after_cold_start(reference_cfg.store_path, store)
     assert list(open_campaign(store).rounds()["round"]) == [0] and open_campaign(store).table("mlip").empty
     log = tmp_path / "run.log"
 
@@ -384,7 +360,7 @@ def test_a_campaign_on_an_object_store_killed_mid_round_is_finished_by_another_m
     lease, pulls the store and finishes round 1. The bucket then equals the uninterrupted run's store."""
     reference_cfg, _ = campaign_store
     cold = tmp_path / "cold.zarr"
-    _store_after_cold_start(reference_cfg.store_path, cold)
+    store_after_cold_start(reference_cfg.store_path, cold)
     s3_bucket.put(str(cold), "campaigns/cu-pd.zarr", recursive=True)
     url = "s3://campaigns/cu-pd.zarr"
     cfg = emt_config(tmp_path, store=url)

@@ -37,8 +37,10 @@ def test_a_killed_workers_candidate_is_retried_and_lands_once(prefect_api, tmp_p
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from flows.campaign import _reference_stage
     from flows.cluster import campaign_cluster
+    from flows.executor import PrefectDask
+    from matdisc.stages.context import Run
+    from matdisc.stages.verify import reference_stage
 
     cfg = CampaignConfig.model_validate(emt_config(
         tmp_path, chemsys=["Al", "Si"],
@@ -51,7 +53,7 @@ def test_a_killed_workers_candidate_is_retried_and_lands_once(prefect_api, tmp_p
         c = CampaignConfig.model_validate(config)
         with CampaignWriter(c.store_path) as w:
             loop.record_run(w, c)
-            _reference_stage(w, c, 1, jobs, verified=True)
+            reference_stage(Run(w, c, PrefectDask()).round(1), jobs, verified=True)
 
     killed: dict = {}
     calc_root = cfg.store_path / "calculations" / "r1"

@@ -36,18 +36,14 @@ def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> t
     return tight, ranked, cost
 
 
-def _in_a_flow(cfg: CampaignConfig) -> list[str]:
-    from prefect import flow
+def _select(cfg: CampaignConfig) -> list[str]:
+    """The round's selection stage, run in this process."""
+    from matdisc.executor import InProcess
+    from matdisc.stages.context import Run
+    from matdisc.stages.select import select
 
-    from flows.campaign import _select
-
-    @flow(name="select")
-    def select(config: dict) -> list[str]:
-        c = CampaignConfig.model_validate(config)
-        with CampaignWriter(c.store_path) as w:
-            return _select(w, c, ROUND)
-
-    return select(cfg.model_dump(mode="json"))
+    with CampaignWriter(cfg.store_path) as w:
+        return select(Run(w, cfg, InProcess()).round(ROUND))
 
 
 def test_screening_settings_take_the_fast_preset_and_keep_the_calculator():
@@ -102,7 +98,7 @@ def _hand_built_al_si(tmp_path: Path, **over) -> CampaignConfig:
     return cfg
 
 
-def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(prefect_api, tmp_path):
+def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(tmp_path):
     free = _hand_built_al_si(tmp_path)
     with CampaignWriter(free.store_path) as w:
         ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
@@ -114,7 +110,7 @@ def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(prefect_a
         "screening": {"ecut": 200.0, "kpoint_density": 1.5, "margin": 1.0}})
     before = open_campaign(tight.store_path)
     n_dft, n_frames = len(before.table("dft")), len(before.table("frames"))
-    picks = _in_a_flow(tight)
+    picks = _select(tight)
 
     w = open_campaign(tight.store_path)
     scr = w.table("screening")
@@ -159,24 +155,25 @@ def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(prefect_a
     assert not later & (set(screened_picks) - set(picks))
 
 
-def test_without_cheaper_settings_a_short_budget_only_cuts_the_batch(campaign_store, prefect_api, tmp_path):
+def test_without_cheaper_settings_a_short_budget_only_cuts_the_batch(campaign_store, tmp_path):
     """EMT has no presets: its default screen has the reference's own settings, so nothing is screened."""
     cfg, _ = campaign_store
     tight, ranked, _ = _tight(cfg, tmp_path, "plain.zarr", {})
-    picks = _in_a_flow(tight)
+    picks = _select(tight)
     w = open_campaign(tight.store_path)
     assert w.table("screening").empty and picks == ranked[:2]
     off, ranked_off, _ = _tight(cfg, tmp_path, "off.zarr", {**ASAP, "enabled": False})
-    assert _in_a_flow(off) == ranked_off[:2] and open_campaign(off.store_path).table("screening").empty
+    assert _select(off) == ranked_off[:2] and open_campaign(off.store_path).table("screening").empty
 
 
-def test_a_screen_submits_in_order_and_stops_where_its_allowance_ends(prefect_api, tmp_path):
+def test_a_screen_submits_in_order_and_stops_where_its_allowance_ends(tmp_path):
     """The budget guard of a screening stage: one job per free worker, the next only while the
     measured seconds plus its predicted ones fit the allowance."""
     from ase.build import bulk
-    from prefect import flow
 
-    from flows.campaign import _reference_stage
+    from matdisc.executor import InProcess
+    from matdisc.stages.context import Run
+    from matdisc.stages.verify import reference_stage
 
     cfg = CampaignConfig.model_validate(emt_config(tmp_path, budget={"screening": ASAP}))
     ref = screening.screening_reference(cfg)
@@ -188,13 +185,8 @@ def test_a_screen_submits_in_order_and_stops_where_its_allowance_ends(prefect_ap
     one = [run_static(jobs[0][1], ref, id="probe", workdir=tmp_path / "probe").walltime_s for _ in range(3)][-1]
     allowance = each[0] + 3 * one
 
-    @flow(name="screen")
-    def screen(config: dict) -> None:
-        c = CampaignConfig.model_validate(config)
-        with CampaignWriter(c.store_path) as w:
-            _reference_stage(w, c, 1, jobs, verified=False, screen=ref, allowance_s=allowance)
-
-    screen(cfg.model_dump(mode="json"))
+    with CampaignWriter(cfg.store_path) as w:
+        reference_stage(Run(w, cfg, InProcess()).round(1), jobs, verified=False, screen=ref, allowance_s=allowance)
     scr = open_campaign(cfg.store_path).table("screening")
     ran, took = list(scr["id"]), list(scr["walltime_s"])
     assert ran == [cid for cid, _ in jobs][: len(ran)] and 0 < len(ran) < len(jobs)
@@ -202,7 +194,7 @@ def test_a_screen_submits_in_order_and_stops_where_its_allowance_ends(prefect_ap
     assert sum(took) + each[len(ran)] > allowance  # the next would not have
 
 
-def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefect_api, tmp_path):
+def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(tmp_path):
     """``budget.screening.shortlist``: no budget runs short, yet every one of the shortlist is screened
     and the picks are the screen's best, at most ``max_per_composition`` of a formula, not the MLIP's
     (whose hand-set order here says nothing about DFT's)."""
@@ -217,7 +209,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefe
     formula = dict(zip(open_campaign(cfg.store_path).table("candidates")["id"],
                        open_campaign(cfg.store_path).table("candidates")["formula"]))
     assert len(ranked) == 5 and sum(formula[c] == "AlSi" for c in ranked) == 3  # no composition cap before the screen
-    picks = _in_a_flow(cfg)
+    picks = _select(cfg)
 
     w = open_campaign(cfg.store_path)
     scr = w.table("screening")
@@ -239,7 +231,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(prefe
     assert set(ranked) - set(picks) <= later
 
 
-def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(prefect_api, tmp_path):
+def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(tmp_path):
     """``geometries: [mlip, initial]``: a young model that squeezed every compound's cell (6% on each
     axis) costs nothing when the generated structure is screened too: each energy is an upper
     bound of the relaxed one, and the lower ranks. One it squeezed by 10% on each axis (27% of
@@ -265,7 +257,7 @@ def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(pre
         initial = dict(loop.candidate_atoms(w, ranked))
     crushed = next(cid for cid, f in factor.items() if f == 0.9)
     assert crushed in ranked
-    picks = _in_a_flow(cfg)
+    picks = _select(cfg)
 
     w = open_campaign(cfg.store_path)
     scr = w.table("screening")

@@ -1,0 +1,127 @@
+"""Verify: reference (DFT) calculations on the DFT workers, each recorded as it completes.
+
+Relaxations go one per job; single points travel in batches (``reference.statics_per_task``,
+smaller towards the end so no worker idles long), each batch one calculation process.
+"""
+
+from __future__ import annotations
+
+import time
+
+from matdisc import jobs as run_jobs
+from matdisc import loop, planning, screening
+from matdisc.config import ReferenceConfig
+from matdisc.costs import dft_seconds, dft_work, scf_cycles
+from matdisc.dft import settings_hash
+from matdisc.stages.context import Round
+
+
+def reference_stage(
+    ctx: Round,
+    jobs: list,
+    *,
+    verified: bool,
+    static: bool = False,
+    screen: ReferenceConfig | None = None,
+    allowance_s: float | None = None,
+) -> None:
+    """Run reference calculations of ``(id, atoms)`` jobs; record each as it completes.
+
+    ``screen``: single points with these cheaper settings, recorded in the screening table
+    (stage ``screen``), never in the DFT table or the training frames. ``allowance_s``: seconds
+    of calculation the stage may spend; jobs are then submitted one batch per free worker, in
+    order, each only while the measured seconds plus the predicted ones in flight leave room for
+    it; the rest are left out once nothing is in flight and the next still does not fit.
+    """
+    if not jobs:
+        return
+    w, cfg, round_, log, ex = ctx.w, ctx.cfg, ctx.number, ctx.log, ctx.executor
+    ref = screen or cfg.reference
+    settings = settings_hash(ref)
+    static = static or screen is not None
+    stage, what = (
+        ("screen", "screening calculations")
+        if screen
+        else ("dft", "training frames" if static else "reference calculations")
+    )
+    workdir = str(w.path / "calculations" / (f"r{round_}-screen" if screen else f"r{round_}"))
+    progress = ex.progress(cfg, round_, what, len(jobs))
+    rates = ctx.rates()
+    steps = None if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
+    n_workers = planning.workers(cfg).dft
+    predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps, ref)
+    # each job's prediction only matters under an allowance (the stage's total is in ``predicted``)
+    queue = [
+        (cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0) for cid, atoms in jobs
+    ]
+    window = n_workers if allowance_s is not None or static else len(queue)
+    t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
+    reference = ref.model_dump(mode="json")
+
+    def fill() -> None:
+        while queue and len(futures) < window:
+            size = max(1, min(ref.statics_per_task, -(-len(queue) // (2 * n_workers)))) if static else 1
+            batch = []
+            while queue and len(batch) < size:
+                in_flight = sum(p for b in futures.values() for *_, p in b) + sum(p for *_, p in batch)
+                if allowance_s is not None and sum(seconds) + in_flight + queue[0][2] > allowance_s:
+                    if not futures and not batch:  # nothing in flight will free the room it would need
+                        log.info(
+                            "%s: %d of %d calculations left out, the budget allows %.3g s",
+                            stage,
+                            len(queue),
+                            len(jobs),
+                            allowance_s,
+                        )
+                        queue.clear()
+                    break
+                batch.append(queue.pop(0))
+            if not batch:
+                return
+            if static:
+                fut = ex.submit(
+                    run_jobs.statics, [(cid, atoms) for cid, atoms, _ in batch], reference, workdir, resource="dft"
+                )
+            else:
+                fut = ex.submit(run_jobs.reference, batch[0][0], batch[0][1], reference, workdir, resource="dft")
+            futures[fut] = batch
+
+    fill()
+    n = 0
+    while futures:
+        for fut in ex.as_completed(list(futures)):
+            batch = futures.pop(fut)
+            try:
+                results = fut.result() if static else [fut.result()]
+            except ex.fatal:  # the engine is gone (the Prefect API): the run stops, a rerun redoes these
+                raise
+            except Exception as err:  # the engine gave up on it (worker lost too often): recorded, never dropped
+                results = [loop.failed_reference(cid, atoms, err, settings) for cid, atoms, _ in batch]
+            for res, (_, atoms, _) in zip(results, batch):
+                if screen:
+                    screening.record(w, round_, res, settings)
+                else:
+                    loop.record_reference(w, round_, res, settings, verified=verified)
+                seconds.append(res.walltime_s)
+                work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
+                n += 1
+                log.info("%s %d/%d: %s %s %s", stage, n, len(jobs), res.id, res.status, res.reason)
+            progress.advance(len(results))
+            if queue:  # a worker is free: submit the next while the allowance lasts
+                fill()
+                break
+    planning.record_stage(w, round_, stage, predicted, seconds, work, time.perf_counter() - t0, n_workers)
+
+
+def verify_picks(ctx: Round, picks: list[str]) -> None:
+    """The round's picks relaxed and computed with the reference settings (those not done yet)."""
+    done = loop.dft_done(ctx.w, settings_hash(ctx.cfg.reference))
+    ctx.log.info(
+        "round %d: verifying %d candidates with %s (%s acquisition)",
+        ctx.number,
+        len(picks),
+        ctx.cfg.reference.calculator,
+        ctx.cfg.active_learning.acquisition,
+    )
+    jobs = [(c, a) for c, a in loop.candidate_atoms(ctx.w, picks) if c not in done]
+    reference_stage(ctx, jobs, verified=True)
