@@ -165,11 +165,11 @@ def discovery_figure(camp: Campaign) -> Figure:
     rounds = camp.rounds()
     fig = Figure(figsize=(5.6, 4.2))
     ax = fig.add_subplot()
-    if not rounds.empty and "dft_calls_total" in rounds:
+    if not rounds.empty:
         calls = rounds["dft_calls_total"].fillna(0).to_numpy(float)
         hits = rounds["hits"].to_numpy(float)
         ax.plot(calls, hits, "o-", color="tab:green", label="campaign", gid="campaign")
-        prevalence = rounds["prevalence_est"].dropna() if "prevalence_est" in rounds else pd.Series(dtype=float)
+        prevalence = rounds["prevalence_est"].dropna()
         if len(prevalence):
             ax.plot(
                 calls,

@@ -367,7 +367,7 @@ def _print_hits(console, store: str | Path) -> None:
     camp = open_campaign(store)
     cand = camp.candidates()
     known = camp.known_phase_summary(cand)
-    hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
+    hits = cand[cand["is_hit"]].sort_values("e_form_dft")
     table = Table(title="stable phases found (DFT-verified)")
     cols = ("formula", "prototype", "E_form DFT eV/atom", "E_hull DFT eV/atom", "MLIP - DFT meV/atom")
     for col in cols + (("novel",) if known["known_phases"] else ()):

@@ -234,11 +234,11 @@ def calibrate(
     storing candidates, what a generation stage took beyond the generation's own timings.
     """
     out = rates
-    if not mlip.empty and "n_steps" in mlip:
+    if not mlip.empty:
         ok = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged"))]
         if len(ok):
             out = out.updated("store", mlip_steps=float(ok["n_steps"].mean()))
-    if not dft.empty and "n_steps" in dft:
+    if not dft.empty:
         seeds, verif = dft[dft["round"] == 0], dft[dft["round"] >= 1]
         if len(seeds):
             out = out.updated("store", seed_steps=float(seeds["n_steps"].mean()))
@@ -272,7 +272,7 @@ def calibrate(
             out = out.updated("store", store_write_s=max(0.0, float(np.mean(beyond))))
     waits = costs[costs["stage"].isin(("relax", "dft")) & (costs["jobs"] > 0)]
     if len(waits):
-        started = waits["start_s"].fillna(0.0) if "start_s" in waits else 0.0  # fresh workers' imports
+        started = waits["start_s"].fillna(0.0)  # fresh workers' imports
         extra = (waits["wall_s"] - waits["ideal_wall_s"] - started).clip(lower=0)
         over = _ratio(extra, waits["jobs"] / waits["workers"].clip(lower=1))
         out = out.updated("store", task_s=over if over is not None else 0.0)

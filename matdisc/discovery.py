@@ -281,7 +281,7 @@ def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | No
     if al.max_dft_total is not None and dft_calls_used(w, round_) >= al.max_dft_total:
         return f"DFT budget spent: {dft_calls_used(w, round_)} of max_dft_total {al.max_dft_total} calculations"
     rounds = w.rounds()
-    if al.patience is not None and not rounds.empty and "new_hits" in rounds:
+    if al.patience is not None and not rounds.empty:
         recent = rounds[(rounds["round"] >= 1) & (rounds["round"] < round_)].tail(al.patience)
         if len(recent) == al.patience and (recent["new_hits"].fillna(0) == 0).all():
             return f"no new hits for {al.patience} rounds (patience)"
@@ -292,7 +292,7 @@ def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | No
 def _screened_in(w: CampaignWriter, round_: int) -> int:
     """Screening calculations of a round (cheaper DFT that ranked its picks, see matdisc.screening)."""
     table = w.table("screening")
-    return int((table["round"] == round_).sum()) if not table.empty else 0
+    return int((table["round"] == round_).sum())
 
 
 def round_metrics(
@@ -308,9 +308,9 @@ def round_metrics(
     cand = w.candidates()
     mlip = w.table("mlip")
     dft = w.table("dft")
-    this_mlip = mlip[(mlip["round"] == round_)] if not mlip.empty else mlip
-    this_dft = dft[(dft["round"] == round_)] if not dft.empty else dft
-    verified = cand[cand["id"].isin(this_dft["id"]) & (cand["dft_status"] == "ok")] if not dft.empty else cand[:0]
+    this_mlip = mlip[(mlip["round"] == round_)]
+    this_dft = dft[(dft["round"] == round_)]
+    verified = cand[cand["id"].isin(this_dft["id"]) & (cand["dft_status"] == "ok")]
     pairs = (
         verified[["e_dft_per_atom"]].join(
             this_mlip.drop_duplicates("id", keep="last").set_index("id")["e_mlip_per_atom"], on=verified["id"]
@@ -319,12 +319,12 @@ def round_metrics(
         else pd.DataFrame(columns=["e_mlip_per_atom", "e_dft_per_atom"])
     )
     sel = w.table("selections")
-    picks = sel[sel["round"] == round_] if not sel.empty else sel
-    all_picks = sel[sel["round"] <= round_] if not sel.empty else sel
+    picks = sel[sel["round"] == round_]
+    all_picks = sel[sel["round"] <= round_]
     phases = metrics.hull_phases(cand)
     earlier = w.rounds()
-    earlier = earlier[earlier["round"] < round_] if not earlier.empty else earlier
-    last = earlier["hull_phases"].iloc[-1] if "hull_phases" in earlier and len(earlier) else ""
+    earlier = earlier[earlier["round"] < round_]
+    last = earlier["hull_phases"].iloc[-1] if len(earlier) else ""
     before = set(json.loads(last)) if isinstance(last, str) and last else set()  # older stores: no record
     new_phases, removed = metrics.hull_changes(before, phases)
     new_hits = int(verified["is_hit"].sum())
@@ -334,9 +334,9 @@ def round_metrics(
     out = {
         "round": round_,
         "candidates": int((cand["round"] == round_).sum()),
-        "relaxed": int(this_mlip["status"].isin(USABLE).sum()) if not this_mlip.empty else 0,
-        "dft_verified": int((this_dft["status"] == "ok").sum()) if not this_dft.empty else 0,
-        "dft_failed": int((this_dft["status"] != "ok").sum()) if not this_dft.empty else 0,
+        "relaxed": int(this_mlip["status"].isin(USABLE).sum()),
+        "dft_verified": int((this_dft["status"] == "ok").sum()),
+        "dft_failed": int((this_dft["status"] != "ok").sum()),
         "hits": int(cand["is_hit"].sum()),
         "model_sha256": model_sha,
         "mae_mev_per_atom": metrics.energy_mae_mev(pairs["e_mlip_per_atom"], pairs["e_dft_per_atom"]),

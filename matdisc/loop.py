@@ -223,7 +223,7 @@ def pending_relaxations(w: CampaignWriter, model_sha: str) -> list[tuple[str, At
     """Candidates without a relaxation by this model (every candidate is re-relaxed by each
     new model, so one round's MLIP hull comes from one model)."""
     mlip = w.table("mlip")
-    done = set(mlip["id"][mlip["model_sha256"] == model_sha]) if not mlip.empty else set()
+    done = set(mlip["id"][mlip["model_sha256"] == model_sha])
     return [(cid, a) for cid, a in candidate_atoms(w) if cid not in done]
 
 
@@ -429,8 +429,8 @@ def training_set(w: CampaignWriter, cfg: CampaignConfig) -> tuple[list[Atoms], l
 def generation_summary(w: CampaignWriter, round_: int) -> str:
     """One line: new candidates per source and how many draws were skipped."""
     gen = w.table("generation")
-    gen = gen[(gen["round"] == round_) & (gen["source"] != "dedup")] if not gen.empty else gen
+    gen = gen[(gen["round"] == round_) & (gen["source"] != "dedup")]
     skips = w.table("generation_skips")
-    n_skips = int((skips["round"] == round_).sum()) if not skips.empty else 0
+    n_skips = int((skips["round"] == round_).sum())
     parts = [f"{r['source']} {r['new']}/{r['generated']}" for r in gen.to_dict("records")]
     return ", ".join(parts) + f"; {n_skips} skipped (see generation_skips)"

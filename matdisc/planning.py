@@ -237,17 +237,17 @@ def spent(store, cfg: CampaignConfig) -> dict[str, float]:
     if store is None:
         return {"dft_cpu_hours": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0}
     costs = store.table("costs")
-    actual = costs.groupby(["round", "stage"])["actual_s"].sum().to_dict() if not costs.empty else {}
+    actual = costs.groupby(["round", "stage"])["actual_s"].sum().to_dict()
     for stage, table in STAGE_RECORDS.items():
         rows = store.table(table)
-        if rows.empty or "walltime_s" not in rows:
+        if rows.empty:
             continue
         for round_, seconds in rows.groupby("round")["walltime_s"].sum().items():
             key = (int(round_), stage)
             actual[key] = max(actual.get(key, 0.0), float(seconds))
     dft = sum(v for (_, stage), v in actual.items() if stage in ("dft", "screen"))
     mlip = sum(v for (_, stage), v in actual.items() if stage in ("relax", "train"))
-    wall = float(costs["wall_s"].sum()) if not costs.empty else 0.0
+    wall = float(costs["wall_s"].sum())
     return {
         "dft_cpu_hours": float(dft) * reference_cores(cfg) / 3600,
         "gpu_hours": float(mlip) / 3600,
@@ -431,7 +431,7 @@ def plan_campaign(
     device = resolve_device(cfg.mlip.device)
     w = workers(cfg)
     al = cfg.active_learning
-    done = set(store.rounds()["round"]) if store is not None and not store.rounds().empty else set()
+    done = set(store.rounds()["round"]) if store is not None else set()
     n_atoms = _n_atoms(store)
     frame_atoms = _frame_atoms(store)
     used_calls = int(len(store.table("selections"))) if store is not None else 0

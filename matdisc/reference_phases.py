@@ -37,7 +37,7 @@ def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str
         if len(c.structure.composition.elements) == 1
     ]
     keys = [dedup_key(c.structure) for c in elemental]
-    stored = set(cand["dedup_key"]) if not cand.empty and "dedup_key" in cand else set()
+    stored = set(cand["dedup_key"])
     missing = [(c, k) for c, k in zip(elemental, keys) if k not in stored]
     if missing:
         for c, _ in missing:
@@ -95,7 +95,7 @@ def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
         else:
             target.append((same, -1))
     if new:
-        before = int((table["round"] == 0).sum()) if not table.empty else 0  # ids after every round-0 one
+        before = int((table["round"] == 0).sum())  # ids after every round-0 one
         add_candidates(w, [c for c, _ in new], 0, f"known-{setting}", [k for _, k in new], first_index=before)
     table = w.table("candidates")
     new_ids = list(table["id"][table["source"] == "known"])[-len(new) :] if new else []

@@ -41,7 +41,7 @@ def run_campaign(cfg: CampaignConfig, executor: Executor, *, rounds: int | None 
         executor.opened(w, cfg, earlier, run_id)
         run = Run(w, cfg, executor)
         run_round_zero(run.round(0))
-        done_rounds = set(w.rounds()["round"]) if not w.rounds().empty else set()
+        done_rounds = set(w.rounds()["round"])
         for r in range(1, n_rounds + 1):
             if r in done_rounds:
                 continue
@@ -90,7 +90,7 @@ def run_round_zero(ctx: Round) -> None:
     if known:
         log.info("known phases: %d to compute with the reference settings", len(known))
         reference_stage(ctx, known, verified=True)
-    if w.rounds().empty or 0 not in set(w.rounds()["round"]):
+    if 0 not in set(w.rounds()["round"]):
         discovery.update_scores(w, cfg, 0, "r0/scores")
         w.append_records(
             "rounds",

@@ -87,8 +87,7 @@ def screened_jobs(w: CampaignWriter, settings: str) -> dict[tuple[str, str], flo
     if table.empty:
         return {}
     rows = table[table["settings_hash"] == settings]
-    geometry = rows["geometry"] if "geometry" in rows else ["mlip"] * len(rows)  # stores before geometries
-    return dict(zip(zip(rows["id"], geometry), rows["e_screen_per_atom"].astype(float)))
+    return dict(zip(zip(rows["id"], rows["geometry"]), rows["e_screen_per_atom"].astype(float)))
 
 
 def screened(w: CampaignWriter, settings: str) -> dict[str, float]:
@@ -284,7 +283,7 @@ def rejected(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> set[str]:
     earlier = (table["settings_hash"] == settings_hash(screening_reference(cfg))) & (table["round"] < round_)
     ids = set(table["id"][earlier])
     sel = w.table("selections")
-    ids -= set(sel["id"]) if not sel.empty else set()
+    ids -= set(sel["id"])
     if cfg.budget.screening.active_shortlist and ids:  # a shortlist screens more than a round verifies: only
         above = screened_hull_distance(w, cfg, sorted(ids))  # those the screen put beyond the margin are out
         ids = {cid for cid, e in above.items() if not (np.isfinite(e) and e <= cfg.budget.screening.margin)}

@@ -97,9 +97,11 @@ def test_calibration_recovers_the_rates_the_records_were_made_with():
 
 def test_calibration_of_a_cheap_calculator_drops_a_per_job_prior_the_records_contradict():
     # 40 EMT calculations took 26 s in all: less than the 2 s per calculation the prior assumes
-    costs = pd.DataFrame([{"stage": "dft", "jobs": 40, "work": 100.0, "actual_s": 26.0, "wall_s": 26.0,
-                           "ideal_wall_s": 26.0, "workers": 1}])
-    fitted = calibrate(Rates(dft_call_s=2.0), costs, pd.DataFrame(), pd.DataFrame())
+    from matdisc.store import schema
+
+    costs = schema.conform("costs", pd.DataFrame([{"stage": "dft", "jobs": 40, "work": 100.0, "actual_s": 26.0,
+                                                   "wall_s": 26.0, "ideal_wall_s": 26.0, "workers": 1}]))
+    fitted = calibrate(Rates(dft_call_s=2.0), costs, schema.empty("mlip"), schema.empty("dft"))
     assert fitted.dft_call_s == 0.0 and fitted.dft_s == pytest.approx(0.26)
 
 

@@ -30,34 +30,22 @@ import pandas as pd
 from pymatgen.core import Structure
 
 from matdisc.errors import StoreError, UserError
+from matdisc.store import schema
 from matdisc.store.frames import Frames
 from matdisc.store.tables import TableStore, local_path, store_url
 
-#: Row dimension names, so ``xarray.open_zarr(store, group=table)`` has meaningful dims.
-ROW_DIMS = {
-    "candidates": "candidate",
-    "mlip": "relaxation",
-    "dft": "calculation",
-    "frames": "frame",
-    "scores": "score",
-    "rounds": "round_record",
-    "models": "model",
-    "runs": "run",
-    "known_phases": "known_phase",
-}
 STAGES = {"initial": "candidates", "mlip": "mlip", "dft": "dft"}
 
 
 def _latest(df: pd.DataFrame, key: str | list[str]) -> pd.DataFrame:
     """Last row per key: later appends supersede earlier ones."""
-    if df.empty:
-        return df
     return df.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
 
 
 def in_reference_set(dft: pd.DataFrame, reference: str) -> pd.Series:
-    """Which ``dft`` rows belong to a reference set (stores before reference sets: by settings hash)."""
-    return (dft["reference_set"] if "reference_set" in dft else dft["settings_hash"]) == reference
+    """Which ``dft`` rows belong to a reference set (the schema gives rows of stores before reference
+    sets their settings hash)."""
+    return dft["reference_set"] == reference
 
 
 def _frame(cols: Mapping[str, np.ndarray]) -> pd.DataFrame:
@@ -78,15 +66,17 @@ class Campaign:
 
     # -- tables as DataFrames ---------------------------------------------------------------
     def table(self, name: str) -> pd.DataFrame:
-        """All committed rows of a table (including superseded ones), in append order."""
+        """All committed rows of a table (including superseded ones), in append order, with every
+        column the table declares (:mod:`matdisc.store.schema`), even when it has no rows."""
+        schema.table(name)
         if name not in self.tables.tables():
-            return pd.DataFrame()
-        return _frame(self.tables.read(name))
+            return schema.empty(name)
+        return schema.conform(name, _frame(self.tables.read(name)))
 
     def reference_set(self) -> str | None:
         """Settings hash of the latest run's reference calculator (None for stores without one)."""
         runs = self.table("runs")
-        if runs.empty or "reference_set" not in runs:
+        if runs.empty:
             return None
         return str(runs["reference_set"].iloc[-1]) or None
 
@@ -96,65 +86,24 @@ class Campaign:
         DFT results come from one reference set (settings hash): ``reference``, or by
         default the latest run's, so energies from other settings never mix in.
         """
-        cand = self.table("candidates")
-        if cand.empty:
-            return pd.DataFrame(
-                columns=[
-                    "id",
-                    "formula",
-                    "round",
-                    "source",
-                    "status",
-                    "e_mlip_per_atom",
-                    "e_hull_mlip",
-                    "sigma",
-                    "e_dft_per_atom",
-                    "e_hull_dft",
-                    "is_hit",
-                ]
-            )
-        cand = _latest(cand, "id")
+        cand = _latest(self.table("candidates"), "id")
         mlip = _latest(self.table("mlip"), "id")
-        if not mlip.empty:
-            mlip = mlip[
-                ["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps"]
-                + (["force_std"] if "force_std" in mlip else [])
-            ]
-            mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
-            cand = cand.merge(mlip, on="id", how="left")
+        mlip = mlip[["id", "status", "reason", "model_sha256", "e_mlip_per_atom", "sigma", "n_steps", "force_std"]]
+        mlip = mlip.rename(columns={"status": "mlip_status", "reason": "mlip_reason", "n_steps": "mlip_steps"})
+        cand = cand.merge(mlip, on="id", how="left")
         dft = self.table("dft")
         reference = reference or self.reference_set()
-        if not dft.empty and reference is not None:
+        if reference is not None:
             dft = dft[in_reference_set(dft, reference)]
-        dft = _latest(dft, "id")
-        if not dft.empty:
-            dft = dft[
-                ["id", "status", "reason", "e_dft_per_atom", "settings_hash"]
-                + [c for c in ("scf_rung", "attempt", "workdir") if c in dft]
-            ]
-            dft = dft.rename(columns={"status": "dft_status", "reason": "dft_reason"})
-            cand = cand.merge(dft, on="id", how="left")
-        scores = _latest(self.table("scores"), "id")
-        if not scores.empty:
-            cand = cand.merge(scores.drop(columns=["round"]), on="id", how="left")
-        for col in (
-            "e_mlip_per_atom",
-            "sigma",
-            "force_std",
-            "e_dft_per_atom",
-            "e_form_mlip",
-            "e_hull_mlip",
-            "e_form_dft",
-            "e_hull_dft",
-        ):
-            if col not in cand:
-                cand[col] = np.nan
+        dft = _latest(dft, "id")[
+            ["id", "status", "reason", "e_dft_per_atom", "settings_hash", "scf_rung", "attempt", "workdir"]
+        ]
+        cand = cand.merge(dft.rename(columns={"status": "dft_status", "reason": "dft_reason"}), on="id", how="left")
+        cand = cand.merge(_latest(self.table("scores"), "id").drop(columns=["round"]), on="id", how="left")
         for col in ("mlip_status", "dft_status"):
-            if col not in cand:
-                cand[col] = ""
             cand[col] = cand[col].fillna("")
-        cand["is_hit"] = cand["is_hit"].fillna(False).astype(bool) if "is_hit" in cand else False
-        cand["known_match"] = cand["known_match"].fillna("").astype(str) if "known_match" in cand else ""
+        cand["is_hit"] = cand["is_hit"].fillna(False).astype(bool)
+        cand["known_match"] = cand["known_match"].fillna("").astype(str)
         # novel: a verified candidate no known phase matches (None: no known phases to tell, or no DFT)
         has_known = not self.table("known_phases").empty
         cand["novel"] = [
@@ -188,7 +137,7 @@ class Campaign:
 
     def rounds(self) -> pd.DataFrame:
         df = _latest(self.table("rounds"), "round")
-        return df.sort_values("round").reset_index(drop=True) if not df.empty else df
+        return df.sort_values("round").reset_index(drop=True)
 
     def models(self) -> pd.DataFrame:
         return self.table("models")
@@ -200,7 +149,7 @@ class Campaign:
         """Workflow-engine ids of the runs that wrote this store, oldest first (stores written
         before they were recorded have none)."""
         runs = self.runs()
-        if runs.empty or "orchestrator_run" not in runs:
+        if runs.empty:
             return []
         return [r for r in runs["orchestrator_run"].astype(str) if r]
 
@@ -222,7 +171,7 @@ class Campaign:
                     **{k: _json_value(rec[k]) for k in DISCOVERY_KEYS if k in rec},
                 }
             )
-        hits = cand[cand["is_hit"]] if not cand.empty else cand
+        hits = cand[cand["is_hit"]]
         return {
             "store": str(self.location),
             "rounds": round_rows,
@@ -272,7 +221,7 @@ class Campaign:
     def _hull_tolerance(self) -> float:
         """``active_learning.hull_tolerance`` of the latest run (0 for stores without a run record)."""
         runs = self.runs()
-        if runs.empty or "config" not in runs:
+        if runs.empty:
             return 0.0
         try:
             return float(json.loads(runs["config"].iloc[-1]).get("active_learning", {}).get("hull_tolerance", 0.0))
@@ -361,7 +310,8 @@ class CampaignWriter(Campaign):
 
     def append(self, table: str, key: str, columns: Mapping[str, Any], frames: Frames | None = None) -> bool:
         """Append one batch atomically (False: that batch was committed before)."""
-        return self.tables.append(table, key, columns, frames, row_dim=ROW_DIMS.get(table, "row"))
+        schema.check_columns(table, columns)
+        return self.tables.append(table, key, columns, frames, row_dim=schema.table(table).row_dim)
 
     def append_records(
         self, table: str, key: str, records: Sequence[Mapping[str, Any]], frames: Frames | None = None

@@ -1,0 +1,75 @@
+"""The declared store schema: every table's columns, empty tables with their columns, the writer
+refusing undeclared columns, and stores written by an earlier layout opening and resuming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from matdisc.errors import StoreError
+from matdisc.store import CampaignWriter, open_campaign, schema
+
+#: A two-round (0 and 1) EMT Cu-Pd campaign written by main at commit 9d49511, before the schema
+#: existed (one-member 8-channel MACE; calculation and training folders left out).
+FIXTURE = Path(__file__).parent / "data" / "store-9d49511.zarr"
+
+
+def test_an_empty_table_comes_back_with_its_declared_columns(tmp_path):
+    with CampaignWriter(tmp_path / "new.zarr") as w:
+        for name, table in schema.TABLES.items():
+            df = w.table(name)
+            assert df.empty and list(df.columns) == list(table.columns), name
+        assert w.table("dft")["e_dft_per_atom"].dtype == np.float64 and w.table("mlip")["n_steps"].dtype == np.int64
+        assert w.candidates().empty and {"id", "e_hull_dft", "mlip_status", "is_hit"} <= set(w.candidates().columns)
+        with pytest.raises(StoreError, match="no table 'nosuch'"):
+            w.table("nosuch")
+
+
+def test_the_writer_refuses_a_column_its_table_does_not_declare_and_writes_nothing(tmp_path):
+    with CampaignWriter(tmp_path / "s.zarr") as w:
+        with pytest.raises(StoreError, match="table 'stops' declares no column 'reson'"):
+            w.append_records("stops", "r1/stop/0", [{"round": 1, "reson": "typo", "time": 0.0}])
+        assert w.table("stops").empty and not w.has_batch("stops", "r1/stop/0")
+        w.append_records("models", "r0/model", [{"round": 0, "sha256": "x", "stress_rmse": 0.1}])  # open metrics
+        assert w.models()["stress_rmse"].iloc[0] == 0.1
+
+
+def test_rows_from_before_a_column_existed_get_its_migrated_value():
+    old_dft = pd.DataFrame({"id": ["a", "b"], "settings_hash": ["s1", "s2"], "status": ["ok", "ok"]})
+    dft = schema.conform("dft", old_dft)
+    assert list(dft["reference_set"]) == ["s1", "s2"]  # stores before reference sets: by settings hash
+    assert list(dft["scf_rung"]) == [-1, -1] and dft["e_dft_per_atom"].isna().all()  # not recorded
+    assert list(schema.conform("screening", pd.DataFrame({"id": ["a"]}))["geometry"]) == ["mlip"]
+    assert list(dft.columns[: len(schema.TABLES["dft"].columns)]) == list(schema.TABLES["dft"].columns)
+
+
+def test_a_store_written_by_the_previous_main_opens_and_resumes(tmp_path):
+    from matdisc.config import CampaignConfig
+    from matdisc.executor import InProcess
+    from matdisc.round import run_campaign
+
+    store = tmp_path / "old.zarr"
+    shutil.copytree(FIXTURE, store)
+    old = open_campaign(store)
+    before = {p.name: p.read_text() for p in (store / "_commits").glob("*.jsonl")}
+    cand = old.candidates()
+    assert list(old.rounds()["round"]) == [0, 1] and len(cand) >= 10
+    assert {"e_hull_dft", "known_match", "novel", "mlip_status"} <= set(cand.columns)
+    hits = cand[cand["is_hit"]]
+    assert len(hits) >= 1 and (hits["e_form_dft"] < 0).all() and np.allclose(hits["e_hull_dft"], 0, atol=1e-9)
+
+    data = json.loads(old.runs()["config"].iloc[-1])
+    data["store"] = str(store)
+    summary = run_campaign(CampaignConfig.model_validate(data), InProcess(), rounds=2)
+
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    after = {p.name: p.read_text() for p in (store / "_commits").glob("*.jsonl")}
+    assert all(after[name].startswith(text) for name, text in before.items())  # appended, nothing rewritten
+    new = open_campaign(store)
+    assert len(new.models()) == 3 and new.models()["round"].tolist() == [0, 1, 2]
+    assert (new.table("selections")["round"] == 2).sum() == data["active_learning"]["dft_budget"]
