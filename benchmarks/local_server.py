@@ -21,7 +21,7 @@ def prefect_server(tmp: Path, **env: str) -> Iterator[str]:
     os.environ.update(MATDISC_HOME=str(tmp / "home"), MATDISC_PREFECT_PORT=str(free_port()),
                       PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS="1", **env)
     os.environ.pop("PREFECT_API_URL", None)
-    from flows import server
+    from matdisc_flows import server
 
     api = server.ensure_api()
     try:

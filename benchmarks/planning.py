@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.local_server import prefect_server  # noqa: E402
+
 warnings.filterwarnings("ignore")
 
 
@@ -59,11 +60,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="matdisc-plan-"))
     with prefect_server(tmp, XDG_CACHE_HOME=str(tmp / "cache")):
-        from flows.deployment import run_campaign
-        from matdisc import planning
+        from matdisc.budget import planning
+        from matdisc.budget.probe import probe
         from matdisc.config import CampaignConfig
-        from matdisc.probe import probe
         from matdisc.store import open_campaign
+        from matdisc_flows.deployment import run_campaign
 
         cfg = CampaignConfig.model_validate({
             "name": "planning-bench", "chemsys": args.chemsys.split("-"), "store": str(tmp / "bench.zarr"),

@@ -2,7 +2,8 @@
 
 ``<!-- matdisc:config-reference -->`` becomes the table of every campaign-file field (from the
 pydantic models in :mod:`matdisc.config`); ``<!-- matdisc:benchmarks NAME -->`` becomes the table
-of the runs ``benchmarks/NAME.py --record`` appended to ``docs/benchmarks/NAME.jsonl``.
+of the runs ``benchmarks/NAME.py --record`` appended to ``docs/benchmarks/NAME.jsonl``;
+``<!-- matdisc:store-schema -->`` becomes the tables of :mod:`matdisc.store.schema`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIG = "<!-- matdisc:config-reference -->"
+SCHEMA = "<!-- matdisc:store-schema -->"
 BENCH = re.compile(r"<!-- matdisc:benchmarks (\w+) -->")
 
 
@@ -52,6 +54,22 @@ def config_table() -> str:
     return "\n".join(lines)
 
 
+def schema_tables() -> str:
+    """Every table the store declares: what it holds, its row dimension, commit keys and columns."""
+    from matdisc.store.schema import TABLES
+
+    out = []
+    for t in TABLES.values():
+        extra = " (plus the trainer's metric columns)" if t.open_metrics else ""
+        structures = "; one structure per row" if t.structures else ""
+        cols = ", ".join(f"`{c}` {d}" for c, d in t.columns.items())
+        out.append(
+            f"**`{t.name}`**: {t.doc}. Rows: `{t.row_dim}`{structures}; commit key `{t.key}`.\n"
+            f"Columns{extra}: {cols}."
+        )
+    return "\n\n".join(out)
+
+
 def benchmark_table(name: str) -> str:
     """The recorded runs of one benchmark, newest first: date, machine, commit, and its JSON keys."""
     path = ROOT / "docs" / "benchmarks" / f"{name}.jsonl"
@@ -69,4 +87,6 @@ def benchmark_table(name: str) -> str:
 def on_page_markdown(markdown: str, **_: Any) -> str:
     if CONFIG in markdown:
         markdown = markdown.replace(CONFIG, config_table())
+    if SCHEMA in markdown:
+        markdown = markdown.replace(SCHEMA, schema_tables())
     return BENCH.sub(lambda m: benchmark_table(m.group(1)), markdown)

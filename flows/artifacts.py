@@ -168,7 +168,7 @@ def report_link(cfg: CampaignConfig) -> None:
 
 def costs_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
     """Predicted vs actual seconds per round and stage, and what each budget has left."""
-    from matdisc import planning
+    from matdisc.budget import planning
 
     def make() -> None:
         rows = [
@@ -199,7 +199,7 @@ def costs_table(w: CampaignWriter, cfg: CampaignConfig) -> None:
 
 def stop_report(w: CampaignWriter, cfg: CampaignConfig, round_: int, reason: str) -> None:
     """A campaign that stops early says why in the UI (the store's ``stops`` table has it too)."""
-    from matdisc import planning
+    from matdisc.budget import planning
 
     lines = [
         f"# {cfg.name}: stopped before round {round_}",

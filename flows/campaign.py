@@ -10,10 +10,10 @@ from __future__ import annotations
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows import artifacts
-from flows.executor import PrefectDask
 from matdisc.config import CampaignConfig
 from matdisc.round import run_campaign
+from matdisc_flows import artifacts
+from matdisc_flows.executor import PrefectDask
 
 
 @flow(name="matdisc-campaign", log_prints=True)

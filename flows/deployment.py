@@ -17,12 +17,12 @@ from prefect import flow
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import EntrypointType
 
-from flows.artifacts import slug
-from flows.campaign import campaign_flow
-from flows.runs import TAG
 from matdisc.config import CampaignConfig, ComputeConfig, load_config
 from matdisc.errors import UserError
 from matdisc.locations import as_location
+from matdisc_flows.artifacts import slug
+from matdisc_flows.campaign import campaign_flow
+from matdisc_flows.runs import TAG
 
 
 def completed_rounds(cfg: CampaignConfig) -> int:
@@ -67,8 +67,8 @@ def run_campaign(cfg: CampaignConfig, *, rounds: int | None = None, more_rounds:
     from prefect import tags
     from prefect_dask import DaskTaskRunner
 
-    from flows.cluster import campaign_cluster
-    from flows.runs import ensure_zombie_automation
+    from matdisc_flows.cluster import campaign_cluster
+    from matdisc_flows.runs import ensure_zombie_automation
 
     first, last = round_plan(cfg, rounds=rounds, more_rounds=more_rounds)
     compute = cfg.compute

@@ -13,20 +13,20 @@ from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import PrefectFuture, as_completed
 
-from flows import artifacts, runs, tasks
-from flows.artifacts import slug
-from flows.cluster import DFT, MLIP
-from matdisc import discovery
 from matdisc.config import CampaignConfig
 from matdisc.executor import Progress, Resource
 from matdisc.mlip.train import TrainedModel
+from matdisc.report import round_report
 from matdisc.store import CampaignWriter
+from matdisc_flows import artifacts, runs, tasks
+from matdisc_flows.artifacts import slug
+from matdisc_flows.cluster import DFT, MLIP
 
 RESOURCES: dict[str, dict[str, int]] = {"mlip": MLIP, "dft": DFT}
 
 
 class PrefectDask:
-    """Submits each job as its Prefect task (``flows.tasks.TASKS``) to the flow's task runner.
+    """Submits each job as its Prefect task (``matdisc_flows.tasks.TASKS``) to the flow's task runner.
 
     Called from inside a flow run. An unreachable Prefect API (``httpx.HTTPError``) stops the
     run: the jobs in flight are redone by the next run.
@@ -75,7 +75,7 @@ class PrefectDask:
     ) -> None:
         create_markdown_artifact(
             key=f"{slug(cfg.name)}-round-{round_}",
-            markdown=discovery.round_report(cfg, metrics, cand),
+            markdown=round_report(cfg, metrics, cand),
             description=f"{cfg.name} round {round_}",
         )
         artifacts.discovery_table(w, cfg)

@@ -155,7 +155,7 @@ def _server_version(api_url: str) -> str:
 
 def check(api_url: str) -> Health:
     """The health of the Prefect API at ``api_url`` (``PREFECT_API_URL`` must point at it)."""
-    from flows import server
+    from matdisc_flows import server
 
     health = Health(api_url=api_url, reachable=server.healthy(api_url))
     if not health.reachable:
@@ -167,7 +167,7 @@ def check(api_url: str) -> Health:
         health.services, health.other_errors = service_errors(server.log_file(), int(state.get("log_offset", 0)))
     from prefect import get_client
 
-    from flows.runs import ZOMBIE_AUTOMATION
+    from matdisc_flows.runs import ZOMBIE_AUTOMATION
 
     health.version = _server_version(api_url)
     with get_client(sync_client=True) as client:

@@ -14,7 +14,7 @@ from prefect import task
 from matdisc import jobs
 
 if TYPE_CHECKING:
-    from matdisc.mlip.train import TrainedModel
+    pass
 
 #: Exceptions worth a retry: out of memory, I/O and connection trouble. The matdisc functions
 #: return failed calculations as results, so anything else raised in a task is a bug or bad
@@ -48,13 +48,15 @@ def worker_threads() -> int | None:
         return None
 
 
-@task(name="relax-mace", **RETRY)
-def relax_task(batch: list, model_paths: list[str], mlip: dict, store: str | None = None) -> list:
-    return jobs.relax(batch, model_paths, mlip, store)
+#: The jobs that need nothing of the worker are the job functions themselves, as Prefect tasks.
+relax_task = task(name="relax-mace", **RETRY)(jobs.relax)
+evaluate_task = task(name="evaluate-mace", **RETRY)(jobs.evaluate)
+train_task = task(name="train-mace", **RETRY)(jobs.train)
 
 
 @task(name="reference-relax-static", **RETRY)
 def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
+    """A reference calculation using the cores this Dask worker has."""
     return jobs.reference(cid, atoms, reference, workdir, threads=worker_threads())
 
 
@@ -62,28 +64,6 @@ def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
 def statics_task(batch: list, reference: dict, workdir: str) -> list:
     """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
     return jobs.statics(batch, reference, workdir, threads=worker_threads())
-
-
-@task(name="evaluate-mace", **RETRY)
-def evaluate_task(models: list[list[str]], frames: list, device: str, dtype: str, store: str | None = None) -> list:
-    return jobs.evaluate(models, frames, device, dtype, store)
-
-
-@task(name="train-mace", **RETRY)
-def train_task(
-    frames: list,
-    groups: list[str],
-    workdir: str,
-    training: dict,
-    size: int,
-    seed: int,
-    device: str,
-    dtype: str,
-    start_models: list[str] | None,
-    store: str | None = None,
-) -> list[TrainedModel]:
-    """``store``: the URL of a store on an object store; the trained files then travel back as bytes."""
-    return jobs.train(frames, groups, workdir, training, size, seed, device, dtype, start_models, store)
 
 
 #: The Prefect task of each job function the round submits.

@@ -16,7 +16,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from pymatgen.core import Composition, Structure
 
-from matdisc.discovery import hits_by_source
 from matdisc.errors import UserError
 from matdisc.store import Campaign
 
@@ -272,3 +271,15 @@ def export_structures(
             s.to(filename=str(path), fmt=fmt)
         paths.append(path)
     return paths
+
+
+def hits_by_source(cand: pd.DataFrame) -> pd.DataFrame:
+    """Candidates, DFT-verified and hits per generator: which source produced the hits."""
+    if cand.empty:
+        return pd.DataFrame(columns=["source", "candidates", "verified", "hits"])
+    return (
+        cand.assign(verified=cand["dft_status"] == "ok")
+        .groupby("source")
+        .agg(candidates=("id", "size"), verified=("verified", "sum"), hits=("is_hit", "sum"))
+        .reset_index()
+    )

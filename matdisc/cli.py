@@ -35,7 +35,7 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
     from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
     with contextlib.redirect_stdout(sys.stderr):  # mace prints a notice at import: stdout is for the JSON
-        from matdisc.loop import preview_candidates
+        from matdisc.stages.generate import preview_candidates
 
     cands, report = preview_candidates(cfg, args.round)
     rows = []
@@ -137,7 +137,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _spending(store) -> dict:
     """Cost per round and stage, budgets (limits from the store's latest run config), why it stopped."""
-    from matdisc import planning, tradeoff
+    from matdisc.budget import planning, tradeoff
     from matdisc.config import CampaignConfig
 
     costs = planning.round_costs(store)
@@ -211,8 +211,8 @@ def _campaign_args(args: argparse.Namespace):
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     cfg = _campaign_args(args)
-    from matdisc import planning
-    from matdisc.probe import probe
+    from matdisc.budget import planning
+    from matdisc.budget.probe import probe
     from matdisc.store import open_campaign
     from matdisc.store.tables import store_exists
 
@@ -232,8 +232,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_tradeoff(args: argparse.Namespace) -> int:
+    from matdisc.budget.tradeoff import measure
     from matdisc.store.tables import store_exists
-    from matdisc.tradeoff import measure
 
     cfg = _campaign_args(args)
     if args.structures < 2:
@@ -412,7 +412,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
     _engine_environment()
-    from flows.server import ensure_api, ui_url
+    from matdisc_flows.server import ensure_api, ui_url
 
     own_server = not os.environ.get("PREFECT_API_URL")
     api = ensure_api()
@@ -420,7 +420,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _warn_if_unhealthy(api)
     import httpx
 
-    from flows.deployment import run_campaign
+    from matdisc_flows.deployment import run_campaign
 
     try:
         run_campaign(cfg, rounds=args.rounds, more_rounds=args.more_rounds)
@@ -442,7 +442,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _engine_environment() -> None:
     """Settings of the flow runs this process starts (or serves), before Prefect is imported."""
-    from flows.runs import enable_heartbeats
+    from matdisc_flows.runs import enable_heartbeats
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     enable_heartbeats()
@@ -455,14 +455,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if args.more_rounds < 1:
         raise UserError("--more-rounds: must be at least 1")
     _engine_environment()
-    from flows.deployment import check_schedule
+    from matdisc_flows.deployment import check_schedule
 
     check_schedule(args.cron, args.interval)
-    from flows.server import ensure_api, ui_url
+    from matdisc_flows.server import ensure_api, ui_url
 
     api = ensure_api()
-    from flows.artifacts import slug
-    from flows.deployment import serve_campaign
+    from matdisc_flows.artifacts import slug
+    from matdisc_flows.deployment import serve_campaign
 
     schedule = args.cron or (f"every {args.interval:g} s" if args.interval else "none (runs on demand)")
     print(
@@ -491,7 +491,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_server(args: argparse.Namespace) -> int:
-    from flows import server
+    from matdisc_flows import server
 
     if args.action == "stop":
         print(server.stop())
@@ -499,7 +499,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
     _engine_environment()
     if args.action == "start":
         api = server.ensure_api()
-        from flows.runs import ensure_zombie_automation
+        from matdisc_flows.runs import ensure_zombie_automation
 
         ensure_zombie_automation()
         print(f"Prefect API: {api}")
@@ -509,7 +509,7 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 def _server_status(as_json: bool) -> int:
     """Exit 0 when the API answers and nothing fails, 1 with each problem listed otherwise."""
-    from flows import server
+    from matdisc_flows import server
 
     api = os.environ.get("PREFECT_API_URL") or (server.recorded() or {}).get("api_url")
     if not api:
@@ -517,7 +517,7 @@ def _server_status(as_json: bool) -> int:
             "no Prefect API: PREFECT_API_URL is unset and matdisc has started no server (matdisc server start)"
         )
     os.environ["PREFECT_API_URL"] = api
-    from flows.health import check
+    from matdisc_flows.health import check
 
     health = check(api)
     if as_json:
@@ -554,7 +554,7 @@ def _server_status(as_json: bool) -> int:
 
 def _warn_if_unhealthy(api: str) -> None:
     """One line per failing service of the server before a run starts: visible, never fatal."""
-    from flows.health import check
+    from matdisc_flows.health import check
 
     try:
         health = check(api)

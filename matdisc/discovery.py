@@ -1,269 +1,38 @@
-"""Discovery, round by round: hull scores, acquisition, stopping rules, metrics, reports.
+"""What a round found, and whether the campaign goes on: per-round discovery metrics (hits, hull
+phases, model errors, hit rate, acquisition figures) and the stopping rules.
 
-Cheap bookkeeping over config + store that runs in the orchestrating process, beside
-:mod:`matdisc.loop` (which moves structures and results in and out of the store). The
-science lives in :mod:`matdisc.thermo` (hulls), :mod:`matdisc.active` (acquisition) and
-:mod:`matdisc.metrics` (discovery figures); this module applies them to a campaign store.
+The science lives in :mod:`matdisc.thermo` (hulls) and :mod:`matdisc.metrics` (discovery
+figures); this module applies them to a campaign store after each round's stages.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from ase import Atoms
-from pymatgen.core import Composition, Structure
+from pymatgen.core import Composition
 
-from matdisc import metrics, planning
-from matdisc.active import Pick, select, structure_families
+from matdisc import metrics
+from matdisc.budget import planning
 from matdisc.config import CampaignConfig
-from matdisc.dft import settings_hash
 from matdisc.records import USABLE
+from matdisc.stages.select import cheapest_reference_seconds, dft_calls_used
 from matdisc.store import CampaignWriter
-from matdisc.thermo import score
-
 
 # -- hulls and acquisition ------------------------------------------------------------------------
-def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str) -> pd.DataFrame:
-    """Recompute every candidate's hull energies; append them as this round's scores.
-
-    Besides the MLIP hull (``e_hull_mlip``) and the DFT hull (``e_hull_dft``, hits) each
-    candidate gets ``e_hull_pred``: its MLIP formation energy against the current DFT hull,
-    what acquisition ranks by. Every earlier candidate is rescored, so as phases are
-    verified the hull drops and predictions that were stable against the old hull are not.
-    """
-    settings = settings_hash(cfg.reference)
-    cand = w.candidates(settings)
-    if cand.empty:
-        return cand
-    e_mlip = np.where(cand["mlip_status"].isin(USABLE), cand["e_mlip_per_atom"], np.nan)
-    same_settings = cand["settings_hash"] == settings if "settings_hash" in cand else False
-    e_dft = np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan)
-    scores = score(list(cand["formula"]), e_mlip, e_dft, cfg.chemsys, cfg.active_learning.hull_tolerance)
-    scores["known_match"] = np.array(known_matches(w, cand, e_dft), dtype=str)
-    w.append("scores", key, {"id": cand["id"].to_numpy(), "round": np.full(len(cand), round_), **scores})
-    return w.candidates(settings)
-
-
-def known_matches(w: CampaignWriter, cand: pd.DataFrame, e_dft: np.ndarray) -> list[str]:
-    """Per candidate, the known phase it is ("" for none): a known phase's own candidate is it;
-    another verified candidate is when StructureMatcher calls their DFT structures the same
-    (a known phase whose calculation failed is compared at its given structure)."""
-    from matdisc.known_phases import matches
-
-    known = w.table("known_phases")
-    out = [""] * len(cand)
-    if known.empty:
-        return out
-    own: dict[str, str] = {}
-    for kid, cid in zip(known["known_id"], known["candidate"]):
-        own.setdefault(cid, kid)
-    row = {cid: i for i, cid in enumerate(cand["id"])}
-    formulas = {f for f, c in zip(known["formula"], known["candidate"]) if c in row}
-    verified = [
-        cid
-        for cid, f, e in zip(cand["id"], cand["formula"], e_dft)
-        if np.isfinite(e) and f in formulas and cid not in own
-    ]
-    if verified:
-        structure = _dft_or_initial(w, {cid for cid, e in zip(cand["id"], e_dft) if np.isfinite(e)})
-        by_known = {kid: structure(cid) for cid, kid in own.items() if cid in row}
-        found = matches({cid: structure(cid) for cid in verified}, by_known)
-        for cid, kid in found.items():
-            out[row[cid]] = kid
-    for cid, kid in own.items():
-        if cid in row:
-            out[row[cid]] = kid
-    return out
-
-
-def _dft_or_initial(w: CampaignWriter, verified: set[str]) -> Callable[[str], Structure]:
-    """id -> DFT-relaxed structure for ``verified`` ids, else the initial one."""
-    frames, row_of = w.latest_frames("dft")
-
-    def get(cid: str) -> Structure:
-        if frames is not None and cid in verified and cid in row_of:
-            return frames.structure(row_of[cid])
-        return w.structure(cid, "initial")
-
-    return get
 
 
 def _n_elements(formula: str) -> int:
     return len(Composition(formula).elements)
 
 
-def _relaxed_structures(w: CampaignWriter) -> Callable[[str], Structure]:
-    """id -> latest MLIP-relaxed structure, read once from the store."""
-    frames, row_of = w.latest_frames("mlip")
-    return lambda cid: frames.structure(row_of[cid])  # type: ignore[union-attr]
-
-
-def dft_calls_used(w: CampaignWriter, before_round: int | None = None) -> int:
-    """DFT calculations acquisition has spent (rounds >= 1, before ``before_round``)."""
-    sel = w.table("selections")
-    if sel.empty:
-        return 0
-    return int((sel["round"] < before_round).sum()) if before_round is not None else len(sel)
-
-
-def round_budget(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> int:
-    """This round's DFT budget: ``dft_budget``, capped by what ``max_dft_total`` leaves."""
-    al = cfg.active_learning
-    if al.max_dft_total is None:
-        return al.dft_budget
-    return max(0, min(al.dft_budget, al.max_dft_total - dft_calls_used(w, round_)))
-
-
-def recorded_selection(w: CampaignWriter, round_: int) -> list[str] | None:
-    """The round's DFT picks if they were recorded (a resumed round verifies the same ones)."""
-    if not w.has_batch("selections", f"r{round_}/selection"):
-        return None
-    sel = w.table("selections")
-    return list(sel["id"][sel["round"] == round_])
-
-
-def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[Pick]:
-    """This round's acquisition order, up to its DFT budget in calculations, or its screening
-    shortlist when that is longer (no cost cut yet).
-
-    Candidates an earlier round's screen turned down are passed over (:mod:`matdisc.screening`).
-    """
-    from matdisc.screening import rejected
-
-    al = cfg.active_learning
-    cand = w.candidates()
-    verified: dict[str, list[Structure]] = {}
-    structure_of = None
-    if al.diversity and not cand.empty:
-        structure_of = _relaxed_structures(w)
-        done = cand[(cand["dft_status"] == "ok") & cand["mlip_status"].isin(USABLE)]
-        for cid, formula in zip(done["id"], done["formula"]):
-            verified.setdefault(formula, []).append(structure_of(cid))
-    passed = rejected(w, cfg, round_)
-    if passed and not cand.empty:
-        cand = cand[~cand["id"].isin(passed)]
-    budget = round_budget(w, cfg, round_)
-    shortlist = cfg.budget.screening.active_shortlist
-    n = max(budget, shortlist or 0) if budget else 0  # a shortlist ranks further
-    # a shortlist caps picks per composition after the screen (screening.cap_per_composition)
-    return select(
-        cand,
-        n,
-        strategy=al.acquisition,
-        kappa=al.kappa,
-        explore_fraction=al.explore_fraction,
-        seed=cfg.generation.seed * 1000 + round_,
-        structure_of=structure_of,
-        verified=verified,
-        max_per_composition=None if shortlist else al.max_per_composition,
-        families=structure_families(cand) if al.structure_spread else None,
-        query_failed=al.query_failed_relaxations,
-    )
-
-
-def record_selection(
-    w: CampaignWriter,
-    cfg: CampaignConfig,
-    round_: int,
-    picks: list[Pick],
-    screened: dict[str, float] | None = None,
-    cost: list[float] | None = None,
-) -> list[str]:
-    """Record the picks the budget pays for, in order, and return their ids.
-
-    Each pick is stored with the strategy, its acquisition score, predicted e_hull and
-    committee spread at the time of picking (what precision of "stable" calls is measured on),
-    its predicted cost (``cost``, when the caller has it) and, when the round was screened, its
-    screened e_hull.
-    """
-    if cost is None:
-        cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
-    picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
-    screened = screened or {}
-    w.append(
-        "selections",
-        f"r{round_}/selection",
-        {
-            "id": [p.id for p in picks],
-            "round": [round_] * len(picks),
-            "strategy": [cfg.active_learning.acquisition] * len(picks),
-            "score": [p.score for p in picks],
-            "e_hull_pred": [p.e_hull_pred for p in picks],
-            "sigma": [p.sigma for p in picks],
-            "rank": [p.rank for p in picks],
-            "predicted_s": cost[: len(picks)],
-            "e_hull_screen": [screened.get(p.id, float("nan")) for p in picks],
-        },
-    )
-    return [p.id for p in picks]
-
-
-def select_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> list[str]:
-    """This round's DFT picks without screening: the acquisition order cut where the budget ends,
-    recorded once."""
-    recorded = recorded_selection(w, round_)
-    if recorded is not None:
-        return recorded
-    ranked = rank_for_reference(w, cfg, round_)
-    if cfg.budget.screening.active_shortlist:
-        keep = set(capped_per_composition(w, cfg, [p.id for p in ranked]))
-        ranked = [p for p in ranked if p.id in keep]
-    return record_selection(w, cfg, round_, ranked[: round_budget(w, cfg, round_)])
-
-
-def capped_per_composition(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> list[str]:
-    """``ids`` in order, at most ``active_learning.max_per_composition`` of each reduced formula:
-    a shortlist ranks without the cap, which then applies to what is verified."""
-    cand = w.table("candidates")
-    return cap_per_composition(ids, dict(zip(cand["id"], cand["formula"])), cfg.active_learning.max_per_composition)
-
-
-def cap_per_composition(ids: list[str], formula: dict[str, str], cap: int | None) -> list[str]:
-    """``ids`` in order, at most ``cap`` of each reduced formula (None: all)."""
-    if cap is None:
-        return list(ids)
-    seen: dict[str, int] = {}
-    out = []
-    for cid in ids:
-        f = formula[cid]
-        if seen.get(f, 0) < cap:
-            seen[f] = seen.get(f, 0) + 1
-            out.append(cid)
-    return out
-
-
-def cheapest_reference_seconds(w: CampaignWriter, cfg: CampaignConfig) -> float | None:
-    """Predicted seconds of the cheapest candidate without a reference result (None: there is none)."""
-    from matdisc.loop import candidate_atoms, dft_done
-
-    done = dft_done(w, settings_hash(cfg.reference))
-    atoms = [a for cid, a in candidate_atoms(w) if cid not in done]
-    if not atoms:
-        return None
-    rates, _ = planning.campaign_rates(cfg, w)
-    return planning.dft_seconds(
-        min(atoms, key=lambda a: planning.dft_work(a, cfg.reference)), cfg.reference, rates, rates.dft_steps
-    )
-
-
-def predicted_reference_seconds(w: CampaignWriter, cfg: CampaignConfig, ids: list[str]) -> list[float]:
-    """Predicted seconds of verifying each candidate (cost model calibrated on the store)."""
-    from matdisc.loop import candidate_atoms
-
-    if not ids:
-        return []
-    rates, _ = planning.campaign_rates(cfg, w)
-    return [planning.dft_seconds(a, cfg.reference, rates, rates.dft_steps) for _, a in candidate_atoms(w, ids)]
-
-
 def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | None:
     """Why the campaign stops before ``round_`` (None: it goes on).
 
-    Rules: a resource budget is spent (:func:`matdisc.planning.budget_stop_reason`), the total
+    Rules: a resource budget is spent (:func:`matdisc.budget.planning.budget_stop_reason`), the total
     DFT budget is spent, or ``patience`` rounds in a row found no new hit. (The number of rounds
     is the flow's loop bound.)
     """
@@ -369,46 +138,3 @@ def new_reference_frames(w: CampaignWriter, round_: int) -> list[Atoms]:
         a.info["REF_energy"] = float(dft["energy"].iloc[i])
         out.append(a)
     return out
-
-
-def hits_by_source(cand: pd.DataFrame) -> pd.DataFrame:
-    """Candidates, DFT-verified and hits per generator: which source produced the hits."""
-    if cand.empty:
-        return pd.DataFrame(columns=["source", "candidates", "verified", "hits"])
-    return (
-        cand.assign(verified=cand["dft_status"] == "ok")
-        .groupby("source")
-        .agg(candidates=("id", "size"), verified=("verified", "sum"), hits=("is_hit", "sum"))
-        .reset_index()
-    )
-
-
-def round_report(cfg: CampaignConfig, metrics: dict[str, Any], cand: pd.DataFrame) -> str:
-    """Markdown for the Prefect UI: the round's numbers, hits per generator and current hits."""
-    lines = [f"# {cfg.name}: round {metrics['round']}", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in metrics.items() if k != "round"]
-    lines += [
-        "",
-        "## Candidates by generator",
-        "",
-        "| source | candidates | DFT verified | hits |",
-        "|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['source']} | {r['candidates']} | {r['verified']} | {r['hits']} |"
-        for r in hits_by_source(cand).to_dict("records")
-    ]
-    hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
-    lines += [
-        "",
-        "## Verified stable compounds",
-        "",
-        "| formula | prototype | E_form DFT (eV/atom) | E_hull DFT | E MLIP - DFT (meV/atom) |",
-        "|---|---|---|---|---|",
-    ]
-    for r in hits.to_dict("records"):
-        err = (r["e_mlip_per_atom"] - r["e_dft_per_atom"]) * 1000
-        lines.append(
-            f"| {r['formula']} | {r['prototype']} | {r['e_form_dft']:.3f} | {r['e_hull_dft']:.3f} | {err:.1f} |"
-        )
-    return "\n".join(lines)

@@ -22,15 +22,16 @@ if TYPE_CHECKING:
     from matdisc.store import CampaignWriter
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 #: The kinds of worker a job needs: the MLIP workers (GPU where present) or the DFT workers.
 Resource = Literal["mlip", "dft"]
 
 
-class JobFuture(Protocol[T]):
+class JobFuture(Protocol[T_co]):
     """What ``submit`` returns: ``concurrent.futures.Future`` and Prefect's futures both fit."""
 
-    def result(self) -> T: ...
+    def result(self) -> T_co: ...
 
 
 class Progress(Protocol):

@@ -17,8 +17,9 @@ from pymatgen.io.ase import AseAtomsAdaptor
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.generate import Candidate, dedup_key, prototype_candidates
-from matdisc.loop import add_candidates, candidate_atoms, dft_done, record_reference, stored_by_key
 from matdisc.records import ReferenceResult
+from matdisc.stages.generate import add_candidates, candidate_atoms, stored_by_key
+from matdisc.stages.verify import dft_done, record_reference
 from matdisc.store import CampaignWriter
 
 

@@ -11,12 +11,14 @@ import html
 import io
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from matplotlib.figure import Figure
 
 from matdisc import analysis
-from matdisc.discovery import hits_by_source
+from matdisc.analysis import hits_by_source
+from matdisc.config import CampaignConfig
 from matdisc.store import open_campaign
 from matdisc.store.tables import store_name, store_url
 
@@ -107,3 +109,34 @@ def write_report(store: str | Path, out: str | Path | None = None) -> Path:
         f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>"
     )
     return page
+
+
+def round_report(cfg: CampaignConfig, metrics: dict[str, Any], cand: pd.DataFrame) -> str:
+    """Markdown for the Prefect UI: the round's numbers, hits per generator and current hits."""
+    lines = [f"# {cfg.name}: round {metrics['round']}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in metrics.items() if k != "round"]
+    lines += [
+        "",
+        "## Candidates by generator",
+        "",
+        "| source | candidates | DFT verified | hits |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['source']} | {r['candidates']} | {r['verified']} | {r['hits']} |"
+        for r in hits_by_source(cand).to_dict("records")
+    ]
+    hits = cand[cand["is_hit"]].sort_values("e_form_dft") if not cand.empty else cand
+    lines += [
+        "",
+        "## Verified stable compounds",
+        "",
+        "| formula | prototype | E_form DFT (eV/atom) | E_hull DFT | E MLIP - DFT (meV/atom) |",
+        "|---|---|---|---|---|",
+    ]
+    for r in hits.to_dict("records"):
+        err = (r["e_mlip_per_atom"] - r["e_dft_per_atom"]) * 1000
+        lines.append(
+            f"| {r['formula']} | {r['prototype']} | {r['e_form_dft']:.3f} | {r['e_hull_dft']:.3f} | {err:.1f} |"
+        )
+    return "\n".join(lines)

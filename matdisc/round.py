@@ -10,20 +10,24 @@ rerun resumes where the store ends.
 
 from __future__ import annotations
 
+import logging
 import time
+from importlib.metadata import version
 
-from matdisc import discovery, loop, reference_phases
+from matdisc import discovery, reference_phases
 from matdisc.config import CampaignConfig
-from matdisc.dft import settings_hash
+from matdisc.dft import calculator_parameters, settings_hash
+from matdisc.errors import StoreError
 from matdisc.executor import Executor
 from matdisc.mlip import resolve_device
 from matdisc.mlip.model import configured_model
 from matdisc.stages.context import Round, Run
-from matdisc.stages.generate import generate
+from matdisc.stages.generate import add_candidates, candidate_atoms, generate, seed_candidates
 from matdisc.stages.relax import relax_stage
+from matdisc.stages.score import update_scores
 from matdisc.stages.select import select
-from matdisc.stages.train import model_errors, train
-from matdisc.stages.verify import reference_stage, verify_picks
+from matdisc.stages.train import ModelRecord, current_model, model_errors, register_model, train
+from matdisc.stages.verify import dft_done, perturbed_seed_jobs, reference_stage, verify_picks
 from matdisc.store import CampaignWriter
 
 #: Held-out errors of a trained committee that each round record repeats.
@@ -37,7 +41,7 @@ def run_campaign(cfg: CampaignConfig, executor: Executor, *, rounds: int | None 
     n_rounds = rounds if rounds is not None else cfg.active_learning.rounds
     with CampaignWriter(cfg.store_path) as w:
         earlier = w.orchestrator_runs()
-        loop.record_run(w, cfg, run_id)
+        record_run(w, cfg, run_id)
         executor.opened(w, cfg, earlier, run_id)
         run = Run(w, cfg, executor)
         run_round_zero(run.round(0))
@@ -59,19 +63,21 @@ def run_campaign(cfg: CampaignConfig, executor: Executor, *, rounds: int | None 
 
 def run_round(ctx: Round) -> dict:
     """One round of active learning; returns its metrics (also recorded in the ``rounds`` table)."""
-    model = loop.current_model(ctx.w, before_round=ctx.number)
+    model = current_model(ctx.w, before_round=ctx.number)
+    if model is None:  # round 0 always registers one
+        raise StoreError(f"{ctx.w.location}: no model registered before round {ctx.number}")
     generate(ctx)
     relax_stage(ctx, model)
-    discovery.update_scores(ctx.w, ctx.cfg, ctx.number, f"r{ctx.number}/scores-mlip")
+    update_scores(ctx.w, ctx.cfg, ctx.number, f"r{ctx.number}/scores-mlip")
     picks = select(ctx)
     verify_picks(ctx, picks)
-    cand = discovery.update_scores(ctx.w, ctx.cfg, ctx.number, f"r{ctx.number}/scores")
-    trained = loop.current_model(ctx.w, before_round=ctx.number + 1)
-    if trained is None or trained["round"] != ctx.number:
+    cand = update_scores(ctx.w, ctx.cfg, ctx.number, f"r{ctx.number}/scores")
+    trained = current_model(ctx.w, before_round=ctx.number + 1)
+    if trained is None or trained.round != ctx.number:
         trained = train(ctx)
-    metrics = discovery.round_metrics(ctx.w, ctx.cfg, ctx.number, model["sha256"], model_errors(ctx, model, trained))
-    metrics["trained_model_sha256"] = trained["sha256"]
-    metrics.update({f"trained_{k}": trained[k] for k in TRAINING_METRICS if k in trained})
+    metrics = discovery.round_metrics(ctx.w, ctx.cfg, ctx.number, model.sha256, model_errors(ctx, model, trained))
+    metrics["trained_model_sha256"] = trained.sha256
+    metrics.update({f"trained_{k}": trained.metrics[k] for k in TRAINING_METRICS if k in trained.metrics})
     ctx.w.append_records("rounds", f"r{ctx.number}", [metrics])
     ctx.executor.round_done(ctx.w, ctx.cfg, ctx.number, metrics, cand)
     ctx.log.info("round %d: %s", ctx.number, metrics)
@@ -91,23 +97,23 @@ def run_round_zero(ctx: Round) -> None:
         log.info("known phases: %d to compute with the reference settings", len(known))
         reference_stage(ctx, known, verified=True)
     if 0 not in set(w.rounds()["round"]):
-        discovery.update_scores(w, cfg, 0, "r0/scores")
+        update_scores(w, cfg, 0, "r0/scores")
         w.append_records(
             "rounds",
             "r0",
-            [{**discovery.round_metrics(w, cfg, 0, model["sha256"]), "trained_model_sha256": model["sha256"]}],
+            [{**discovery.round_metrics(w, cfg, 0, model.sha256), "trained_model_sha256": model.sha256}],
         )
 
 
-def initial_model(ctx: Round) -> dict:
+def initial_model(ctx: Round) -> ModelRecord:
     """Round 0: the configured model, or (cold start) seed reference data and a first MACE."""
     w, cfg = ctx.w, ctx.cfg
-    model = loop.current_model(w)
+    model = current_model(w)
     if model is not None:
         return model
     info = configured_model(cfg.mlip, cfg.chemsys)
     if info is not None:
-        return loop.register_model(
+        return register_model(
             w,
             0,
             list(info.paths),
@@ -117,11 +123,11 @@ def initial_model(ctx: Round) -> dict:
             device=resolve_device(cfg.mlip.device),
             dtype=cfg.mlip.dtype,
         )
-    seeds = loop.seed_candidates(cfg)
-    loop.add_candidates(w, seeds, 0, "seed")
+    seeds = seed_candidates(cfg)
+    add_candidates(w, seeds, 0, "seed")
     reference_phases.add_known_phases(w, cfg)  # computed with the seeds: the first model learns them too
-    done = loop.dft_done(w, settings_hash(cfg.reference))
-    jobs = [(cid, a) for cid, a in loop.candidate_atoms(w) if cid not in done]
+    done = dft_done(w, settings_hash(cfg.reference))
+    jobs = [(cid, a) for cid, a in candidate_atoms(w) if cid not in done]
     known = set(w.table("known_phases")["candidate"]) if cfg.known_phases.configured else set()
     ctx.log.info(
         "cold start: %d seed structures with the reference calculator%s",
@@ -129,5 +135,33 @@ def initial_model(ctx: Round) -> dict:
         f" (known phases among them: {sum(cid in known for cid, _ in jobs)})" if known else "",
     )
     reference_stage(ctx, jobs, verified=True)
-    reference_stage(ctx, loop.perturbed_seed_jobs(w, cfg), verified=False, static=True)
+    reference_stage(ctx, perturbed_seed_jobs(w, cfg), verified=False, static=True)
     return train(ctx)
+
+
+PACKAGES = ("matdisc", "mace-torch", "torch", "ase", "pymatgen", "gpaw", "prefect", "dask", "zarr")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except Exception:
+            out[name] = "not installed"
+    return out
+
+
+def record_run(w: CampaignWriter, cfg: CampaignConfig, orchestrator_run: str = "") -> None:
+    reference_set = settings_hash(cfg.reference)
+    earlier = w.reference_set()
+    w.record_run(
+        cfg.model_dump_json(), package_versions(), calculator_parameters(cfg.reference), reference_set, orchestrator_run
+    )
+    if earlier is not None and earlier != reference_set:
+        logging.getLogger(__name__).warning(
+            "reference settings changed (%s -> %s): a new reference set starts; earlier DFT energies are kept "
+            "but never mixed into its hulls",
+            earlier,
+            reference_set,
+        )

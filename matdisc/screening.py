@@ -1,7 +1,7 @@
 """Screening DFT: when a budget cannot verify a round's picks, cheaper settings rank them first.
 
 A two-fidelity funnel. Acquisition ranks a round's picks by the MLIP; when what is left of a
-budget (:func:`matdisc.planning.remaining_dft_seconds`) cannot verify all of them with the
+budget (:func:`matdisc.budget.planning.remaining_dft_seconds`) cannot verify all of them with the
 configured reference settings, each pick gets single-point calculations with cheaper settings
 (``budget.screening``, the ``fast`` preset by default) at its MLIP-relaxed structure (and, with
 ``geometries: [mlip, initial]``, at its generated one: each energy is an upper bound of the
@@ -28,12 +28,12 @@ import numpy as np
 from ase import Atoms
 from pymatgen.core import Composition
 
-from matdisc import planning
+from matdisc.budget import planning
+from matdisc.budget.costs import dft_seconds
 from matdisc.config import CampaignConfig, ReferenceConfig
-from matdisc.costs import dft_seconds
 from matdisc.dft import settings_hash
-from matdisc.loop import candidate_atoms
 from matdisc.records import ReferenceResult, scalar_fields
+from matdisc.stages.generate import candidate_atoms
 from matdisc.store import CampaignWriter
 from matdisc.thermo import energy_above_reference_hull
 

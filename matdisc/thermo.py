@@ -15,7 +15,7 @@ from pymatgen.core import Composition
 
 
 def hull_energies(
-    formulas: Sequence[str], energies_per_atom: Sequence[float], chemsys: Sequence[str]
+    formulas: Sequence[str], energies_per_atom: Sequence[float] | np.ndarray, chemsys: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(formation energy, energy above hull) in eV/atom for each entry; NaN where undefined.
 
@@ -44,9 +44,9 @@ def hull_energies(
 
 def energy_above_reference_hull(
     formulas: Sequence[str],
-    e_form_per_atom: Sequence[float],
+    e_form_per_atom: Sequence[float] | np.ndarray,
     ref_formulas: Sequence[str],
-    ref_e_form_per_atom: Sequence[float],
+    ref_e_form_per_atom: Sequence[float] | np.ndarray,
     chemsys: Sequence[str],
 ) -> np.ndarray:
     """Predicted formation energies measured against a hull built from reference ones (eV/atom).
@@ -76,8 +76,8 @@ def energy_above_reference_hull(
 
 def score(
     formulas: Sequence[str],
-    e_mlip_per_atom: Sequence[float],
-    e_dft_per_atom: Sequence[float],
+    e_mlip_per_atom: Sequence[float] | np.ndarray,
+    e_dft_per_atom: Sequence[float] | np.ndarray,
     chemsys: Sequence[str],
     hull_tolerance: float = 0.0,
 ) -> dict[str, np.ndarray]:

@@ -43,9 +43,9 @@ def campaign_store(prefect_api, tmp_path_factory):
     """(config, summary) of a two-round EMT campaign run by the real flow: read-only for tests."""
     from prefect_dask import DaskTaskRunner
 
-    from flows.campaign import campaign_flow
-    from flows.cluster import campaign_cluster
     from matdisc.config import CampaignConfig
+    from matdisc_flows.campaign import campaign_flow
+    from matdisc_flows.cluster import campaign_cluster
 
     tmp = tmp_path_factory.mktemp("flow")
     cfg = CampaignConfig.model_validate(emt_config(tmp, known_phases={"files": [str(known_phases_cif(tmp))]}))

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from ase import Atoms
+from conftest import emt_config
 from pymatgen.core import Lattice, Structure
 
-from conftest import emt_config
-from matdisc import discovery, loop
+from matdisc import discovery
 from matdisc.active import select, select_greedy, structure_families
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
@@ -22,6 +22,13 @@ from matdisc.generate import Candidate
 from matdisc.metrics import calls_to_reach, daf, expected_random_calls, hull_changes, recovery_curve
 from matdisc.mlip.train import diverse_frames
 from matdisc.records import ReferenceResult, RelaxResult
+from matdisc.round import record_run
+from matdisc.stages.generate import add_candidates
+from matdisc.stages.relax import record_relaxations
+from matdisc.stages.score import update_scores
+from matdisc.stages.select import round_budget, select_for_reference
+from matdisc.stages.train import training_set
+from matdisc.stages.verify import record_reference
 from matdisc.store import CampaignWriter, open_campaign
 
 
@@ -203,35 +210,35 @@ def built_hand_store(tmp_path_factory):
     cfg = CampaignConfig.model_validate(emt_config(tmp_path_factory.mktemp("hand")))
     ref_set = settings_hash(cfg.reference)
     with CampaignWriter(cfg.store_path) as w:
-        loop.record_run(w, cfg)
+        record_run(w, cfg)
         names = {"Cu": ("Cu", 0.0), "Pd": ("Pd", 0.0), **E_FORM}
         cands = [Candidate(Structure.from_ase_atoms(_atoms(f)), "prototype", cid) for cid, (f, _) in names.items()]
-        loop.add_candidates(w, cands, 0, "hand")
+        add_candidates(w, cands, 0, "hand")
         ids = {cid: f"r0-{i:04d}-{names[cid][0]}-{cid}" for i, cid in enumerate(names)}
         mlip = [RelaxResult(ids[c], "ok", "", _atoms(f), energy=_energy(f, e, MU_MLIP) + (0.001 if c == "B" else 0))
                 for c, (f, e) in names.items()]
         mlip[-1].energy = _energy("Cu2Pd", -0.11, MU_MLIP)  # F: the model's prediction
-        loop.record_relaxations(w, "r1/mlip", 1, mlip, "m1")
+        record_relaxations(w, "r1/mlip", 1, mlip, "m1")
 
         def verify(round_, which):
             for c in which:
                 f, e = names[c]
-                loop.record_reference(w, round_, ReferenceResult(ids[c], "ok", "", _atoms(f),
+                record_reference(w, round_, ReferenceResult(ids[c], "ok", "", _atoms(f),
                                                                  energy=_energy(f, e, MU_DFT)), ref_set, verified=True)
 
         verify(0, ["Cu", "Pd"])
-        discovery.update_scores(w, cfg, 0, "r0/scores")
+        update_scores(w, cfg, 0, "r0/scores")
         w.append_records("rounds", "r0", [discovery.round_metrics(w, cfg, 0, "m0")])
         # round 1 picks A, B, E; the model called all three stable when it picked them
         w.append("selections", "r1/selection", {"id": [ids["A"], ids["B"], ids["E"]], "round": [1, 1, 1],
                                                 "e_hull_pred": [-0.05, -0.01, -0.02]})
         verify(1, ["A", "B", "E"])
-        discovery.update_scores(w, cfg, 1, "r1/scores")
+        update_scores(w, cfg, 1, "r1/scores")
         r1 = discovery.round_metrics(w, cfg, 1, "m1", {"mae_before_mev": 12.0})
         w.append_records("rounds", "r1", [r1])
         w.append("selections", "r2/selection", {"id": [ids["F"]], "round": [2], "e_hull_pred": [-0.03]})
         verify(2, ["F"])
-        discovery.update_scores(w, cfg, 2, "r2/scores")
+        update_scores(w, cfg, 2, "r2/scores")
         r2 = discovery.round_metrics(w, cfg, 2, "m1")
         w.append_records("rounds", "r2", [r2])
     return cfg, ids, r1, r2
@@ -281,7 +288,7 @@ def test_stopping_rules(hand_store, tmp_path):
         assert discovery.stop_reason(w, cfg, 3) is None
         budget = cfg.model_copy(update={"active_learning": al.model_copy(update={"max_dft_total": 4})})
         assert "DFT budget spent: 4 of max_dft_total 4" in discovery.stop_reason(w, budget, 3)
-        assert discovery.round_budget(w, budget.model_copy(update={"active_learning": al.model_copy(
+        assert round_budget(w, budget.model_copy(update={"active_learning": al.model_copy(
             update={"max_dft_total": 5, "dft_budget": 3})}), 3) == 1
         w.append_records("rounds", "r3", [{"round": 3, "new_hits": 0}])
         patient = cfg.model_copy(update={"active_learning": al.model_copy(update={"patience": 1})})
@@ -293,9 +300,9 @@ def test_stopping_rules(hand_store, tmp_path):
 def test_select_for_reference_records_picks_once(hand_store):
     cfg, ids, _, _ = hand_store
     with CampaignWriter(cfg.store_path) as w:
-        first = discovery.select_for_reference(w, cfg, 3)
+        first = select_for_reference(w, cfg, 3)
         assert first == []  # every candidate is verified
-        assert discovery.select_for_reference(w, cfg, 3) == first
+        assert select_for_reference(w, cfg, 3) == first
 
 
 # -- discovery curves (the benchmark's arithmetic) -------------------------------------------------
@@ -339,13 +346,13 @@ def test_training_set_policy_subsamples_per_structure(tmp_path):
                 a.rattle(0.05 * (12 - j) / 12, seed=k * 100 + j)
                 a.calc = EMT()
                 frames.append(labelled(a, a.get_potential_energy(), a.get_forces(), a.get_stress()))
-            loop.record_reference(w, 1, ReferenceResult(f"c{k}", "ok", "", frames[-1], frames=frames), ref_set,
+            record_reference(w, 1, ReferenceResult(f"c{k}", "ok", "", frames[-1], frames=frames), ref_set,
                                   verified=True)
-        all_frames, groups = loop.training_set(w, cfg)
+        all_frames, groups = training_set(w, cfg)
         assert len(all_frames) == 36 and sorted(set(groups)) == ["c0", "c1", "c2"]
         diverse = cfg.model_copy(update={"mlip": cfg.mlip.model_copy(update={"training": cfg.mlip.training.model_copy(
             update={"frames": "diverse", "frames_per_structure": 5})})})
-        sub, sub_groups = loop.training_set(w, diverse)
+        sub, sub_groups = training_set(w, diverse)
         assert len(sub) == 15 and [sub_groups.count(g) for g in ("c0", "c1", "c2")] == [5, 5, 5]
         # the first and last frame of each calculation are kept, with their labels
         energies = {round(a.info["REF_energy"], 8) for a in sub}

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import emt_config
 from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
 
 from matdisc.config import CampaignConfig, GenerationConfig
 from matdisc.generate import aflow, generate, prototype_candidates
 from matdisc.generate.prototypes import PROTOTYPES
-from conftest import emt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

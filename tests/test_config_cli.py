@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import emt_config
+
 from matdisc.cli import main
 from matdisc.config import load_config
 

@@ -9,10 +9,19 @@ import pandas as pd
 import pytest
 from ase.build import bulk
 
+from matdisc.budget.costs import (
+    K_OVERHEAD,
+    Rates,
+    bands,
+    calibrate,
+    dft_seconds,
+    dft_work,
+    irreducible_kpoints,
+    makespan,
+    relax_tasks,
+)
+from matdisc.budget.planning import affordable, budget_status, spent, train_cost, workers
 from matdisc.config import CampaignConfig, ReferenceConfig
-from matdisc.costs import (K_OVERHEAD, Rates, bands, calibrate, dft_seconds, dft_work, irreducible_kpoints, makespan,
-                           relax_tasks)
-from matdisc.planning import affordable, budget_status, spent, train_cost, workers
 
 
 def test_makespan_schedules_longest_first_on_the_least_loaded_worker():
@@ -106,7 +115,7 @@ def test_calibration_of_a_cheap_calculator_drops_a_per_job_prior_the_records_con
 
 
 def test_the_first_mlip_stage_of_a_flow_run_waits_for_its_workers_to_start():
-    from matdisc.planning import StageCost
+    from matdisc.budget.planning import StageCost
 
     cost = StageCost(jobs=2, work=1.0, compute_s=20.0, wall_s=21.0)
     started = cost.started(11.0)

@@ -75,7 +75,7 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler():
     from dask_jobqueue import SLURMCluster
     from dask_jobqueue.slurm import SLURMJob
 
-    from flows.cluster import slurm_job_options
+    from matdisc_flows.cluster import slurm_job_options
 
     cfg = ComputeConfig(scheduler="slurm", threads_per_dft_worker=2,
                         slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1"})
@@ -100,9 +100,8 @@ def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
     import sys
 
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
     from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL
 
     async def create_pool():  # what `prefect work-pool create matdisc-process --type process` does
         async with get_client() as client:

@@ -262,8 +262,8 @@ def test_generation_config_errors_name_the_field():
 
 # -- the store: provenance, dedup against stored candidates, recorded skips ---------------------
 def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path):
-    from matdisc import loop
     from matdisc.config import parse_config
+    from matdisc.stages.generate import add_candidates, generation_summary, round_candidates, seed_candidates
     from matdisc.store import CampaignWriter, open_campaign
 
     cfg = parse_config({"name": "gen", "chemsys": ["Cu", "Pd"], "store": str(tmp_path / "g.zarr"),
@@ -272,15 +272,15 @@ def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path
                         "generation": {"max_atoms": 6, "random": {"per_round": 4},
                                        "prototype": {"library": "builtin"}}})
     with CampaignWriter(cfg.store_path) as w:
-        seeds = loop.seed_candidates(cfg)
-        loop.add_candidates(w, seeds, 0, "seed")
-        new1, keys1 = loop.round_candidates(w, cfg, 1)
-        assert loop.add_candidates(w, new1, 1, "generated", keys1) == len(new1)
+        seeds = seed_candidates(cfg)
+        add_candidates(w, seeds, 0, "seed")
+        new1, keys1 = round_candidates(w, cfg, 1)
+        assert add_candidates(w, new1, 1, "generated", keys1) == len(new1)
         # the seeds (fcc Cu, B2 CuPd, ...) are in the store: round 1 does not propose them again
         assert unique([c.structure for c in new1], [c.structure for c in seeds])[0] == list(range(len(new1)))
         assert len(new1) > 0 and not {c.formula + c.prototype for c in new1} & {c.formula + c.prototype for c in seeds}
-        new2, keys2 = loop.round_candidates(w, cfg, 2)
-        loop.add_candidates(w, new2, 2, "generated", keys2)
+        new2, keys2 = round_candidates(w, cfg, 2)
+        add_candidates(w, new2, 2, "generated", keys2)
         assert {c.source for c in new2} == {"random"}
     camp = open_campaign(cfg.store_path)
     cand = camp.table("candidates")
@@ -298,15 +298,13 @@ def test_round_candidates_record_provenance_and_dedup_against_the_store(tmp_path
     assert set(gen["round"]) == {1, 2}
     r1 = gen[(gen["round"] == 1) & (gen["source"] == "prototype")].iloc[0]
     assert r1["new"] == (cand["source"] == "prototype").sum() <= r1["generated"]
-    assert "prototype" in loop.generation_summary(w, 1)
+    assert "prototype" in generation_summary(w, 1)
 
 
 def test_fast_reduction_gives_the_matchers_niggli_cell():
     from pymatgen.core.structure_matcher import StructureMatcher
 
-    from matdisc.generate.dedup import reduce_structure
-
-    from matdisc.generate.dedup import _maybe_supercell
+    from matdisc.generate.dedup import _maybe_supercell, reduce_structure
 
     cands, _, _ = generate(["Cu", "Pd", "Ag"], GenerationConfig(max_atoms=12, random={"per_round": 24}), round_=1)
     skewed = cands[0].structure.copy()

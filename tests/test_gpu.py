@@ -15,11 +15,11 @@ torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+from test_mlip import FORCE_RMSE_BOUND, TRAINING, emt_frames, rattled  # noqa: E402
+
 from matdisc.config import MLIPConfig, TrainingConfig  # noqa: E402
 from matdisc.mlip import evaluate, predict_energies, relax_many, train_committee  # noqa: E402
 from matdisc.mlip.model import resolve_device  # noqa: E402
-
-from test_mlip import FORCE_RMSE_BOUND, TRAINING, emt_frames, rattled  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_batched_relaxation_on_cuda_matches_cpu(cuda_models, dtype, tol):
     cfg = MLIPConfig(fmax=0.05, max_steps=300, engine="torch-sim", dtype=dtype)
     gpu = relax_many(structures, paths, cfg.model_copy(update={"device": "cuda"}))
     cpu = relax_many(structures, paths, cfg.model_copy(update={"device": "cpu", "dtype": "float64"}))
-    from matdisc.mlip.batched import GPU_BATCH_ATOMS_CAP, _GPU_BATCH_ATOMS
+    from matdisc.mlip.batched import _GPU_BATCH_ATOMS, GPU_BATCH_ATOMS_CAP
 
     assert _GPU_BATCH_ATOMS, "the GPU batch size comes from one probe pass, cached"
     assert all(8 <= n <= GPU_BATCH_ATOMS_CAP for n in _GPU_BATCH_ATOMS.values())
@@ -87,8 +87,8 @@ def test_batched_relaxation_on_cuda_matches_cpu(cuda_models, dtype, tol):
 def test_local_cluster_puts_the_mlip_worker_on_the_gpu():
     from distributed import Client
 
-    from flows.cluster import MLIP, campaign_cluster
     from matdisc.config import ComputeConfig
+    from matdisc_flows.cluster import MLIP, campaign_cluster
 
     def where() -> tuple[str, str]:
         import os

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import emt_config
 from pymatgen.core import Lattice, Structure
 from pymatgen.entries.computed_entries import ComputedStructureEntry
 from pymatgen.io.cif import CifWriter
@@ -18,8 +19,6 @@ from matdisc import known_phases
 from matdisc.config import CampaignConfig, KnownPhasesConfig
 from matdisc.errors import UserError
 from matdisc.store import open_campaign
-
-from conftest import emt_config
 
 
 def _cupd(name: str) -> Structure:
@@ -223,8 +222,9 @@ def test_status_table_and_report_show_novelty_and_the_phase_above_the_hull(campa
 
 
 def test_an_entry_with_the_campaigns_settings_is_taken_as_it_is(tmp_path):
-    from matdisc import loop, reference_phases
+    from matdisc import reference_phases
     from matdisc.dft import settings_hash
+    from matdisc.round import record_run
     from matdisc.store import CampaignWriter
 
     data = emt_config(tmp_path)
@@ -239,7 +239,7 @@ def test_an_entry_with_the_campaigns_settings_is_taken_as_it_is(tmp_path):
     more = CampaignConfig.model_validate({**data, "known_phases": [str(tmp_path / "entries.json"),
                                                                    str(tmp_path / "b2.cif")]})
     with CampaignWriter(cfg.store_path) as w:
-        loop.record_run(w, cfg)
+        record_run(w, cfg)
         jobs = reference_phases.known_phase_jobs(w, cfg)
         again = reference_phases.known_phase_jobs(w, cfg)  # recorded once: a resumed run finds the same
         dft = w.table("dft")

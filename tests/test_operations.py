@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import emt_config, stop_process_group, store_after_cold_start
 
 from matdisc.store import open_campaign
 from matdisc.store.remote import mirror_dir
-from conftest import emt_config, stop_process_group, store_after_cold_start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,8 +245,8 @@ def _assert_same_campaign(resumed, reference, last_round: int) -> None:
 
 
 def test_round_plan_counts_from_the_last_completed_round(campaign_store):
-    from flows.deployment import round_plan, run_name
     from matdisc.errors import UserError
+    from matdisc_flows.deployment import round_plan, run_name
 
     cfg, _ = campaign_store  # rounds 0, 1, 2 complete
     assert round_plan(cfg, more_rounds=1) == (3, 3)
@@ -305,7 +304,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 def test_tasks_retry_only_transient_failures(error, retry):
     from prefect.states import Failed
 
-    from flows.tasks import RETRY, relax_task, transient_failure
+    from matdisc_flows.tasks import RETRY, relax_task, transient_failure
 
     assert relax_task.retries == 2 and relax_task.retry_condition_fn is transient_failure
     assert RETRY["retry_delay_seconds"] == [5, 30]  # backoff
@@ -318,7 +317,7 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
     SQLite database (the flow runs of the killed server stay visible in the UI)."""
     import httpx
 
-    from flows import server
+    from matdisc_flows import server
 
     env = _own_server_env({**os.environ, "MATDISC_HOME": str(tmp_path / "home")})
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

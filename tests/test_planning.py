@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from conftest import copy_campaign
-from matdisc import discovery, planning
+
+from matdisc.budget import planning
+from matdisc.budget.costs import train_member_seconds
 from matdisc.cli import main
 from matdisc.config import CampaignConfig
-from matdisc.costs import train_member_seconds
+from matdisc.stages.select import predicted_reference_seconds, select_for_reference
 from matdisc.store import CampaignWriter, open_campaign
 
 
@@ -91,8 +92,8 @@ def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store,
     cfg, _ = campaign_store
     free = copy_campaign(cfg, tmp_path, "free.zarr", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 5})
     with CampaignWriter(free.store_path) as w:
-        ranked = discovery.select_for_reference(w, free, 3)
-        cost = discovery.predicted_reference_seconds(w, free, ranked)
+        ranked = select_for_reference(w, free, 3)
+        cost = predicted_reference_seconds(w, free, ranked)
         used = planning.spent(w, free)["dft_cpu_hours"]
     assert len(ranked) >= 3 and all(c > 0 for c in cost)
     # budget: what was spent, plus the first two picks, plus half the third
@@ -100,7 +101,7 @@ def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store,
     tight = copy_campaign(cfg, tmp_path, "tight.zarr", active_learning=free.active_learning.model_dump(),
                   budget={"dft_cpu_hours": limit})
     with CampaignWriter(tight.store_path) as w:
-        picks = discovery.select_for_reference(w, tight, 3)
+        picks = select_for_reference(w, tight, 3)
         sel = w.table("selections")
     assert picks == ranked[:2]  # the ranking kept, cut where the money ends
     assert list(sel["predicted_s"][sel["round"] == 3]) == pytest.approx(cost[:2])
@@ -108,7 +109,7 @@ def test_a_dft_budget_shrinks_the_round_to_the_picks_it_pays_for(campaign_store,
 
 def test_a_spent_budget_stops_the_campaign_with_a_report_and_a_consistent_store(campaign_store, prefect_api,
                                                                                 tmp_path, capsys):
-    from flows.campaign import campaign_flow
+    from matdisc_flows.campaign import campaign_flow
 
     cfg, _ = campaign_store
     used = planning.spent(open_campaign(cfg.store_path), cfg)["dft_cpu_hours"]
@@ -156,7 +157,8 @@ def test_spent_counts_the_calculations_of_a_stage_killed_before_it_recorded_its_
 def test_probe_measures_this_machine_once_and_caches_it(tmp_path, monkeypatch):
     """A probe of the EMT test campaign's settings (kept off the session campaign, so it runs beside it)."""
     from conftest import emt_config
-    from matdisc.probe import cached_rates, probe
+
+    from matdisc.budget.probe import cached_rates, probe
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     cfg = CampaignConfig.model_validate(emt_config(tmp_path))

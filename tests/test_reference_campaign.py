@@ -11,11 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import emt_config
-from matdisc import discovery, loop, reference_phases
+
+from matdisc import reference_phases
 from matdisc.config import CampaignConfig
 from matdisc.dft import run_reference, settings_hash
+from matdisc.round import record_run
+from matdisc.stages.generate import add_candidates, candidate_atoms
+from matdisc.stages.score import update_scores
+from matdisc.stages.verify import record_reference
 from matdisc.store import CampaignWriter
 
 
@@ -37,10 +41,10 @@ def test_a_killed_workers_candidate_is_retried_and_lands_once(prefect_api, tmp_p
     from prefect import flow
     from prefect_dask import DaskTaskRunner
 
-    from flows.cluster import campaign_cluster
-    from flows.executor import PrefectDask
     from matdisc.stages.context import Run
     from matdisc.stages.verify import reference_stage
+    from matdisc_flows.cluster import campaign_cluster
+    from matdisc_flows.executor import PrefectDask
 
     cfg = CampaignConfig.model_validate(emt_config(
         tmp_path, chemsys=["Al", "Si"],
@@ -52,7 +56,7 @@ def test_a_killed_workers_candidate_is_retried_and_lands_once(prefect_api, tmp_p
     def verify(config: dict) -> None:
         c = CampaignConfig.model_validate(config)
         with CampaignWriter(c.store_path) as w:
-            loop.record_run(w, c)
+            record_run(w, c)
             reference_stage(Run(w, c, PrefectDask()).round(1), jobs, verified=True)
 
     killed: dict = {}
@@ -79,7 +83,7 @@ def _run_and_record(w: CampaignWriter, cfg: CampaignConfig, jobs, round_: int = 
     ref_set = settings_hash(cfg.reference)
     for cid, atoms in jobs:
         res = run_reference(atoms, cfg.reference, id=cid, workdir=w.path / "calculations" / f"r{round_}")
-        loop.record_reference(w, round_, res, ref_set, verified=True)
+        record_reference(w, round_, res, ref_set, verified=True)
 
 
 def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
@@ -92,28 +96,28 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
     assert settings_hash(cfg_a.reference) != settings_hash(cfg_b.reference)
     b2 = [c for c in prototype_candidates(cfg_a.chemsys, cfg_a.generation, names=["B2"])][:1]
     with CampaignWriter(cfg_a.store_path) as w:
-        loop.record_run(w, cfg_a)
+        record_run(w, cfg_a)
         elements = reference_phases.reference_set_jobs(w, cfg_a)
         assert len(elements) == 6  # Cu and Pd in fcc, bcc and hcp
         _run_and_record(w, cfg_a, elements)
-        loop.add_candidates(w, b2, 1, "generated")
-        compound = loop.candidate_atoms(w)[-1]
+        add_candidates(w, b2, 1, "generated")
+        compound = candidate_atoms(w)[-1]
         _run_and_record(w, cfg_a, [compound], 1)
-        hull_a = discovery.update_scores(w, cfg_a, 1, "r1/scores").set_index("id")
+        hull_a = update_scores(w, cfg_a, 1, "r1/scores").set_index("id")
         assert np.isfinite(hull_a.loc[compound[0], "e_hull_dft"])
         assert reference_phases.reference_set_jobs(w, cfg_a) == []  # nothing missing in set A
 
         # new settings: nothing of set A shows, the elements are due again, and a compound verified
         # before its elements has no hull energy rather than one against set A's elements
-        loop.record_run(w, cfg_b)
+        record_run(w, cfg_b)
         assert (w.candidates()["dft_status"] == "").all()
         _run_and_record(w, cfg_b, [compound], 1)
-        no_elements = discovery.update_scores(w, cfg_b, 1, "r1/scores-b0").set_index("id")
+        no_elements = update_scores(w, cfg_b, 1, "r1/scores-b0").set_index("id")
         assert np.isnan(no_elements.loc[compound[0], "e_hull_dft"])
         again = reference_phases.reference_set_jobs(w, cfg_b)
         assert sorted(cid for cid, _ in again) == sorted(cid for cid, _ in elements)
         _run_and_record(w, cfg_b, again)
-        hull_b = discovery.update_scores(w, cfg_b, 1, "r1/scores-b1").set_index("id")
+        hull_b = update_scores(w, cfg_b, 1, "r1/scores-b1").set_index("id")
         e_a, e_b = hull_a.loc[compound[0], "e_form_dft"], hull_b.loc[compound[0], "e_form_dft"]
         assert np.isfinite(e_b) and e_a != pytest.approx(e_b, abs=1e-6)
         dft = w.table("dft")

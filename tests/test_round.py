@@ -51,8 +51,8 @@ def test_a_failing_job_is_recorded_and_the_stage_goes_on(tmp_path):
     """A job that raises (a worker lost for good, a bug) is the job's failure: recorded with its
     reason, and the other calculations of the stage still land."""
     from ase.build import bulk
-
     from conftest import emt_config
+
     from matdisc import jobs
     from matdisc.stages.context import Run
     from matdisc.stages.verify import reference_stage
@@ -82,7 +82,7 @@ def _lost_worker(*args):
 def test_every_job_has_its_prefect_task(name):
     """The engine side routes every job function the round submits (a job without a task would
     fail only when a campaign first reaches it)."""
-    from flows.tasks import TASKS
     from matdisc import jobs
+    from matdisc_flows.tasks import TASKS
 
     assert getattr(jobs, name) in TASKS

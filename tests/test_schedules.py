@@ -23,12 +23,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from flows.health import service_errors
-from flows.runs import zombie_after_s
-from matdisc.store import open_campaign
-
 from conftest import stop_process_group
+
+from matdisc.store import open_campaign
+from matdisc_flows.health import service_errors
+from matdisc_flows.runs import zombie_after_s
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"

@@ -7,15 +7,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import copy_campaign, emt_config
 from pymatgen.core import Composition
 
-from conftest import copy_campaign, emt_config
-from matdisc import discovery, loop, planning, screening
+from matdisc import discovery, screening
+from matdisc.budget import planning
+from matdisc.budget.costs import dft_seconds, dft_work
 from matdisc.config import CampaignConfig
-from matdisc.costs import dft_seconds, dft_work
 from matdisc.dft import run_static, settings_hash
 from matdisc.generate import prototype_candidates
 from matdisc.records import RelaxResult
+from matdisc.round import record_run
+from matdisc.stages.generate import add_candidates, candidate_atoms
+from matdisc.stages.relax import record_relaxations
+from matdisc.stages.score import update_scores
+from matdisc.stages.select import cap_per_composition, predicted_reference_seconds, rank_for_reference
+from matdisc.stages.verify import record_reference
 from matdisc.store import CampaignWriter, open_campaign
 
 ASAP = {"parameters": {"asap_cutoff": True}}
@@ -26,8 +33,8 @@ def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> t
     """A copy whose DFT budget verifies the first two of the round's six ranked picks and no more."""
     free = copy_campaign(cfg, tmp_path, name + "-free", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 6})
     with CampaignWriter(free.store_path) as w:
-        ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
-        cost = discovery.predicted_reference_seconds(w, free, ranked)
+        ranked = [p.id for p in rank_for_reference(w, free, ROUND)]
+        cost = predicted_reference_seconds(w, free, ranked)
         used = planning.spent(w, free)["dft_cpu_hours"]
     assert len(ranked) == 6
     left = cost[0] + cost[1] + 0.9 * min(cost[2:])
@@ -82,27 +89,27 @@ def _hand_built_al_si(tmp_path: Path, **over) -> CampaignConfig:
     assert len(cands) == len(keep)
     settings = settings_hash(cfg.reference)
     with CampaignWriter(cfg.store_path) as w:
-        loop.record_run(w, cfg)
-        loop.add_candidates(w, cands, 0, "prototype")
-        atoms = loop.candidate_atoms(w)
+        record_run(w, cfg)
+        add_candidates(w, cands, 0, "prototype")
+        atoms = candidate_atoms(w)
         elements = [(cid, a) for cid, a in atoms if len(set(a.get_chemical_symbols())) == 1]
         for cid, a in elements:
             res = run_static(a, cfg.reference, id=cid, workdir=w.path / "calculations" / "r0")
             assert res.ok, res.reason
-            loop.record_reference(w, 0, res, settings, verified=True)
+            record_reference(w, 0, res, settings, verified=True)
         compounds = [cid for cid, a in atoms if len(set(a.get_chemical_symbols())) > 1]
         e_mlip = {cid: 0.0 for cid, _ in elements} | {cid: -0.10 + 0.02 * k for k, cid in enumerate(compounds)}
-        loop.record_relaxations(w, "r0/mlip/hand", 0, [
+        record_relaxations(w, "r0/mlip/hand", 0, [
             RelaxResult(cid, "ok", "", a, energy=e_mlip[cid] * len(a), sigma=0.01) for cid, a in atoms], "hand")
-        discovery.update_scores(w, cfg, ROUND, f"r{ROUND}/scores-mlip")
+        update_scores(w, cfg, ROUND, f"r{ROUND}/scores-mlip")
     return cfg
 
 
 def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(tmp_path):
     free = _hand_built_al_si(tmp_path)
     with CampaignWriter(free.store_path) as w:
-        ranked = [p.id for p in discovery.rank_for_reference(w, free, ROUND)]
-        cost = discovery.predicted_reference_seconds(w, free, ranked)
+        ranked = [p.id for p in rank_for_reference(w, free, ROUND)]
+        cost = predicted_reference_seconds(w, free, ranked)
     assert len(ranked) == 4
     left = cost[0] + cost[1] + 0.5 * cost[2]  # verifies two of the four, and no more
     tight = copy_campaign(free, tmp_path, "tight.zarr", budget={
@@ -139,7 +146,7 @@ def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(tmp_path)
     sel = w.table("selections")
     sel = sel[sel["round"] == ROUND]
     assert list(sel["id"]) == picks
-    pick_cost = discovery.predicted_reference_seconds(w, tight, kept)
+    pick_cost = predicted_reference_seconds(w, tight, kept)
     assert picks == kept[: planning.affordable(pick_cost, planning.remaining_dft_seconds(tight, w))]
     assert list(sel["e_hull_screen"]) == pytest.approx([expected[c] for c in picks], abs=1e-9)
     # the budget holds: screening is charged to it, and the picks' verification fits what is left
@@ -151,7 +158,7 @@ def test_a_short_budget_screens_the_picks_and_verifies_the_most_stable(tmp_path)
     assert discovery.round_metrics(w, tight, ROUND, "hand")["screened"] == len(scr)
     # a later round passes over the screened picks that were not verified
     with CampaignWriter(tight.store_path) as rw:
-        later = {p.id for p in discovery.rank_for_reference(rw, tight, ROUND + 1)}
+        later = {p.id for p in rank_for_reference(rw, tight, ROUND + 1)}
     assert not later & (set(screened_picks) - set(picks))
 
 
@@ -205,7 +212,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(tmp_p
     data["reference"]["isolate"] = True  # as GPAW runs by default: in calculation processes of their own
     cfg = CampaignConfig.model_validate(data)
     with CampaignWriter(cfg.store_path) as w:
-        ranked = [p.id for p in discovery.rank_for_reference(w, cfg, ROUND)]
+        ranked = [p.id for p in rank_for_reference(w, cfg, ROUND)]
     formula = dict(zip(open_campaign(cfg.store_path).table("candidates")["id"],
                        open_campaign(cfg.store_path).table("candidates")["formula"]))
     assert len(ranked) == 5 and sum(formula[c] == "AlSi" for c in ranked) == 3  # no composition cap before the screen
@@ -218,7 +225,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(tmp_p
     assert len(set(pids)) < len(pids)  # single points share calculation processes (statics_per_task)
     screened_hull = screening.screened_hull_distance(w, cfg, ranked)
     best_first = sorted(ranked, key=screened_hull.get)
-    expected = discovery.cap_per_composition(best_first, formula, 1)[:3]
+    expected = cap_per_composition(best_first, formula, 1)[:3]
     assert picks == expected and len({formula[c] for c in picks}) == len(picks) == 3
     sel = w.table("selections")
     assert list(sel[sel["round"] == ROUND]["e_hull_screen"]) == pytest.approx([screened_hull[c] for c in picks])
@@ -227,7 +234,7 @@ def test_a_shortlist_screens_past_the_budget_and_verifies_the_screens_best(tmp_p
     assert len(set(ranked) - set(picks)) == 2 and all(screened_hull[c] <= 1.0 for c in ranked)
     with CampaignWriter(cfg.store_path) as rw:
         assert screening.rejected(rw, cfg, ROUND + 1) == set()
-        later = {p.id for p in discovery.rank_for_reference(rw, cfg, ROUND + 1)}
+        later = {p.id for p in rank_for_reference(rw, cfg, ROUND + 1)}
     assert set(ranked) - set(picks) <= later
 
 
@@ -246,15 +253,15 @@ def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(tmp
     cfg = CampaignConfig.model_validate(data)
     with CampaignWriter(cfg.store_path) as w:
         squeezed, factor = [], {}
-        for cid, a in loop.candidate_atoms(w):
+        for cid, a in candidate_atoms(w):
             if len(set(a.get_chemical_symbols())) > 1:
                 factor[cid] = 0.9 if not factor else 0.94
                 a = a.copy()
                 a.set_cell(a.cell[:] * factor[cid], scale_atoms=True)
                 squeezed.append(RelaxResult(cid, "ok", "", a, energy=-0.1 * len(a), sigma=0.01))
-        loop.record_relaxations(w, "r0/mlip/squeezed", 0, squeezed, "hand")
-        ranked = [p.id for p in discovery.rank_for_reference(w, cfg, ROUND)]
-        initial = dict(loop.candidate_atoms(w, ranked))
+        record_relaxations(w, "r0/mlip/squeezed", 0, squeezed, "hand")
+        ranked = [p.id for p in rank_for_reference(w, cfg, ROUND)]
+        initial = dict(candidate_atoms(w, ranked))
     crushed = next(cid for cid, f in factor.items() if f == 0.9)
     assert crushed in ranked
     picks = _select(cfg)
@@ -285,7 +292,7 @@ def test_a_screen_at_two_geometries_ranks_each_candidate_by_its_lower_energy(tmp
             {**lower, **{cid: by[cid, "dft"][0] for cid in ground}})
         hull = screening.screened_hull_distance(rw, cfg, ranked)
     formula = dict(zip(w.table("candidates")["id"], w.table("candidates")["formula"]))
-    assert picks == discovery.cap_per_composition(sorted(ranked, key=hull.get), formula, 1)[:2]
+    assert picks == cap_per_composition(sorted(ranked, key=hull.get), formula, 1)[:2]
 
 
 def test_a_relaxation_that_changed_the_volume_too_much_is_screened_at_the_initial_structure():

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import yaml
 from ase.build import bulk
-
 from conftest import emt_config
-from matdisc import loop
+
+from matdisc.budget.tradeoff import dft_tradeoff, formation_deviation, parse_size, reference_options, spread_held_out
 from matdisc.cli import main
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import run_reference, run_static, settings_hash
 from matdisc.errors import UserError
 from matdisc.generate import prototype_candidates
+from matdisc.round import record_run
+from matdisc.stages.generate import add_candidates, candidate_atoms
+from matdisc.stages.verify import perturbed_seed_jobs, record_reference
 from matdisc.store import CampaignWriter, open_campaign
-from matdisc.tradeoff import dft_tradeoff, formation_deviation, parse_size, reference_options, spread_held_out
 
 
 def _structures():
@@ -86,15 +88,15 @@ def _emt_reference_store(tmp_path: Path) -> CampaignConfig:
              if len(c.structure) <= 4]
     settings = settings_hash(cfg.reference)
     with CampaignWriter(cfg.store_path) as w:
-        loop.record_run(w, cfg)
-        loop.add_candidates(w, cands, 0, "prototype")
-        for cid, atoms in loop.candidate_atoms(w):
+        record_run(w, cfg)
+        add_candidates(w, cands, 0, "prototype")
+        for cid, atoms in candidate_atoms(w):
             res = run_reference(atoms, cfg.reference, id=cid, workdir=w.path / "calculations" / "r0")
             assert res.ok, res.reason
-            loop.record_reference(w, 0, res, settings, verified=True)
-        for jid, atoms in loop.perturbed_seed_jobs(w, cfg):  # rattled statics: frames with forces, as a cold start
+            record_reference(w, 0, res, settings, verified=True)
+        for jid, atoms in perturbed_seed_jobs(w, cfg):  # rattled statics: frames with forces, as a cold start
             res = run_static(atoms, cfg.reference, id=jid, workdir=w.path / "calculations" / "r0")
-            loop.record_reference(w, 0, res, settings, verified=False)
+            record_reference(w, 0, res, settings, verified=False)
     return cfg
 
 

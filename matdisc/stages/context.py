@@ -6,14 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from matdisc import planning
+from matdisc.budget import planning
 from matdisc.mlip.model import check_trusted, trusted_roots
 
 if TYPE_CHECKING:
     import logging
 
+    from matdisc.budget.costs import Rates
     from matdisc.config import CampaignConfig
-    from matdisc.costs import Rates
     from matdisc.executor import Executor
     from matdisc.store import CampaignWriter
 

@@ -1,37 +1,55 @@
-"""Train: the next MACE committee from the campaign's reference frames, on an MLIP worker; and
-how the model that screened a round did on that round's new DFT structures."""
+"""Train: the training set (the campaign's reference frames), the next MACE committee trained on
+an MLIP worker, the model registry it is recorded in, and how the model that screened a round
+did on that round's new DFT structures."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from matdisc import discovery, jobs, loop, planning
-from matdisc.costs import concurrent_members
+import numpy as np
+from ase import Atoms
+
+from matdisc import discovery, jobs
+from matdisc.budget import planning
+from matdisc.budget.costs import concurrent_members
+from matdisc.config import CampaignConfig
+from matdisc.dft import settings_hash
+from matdisc.errors import StoreError
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
+from matdisc.mlip.model import describe, file_sha256
 from matdisc.mlip.shipping import unpack
-from matdisc.mlip.train import TrainedModel
+from matdisc.mlip.train import TrainedModel, diverse_frames
 from matdisc.stages.context import Round
+from matdisc.store import Campaign, CampaignWriter, schema
 
 
-def train(ctx: Round) -> dict:
+def train(ctx: Round) -> ModelRecord:
     """Train (or fine-tune) the next committee; its held-out errors go to the registry row returned."""
     w, cfg, round_, log = ctx.w, ctx.cfg, ctx.number, ctx.log
-    frames, groups = loop.training_set(w, cfg)
-    previous = loop.current_model(w, before_round=round_ + 1)
-    start = previous["paths"] if previous is not None and cfg.mlip.training.start_from == "previous" else None
+    frames, groups = training_set(w, cfg)
+    previous = current_model(w, before_round=round_ + 1)
+    start = previous.paths if previous is not None and cfg.mlip.training.start_from == "previous" else None
     if start:
         ctx.check_trusted(start)
     log.info(
         "training MACE (%d members, %s) on %d reference frames",
         cfg.mlip.ensemble,
-        "fine-tuning " + previous["sha256"][:12] if start else "from scratch",
+        "fine-tuning " + previous.sha256[:12] if start and previous else "from scratch",
         len(frames),
     )
     rates = ctx.rates()
     device = resolve_device(cfg.mlip.device)
     sized = cfg.mlip.training.sized(device)
-    epochs = int(sized.finetune_epochs if start else sized.max_num_epochs)
+    epochs = int((sized.finetune_epochs if start else sized.max_num_epochs) or 0)
     frame_atoms = float(sum(len(a) for a in frames))
     predicted = ctx.run.first_mlip(planning.train_cost(frame_atoms, cfg, rates, planning.workers(cfg), epochs), rates)
     t0 = time.perf_counter()
@@ -65,7 +83,7 @@ def train(ctx: Round) -> dict:
     ctx.executor.trained(cfg, round_, trained)
     log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     paths = unpack(trained, w.path / "training" / f"r{round_}-shipped")
-    return loop.register_model(
+    return register_model(
         w,
         round_,
         paths,
@@ -78,16 +96,16 @@ def train(ctx: Round) -> dict:
     )
 
 
-def model_errors(ctx: Round, screened: dict, trained: dict) -> dict:
+def model_errors(ctx: Round, screened: ModelRecord, trained: ModelRecord) -> dict:
     """MLIP energy MAE on the round's new DFT structures, by the screening and the retrained model."""
     frames = discovery.new_reference_frames(ctx.w, ctx.number)
     if not frames:
         return {}
-    ctx.check_trusted(screened["paths"] + trained["paths"])
+    ctx.check_trusted(screened.paths + trained.paths)
     cfg = ctx.cfg
     fut = ctx.executor.submit(
         jobs.evaluate,
-        [screened["paths"], trained["paths"]],
+        [screened.paths, trained.paths],
         frames,
         cfg.mlip.device,
         cfg.mlip.dtype,
@@ -97,3 +115,152 @@ def model_errors(ctx: Round, screened: dict, trained: dict) -> dict:
     before, after = fut.result()
     ref = [a.info["REF_energy"] / len(a) for a in frames]
     return {"mae_before_mev": energy_mae_mev(before, ref), "mae_after_mev": energy_mae_mev(after, ref)}
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A committee in the model registry (table ``models``): its files, where it came from, and
+    the mean held-out errors of its members (``metrics``; empty for a configured model)."""
+
+    round: int
+    sha256: str
+    paths: list[str]
+    source: str
+    mode: str
+    n_train_frames: int
+    metrics: dict[str, float]
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any], store: Path) -> ModelRecord:
+        fixed = set(schema.TABLES["models"].columns) - set(METRICS)
+        metrics = {k: float(v) for k, v in row.items() if k not in fixed and isinstance(v, float) and np.isfinite(v)}
+        return cls(
+            round=int(row["round"]),
+            sha256=str(row["sha256"]),
+            paths=[str(store / p) if not Path(p).is_absolute() else p for p in json.loads(row["paths"])],
+            source=str(row["source"]),
+            mode=str(row["mode"]),
+            n_train_frames=int(row["n_train_frames"]),
+            metrics=metrics,
+        )
+
+
+#: Held-out errors training reports per member (the registry keeps their committee means).
+METRICS = ("energy_rmse_per_atom", "energy_mae_per_atom", "forces_rmse", "forces_mae")
+
+
+def current_model(w: Campaign, before_round: int | None = None) -> ModelRecord | None:
+    """The latest registered model (or the latest registered before ``before_round``)."""
+    models = w.models()
+    if before_round is not None:
+        models = models[models["round"] < before_round]
+    if models.empty:
+        return None
+    return ModelRecord.from_row(models.iloc[-1].to_dict(), Path(w.path))
+
+
+def register_model(
+    w: CampaignWriter,
+    round_: int,
+    paths: Sequence[Path | str],
+    *,
+    n_frames: int,
+    source: str,
+    copy: bool = True,
+    device: str = "cpu",
+    dtype: str = "float64",
+    mode: str = "",
+    metrics: dict[str, float] | None = None,
+) -> ModelRecord:
+    """Record a model (committee) in the registry; trained files are copied into ``models/``.
+
+    A row holds what every result needs to name its model: sha256 (of the committee),
+    member hashes, dtype, device, r_max, elements; trained models add the training mode
+    (scratch / naive / multihead fine-tuning) and held-out energy/force errors.
+    """
+    stored = []
+    for p in paths:
+        if copy:
+            dest = w.path / "models" / f"{file_sha256(p)}.model"
+            if not dest.exists():  # copy, then rename: a killed copy never sits under the final name
+                tmp = dest.with_name(dest.name + ".partial")  # removed by the next writer if left
+                shutil.copyfile(p, tmp)
+                os.replace(tmp, dest)
+            stored.append(str(dest.relative_to(w.path)))
+        else:
+            stored.append(str(Path(p).resolve()))
+    abs_paths = [str(w.path / s) if copy else s for s in stored]
+    info = describe(abs_paths, device=device, dtype=dtype)
+    metric_cols = {k: float(v) for k, v in (metrics or {}).items()}
+    w.append_records(
+        "models",
+        f"r{round_}/model",
+        [
+            {
+                "round": round_,
+                "sha256": info.sha256,
+                "paths": stored,
+                "members": list(info.members),
+                "n_train_frames": n_frames,
+                "source": source,
+                "mode": mode,
+                "device": device,
+                "dtype": dtype,
+                "r_max": info.r_max,
+                "elements": list(info.elements),
+                **metric_cols,
+            }
+        ],
+    )
+    model = current_model(w)
+    assert model is not None  # just registered
+    return model
+
+
+def training_set(w: Campaign, cfg: CampaignConfig) -> tuple[list[Atoms], list[str]]:
+    """Reference frames with the current settings, labelled for MACE, grouped by structure.
+
+    ``mlip.training.frames``: ``all`` frames of every calculation, or ``diverse``: at most
+    ``frames_per_structure`` per calculation, spread over its energies and forces. The
+    groups keep all frames of one structure on one side of the train/validation split.
+    """
+    table = w.table("frames")
+    if table.empty:
+        return [], []
+    tc = cfg.mlip.training
+    settings = settings_hash(cfg.reference)
+    usable = np.flatnonzero((table["settings_hash"] == settings).to_numpy() & np.isfinite(table["energy"].to_numpy()))
+    # by structure id, each calculation's frames in trajectory order: the training set (and so the
+    # model) must not depend on the order calculations happened to finish, or a resumed campaign
+    # would train a different model than an uninterrupted one
+    usable = usable[np.argsort(table["id"].to_numpy()[usable], kind="stable")]
+    frames = w.frames("frames")
+
+    def forces(i: int) -> np.ndarray:
+        f = frames.forces_of(i)
+        if f is None:  # every training frame is stored with its forces
+            raise StoreError(f"{w.location}: training frames are stored without forces")
+        return f
+
+    if tc.frames == "diverse":
+        by_id: dict[str, list[int]] = {}
+        for i in usable:
+            by_id.setdefault(table["id"].iloc[i], []).append(int(i))
+        keep, n_atoms, energy = [], frames.n_atoms, table["energy"].to_numpy()
+        for rows in by_id.values():
+            e = energy[rows] / n_atoms[rows]
+            fmax = np.array([np.linalg.norm(forces(i), axis=1).max() for i in rows])
+            keep += [rows[j] for j in diverse_frames(e, fmax, tc.frames_per_structure)]
+        usable = np.array(keep, dtype=int)
+    out, groups = [], []
+    records = table.to_dict("records")
+    for k in map(int, usable):
+        row = records[k]
+        a = frames.atoms(k)
+        a.info["REF_energy"] = float(row["energy"])
+        a.arrays["REF_forces"] = forces(k).astype(float)
+        if np.all(np.isfinite(row["stress"])):
+            a.info["REF_stress"] = np.asarray(row["stress"], dtype=float)
+        out.append(a)
+        groups.append(re.sub(r"-p\d+$", "", row["id"]))  # perturbed copies stay with their parent
+    return out, groups

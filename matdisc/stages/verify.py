@@ -7,18 +7,28 @@ smaller towards the end so no worker idles long), each batch one calculation pro
 from __future__ import annotations
 
 import time
+import zlib
+from typing import Any
+
+from ase import Atoms
 
 from matdisc import jobs as run_jobs
-from matdisc import loop, planning, screening
-from matdisc.config import ReferenceConfig
-from matdisc.costs import dft_seconds, dft_work, scf_cycles
-from matdisc.dft import settings_hash
+from matdisc import screening
+from matdisc.budget import planning
+from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
+from matdisc.config import CampaignConfig, ReferenceConfig
+from matdisc.dft import perturbed_copies, settings_hash
+from matdisc.executor import JobFuture
+from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages.context import Round
+from matdisc.stages.generate import candidate_atoms
+from matdisc.store import CampaignWriter, Frames
+from matdisc.store.campaign import in_reference_set
 
 
 def reference_stage(
     ctx: Round,
-    jobs: list,
+    jobs: list[tuple[str, Atoms]],
     *,
     verified: bool,
     static: bool = False,
@@ -55,13 +65,15 @@ def reference_stage(
         (cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0) for cid, atoms in jobs
     ]
     window = n_workers if allowance_s is not None or static else len(queue)
-    t0, seconds, work, futures = time.perf_counter(), [], 0.0, {}
+    t0, work = time.perf_counter(), 0.0
+    seconds: list[float] = []
+    futures: dict[JobFuture[Any], list[tuple[str, Atoms, float]]] = {}
     reference = ref.model_dump(mode="json")
 
     def fill() -> None:
         while queue and len(futures) < window:
             size = max(1, min(ref.statics_per_task, -(-len(queue) // (2 * n_workers)))) if static else 1
-            batch = []
+            batch: list[tuple[str, Atoms, float]] = []
             while queue and len(batch) < size:
                 in_flight = sum(p for b in futures.values() for *_, p in b) + sum(p for *_, p in batch)
                 if allowance_s is not None and sum(seconds) + in_flight + queue[0][2] > allowance_s:
@@ -78,6 +90,7 @@ def reference_stage(
                 batch.append(queue.pop(0))
             if not batch:
                 return
+            fut: JobFuture[Any]
             if static:
                 fut = ex.submit(
                     run_jobs.statics, [(cid, atoms) for cid, atoms, _ in batch], reference, workdir, resource="dft"
@@ -96,12 +109,12 @@ def reference_stage(
             except ex.fatal:  # the engine is gone (the Prefect API): the run stops, a rerun redoes these
                 raise
             except Exception as err:  # the engine gave up on it (worker lost too often): recorded, never dropped
-                results = [loop.failed_reference(cid, atoms, err, settings) for cid, atoms, _ in batch]
+                results = [failed_reference(cid, atoms, err, settings) for cid, atoms, _ in batch]
             for res, (_, atoms, _) in zip(results, batch):
                 if screen:
                     screening.record(w, round_, res, settings)
                 else:
-                    loop.record_reference(w, round_, res, settings, verified=verified)
+                    record_reference(w, round_, res, settings, verified=verified)
                 seconds.append(res.walltime_s)
                 work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
                 n += 1
@@ -115,7 +128,7 @@ def reference_stage(
 
 def verify_picks(ctx: Round, picks: list[str]) -> None:
     """The round's picks relaxed and computed with the reference settings (those not done yet)."""
-    done = loop.dft_done(ctx.w, settings_hash(ctx.cfg.reference))
+    done = dft_done(ctx.w, settings_hash(ctx.cfg.reference))
     ctx.log.info(
         "round %d: verifying %d candidates with %s (%s acquisition)",
         ctx.number,
@@ -123,5 +136,75 @@ def verify_picks(ctx: Round, picks: list[str]) -> None:
         ctx.cfg.reference.calculator,
         ctx.cfg.active_learning.acquisition,
     )
-    jobs = [(c, a) for c, a in loop.candidate_atoms(ctx.w, picks) if c not in done]
+    jobs = [(c, a) for c, a in candidate_atoms(ctx.w, picks) if c not in done]
     reference_stage(ctx, jobs, verified=True)
+
+
+def record_reference(
+    w: CampaignWriter, round_: int, result: RelaxResult, reference_set: str, *, verified: bool
+) -> None:
+    """A reference result: its frames join the training set; a verified one joins the DFT table.
+
+    ``reference_set`` is the campaign's settings hash the calculation was asked for; the
+    row's ``settings_hash`` is what its energy was computed with (they differ only when a
+    recovery rung had to change an energy-defining setting). One row per candidate and set.
+    """
+    key = f"r{round_}/{result.id}/{reference_set}"
+    settings = getattr(result, "settings_hash", "") or reference_set
+    if result.frames:
+        frames, cols = frames_from_atoms_with_results(result.frames)
+        n = len(result.frames)
+        w.append(
+            "frames",
+            key,
+            {"id": [result.id] * n, "round": [round_] * n, "settings_hash": [settings] * n, **cols},
+            frames,
+        )
+    if verified:
+        row = scalar_fields(result)
+        row.update(
+            round=round_, reference_set=reference_set, settings_hash=settings, e_dft_per_atom=result.energy_per_atom
+        )
+        w.append_records("dft", key, [row], Frames.from_atoms([result.atoms]))
+
+
+def failed_reference(cid: str, atoms: Atoms, err: BaseException, reference_set: str) -> RelaxResult:
+    """The record of a calculation whose worker was lost more often than retries allow."""
+    reason = f"worker lost: {type(err).__name__}: {err}".splitlines()[0][:300]
+    return ReferenceResult(cid, "failed", reason, atoms, settings_hash=reference_set)
+
+
+def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
+    """Rattled/strained copies of relaxed seeds that have no training frames yet."""
+    cs = cfg.mlip.cold_start
+    dft = w.table("dft")
+    if dft.empty or cs.perturbed_per_structure == 0:
+        return []
+    settings = settings_hash(cfg.reference)
+    frames_table = w.table("frames")
+    have = set(frames_table["id"][frames_table["settings_hash"] == settings])
+    frames = w.frames("dft")
+    jobs = []
+    for i, row in enumerate(dft.to_dict("records")):
+        if row["status"] != "ok" or row.get("settings_hash") != settings:
+            continue
+        copies = perturbed_copies(
+            frames.atoms(i),
+            cs.perturbed_per_structure,
+            rattle=cs.rattle_stdev,
+            strain=cs.strain,
+            seed=cfg.generation.seed + zlib.crc32(row["id"].encode()),
+        )
+        for k, a in enumerate(copies):
+            jid = f"{row['id']}-p{k}"
+            if jid not in have:
+                jobs.append((jid, a))
+    return jobs
+
+
+def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
+    """Candidates with a reference result (of any outcome) in this reference set."""
+    dft = w.table("dft")
+    if dft.empty:
+        return set()
+    return set(dft["id"][in_reference_set(dft, reference_set)])

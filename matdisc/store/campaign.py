@@ -274,6 +274,8 @@ class CampaignWriter(Campaign):
     ``location`` is then the URL.
     """
 
+    path: Path  # always a local directory (a store at a URL is written through its working copy)
+
     def __init__(self, path: str | Path):
         url = store_url(path)
         self.remote = None

@@ -34,7 +34,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -411,7 +411,7 @@ class TableStore:
         group = self.root[table]
         return {name: np.asarray(group[name][:rows]) for name in names}
 
-    def read_frames(self, table: str, rows: slice | np.ndarray | None = None) -> Frames:
+    def read_frames(self, table: str, rows: slice | np.ndarray | Sequence[int] | None = None) -> Frames:
         """Committed structures of a table (all, or the given row indices)."""
         n, n_atoms = self.committed(table)
         group = self.root[table]

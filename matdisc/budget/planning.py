@@ -1,8 +1,8 @@
 """What a campaign will cost, round by round, before it runs (``matdisc plan``), and what it has spent.
 
 A plan generates the next round's candidates for real (cheap) and prices every stage with the
-cost forms of :mod:`matdisc.costs`: the rates come from the store's own records when it has
-any (:func:`matdisc.costs.calibrate`), else from a probe of this machine (:mod:`matdisc.probe`),
+cost forms of :mod:`matdisc.budget.costs`: the rates come from the store's own records when it has
+any (:func:`matdisc.budget.costs.calibrate`), else from a probe of this machine (:mod:`matdisc.budget.probe`),
 else from priors. The flow uses the same functions to record each stage's predicted cost beside
 its actual one, and to keep a campaign inside its budget.
 """
@@ -20,8 +20,7 @@ import numpy as np
 import pandas as pd
 from ase import Atoms
 
-from matdisc.config import CampaignConfig, ReferenceConfig
-from matdisc.costs import (
+from matdisc.budget.costs import (
     Rates,
     calibrate,
     concurrent_members,
@@ -33,6 +32,7 @@ from matdisc.costs import (
     stage_wall,
     train_member_seconds,
 )
+from matdisc.config import CampaignConfig, ReferenceConfig
 
 __all__ = [
     "Plan",
@@ -157,7 +157,7 @@ def train_cost(frame_atoms: float, cfg: CampaignConfig, rates: Rates, w: Workers
 # -- rates for a campaign ------------------------------------------------------------------------
 def campaign_rates(cfg: CampaignConfig, store=None) -> tuple[Rates, dict[str, Any]]:
     """Cached probe rates (else priors), refitted on the store's records when there are any."""
-    from matdisc.probe import cached_rates
+    from matdisc.budget.probe import cached_rates
 
     cached = cached_rates(cfg)
     rates, memory = cached if cached is not None else (Rates(), {})
@@ -286,7 +286,7 @@ def record_stage(
     """One stage run's predicted and actual cost (table ``costs``; a resumed stage adds another row)."""
     import uuid
 
-    from matdisc.costs import makespan
+    from matdisc.budget.costs import makespan
 
     if not job_seconds:
         return
@@ -371,7 +371,8 @@ def _n_atoms(store) -> list[int]:
 
 def _unverified(store, cfg: CampaignConfig) -> list[Atoms]:
     from matdisc.dft import settings_hash
-    from matdisc.loop import candidate_atoms, dft_done
+    from matdisc.stages.generate import candidate_atoms
+    from matdisc.stages.verify import dft_done
 
     if store is None or "candidates" not in store.tables.tables():
         return []
@@ -422,9 +423,9 @@ def plan_campaign(
     log=lambda msg: None,
 ) -> Plan:
     """Price every round the campaign has still to run (``rounds``: total rounds, default the config's)."""
-    from matdisc import loop
     from matdisc.generate import generate
     from matdisc.mlip import resolve_device
+    from matdisc.stages.generate import seed_candidates, stored_by_key, verified_hits
 
     if rates is None:
         rates, memory = campaign_rates(cfg, store)
@@ -438,7 +439,7 @@ def plan_campaign(
     out: list[RoundPlan] = []
     mlip_fresh = True  # the plan is one flow run: its first MLIP stage starts the workers
     if 0 not in done and (store is None or store.models().empty) and cfg.mlip.is_cold_start:
-        seeds = [c.structure.to_ase_atoms() for c in loop.seed_candidates(cfg)]
+        seeds = [c.structure.to_ase_atoms() for c in seed_candidates(cfg)]
         statics = len(seeds) * cfg.mlip.cold_start.perturbed_per_structure
         seed_cost = dft_cost(seeds, cfg, rates, w, rates.seed_steps)
         static_cost = dft_cost(_perturbed(seeds, cfg), cfg, rates, w, None)
@@ -469,8 +470,8 @@ def plan_campaign(
         if r in done:
             continue
         if generated is None:  # the next round's generation, for real; later rounds: its repeatable sources
-            existing = loop.stored_by_key(store) if store is not None else (lambda keys: {})
-            hits = loop.verified_hits(store) if store is not None and cfg.generation.substitution.from_hits else []
+            existing = stored_by_key(store) if store is not None else (lambda keys: {})
+            hits = verified_hits(store) if store is not None and cfg.generation.substitution.from_hits else []
             # twice: the first call in a process pays for imports and tables (~10 s), which a
             # round's generation pays only when it is the first in its process
             for _ in range(2):
@@ -513,7 +514,7 @@ def _memory(cfg: CampaignConfig, atoms: Sequence[Atoms], probed: dict[str, float
     """Peak memory per worker (GB). MLIP: the probe's base plus its per-atom growth times a full
     batch; DFT (GPAW): 16-byte plane-wave coefficients × k-points × bands × spin, ×3 for work
     arrays, over a 0.3 GB process; any other calculator: the process."""
-    from matdisc.costs import bands, gpaw_kpoints, planewaves, spin_polarised
+    from matdisc.budget.costs import bands, gpaw_kpoints, planewaves, spin_polarised
     from matdisc.mlip.batched import CPU_BATCH_ATOMS
 
     gb = 1024**3

@@ -216,8 +216,8 @@ def measure(
     cfg: CampaignConfig, *, presets: list[str], sizes: list[str] | None, structures: int = 4, log=print
 ) -> list[Option]:
     """Measure the requested trade-offs on the campaign's store and record them (table ``tradeoffs``)."""
-    from matdisc import loop
     from matdisc.mlip import resolve_device
+    from matdisc.stages.train import training_set
     from matdisc.store import CampaignWriter, open_campaign
 
     store = open_campaign(cfg.store_path)
@@ -232,7 +232,7 @@ def measure(
             picked = verified_structures(store, structures)
             out += dft_tradeoff(picked, options, Path(tmp) / "dft", log=log)
         if sizes:
-            frames, groups = loop.training_set(store, cfg)
+            frames, groups = training_set(store, cfg)
             out += mlip_tradeoff(frames, groups, cfg, sizes, Path(tmp) / "mlip", device=device, log=log)
     if out:
         with CampaignWriter(cfg.store_path) as w:

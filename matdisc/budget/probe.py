@@ -1,4 +1,4 @@
-"""Short measurements on this machine that put numbers into the cost forms of :mod:`matdisc.costs`.
+"""Short measurements on this machine that put numbers into the cost forms of :mod:`matdisc.budget.costs`.
 
 Before a campaign has any history, ``matdisc plan`` probes: two static reference calculations
 on the smallest seed structures (slope and intercept of the DFT form), two short MACE trainings
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 
+from matdisc.budget.costs import Rates, dft_work
 from matdisc.config import CampaignConfig
-from matdisc.costs import Rates, dft_work
 
 #: Structures and steps of the relaxation probe (a batch like a task's, small enough to be quick).
 PROBE_STRUCTURES, PROBE_STEPS = 24, 20
@@ -93,9 +93,9 @@ def probe(cfg: CampaignConfig, *, refresh: bool = False, log=print) -> tuple[Rat
     """Measured rates for this campaign's settings on this machine (cached)."""
     if not refresh and (hit := cached_rates(cfg)) is not None:
         return hit
-    from matdisc import loop
+    from matdisc.stages.generate import seed_candidates
 
-    seeds = [c.structure.to_ase_atoms() for c in loop.seed_candidates(cfg)]
+    seeds = [c.structure.to_ase_atoms() for c in seed_candidates(cfg)]
     with tempfile.TemporaryDirectory(prefix="matdisc-probe-") as tmp:
         rates, memory = Rates(), {}
         t = time.perf_counter()
@@ -167,7 +167,7 @@ def _labelled(seeds: list[Atoms], cfg: CampaignConfig) -> list[Atoms]:
 
 def _probe_training(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rates: Rates) -> tuple[Rates, Path]:
     """Two trainings (1 and 4 epochs) on the same frames: per-member start-up and per-epoch cost."""
-    from matdisc.costs import concurrent_members
+    from matdisc.budget.costs import concurrent_members
     from matdisc.mlip import resolve_device
     from matdisc.mlip.train import split_by_structure, train_mace
 

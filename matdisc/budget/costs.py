@@ -1,6 +1,6 @@
 """Cost models: what one stage of a round costs, from stated forms and measured rates.
 
-Forms (seconds of one job; the rates are measured, see :mod:`matdisc.probe` and :func:`calibrate`):
+Forms (seconds of one job; the rates are measured, see :mod:`matdisc.budget.probe` and :func:`calibrate`):
 
 * MLIP relaxation task: ``t = relax_task_s + relax_s × Σ atoms × steps`` over the task's structures
   (``steps``: FIRE steps per structure, the campaign's mean so far, else a prior).
