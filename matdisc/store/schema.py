@@ -15,11 +15,10 @@ import numpy as np
 import pandas as pd
 
 from matdisc.errors import StoreError
+from matdisc.store.tables import fill_value
 
 #: Column dtypes: ``str``, ``int``, ``float``, ``bool``; ``float[6]`` is a row of six floats (stress).
 DTYPES = {"str": object, "int": np.int64, "float": np.float64, "bool": bool, "float[6]": object}
-#: What a row written before a column existed reads as (ints: -1, "not recorded").
-FILL = {"str": "", "int": -1, "float": np.nan, "bool": False}
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,7 @@ class Table:
     structures: bool = False
     #: further float columns are allowed (metrics whose names come from the trainer)
     open_metrics: bool = False
-    #: column -> how old rows get it from the other columns (default: ``FILL`` of its dtype)
+    #: column -> how old rows get it from the other columns (default: the table layer's fill value)
     migrate: dict[str, Callable[[pd.DataFrame], pd.Series]] = field(default_factory=dict)
 
 
@@ -331,4 +330,4 @@ def conform(name: str, df: pd.DataFrame) -> pd.DataFrame:
 def _filled(dtype: str, index: pd.Index) -> pd.Series:
     if dtype == "float[6]":
         return pd.Series([np.full(6, np.nan) for _ in index], index=index, dtype=object)
-    return pd.Series(FILL[dtype], index=index, dtype=DTYPES[dtype])
+    return pd.Series(fill_value(DTYPES[dtype]), index=index, dtype=DTYPES[dtype])

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from numpy.typing import DTypeLike
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
 
@@ -126,7 +127,8 @@ def _column_array(values: Any) -> np.ndarray:
     raise TypeError(f"unsupported column dtype {arr.dtype}")
 
 
-def _fill_value(dtype: np.dtype | str) -> Any:
+def fill_value(dtype: DTypeLike) -> Any:
+    """What a row that lacks a column holds: NaN, -1 (ints: "not recorded"), False or ""."""
     kind = np.dtype(dtype).kind if dtype is not str else "O"
     return {"f": np.nan, "i": -1, "u": 0, "b": False}.get(kind, "")
 
@@ -308,7 +310,7 @@ class TableStore:
             values = cols.get(name)
             arr = self._require(group, name, values, rows, row_dim)
             if values is None:  # a column this batch does not have: pad
-                values = np.full((n, *arr.shape[1:]), _fill_value(arr.dtype))
+                values = np.full((n, *arr.shape[1:]), fill_value(arr.dtype))
             self._put(arr, rows, values)
 
         if frames is not None:
@@ -356,13 +358,13 @@ class TableStore:
             dtype=dtype,
             chunks=(chunk, *tail),
             compressors=codecs,
-            fill_value=_fill_value(dtype),
+            fill_value=fill_value(dtype),
             dimension_names=(dim, *self._tail_dims(name, tail)),
         )
         if initial is not None:
             arr[: len(initial)] = np.asarray(initial, dtype=values.dtype)
         elif length:
-            arr[:length] = np.full((length, *tail), _fill_value(dtype), dtype=object if dtype is str else dtype)
+            arr[:length] = np.full((length, *tail), fill_value(dtype), dtype=object if dtype is str else dtype)
         return arr
 
     @staticmethod
