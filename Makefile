@@ -34,7 +34,7 @@ demo: install
 	PREFECT_SERVER_ANALYTICS_ENABLED=false $(VENV)/bin/matdisc run examples/quickstart.yaml
 
 test: install
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q -n 2 --dist loadgroup
+	PREFECT_SERVER_ANALYTICS_ENABLED=false $(PY) -m pytest -q -n 2 --dist loadgroup --durations=30
 
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

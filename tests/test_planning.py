@@ -64,6 +64,29 @@ def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
     assert rates.origin("relax_s") == rates.origin("train_s") == rates.origin("mlip_steps") == "store"
 
 
+def test_a_relaxation_is_expected_to_take_the_steps_it_took_last_time(campaign_store):
+    """On the session campaign's records: a candidate relaxed before takes its own last count, one
+    never relaxed its source's mean first relaxation, one of an unknown source the fallback."""
+    from matdisc.stages.relax import expected_steps
+
+    cfg, _ = campaign_store
+    store = open_campaign(cfg.store_path)
+    mlip = store.table("mlip")
+    sources = store.table("candidates").drop_duplicates("id").set_index("id")["source"].to_dict()
+    counted = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged"))]
+    r2 = list(counted["id"][counted["round"] == 2])
+    assert expected_steps(mlip, sources, r2, 1e6) == list(counted["n_steps"][counted["round"] == 2].astype(float))
+    # the round-2 random crystals as round 2 saw them: never relaxed, so their source's first relaxations
+    new = [cid for cid in r2 if sources[cid] == "random" and cid not in set(mlip["id"][mlip["round"] < 2])]
+    before = mlip[mlip["round"] < 2]
+    firsts = before.drop_duplicates("id")
+    random_mean = firsts["n_steps"][firsts["id"].map(sources) == "random"].mean()
+    assert new and np.isfinite(random_mean)
+    assert expected_steps(before, sources, new, 1e6) == [pytest.approx(random_mean)] * len(new)
+    assert random_mean != pytest.approx(before["n_steps"].mean())  # the source says what the mean does not
+    assert expected_steps(before, {}, new, 1e6) == [1e6] * len(new)
+
+
 def test_plan_prices_the_next_round_from_the_store_and_leaves_it_untouched(campaign_store, tmp_path, capsys):
     cfg, _ = campaign_store
     before = _commit_logs(cfg.store_path)

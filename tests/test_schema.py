@@ -48,6 +48,21 @@ def test_rows_from_before_a_column_existed_get_its_migrated_value():
     assert list(dft.columns[: len(schema.TABLES["dft"].columns)]) == list(schema.TABLES["dft"].columns)
 
 
+def test_the_fixture_store_is_committed_whole():
+    """Every file of the fixture is in git: an ignore rule (``runs/``) once left its ``runs`` table
+    out of the commit, and only a clean clone found it."""
+    import subprocess
+
+    root = Path(__file__).parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout: nothing to compare against")
+    files = sorted(str(p.relative_to(root)) for p in FIXTURE.rglob("*") if p.is_file())
+    tracked = subprocess.run(["git", "ls-files", str(FIXTURE.relative_to(root))], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert files and sorted(tracked) == files
+    assert {p.name for p in FIXTURE.iterdir() if p.is_dir()} >= {"runs", "candidates", "models", "_commits"}
+
+
 def test_a_store_written_by_the_previous_main_opens_and_resumes(tmp_path):
     from matdisc.config import CampaignConfig
     from matdisc.executor import InProcess

@@ -3,7 +3,9 @@
 Forms (seconds of one job; the rates are measured, see :mod:`matdisc.budget.probe` and :func:`calibrate`):
 
 * MLIP relaxation task: ``t = relax_task_s + relax_s × Σ atoms × steps`` over the task's structures
-  (``steps``: FIRE steps per structure, the campaign's mean so far, else a prior).
+  (``steps``: FIRE steps of each structure, what it took when last relaxed, else the mean of
+  first relaxations of candidates from the same source, else the campaign's mean, else a prior;
+  see :func:`matdisc.stages.relax.expected_steps`).
 * Reference calculation: ``t = dft_call_s + dft_s × work × cycles``. ``cycles`` are the SCF
   cycles of the protocol: one per configuration of the relaxation (ionic steps + 1: the cell
   changes every step and GPAW starts each from a fresh set-up) plus the final static; one for a
@@ -166,12 +168,22 @@ def dft_seconds(atoms: Atoms, ref: ReferenceConfig, rates: Rates, steps: float |
     return rates.dft_call_s + rates.dft_s * dft_work(atoms, ref) * scf_cycles(steps)
 
 
-def relax_tasks(n_atoms: Sequence[int], per_task: int, rates: Rates) -> list[float]:
-    """Predicted seconds of each relaxation task (structures split as the flow splits them)."""
-    return [
-        rates.relax_task_s + rates.relax_s * rates.mlip_steps * sum(n_atoms[i : i + per_task])
-        for i in range(0, len(n_atoms), per_task)
-    ]
+def relax_tasks(
+    n_atoms: Sequence[int], per_task: int, rates: Rates, steps: Sequence[float] | None = None
+) -> list[float]:
+    """Predicted seconds of each relaxation task (structures split as the flow splits them);
+    ``steps``: expected FIRE steps per structure (default: the campaign's mean for each)."""
+    work = relax_work(n_atoms, rates, steps)
+    return [rates.relax_task_s + rates.relax_s * sum(work[i : i + per_task]) for i in range(0, len(work), per_task)]
+
+
+def relax_work(n_atoms: Sequence[int], rates: Rates, steps: Sequence[float] | None = None) -> list[float]:
+    """Atom-steps of each structure's relaxation."""
+    if steps is None:
+        steps = [rates.mlip_steps] * len(n_atoms)
+    if len(steps) != len(n_atoms):
+        raise ValueError(f"{len(steps)} step counts for {len(n_atoms)} structures")
+    return [float(n) * float(k) for n, k in zip(n_atoms, steps)]
 
 
 def train_member_seconds(frame_atoms: float, epochs: int, rates: Rates) -> float:
@@ -299,6 +311,7 @@ __all__ = [
     "planewaves",
     "reference_cores",
     "relax_tasks",
+    "relax_work",
     "scf_cycles",
     "spin_polarised",
     "stage_wall",

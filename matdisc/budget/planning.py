@@ -28,6 +28,7 @@ from matdisc.budget.costs import (
     dft_work,
     reference_cores,
     relax_tasks,
+    relax_work,
     scf_cycles,
     stage_wall,
     train_member_seconds,
@@ -114,9 +115,12 @@ def workers(cfg: CampaignConfig) -> Workers:
 
 
 # -- stage predictions (shared with the flow) ---------------------------------------------------
-def relax_cost(n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Workers) -> StageCost:
-    jobs = relax_tasks(n_atoms, cfg.mlip.structures_per_task, rates)
-    return StageCost(len(jobs), float(sum(n_atoms)) * rates.mlip_steps, sum(jobs), stage_wall(jobs, w.mlip, rates))
+def relax_cost(
+    n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Workers, steps: Sequence[float] | None = None
+) -> StageCost:
+    """MLIP relaxations of structures of ``n_atoms``, ``steps`` FIRE steps each (default: the mean)."""
+    jobs = relax_tasks(n_atoms, cfg.mlip.structures_per_task, rates, steps)
+    return StageCost(len(jobs), sum(relax_work(n_atoms, rates, steps)), sum(jobs), stage_wall(jobs, w.mlip, rates))
 
 
 def dft_cost(

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import pandas as pd
 from ase import Atoms
 
 from matdisc import jobs
@@ -31,7 +33,10 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
     progress = ctx.executor.progress(cfg, round_, "MLIP relaxations", len(pending))
     rates = ctx.rates()
     n_workers = planning.workers(cfg)
-    predicted = ctx.run.first_mlip(planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers), rates)
+    sources = w.table("candidates").drop_duplicates("id").set_index("id")["source"].to_dict()
+    steps = expected_steps(w.table("mlip"), sources, [cid for cid, _ in pending], rates.mlip_steps)
+    cost = planning.relax_cost([len(a) for _, a in pending], cfg, rates, n_workers, steps)
+    predicted = ctx.run.first_mlip(cost, rates)
     t0, seconds, work = time.perf_counter(), [], 0.0
     mlip = cfg.mlip.model_dump(mode="json")
     futures = {ctx.executor.submit(jobs.relax, b, model.paths, mlip, ctx.remote, resource="mlip"): b for b in batches}
@@ -52,6 +57,23 @@ def pending_relaxations(w: CampaignWriter, model_sha: str) -> list[tuple[str, At
     mlip = w.table("mlip")
     done = set(mlip["id"][mlip["model_sha256"] == model_sha])
     return [(cid, a) for cid, a in candidate_atoms(w) if cid not in done]
+
+
+#: MLIP outcomes whose step count says what a relaxation of that structure costs.
+_COUNTED = ("ok", "symmetry_changed", "unconverged")
+
+
+def expected_steps(mlip: pd.DataFrame, sources: Mapping[str, str], ids: list[str], default: float) -> list[float]:
+    """FIRE steps each candidate's relaxation is expected to take, from the campaign's ``mlip``
+    records and each candidate's source: what it took when last relaxed (a new committee relaxes a
+    structure about as far: the counts of consecutive rounds correlate), else the mean first
+    relaxation of candidates from the same source (a random crystal starts much farther from its
+    minimum than a decorated prototype), else ``default``."""
+    mlip = mlip[mlip["status"].isin(_COUNTED)].sort_values("round", kind="stable")
+    last = mlip.groupby("id")["n_steps"].last().to_dict()
+    first = mlip.drop_duplicates("id", keep="first")
+    by_source = first.groupby(first["id"].map(sources))["n_steps"].mean().to_dict()
+    return [float(last[cid]) if cid in last else float(by_source.get(sources.get(cid), default)) for cid in ids]
 
 
 def relax_batch_key(round_: int, model_sha: str, ids: list[str]) -> str:
