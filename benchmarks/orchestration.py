@@ -28,8 +28,9 @@ mean the flow adds nothing around the tasks (scoring, acquisition and store writ
 the flow process and count as overhead). The stages run one after another and each uses one
 worker, so the task times add up to the round's critical path. ``overhead_vs_in_process``:
 ``wall_s`` over the in-process round's wall time (``in_process_s``), the cost of Prefect + Dask
-around the same work (target <= 1.10 at >= 2,000 candidates). Every process computes on one
-thread (``OMP_NUM_THREADS=1``, as the campaign's workers do), so the two do the same compute.
+around the same work (target <= 1.10 at >= 2,000 candidates). Both compute with the same
+threads: the in-process round with torch's default (every core), the flow's MLIP worker with
+``OMP_NUM_THREADS`` = every core (``flows/cluster.py``; its DFT worker and EMT use one).
 
 Run: ``.venv/bin/python benchmarks/orchestration.py [--record]`` (2,000 candidates: about an hour
 on 2 cores, the two rounds about equally; nothing else should run meanwhile: both rounds compete
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -55,7 +55,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.local_server import prefect_server  # noqa: E402
 
 warnings.filterwarnings("ignore")
-os.environ["OMP_NUM_THREADS"] = "1"  # the in-process round computes on one thread, as each worker does
 
 
 def candidates(n: int, seed: int = 0) -> list:

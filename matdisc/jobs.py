@@ -24,8 +24,10 @@ def relax(
     """MLIP relaxations of ``(id, atoms)`` with the committee at ``model_paths``."""
     from matdisc.config import MLIPConfig
     from matdisc.mlip import relax_many
+    from matdisc.mlip.model import worker_threads
     from matdisc.mlip.shipping import localize
 
+    worker_threads()
     return relax_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip))
 
 
@@ -50,8 +52,10 @@ def statics(
 def evaluate(models: list[list[str]], frames: list[Atoms], device: str, dtype: str, store: str | None = None) -> list:
     """Energies per committee of ``frames`` (one list per entry of ``models``)."""
     from matdisc.mlip import predict_energies, resolve_device
+    from matdisc.mlip.model import worker_threads
     from matdisc.mlip.shipping import localize
 
+    worker_threads()
     return [
         predict_energies(localize(paths, store), frames, device=resolve_device(device), dtype=dtype) for paths in models
     ]
@@ -73,7 +77,10 @@ def train(
     travel back as bytes."""
     from matdisc.config import TrainingConfig
     from matdisc.mlip import resolve_device, train_committee
+    from matdisc.mlip.model import worker_threads
     from matdisc.mlip.shipping import localize, pack
+
+    worker_threads()  # the members' held-out evaluation runs in this process
 
     trained = train_committee(
         frames,

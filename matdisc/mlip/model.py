@@ -70,6 +70,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def worker_threads() -> int:
+    """Set torch's intra-op threads to ``OMP_NUM_THREADS`` when it is set, and return them.
+
+    The worker's environment says how many cores an MLIP job may use, but a Dask nanny starts
+    its worker process with ``OMP_NUM_THREADS=1`` (``distributed.nanny.pre-spawn-environ``) and
+    torch keeps the thread count it read then; the ``env`` a worker spec sets comes later."""
+    import os
+
+    import torch
+
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) >= 1 and torch.get_num_threads() != int(wanted):
+        torch.set_num_threads(int(wanted))
+    return torch.get_num_threads()
+
+
 def use_cueq(device: str, requested: bool | None) -> bool:
     """cuEquivariance kernels: on request, or by default when installed and on CUDA."""
     available = importlib.util.find_spec("cuequivariance_torch") is not None

@@ -1,0 +1,35 @@
+"""The local Dask cluster: workers by resource, and the threads each kind may use."""
+
+from __future__ import annotations
+
+import os
+
+from distributed import Client
+
+from matdisc.config import ComputeConfig
+from matdisc_flows.cluster import DFT, MLIP, campaign_cluster, local_worker_specs
+
+
+def _threads() -> tuple[str, int, int]:
+    """(OMP_NUM_THREADS, torch's threads as the worker started, after an MLIP job's set-up)."""
+    import torch
+
+    from matdisc.mlip.model import worker_threads
+
+    return os.environ.get("OMP_NUM_THREADS", ""), torch.get_num_threads(), worker_threads()
+
+
+def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
+    """A round never runs MLIP and DFT stages at once, so the MLIP worker's torch gets all the
+    cores (it had one: relaxations ran 1.4x slower under the flow than in-process on 2 cores), and
+    an MLIP job applies that to torch, which the worker process started with one thread."""
+    cores = os.cpu_count() or 1
+    specs = local_worker_specs(ComputeConfig(mlip_workers=1, dft_workers=1))
+    assert specs["mlip-0"]["options"]["env"] == {"OMP_NUM_THREADS": str(cores)}
+    assert specs["dft-0"]["options"]["env"] == {"OMP_NUM_THREADS": "1"}
+    two = local_worker_specs(ComputeConfig(mlip_workers=2, dft_workers=1))
+    assert two["mlip-1"]["options"]["env"] == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
+    with campaign_cluster(ComputeConfig(mlip_workers=1, dft_workers=1)) as address, Client(address) as client:
+        # the nanny starts workers with one thread whatever the spec says: the job sets its own
+        assert client.submit(_threads, resources=MLIP, pure=False).result() == (str(cores), 1, cores)
+        assert client.submit(_threads, resources=DFT, pure=False).result() == ("1", 1, 1)
