@@ -59,7 +59,7 @@ def stop_reason(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> str | No
 
 # -- round metrics -------------------------------------------------------------------------------
 def _screened_in(w: CampaignWriter, round_: int) -> int:
-    """Screening calculations of a round (cheaper DFT that ranked its picks, see matdisc.screening)."""
+    """Screening calculations of a round (cheaper DFT that ranked its picks, see matdisc.stages.screen)."""
     table = w.table("screening")
     return int((table["round"] == round_).sum())
 

@@ -88,3 +88,21 @@ def test_a_store_written_by_the_previous_main_opens_and_resumes(tmp_path):
     new = open_campaign(store)
     assert len(new.models()) == 3 and new.models()["round"].tolist() == [0, 1, 2]
     assert (new.table("selections")["round"] == 2).sum() == data["active_learning"]["dft_budget"]
+
+
+def test_each_typed_row_class_is_its_table_s_declared_columns(tmp_path):
+    from dataclasses import fields
+
+    from matdisc.store.rows import ROWS, Selection, StageRun
+
+    for name, kind in ROWS.items():
+        assert [f.name for f in fields(kind)] == list(schema.table(name).columns), name
+    with CampaignWriter(tmp_path / "rows.zarr") as w:
+        w.append_rows("selections", "r1/selection", [Selection("c1", 1, "greedy", -0.1, 0.0, 0.01, 0, 2.5)])
+        w.append_rows("selections", "r2/selection", [])  # a round that picked nothing is recorded
+        with pytest.raises(StoreError, match="StageRun"):
+            w.append_rows("costs", "r1/relax/x", [Selection("c1", 1, "greedy", -0.1, 0.0, 0.01, 0, 2.5)])
+        sel = w.table("selections")
+        assert sel["id"].tolist() == ["c1"] and np.isnan(sel["e_hull_screen"].iloc[0])
+        assert w.has_batch("selections", "r2/selection") and len(w.table("costs")) == 0
+    assert StageRun.__dataclass_fields__.keys() == schema.table("costs").columns.keys()

@@ -10,7 +10,7 @@ import pytest
 from conftest import copy_campaign, emt_config
 from pymatgen.core import Composition
 
-from matdisc import discovery, screening
+from matdisc import discovery
 from matdisc.budget import planning
 from matdisc.budget.costs import dft_seconds, dft_work
 from matdisc.config import CampaignConfig
@@ -18,6 +18,7 @@ from matdisc.dft import run_static, settings_hash
 from matdisc.generate import prototype_candidates
 from matdisc.records import RelaxResult
 from matdisc.round import record_run
+from matdisc.stages import screen as screening
 from matdisc.stages.generate import add_candidates, candidate_atoms
 from matdisc.stages.relax import record_relaxations
 from matdisc.stages.score import update_scores

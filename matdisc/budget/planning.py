@@ -34,6 +34,7 @@ from matdisc.budget.costs import (
     train_member_seconds,
 )
 from matdisc.config import CampaignConfig, ReferenceConfig
+from matdisc.store.rows import StageRun
 
 __all__ = [
     "Plan",
@@ -295,26 +296,21 @@ def record_stage(
     if not job_seconds:
         return
     nan = float("nan")
-    w.append_records(
-        "costs",
-        f"r{round_}/{stage}/{uuid.uuid4().hex[:12]}",
-        [
-            {
-                "round": round_,
-                "stage": stage,
-                "jobs": len(job_seconds),
-                "work": float(work),
-                "workers": n_workers,
-                "predicted_s": predicted.compute_s if predicted else nan,
-                "predicted_wall_s": predicted.wall_s if predicted else nan,
-                "actual_s": float(sum(job_seconds)),
-                "wall_s": float(wall_s),
-                "ideal_wall_s": makespan(job_seconds, n_workers),
-                "start_s": predicted.start_s if predicted else 0.0,
-                "recorded": time.time(),
-            }
-        ],
+    row = StageRun(
+        round=round_,
+        stage=stage,
+        jobs=len(job_seconds),
+        work=float(work),
+        workers=n_workers,
+        predicted_s=predicted.compute_s if predicted else nan,
+        predicted_wall_s=predicted.wall_s if predicted else nan,
+        actual_s=float(sum(job_seconds)),
+        wall_s=float(wall_s),
+        ideal_wall_s=makespan(job_seconds, n_workers),
+        start_s=predicted.start_s if predicted else 0.0,
+        recorded=time.time(),
     )
+    w.append_rows("costs", f"r{round_}/{stage}/{uuid.uuid4().hex[:12]}", [row])
 
 
 def round_costs(store) -> pd.DataFrame:

@@ -23,10 +23,10 @@ import numpy as np
 from ase import Atoms
 from ase.units import GPa
 
+from matdisc.ase_relax import relax
 from matdisc.config import ReferenceConfig
 from matdisc.dft.calculators import magmoms_for, make_calculator, settings_hash
 from matdisc.dft.recovery import Rung, is_scf_failure, ladder
-from matdisc.optimize import relax
 from matdisc.records import ReferenceResult, RelaxResult, labelled
 
 FrameSink = Callable[[Atoms], None]

@@ -21,8 +21,8 @@ import torch
 from ase import Atoms
 from torch_sim.models.interface import ModelInterface
 
+from matdisc.ase_relax import MAX_VOLUME_FACTOR
 from matdisc.mlip.outcome import classify
-from matdisc.optimize import MAX_VOLUME_FACTOR
 from matdisc.records import RelaxResult
 
 #: Atoms per batch on a CPU: past a few thousand a CPU gains nothing from a larger batch.

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from ase import Atoms
 
-from matdisc.optimize import MIN_DISTANCE, min_distance
+from matdisc.ase_relax import MIN_DISTANCE, min_distance
 from matdisc.records import USABLE
 
 __all__ = ["SYMPREC", "USABLE", "classify", "spacegroup"]

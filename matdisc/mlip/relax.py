@@ -17,10 +17,10 @@ import time
 import numpy as np
 from ase import Atoms
 
+from matdisc.ase_relax import relax
 from matdisc.config import MLIPConfig
 from matdisc.mlip.model import load_calculator, load_torch_model, resolve_device, use_cueq
 from matdisc.mlip.outcome import USABLE, classify
-from matdisc.optimize import relax
 from matdisc.records import RelaxResult
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Select: the round's DFT picks in acquisition order, screened with cheaper DFT when the budget
-cannot verify them all (:mod:`matdisc.screening`), cut where the budget ends; recorded once."""
+cannot verify them all (:mod:`matdisc.stages.screen`), cut where the budget ends; recorded once."""
 
 from __future__ import annotations
 
@@ -7,15 +7,17 @@ from collections.abc import Callable
 
 from pymatgen.core import Structure
 
-from matdisc import active, screening
+from matdisc import active
 from matdisc.active import Pick, structure_families
 from matdisc.budget import planning
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.records import USABLE
+from matdisc.stages import screen as screening
 from matdisc.stages.context import Round
 from matdisc.stages.verify import reference_stage
 from matdisc.store import CampaignWriter
+from matdisc.store.rows import Selection
 
 
 def select(ctx: Round) -> list[str]:
@@ -112,9 +114,9 @@ def rank_for_reference(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> l
     """This round's acquisition order, up to its DFT budget in calculations, or its screening
     shortlist when that is longer (no cost cut yet).
 
-    Candidates an earlier round's screen turned down are passed over (:mod:`matdisc.screening`).
+    Candidates an earlier round's screen turned down are passed over (:mod:`matdisc.stages.screen`).
     """
-    from matdisc.screening import rejected
+    from matdisc.stages.screen import rejected
 
     al = cfg.active_learning
     cand = w.candidates()
@@ -166,21 +168,21 @@ def record_selection(
         cost = predicted_reference_seconds(w, cfg, [p.id for p in picks])
     picks = picks[: planning.affordable(cost, planning.remaining_dft_seconds(cfg, w))]  # what the budget pays for
     screened = screened or {}
-    w.append(
-        "selections",
-        f"r{round_}/selection",
-        {
-            "id": [p.id for p in picks],
-            "round": [round_] * len(picks),
-            "strategy": [cfg.active_learning.acquisition] * len(picks),
-            "score": [p.score for p in picks],
-            "e_hull_pred": [p.e_hull_pred for p in picks],
-            "sigma": [p.sigma for p in picks],
-            "rank": [p.rank for p in picks],
-            "predicted_s": cost[: len(picks)],
-            "e_hull_screen": [screened.get(p.id, float("nan")) for p in picks],
-        },
-    )
+    rows = [
+        Selection(
+            p.id,
+            round_,
+            cfg.active_learning.acquisition,
+            p.score,
+            p.e_hull_pred,
+            p.sigma,
+            p.rank,
+            c,
+            screened.get(p.id, float("nan")),
+        )
+        for p, c in zip(picks, cost)
+    ]
+    w.append_rows("selections", f"r{round_}/selection", rows)  # none: the round picked nothing, recorded
     return [p.id for p in picks]
 
 

@@ -13,13 +13,13 @@ from typing import Any
 from ase import Atoms
 
 from matdisc import jobs as run_jobs
-from matdisc import screening
 from matdisc.budget import planning
 from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import perturbed_copies, settings_hash
 from matdisc.executor import JobFuture
 from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
+from matdisc.stages import screen as screening
 from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
 from matdisc.store import CampaignWriter, Frames

@@ -32,6 +32,7 @@ from pymatgen.core import Structure
 from matdisc.errors import StoreError, UserError
 from matdisc.store import schema
 from matdisc.store.frames import Frames
+from matdisc.store.rows import ROWS
 from matdisc.store.tables import TableStore, local_path, store_url
 
 STAGES = {"initial": "candidates", "mlip": "mlip", "dft": "dft"}
@@ -324,6 +325,17 @@ class CampaignWriter(Campaign):
         names = list(records[0])
         columns = {n: [_plain(r.get(n)) for r in records] for n in names}
         return self.append(table, key, columns, frames)
+
+    def append_rows(self, table: str, key: str, rows: Sequence[Any]) -> bool:
+        """Append typed rows (:mod:`matdisc.store.rows`) of ``table``; none commits the key with no rows."""
+        from dataclasses import astuple, fields
+
+        kind = ROWS[table]
+        if any(type(r) is not kind for r in rows):
+            raise StoreError(f"{table}: rows must be {kind.__name__}")
+        names = [f.name for f in fields(kind)]
+        values = [astuple(r) for r in rows]
+        return self.append(table, key, {n: [_plain(v[i]) for v in values] for i, n in enumerate(names)})
 
     def record_run(
         self,
