@@ -5,7 +5,8 @@ reference calculations need ``DFT``. Locally that is one MLIP worker (on a GPU w
 is present) and DFT workers on the remaining cores with ``OMP_NUM_THREADS`` set. A CPU MLIP
 worker's torch threads share all the cores: a round's MLIP stages and its DFT stages never
 run at the same time (:mod:`matdisc.round`), so the cores the DFT workers hold are idle while
-it relaxes or trains. Every server binds to 127.0.0.1.
+it relaxes or trains (``compute.threads_per_mlip_worker`` sets fewer: on a machine other work
+shares, torch's threads spin against it). Every server binds to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str
     n_mlip = cfg.mlip_workers if not cuda_devices else min(cfg.mlip_workers, cuda_devices) or 1
     n_dft = cfg.dft_workers or max(1, (cores - n_mlip) // cfg.threads_per_dft_worker)
     specs: dict[str, dict] = {}
-    mlip_threads = max(1, cores // n_mlip)
+    mlip_threads = cfg.threads_per_mlip_worker or max(1, cores // n_mlip)
     for i in range(n_mlip):
         env = {"OMP_NUM_THREADS": str(mlip_threads)} if not cuda_devices else {"CUDA_VISIBLE_DEVICES": str(i)}
         specs[f"mlip-{i}"] = {

@@ -546,6 +546,12 @@ class ComputeConfig(_Strict):
     dft_workers: int | None = Field(None, ge=1, description="local DFT workers (None: cores - mlip workers)")
     mlip_workers: int = Field(1, ge=1, description="local MLIP workers (one per GPU when CUDA is present)")
     threads_per_dft_worker: int = Field(1, ge=1, description="OMP_NUM_THREADS of each DFT worker")
+    threads_per_mlip_worker: int | None = Field(
+        None,
+        ge=1,
+        description="local CPU MLIP workers: torch threads each (None: the cores shared out among them, since a "
+        "round never runs MLIP and DFT stages at once; set 1 when other work shares the machine)",
+    )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @field_validator("scheduler")

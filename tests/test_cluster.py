@@ -29,6 +29,9 @@ def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
     assert specs["dft-0"]["options"]["env"] == {"OMP_NUM_THREADS": "1"}
     two = local_worker_specs(ComputeConfig(mlip_workers=2, dft_workers=1))
     assert two["mlip-1"]["options"]["env"] == {"OMP_NUM_THREADS": str(max(1, cores // 2))}
+    # on a shared machine (this suite runs two test processes on two cores) one thread is asked for
+    one = local_worker_specs(ComputeConfig(mlip_workers=1, dft_workers=1, threads_per_mlip_worker=1))
+    assert one["mlip-0"]["options"]["env"] == {"OMP_NUM_THREADS": "1"}
     with campaign_cluster(ComputeConfig(mlip_workers=1, dft_workers=1)) as address, Client(address) as client:
         # the nanny starts workers with one thread whatever the spec says: the job sets its own
         assert client.submit(_threads, resources=MLIP, pure=False).result() == (str(cores), 1, cores)

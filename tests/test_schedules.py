@@ -46,7 +46,7 @@ def tiny_campaign(tmp_path: Path, name: str) -> Path:
                  "cold_start": {"prototypes": ["fcc", "B2"], "perturbed_per_structure": 1}},
         "reference": {"calculator": "emt", "fmax": 0.05, "max_steps": 100},
         "active_learning": {"rounds": 1, "dft_budget": 2},
-        "compute": {"scheduler": "local", "dft_workers": 1, "mlip_workers": 1},
+        "compute": {"scheduler": "local", "dft_workers": 1, "mlip_workers": 1, "threads_per_mlip_worker": 1},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
