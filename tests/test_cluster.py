@@ -10,6 +10,10 @@ from matdisc.config import ComputeConfig
 from matdisc_flows.cluster import DFT, MLIP, campaign_cluster, local_worker_specs
 
 
+def _malloc_trim() -> str | None:
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
 def _threads() -> tuple[str, int, int]:
     """(OMP_NUM_THREADS, torch's threads as the worker started, after an MLIP job's set-up)."""
     import torch
@@ -36,3 +40,8 @@ def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
         # the nanny starts workers with one thread whatever the spec says: the job sets its own
         assert client.submit(_threads, resources=MLIP, pure=False).result() == (str(cores), 1, cores)
         assert client.submit(_threads, resources=DFT, pure=False).result() == ("1", 1, 1)
+        # Dask's MALLOC_TRIM_THRESHOLD_=65536 cost torch's relaxations a fifth of their time: not set,
+        # also for a worker the nanny restarts
+        assert client.submit(_malloc_trim, resources=MLIP, pure=False).result() is None
+        client.restart_workers([w for w, info in client.scheduler_info()["workers"].items() if "MLIP" in info["resources"]])
+        assert client.submit(_malloc_trim, resources=MLIP, pure=False).result() is None
