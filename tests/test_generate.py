@@ -214,6 +214,38 @@ def test_fast_dedup_equals_naive_on_generated_candidates():
     assert unique(structures)[0] == naive_unique(structures)
 
 
+def test_the_lattice_bound_only_skips_pairs_the_matcher_rejects():
+    """``cannot_match`` is a necessary condition of ``fit``: on every same-key pair of generated
+    candidates (random cells included, squeezed and stretched copies of each), a pair it skips is
+    one ``StructureMatcher.fit`` rejects; and it does skip pairs, or it would save nothing."""
+    import itertools
+
+    from pymatgen.core.structure_matcher import StructureMatcher
+
+    from matdisc.generate.dedup import cannot_match, fingerprint, lattice_shape
+
+    cfg = GenerationConfig(max_atoms=8, random={"per_round": 30})
+    cands, _, _ = generate(["Cu", "Pd", "Ag"], cfg.model_copy(update={"max_candidates": None}), round_=1)
+    structures = [c.structure for c in cands]
+    for s in structures[::4]:  # near the bound: 15 % and 25 % stretched along one axis
+        for f in (1.15, 1.25):
+            t = s.copy()
+            t.lattice = Lattice(s.lattice.matrix * np.array([[f], [1], [1]]))
+            structures.append(t)
+    buckets: dict[str, list] = {}
+    for s in structures:
+        key, reduced = fingerprint(s)
+        buckets.setdefault(key, []).append(reduced)
+    matcher, skipped, pairs = StructureMatcher(), 0, 0
+    for group in buckets.values():
+        for a, b in itertools.permutations(group, 2):
+            pairs += 1
+            if cannot_match(lattice_shape(a), lattice_shape(b), matcher.ltol):
+                skipped += 1
+                assert not matcher.fit(a, b, skip_structure_reduction=True)
+    assert pairs > 200 and 0.1 * pairs < skipped < pairs
+
+
 # -- generate ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("library", ["aflow", "builtin"])
 def test_generate_is_deterministic_with_provenance(library):

@@ -10,7 +10,9 @@ into the same structure) or share a few formulas. Here:
    reduction, which also gives its key: reduced formula | sites in the reduced cell;
 2. only structures with the same key are compared (``fit`` with the reduction skipped; a
    structure alone in its bucket is never fitted); a different site count can never match;
-3. reduction and buckets run in parallel processes when ``workers > 1``.
+3. inside a bucket, a pair whose lattices cannot be mapped onto each other is never fitted
+   (``cannot_match``, a necessary condition of ``fit`` that costs a comparison of three numbers);
+4. reduction and buckets run in parallel processes when ``workers > 1``.
 
 A structure is kept when no earlier kept structure matches it, which is exactly the set of
 group leaders ``group_structures`` returns; tests and ``benchmarks/generate.py`` check it.
@@ -116,6 +118,32 @@ def fingerprint(s: Structure) -> tuple[str, Structure]:
     return key_of_reduced(reduced), reduced
 
 
+#: relative slack on the lattice bound, far above the Niggli reductions' rounding (1e-5)
+LATTICE_SLACK = 1e-3
+
+
+def lattice_shape(reduced: Structure) -> np.ndarray:
+    """Sorted cell lengths over the cube root of the volume, of a Niggli-reduced structure.
+
+    The lengths of a Niggli cell are its lattice's successive minima (in 3D the shortest
+    three independent vectors form a basis, and a Niggli cell has the smallest length sum);
+    dividing by V^(1/3) makes them invariant to the volume scaling ``fit`` applies.
+    """
+    return np.sort(reduced.lattice.abc) / reduced.volume ** (1 / 3)
+
+
+def cannot_match(kept: np.ndarray, new: np.ndarray, ltol: float) -> bool:
+    """True when ``StructureMatcher.fit(kept, new)`` must be False, from ``lattice_shape``s.
+
+    ``fit`` scales both cells to one volume and looks for a basis of ``kept``'s lattice whose
+    vectors are each shorter than (1 + ltol) times the matching cell vector of ``new``
+    (``Lattice.find_all_mappings``). Such a basis has, for every k, k independent vectors
+    shorter than (1 + ltol) times the k-th shortest cell length of ``new``, so ``kept``'s
+    k-th successive minimum is below that bound; where it is not, no mapping exists.
+    """
+    return bool((kept >= (1 + ltol) * (1 + LATTICE_SLACK) * new).any())
+
+
 def _fingerprints(structures: Sequence[Structure]) -> list[tuple[str, Structure]]:
     return [fingerprint(s) for s in structures]
 
@@ -124,12 +152,19 @@ def _leaders(job: tuple[list[Structure], list[Structure]]) -> list[int]:
     """Indices of reduced ``new`` that match no (raw) ref and no earlier kept structure."""
     refs, new = job
     matcher = StructureMatcher()
-    kept = [reduce_structure(s) for s in refs]
+    kept = [(k, lattice_shape(k)) for k in map(reduce_structure, refs)]
     out = []
     for i, s in enumerate(new):
-        if any(matcher.fit(k, s, skip_structure_reduction=True) for k in kept):
+        shape = lattice_shape(s)
+        # whether any kept structure matches does not depend on the order they are tried in:
+        # the most similar cell shapes first, so a copy is usually found by the first fit
+        candidates = sorted(
+            (k for k in kept if not cannot_match(k[1], shape, matcher.ltol)),
+            key=lambda k: float(np.abs(k[1] - shape).sum()),
+        )
+        if any(matcher.fit(k, s, skip_structure_reduction=True) for k, _ in candidates):
             continue
-        kept.append(s)
+        kept.append((s, shape))
         out.append(i)
     return out
 
@@ -193,16 +228,21 @@ class Deduplicator:
     """Incremental dedup for small streams (one prototype's decorations, say)."""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, list[Structure]] = defaultdict(list)
+        self._buckets: dict[str, list[tuple[Structure, np.ndarray]]] = defaultdict(list)
         self._matcher = StructureMatcher()
 
     def add(self, s: Structure) -> bool:
         """Remember ``s``; False when it matches one already added."""
         key, reduced = fingerprint(s)
+        shape = lattice_shape(reduced)
         bucket = self._buckets[key]
-        if any(self._matcher.fit(k, reduced, skip_structure_reduction=True) for k in bucket):
+        if any(
+            not cannot_match(k_shape, shape, self._matcher.ltol)
+            and self._matcher.fit(k, reduced, skip_structure_reduction=True)
+            for k, k_shape in bucket
+        ):
             return False
-        bucket.append(reduced)
+        bucket.append((reduced, shape))
         return True
 
     def extend(self, structures: Iterable[Structure]) -> list[bool]:
