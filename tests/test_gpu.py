@@ -1,7 +1,7 @@
 """The CUDA path of the MLIP stage: training, batched relaxation and the Dask MLIP worker on a GPU.
 
 These run only where CUDA is visible (``pytest -m gpu``); CI has no GPU, so they are skipped
-there and run on a GPU machine (see docs/stages/mlip.md, "GPU"). Each compares the GPU result with the CPU
+there and run on a GPU machine (see docs/stages/relax.md, "GPU"). Each compares the GPU result with the CPU
 result of the same model, so a wrong device, dtype or batching on CUDA fails them.
 """
 
