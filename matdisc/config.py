@@ -300,6 +300,18 @@ class ReferenceConfig(_Strict):
     max_steps: int | None = Field(None, ge=0, description="DFT relaxation steps (0: static only; None: preset)")
     optimizer: Literal["BFGS", "FIRE", "LBFGS"] = Field("BFGS", description="ASE optimizer of the relaxation")
     relax_cell: bool = Field(True, description="relax the cell as well as positions")
+    start: Literal["mlip", "initial"] = Field(
+        "mlip",
+        description="where a verification starts: the candidate's MLIP-relaxed structure, when its MLIP outcome is "
+        "usable and it kept the generated structure's type (StructureMatcher) and volume (start_max_volume_change); "
+        "else, or with 'initial', the generated structure. Recorded per calculation (dft table: start, start_reason)",
+    )
+    start_max_volume_change: float = Field(
+        0.2,
+        gt=0,
+        description="start from the generated structure when the MLIP relaxation changed the volume by more than "
+        "this fraction (a young model can squeeze a cell into another basin)",
+    )
     recovery: list[dict[str, Any]] | None = Field(
         None, description="SCF recovery rungs: parameter updates tried in order (None: built-in ladder for gpaw)"
     )

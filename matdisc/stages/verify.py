@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from ase import Atoms
@@ -18,7 +19,7 @@ from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import perturbed_copies, settings_hash
 from matdisc.executor import JobFuture
-from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
+from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages import screen as screening
 from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
@@ -34,8 +35,11 @@ def reference_stage(
     static: bool = False,
     screen: ReferenceConfig | None = None,
     allowance_s: float | None = None,
+    starts: dict[str, Start] | None = None,
 ) -> None:
     """Run reference calculations of ``(id, atoms)`` jobs; record each as it completes.
+
+    ``starts``: where each job's structure came from, recorded with its DFT row (default: initial).
 
     ``screen``: single points with these cheaper settings, recorded in the screening table
     (stage ``screen``), never in the DFT table or the training frames. ``allowance_s``: seconds
@@ -114,7 +118,16 @@ def reference_stage(
                 if screen:
                     screening.record(w, round_, res, settings)
                 else:
-                    record_reference(w, round_, res, settings, verified=verified)
+                    start = (starts or {}).get(res.id)
+                    record_reference(
+                        w,
+                        round_,
+                        res,
+                        settings,
+                        verified=verified,
+                        start=start.start if start else "initial",
+                        start_reason=start.reason if start else "",
+                    )
                 seconds.append(res.walltime_s)
                 work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
                 n += 1
@@ -127,21 +140,80 @@ def reference_stage(
 
 
 def verify_picks(ctx: Round, picks: list[str]) -> None:
-    """The round's picks relaxed and computed with the reference settings (those not done yet)."""
+    """The round's picks relaxed and computed with the reference settings (those not done yet),
+    each from where :func:`reference_starts` says."""
     done = dft_done(ctx.w, settings_hash(ctx.cfg.reference))
+    todo = [c for c in picks if c not in done]
+    starts = reference_starts(ctx.w, ctx.cfg.reference, todo)
+    from_mlip = sum(s.start == "mlip" for s in starts.values())
     ctx.log.info(
-        "round %d: verifying %d candidates with %s (%s acquisition)",
+        "round %d: verifying %d candidates with %s (%s acquisition), %d from their MLIP structure",
         ctx.number,
-        len(picks),
+        len(todo),
         ctx.cfg.reference.calculator,
         ctx.cfg.active_learning.acquisition,
+        from_mlip,
     )
-    jobs = [(c, a) for c, a in candidate_atoms(ctx.w, picks) if c not in done]
-    reference_stage(ctx, jobs, verified=True)
+    reference_stage(ctx, [(c, starts[c].atoms) for c in todo], verified=True, starts=starts)
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where one reference relaxation starts: ``start`` is ``mlip`` or ``initial``; ``reason``
+    says why the initial structure was used where the configuration asked for the MLIP one."""
+
+    atoms: Atoms
+    start: str
+    reason: str = ""
+
+
+def reference_starts(w: CampaignWriter, ref: ReferenceConfig, ids: list[str]) -> dict[str, Start]:
+    """id -> the structure its reference relaxation starts from.
+
+    The latest MLIP-relaxed structure when ``ref.start`` is ``mlip`` and that relaxation is usable
+    (``ok``, ``symmetry_changed``), changed the volume by at most ``ref.start_max_volume_change`` and
+    is still the generated structure's type by StructureMatcher (default tolerances, volume scaled
+    out): then DFT starts near its answer. A young model can carry a cell into another basin
+    (squeezed, sheared, atoms swapped into another arrangement); then the generated structure.
+    """
+    from pymatgen.core.structure_matcher import StructureMatcher
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    initial = dict(candidate_atoms(w, ids))
+    if ref.start == "initial":
+        return {cid: Start(initial[cid], "initial") for cid in ids}
+    mlip = w.table("mlip")
+    frames, row_of = w.latest_frames("mlip")
+    matcher = StructureMatcher()
+    out = {}
+    for cid in ids:
+        if cid not in row_of or frames is None:
+            out[cid] = Start(initial[cid], "initial", "no MLIP result")
+            continue
+        row = row_of[cid]
+        status = str(mlip["status"].iloc[row])
+        relaxed = frames.atoms(row)
+        change = relaxed.get_volume() / initial[cid].get_volume() - 1
+        if status not in USABLE:
+            out[cid] = Start(initial[cid], "initial", f"MLIP outcome {status}")
+        elif abs(change) > ref.start_max_volume_change:
+            out[cid] = Start(initial[cid], "initial", f"MLIP volume change {change:+.0%}")
+        elif not matcher.fit(AseAtomsAdaptor.get_structure(initial[cid]), AseAtomsAdaptor.get_structure(relaxed)):
+            out[cid] = Start(initial[cid], "initial", "MLIP structure no longer matches the generated one")
+        else:
+            out[cid] = Start(relaxed, "mlip")
+    return out
 
 
 def record_reference(
-    w: CampaignWriter, round_: int, result: RelaxResult, reference_set: str, *, verified: bool
+    w: CampaignWriter,
+    round_: int,
+    result: RelaxResult,
+    reference_set: str,
+    *,
+    verified: bool,
+    start: str = "initial",
+    start_reason: str = "",
 ) -> None:
     """A reference result: its frames join the training set; a verified one joins the DFT table.
 
@@ -163,7 +235,12 @@ def record_reference(
     if verified:
         row = scalar_fields(result)
         row.update(
-            round=round_, reference_set=reference_set, settings_hash=settings, e_dft_per_atom=result.energy_per_atom
+            round=round_,
+            reference_set=reference_set,
+            settings_hash=settings,
+            e_dft_per_atom=result.energy_per_atom,
+            start=start,
+            start_reason=start_reason,
         )
         w.append_records("dft", key, [row], Frames.from_atoms([result.atoms]))
 

@@ -96,10 +96,21 @@ TABLES: dict[str, Table] = {
             "dft",
             "calculation",
             "r{round}/{id}/{reference_set}",
-            {**_REFERENCE, "round": "int", "reference_set": "str", "e_dft_per_atom": "float"},
-            "verified reference calculations: one per candidate and reference set, with the relaxed structure",
+            {
+                **_REFERENCE,
+                "round": "int",
+                "reference_set": "str",
+                "e_dft_per_atom": "float",
+                "start": "str",
+                "start_reason": "str",
+            },
+            "verified reference calculations: one per candidate and reference set, with the relaxed structure "
+            "and where the relaxation started (mlip or initial, and why initial)",
             structures=True,
-            migrate={"reference_set": lambda df: df["settings_hash"]},  # stores before reference sets
+            migrate={
+                "reference_set": lambda df: df["settings_hash"],  # stores before reference sets
+                "start": lambda df: pd.Series("initial", index=df.index),  # stores before MLIP starts
+            },
         ),
         Table(
             "frames",
