@@ -43,13 +43,16 @@ STRATEGIES = ("uncertainty", "greedy", "random")
 
 @dataclass(frozen=True)
 class Pick:
-    """One chosen candidate and why: its acquisition score (lower is better) and rank."""
+    """One chosen candidate and why: its acquisition score (lower is better), rank, and ``kind``:
+    ``exploit`` (lowest predicted e_hull), ``explore`` (optimistic e_hull), ``failed_relaxation``
+    (the MLIP relaxation exploded: exploration's share only) or ``random``."""
 
     id: str
     score: float
     e_hull_pred: float
     sigma: float
     rank: int
+    kind: str = "exploit"
 
 
 def eligible(candidates: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +142,8 @@ def select(
     shares: dict[str, dict[str, int]] = {"family": {}, "system": {}}
     picks: list[Pick] = []
     taken: set[str] = set()
-    for scored, until, spread in passes:
+    for n_pass, (scored, until, spread) in enumerate(passes):
+        pass_kind = "random" if strategy == "random" else "explore" if n_pass == 1 else "exploit"
         ranked = scored.sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
         keys = {
@@ -175,7 +179,12 @@ def select(
                 taken.add(row.id)
                 sigma = float(getattr(row, "sigma", np.nan))
                 score = float(row.acq_score) if np.isfinite(row.acq_score) else np.nan  # nan: a failed relaxation
-                picks.append(Pick(row.id, score, float(row.e_hull_pred), sigma, rank))
+                failed = row.mlip_status not in USABLE
+                picks.append(
+                    Pick(
+                        row.id, score, float(row.e_hull_pred), sigma, rank, "failed_relaxation" if failed else pass_kind
+                    )
+                )
             if not spread or (len(picks) == before and level >= max(share.values(), default=0)):
                 break  # nothing more to take: a higher level would unlock no family or subsystem
             level += 1

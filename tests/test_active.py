@@ -119,6 +119,7 @@ def test_candidates_the_model_could_not_relax_lead_the_exploration_share():
     picks = select(df, 2, strategy="uncertainty", explore_fraction=0.5, families=families, query_failed=True)
     assert [p.id for p in picks] == ["b24", "b32"]  # ties among failed ones break by id
     assert np.isnan(picks[1].score) and np.isnan(picks[1].e_hull_pred)
+    assert [p.kind for p in picks] == ["exploit", "failed_relaxation"]  # recorded as what it is
     wide = select(df, 4, strategy="uncertainty", explore_fraction=0.5, families=families, query_failed=True)
     assert [p.id for p in wide] == ["b24", "d015", "b32", "rand"]  # a verified one ("done") never again
     # off, and for the baselines, a failed relaxation is never picked
@@ -136,8 +137,8 @@ def test_in_a_ternary_exploitation_spreads_over_families_and_exploration_over_su
     assert [p.id for p in select(df, 2, strategy="uncertainty", explore_fraction=0.0, families=families)] == [
         "cupd", "rand"]
     # explore: Cu-Au L1_2 is another (subsystem, family) pair than Cu-Pd L1_2, so it comes next
-    assert [p.id for p in select(df, 3, strategy="uncertainty", explore_fraction=1 / 3, families=families)] == [
-        "cupd", "rand", "cuau"]
+    picks = select(df, 3, strategy="uncertainty", explore_fraction=1 / 3, families=families)
+    assert [(p.id, p.kind) for p in picks] == [("cupd", "exploit"), ("rand", "exploit"), ("cuau", "explore")]
 
 
 def test_random_is_seeded():

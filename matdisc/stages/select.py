@@ -179,6 +179,7 @@ def record_selection(
             p.rank,
             c,
             screened.get(p.id, float("nan")),
+            p.kind,
         )
         for p, c in zip(picks, cost)
     ]

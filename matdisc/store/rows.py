@@ -22,6 +22,7 @@ class Selection:
     rank: int
     predicted_s: float
     e_hull_screen: float = float("nan")
+    kind: str = ""  # exploit, explore, failed_relaxation or random (matdisc.active.Pick)
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,7 @@ TABLES: dict[str, Table] = {
                 "rank": "int",
                 "predicted_s": "float",
                 "e_hull_screen": "float",
+                "kind": "str",
             },
             "each round's DFT picks in acquisition order, with their predicted cost",
         ),
