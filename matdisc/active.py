@@ -168,6 +168,7 @@ def select(
                 if spread and share.get(keys[row.id][spread], 0) > level:
                     continue  # this family (or subsystem) already has its share of the pass
                 if matcher is not None and row.mlip_status in USABLE:  # a failed relaxation has no structure
+                    assert structure_of is not None  # a matcher exists only with it
                     s = structure_of(row.id)
                     if any(matcher.fit(s, other) for other in seen.get(formula, ())):
                         taken.add(row.id)  # a duplicate now stays one for the other pass too

@@ -100,6 +100,7 @@ def round_metrics(
     n_calls = len(picks)
     hits_by_acquisition = int(cand["is_hit"][cand["id"].isin(all_picks["id"])].sum()) if len(all_picks) else 0
     cand = cand.assign(n_elements=[_n_elements(f) for f in cand["formula"]])
+    prevalence = metrics.prevalence_estimate(cand, tol)
     out = {
         "round": round_,
         "candidates": int((cand["round"] == round_).sum()),
@@ -115,12 +116,12 @@ def round_metrics(
         "new_hits": new_hits,
         "hit_rate": new_hits / n_calls if n_calls else float("nan"),
         "precision_stable": metrics.precision_of_stable_calls(picks, cand, tol) if n_calls else float("nan"),
-        "prevalence_est": metrics.prevalence_estimate(cand, tol),
+        "prevalence_est": prevalence,
         "hull_phases": sorted(phases),
         "new_phases": new_phases,
         "removed_phases": removed,
     }
-    out["daf"] = metrics.daf(hits_by_acquisition, len(all_picks), out["prevalence_est"])
+    out["daf"] = metrics.daf(hits_by_acquisition, len(all_picks), prevalence)
     out.update({"mae_before_mev": float("nan"), "mae_after_mev": float("nan"), **(model_errors or {})})
     return out
 

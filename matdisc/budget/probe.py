@@ -97,7 +97,8 @@ def probe(cfg: CampaignConfig, *, refresh: bool = False, log=print) -> tuple[Rat
 
     seeds = [c.structure.to_ase_atoms() for c in seed_candidates(cfg)]
     with tempfile.TemporaryDirectory(prefix="matdisc-probe-") as tmp:
-        rates, memory = Rates(), {}
+        rates = Rates()
+        memory: dict[str, float] = {}
         t = time.perf_counter()
         rates = _probe_dft(cfg, seeds, Path(tmp) / "dft", rates)
         log(f"probe: reference calculations {time.perf_counter() - t:.1f} s")

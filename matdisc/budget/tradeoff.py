@@ -106,13 +106,13 @@ def dft_tradeoff(
             log(f"tradeoff: {name} {cid}: {res.status} in {res.walltime_s:.1f} s {res.reason}".rstrip())
         energies[name], seconds[name], failed[name] = np.array(e), float(np.mean(t)), int(np.isnan(e).sum())
     best = list(options)[-1]
-    atoms = [a for _, a in structures]
+    cells = [a for _, a in structures]
     cheapest = min(seconds.values())
     return [
         Option(
             "dft",
             name,
-            formation_deviation(energies[name], energies[best], atoms),
+            formation_deviation(energies[name], energies[best], cells),
             seconds[name],
             seconds[name] / cheapest if cheapest > 0 else float("nan"),
             len(structures),

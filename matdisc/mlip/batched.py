@@ -264,7 +264,8 @@ def committee_spread(atoms_list: list[Atoms], members: list, batch_atoms: int | 
 
 def atom_chunks(atoms_list: list[Atoms], limit: int):
     """Consecutive ``(start, chunk)`` slices of at most ``limit`` atoms (a larger structure alone)."""
-    start, chunk, n_atoms = 0, [], 0
+    start, n_atoms = 0, 0
+    chunk: list[Atoms] = []
     for a in atoms_list:
         if chunk and n_atoms + len(a) > limit:
             yield start, chunk
