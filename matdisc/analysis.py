@@ -140,6 +140,8 @@ def learning_figure(camp: Campaign) -> Figure:
         ("mae_mev_per_atom", "screening model vs new DFT (relaxed)"),
         ("mae_before_mev", "before retraining (static)"),
         ("mae_after_mev", "after retraining"),
+        ("heldout_mae_previous_mev", "held-out set: previous committee"),
+        ("heldout_mae_new_mev", "held-out set: new committee"),
     ):
         if col in rounds and rounds[col].notna().any():
             ax1.plot(rounds["round"], rounds[col], "o-", label=label, gid=col)
@@ -147,6 +149,7 @@ def learning_figure(camp: Campaign) -> Figure:
     ax1.set_ylabel("energy MAE (meV/atom)")
     ax1.set_title("MLIP error on new DFT data")
     ax1.legend(frameon=False, fontsize=8)
+    models = models[models["source"] != "kept_previous"]  # a kept committee is drawn where it was trained
     if not models.empty:
         for col, label in (("energy_mae_per_atom", "energy MAE (meV/atom)"), ("forces_rmse", "force RMSE (meV/Å)")):
             if col in models:

@@ -145,6 +145,22 @@ class TrainingConfig(_Strict):
     frames_per_structure: int = Field(
         8, ge=2, description="with frames: diverse, frames kept per calculation (first and last always)"
     )
+    heldout_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="share of the structures verified in rounds >= 1 kept out of training for good (chosen by "
+        "a hash of the id, so the held-out set only grows): what a new model is compared with the previous on",
+    )
+    guard: Literal["keep_previous", "off"] = Field(
+        "keep_previous",
+        description="keep_previous: a retrained committee worse than the previous one on the held-out frames "
+        "(beyond guard_tolerance_mev and twice the paired standard error) is not used for screening; off: always "
+        "use the new one. The decision is recorded per round (model_checks table)",
+    )
+    guard_tolerance_mev: float = Field(
+        5.0, ge=0, description="meV/atom a new committee may be worse on the held-out frames before the guard acts"
+    )
 
     @field_validator("replay_file")
     @classmethod

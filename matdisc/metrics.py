@@ -59,7 +59,9 @@ def daf(hits: int, calls: int, prevalence: float) -> float:
     return (hits / calls) / prevalence
 
 
-def energy_mae_mev(predicted_per_atom: Sequence[float], reference_per_atom: Sequence[float]) -> float:
+def energy_mae_mev(
+    predicted_per_atom: Sequence[float] | np.ndarray, reference_per_atom: Sequence[float] | np.ndarray
+) -> float:
     """Mean absolute error in meV/atom over the finite pairs (NaN when there are none)."""
     p, r = np.asarray(predicted_per_atom, dtype=float), np.asarray(reference_per_atom, dtype=float)
     ok = np.isfinite(p) & np.isfinite(r)

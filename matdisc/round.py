@@ -26,7 +26,17 @@ from matdisc.stages.generate import add_candidates, candidate_atoms, generate, s
 from matdisc.stages.relax import relax_stage
 from matdisc.stages.score import update_scores
 from matdisc.stages.select import select
-from matdisc.stages.train import ModelRecord, current_model, model_errors, register_model, train
+from matdisc.stages.train import (
+    ModelRecord,
+    check_retrained,
+    current_model,
+    model_errors,
+    new_model,
+    recorded_check,
+    register_model,
+    screening_model,
+    train,
+)
 from matdisc.stages.verify import dft_done, perturbed_seed_jobs, reference_stage, verify_picks
 from matdisc.store import CampaignWriter
 
@@ -75,7 +85,17 @@ def run_round(ctx: Round) -> dict:
     trained = current_model(ctx.w, before_round=ctx.number + 1)
     if trained is None or trained.round != ctx.number:
         trained = train(ctx)
-    metrics = discovery.round_metrics(ctx.w, ctx.cfg, ctx.number, model.sha256, model_errors(ctx, model, trained))
+    check = recorded_check(ctx.w, ctx.number)
+    if check is None:  # judged once: a resumed round keeps the decision it recorded
+        check = check_retrained(ctx, model, trained)
+    errors = model_errors(ctx, model, new_model(ctx.w, check) or trained)
+    trained = screening_model(ctx, check, model)
+    metrics = discovery.round_metrics(ctx.w, ctx.cfg, ctx.number, model.sha256, errors)
+    metrics.update(
+        heldout_mae_previous_mev=check["heldout_mae_previous_mev"],
+        heldout_mae_new_mev=check["heldout_mae_new_mev"],
+        model_decision=check["decision"],
+    )
     metrics["trained_model_sha256"] = trained.sha256
     metrics.update({f"trained_{k}": trained.metrics[k] for k in TRAINING_METRICS if k in trained.metrics})
     ctx.w.append_records("rounds", f"r{ctx.number}", [metrics])

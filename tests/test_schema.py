@@ -86,7 +86,15 @@ def test_a_store_written_by_the_previous_main_opens_and_resumes(tmp_path):
     after = {p.name: p.read_text() for p in (store / "_commits").glob("*.jsonl")}
     assert all(after[name].startswith(text) for name, text in before.items())  # appended, nothing rewritten
     new = open_campaign(store)
-    assert len(new.models()) == 3 and new.models()["round"].tolist() == [0, 1, 2]
+    models = new.models()
+    trained = models[models["source"] == "trained"]
+    assert trained["round"].tolist() == [0, 1, 2]
+    # round 2's committee judged against round 1's on the held-out structures round 2 verified (the
+    # old store's models saw every earlier structure): a kept committee is registered again, and said
+    decision = new.table("model_checks").set_index("round").loc[2, "decision"]
+    kept = models[models["source"] == "kept_previous"]
+    assert (decision == "kept_previous") == (len(kept) == 1) and len(models) == 3 + len(kept)
+    assert (kept["sha256"] == trained["sha256"].iloc[1]).all() and (kept["data_round"] == 1).all()
     assert (new.table("selections")["round"] == 2).sum() == data["active_learning"]["dft_budget"]
 
 

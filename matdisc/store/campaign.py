@@ -243,6 +243,9 @@ DISCOVERY_KEYS = (
     "hull_phases",
     "new_phases",
     "removed_phases",
+    "heldout_mae_previous_mev",
+    "heldout_mae_new_mev",
+    "model_decision",
 )
 
 

@@ -192,13 +192,33 @@ TABLES: dict[str, Table] = {
                 "trained_model_sha256": "str",
                 "trained_energy_rmse_per_atom": "float",
                 "trained_forces_rmse": "float",
+                "heldout_mae_previous_mev": "float",
+                "heldout_mae_new_mev": "float",
+                "model_decision": "str",
             },
             "per-round discovery metrics (JSON lists for the hull phases)",
         ),
         Table(
+            "model_checks",
+            "model_check",
+            "r{round}/model-check",
+            {
+                "round": "int",
+                "previous_sha256": "str",
+                "new_sha256": "str",
+                "heldout_structures": "int",
+                "heldout_frames": "int",
+                "heldout_mae_previous_mev": "float",
+                "heldout_mae_new_mev": "float",
+                "noise_mev": "float",
+                "decision": "str",
+            },
+            "each retrained committee against the previous on the held-out frames, and which one screens next",
+        ),
+        Table(
             "models",
             "model",
-            "r{round}/model",
+            "r{round}/model[-kept]",
             {
                 "round": "int",
                 "sha256": "str",
@@ -215,9 +235,16 @@ TABLES: dict[str, Table] = {
                 "energy_mae_per_atom": "float",
                 "forces_rmse": "float",
                 "forces_mae": "float",
+                "heldout_fraction": "float",
+                "data_round": "int",
             },
-            "the model registry: each committee's sha256, files (JSON list), training and held-out errors",
+            "the model registry: each committee's sha256, files (JSON list), training and held-out errors, and "
+            "which campaign data it saw (data through data_round, less the held-out share heldout_fraction)",
             open_metrics=True,
+            migrate={  # stores before the held-out set: a trained model saw every frame of its round
+                "heldout_fraction": lambda df: pd.Series(0.0, index=df.index),
+                "data_round": lambda df: df["round"].where(df["source"] == "trained", -1),
+            },
         ),
         Table(
             "runs",
@@ -332,11 +359,23 @@ def conform(name: str, df: pd.DataFrame) -> pd.DataFrame:
     if df.empty and not len(df.columns):
         return empty(name)
     missing = [c for c in t.columns if c not in df]
-    if missing:
+    # rows written before a migrated column existed, in a table whose later rows have it, hold the
+    # table layer's fill value there: they get the migrated value too
+    partial = {c: _unset(df[c], t.columns[c]) for c in t.migrate if c in df}
+    partial = {c: rows for c, rows in partial.items() if rows.any()}
+    if missing or partial:
         df = df.copy()
         for c in missing:
             df[c] = t.migrate[c](df) if c in t.migrate else _filled(t.columns[c], df.index)
+        for c, rows in partial.items():
+            df.loc[rows, c] = t.migrate[c](df)[rows]
     return df[[*t.columns, *(c for c in df.columns if c not in t.columns)]]
+
+
+def _unset(column: pd.Series, dtype: str) -> pd.Series:
+    """Rows holding the fill value of a column (NaN, -1 or ""): not written by their writer."""
+    fill = fill_value(DTYPES[dtype])
+    return column.isna() if isinstance(fill, float) else column == fill
 
 
 def _filled(dtype: str, index: pd.Index) -> pd.Series:
