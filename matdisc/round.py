@@ -23,20 +23,12 @@ from matdisc.mlip import resolve_device
 from matdisc.mlip.model import configured_model
 from matdisc.stages.context import Round, Run
 from matdisc.stages.generate import add_candidates, candidate_atoms, generate, seed_candidates
+from matdisc.stages.heldout import check_retrained, recorded_check, screening_model
+from matdisc.stages.registry import ModelRecord, current_model, new_model, register_model
 from matdisc.stages.relax import relax_stage
 from matdisc.stages.score import update_scores
 from matdisc.stages.select import select
-from matdisc.stages.train import (
-    ModelRecord,
-    check_retrained,
-    current_model,
-    model_errors,
-    new_model,
-    recorded_check,
-    register_model,
-    screening_model,
-    train,
-)
+from matdisc.stages.train import model_errors, train
 from matdisc.stages.verify import dft_done, perturbed_seed_jobs, reference_stage, verify_picks
 from matdisc.store import CampaignWriter
 

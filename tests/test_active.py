@@ -337,7 +337,9 @@ def test_training_set_policy_subsamples_per_structure(tmp_path):
 
     from matdisc.records import labelled
 
-    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    data = emt_config(tmp_path)
+    data["mlip"]["training"]["heldout_fraction"] = 0.0  # every structure trains here (the held-out set: test_model_guard)
+    cfg = CampaignConfig.model_validate(data)
     ref_set = settings_hash(cfg.reference)
     with CampaignWriter(cfg.store_path) as w:
         for k in range(3):

@@ -9,7 +9,7 @@ import numpy as np
 
 from matdisc.config import CampaignConfig
 from matdisc.executor import InProcess
-from matdisc.stages.train import worse_beyond_noise
+from matdisc.stages.heldout import worse_beyond_noise
 from matdisc.store import CampaignWriter, open_campaign
 
 
@@ -39,7 +39,8 @@ def _copy(campaign_store, tmp_path, **training) -> CampaignConfig:
 
 
 def test_the_heldout_structures_are_fixed_by_id_and_never_trained_on(campaign_store, tmp_path):
-    from matdisc.stages.train import heldout_frames, heldout_structures, training_set
+    from matdisc.stages.heldout import heldout_frames, heldout_structures
+    from matdisc.stages.train import training_set
 
     cfg = _copy(campaign_store, tmp_path, heldout_fraction=0.5)
     camp = open_campaign(cfg.store_path)
@@ -64,13 +65,9 @@ def test_a_retrained_model_made_worse_is_caught_and_the_previous_one_screens(cam
     from matdisc.jobs import train
     from matdisc.mlip.shipping import unpack
     from matdisc.stages.context import Run
-    from matdisc.stages.train import (
-        check_retrained,
-        current_model,
-        register_model,
-        screening_model,
-        training_set,
-    )
+    from matdisc.stages.heldout import check_retrained, screening_model
+    from matdisc.stages.registry import current_model, register_model
+    from matdisc.stages.train import training_set
 
     cfg = _copy(campaign_store, tmp_path, heldout_fraction=0.5)
     training = cfg.mlip.training.model_dump(mode="json")
@@ -124,7 +121,8 @@ def test_the_campaign_records_each_rounds_model_decision(campaign_store):
 def test_only_structures_the_previous_committee_never_saw_judge_it(campaign_store):
     """A store written before the held-out set existed trained its models on every structure: the
     comparison then uses only structures verified after the previous committee's round."""
-    from matdisc.stages.train import ModelRecord, unseen_by
+    from matdisc.stages.heldout import unseen_by
+    from matdisc.stages.registry import ModelRecord
 
     cfg, _ = campaign_store
     camp = open_campaign(cfg.store_path)

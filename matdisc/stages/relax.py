@@ -19,7 +19,7 @@ from matdisc.stages.generate import candidate_atoms
 from matdisc.store import CampaignWriter, Frames
 
 if TYPE_CHECKING:
-    from matdisc.stages.train import ModelRecord
+    from matdisc.stages.registry import ModelRecord
 
 
 def relax_stage(ctx: Round, model: ModelRecord) -> None:
