@@ -405,12 +405,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _campaign_args(args)
     if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
         raise UserError("--more-rounds: must be at least 1, and not given together with --rounds")
-    from matdisc.store.tables import check_not_locked
+    from matdisc.store.tables import check_not_locked, check_store_location
 
+    check_store_location(cfg.store_path)  # under a file, or a folder of something else: exit 2, nothing written
     check_not_locked(cfg.store_path)  # another run writing this store: say so now, exit 2
-    from matdisc.mlip.model import configured_model
+    from matdisc.mlip.model import configured_model, resolve_device
 
-    configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements: refuse before any work
+    resolve_device(cfg.mlip.device)  # device: cuda without a GPU is refused here, not inside the flow
+    configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements, or no model at all: refuse now
     _engine_environment()
     from matdisc_flows.server import ensure_api, ui_url
 

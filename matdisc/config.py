@@ -356,9 +356,17 @@ class ReferenceConfig(_Strict):
         if ":" not in value:
             raise ValueError(f"unknown calculator {value!r}: use gpaw, emt, or module:Class")
         module, _, attr = value.partition(":")
-        if not module or not attr or importlib.util.find_spec(module) is None:
+        try:  # find_spec imports a dotted name's parents: a missing parent raises
+            spec = importlib.util.find_spec(module) if module and attr else None
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
             raise ValueError(f"unknown calculator {value!r}: module {module!r} cannot be imported")
-        if not hasattr(importlib.import_module(module), attr):
+        try:
+            loaded = importlib.import_module(module)
+        except Exception as err:  # the module's own code failed: its words, on one line
+            raise ValueError(f"calculator {value!r}: importing {module} failed: {type(err).__name__}: {err}") from None
+        if not hasattr(loaded, attr):
             raise ValueError(f"unknown calculator {value!r}: {module} has no {attr}")
         return value
 
@@ -733,9 +741,13 @@ def load_config(path: str | Path) -> CampaignConfig:
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"config: {path} is not a text file (byte {err.start} is not UTF-8)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"config: {path} is not valid YAML{where}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config: {path} holds a {type(data).__name__}, not a mapping of settings")
     return parse_config(data or {}, default_name=path.stem)

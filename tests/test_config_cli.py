@@ -34,6 +34,8 @@ def test_valid_config_loads_with_defaults(tmp_path):
         ({"active_learning": {"dft_budget": -1}}, "active_learning.dft_budget", "greater than or equal to 0"),
         ({"reference": {"calculator": "vasp9000"}}, "reference.calculator", "unknown calculator"),
         ({"reference": {"calculator": "nosuchmodule:Calc"}}, "reference.calculator", "cannot be imported"),
+        ({"reference": {"calculator": "nosuch.module:Calc"}}, "reference.calculator", "cannot be imported"),
+        ({"reference": {"calculator": "ase.calculators.emt:NoSuch"}}, "reference.calculator", "has no NoSuch"),
         ({"mlip": {"model": "models/missing.model"}}, "mlip.model", "does not exist"),
         ({"mlip": {"model": "huge-9"}}, "mlip.model", "mace_mp name"),
         ({"mlip": {"fmx": 0.1}}, "mlip.fmx", "unknown field"),
@@ -65,6 +67,10 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
     ]
     (tmp_path / "bad.yaml").write_text("chemsys: [Cu\n")
     cases.append(["validate", str(tmp_path / "bad.yaml")])
+    (tmp_path / "binary.yaml").write_bytes(bytes(range(128, 256)) * 3)  # garbage, as a new user might pass
+    cases.append(["validate", str(tmp_path / "binary.yaml")])
+    (tmp_path / "list.yaml").write_text("- Cu\n- Pd\n")
+    cases.append(["validate", str(tmp_path / "list.yaml")])
     for args in cases:
         proc = subprocess.run([sys.executable, "-m", "matdisc.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2, (args, proc.stderr)
@@ -86,3 +92,34 @@ def test_bad_run_leaves_no_store(tmp_path):
     assert main(["run", write(tmp_path, cfg)]) == 2
     assert not (tmp_path / "cu-pd.zarr").exists()
 
+
+
+def test_run_refuses_what_cannot_work_before_anything_starts(tmp_path, capsys):
+    """One line each, exit 2, nothing written: a store path under a file, a store path that is a
+    folder of something else, an empty or corrupt model file, and device cuda on a machine without
+    one (where this machine has a GPU, that case is skipped: it is not an error there)."""
+    import torch
+
+    (tmp_path / "afile").write_text("not a folder")
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone's work")
+    (tmp_path / "empty.model").write_bytes(b"")
+    (tmp_path / "corrupt.model").write_bytes(bytes(range(256)) * 8)
+    cases = [
+        ({"store": str(tmp_path / "afile" / "c.zarr")}, "lies under the file"),
+        ({"store": str(other)}, "is a non-empty folder that is not a campaign store"),
+        ({"mlip": {"model": str(tmp_path / "empty.model")}}, "is empty"),
+        ({"mlip": {"model": str(tmp_path / "corrupt.model")}}, "cannot be read as a MACE model: UnpicklingError"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(({"mlip": {"device": "cuda"}}, "mlip.device: cuda requested but no CUDA device is visible"))
+    for patch, words in cases:
+        cfg = emt_config(tmp_path)
+        for key, value in patch.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        assert main(["run", write(tmp_path, cfg)]) == 2, patch
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (patch, err)
+    assert not (tmp_path / "cu-pd.zarr").exists() and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    assert not (tmp_path / "afile").is_dir()

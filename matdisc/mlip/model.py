@@ -126,8 +126,16 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
 
     if not Path(path).is_file():
         raise ModelError(f"model file {path} does not exist")
-    with MODEL_LOCK:
-        model = torch.load(path, map_location=device, weights_only=False)
+    if Path(path).stat().st_size == 0:
+        raise ModelError(f"model file {path} is empty")
+    try:
+        with MODEL_LOCK:
+            model = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # a truncated or foreign file fails in many ways: one line says which
+        reason = str(err).splitlines()[0][:200] if str(err) else ""
+        raise ModelError(f"model file {path} cannot be read as a MACE model: {type(err).__name__}: {reason}") from None
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "atomic_numbers"):
+        raise ModelError(f"model file {path} holds a {type(model).__name__}, not a MACE model")
     return model.to(device=device, dtype=getattr(torch, dtype)).eval()
 
 

@@ -137,6 +137,23 @@ def _locked_message(path: Path, holder: str) -> str:
     return f"store {path} is being written by {holder}; wait for it or stop it"
 
 
+def check_store_location(path: str | Path) -> None:
+    """Raise :class:`StoreError` when a local store path cannot hold a store, before anything is
+    written: it is a file, lies under a file, or is a non-empty folder that is not a campaign store
+    (which a run would otherwise write into)."""
+    if store_url(path) is not None:
+        return
+    p = local_path(path)
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == p else f"lies under the file {parent}"
+            raise StoreError(f"store: {p} {where}, not a folder a campaign store can live in")
+        if parent.exists():
+            break
+    if p.is_dir() and any(p.iterdir()) and not (p / "_commits").is_dir():
+        raise StoreError(f"store: {p} is a non-empty folder that is not a campaign store; choose a new path")
+
+
 def check_not_locked(path: str | Path) -> None:
     """Raise :class:`StoreError` if a writer holds the store; creates nothing (a store that
     does not exist yet is not locked). A store at a URL: whether a live writer holds its lease."""
