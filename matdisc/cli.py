@@ -138,7 +138,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _spending(store) -> dict:
     """Cost per round and stage, budgets (limits from the store's latest run config), why it stopped."""
     from matdisc.budget import planning, tradeoff
-    from matdisc.config import CampaignConfig
+    from matdisc.config import saved_config
 
     costs = planning.round_costs(store)
     out: dict = {
@@ -155,7 +155,7 @@ def _spending(store) -> dict:
     runs = store.runs()
     if not runs.empty:
         try:
-            cfg = CampaignConfig.model_validate_json(runs["config"].iloc[-1])
+            cfg = saved_config(runs["config"].iloc[-1])
             out["budget"] = planning.budget_status(cfg, store)
         except ValueError:  # a store written by an older matdisc, or a model file since moved
             pass

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from matdisc.errors import UserError
 from matdisc.locations import as_location
@@ -350,11 +350,13 @@ class ReferenceConfig(_Strict):
 
     @field_validator("calculator")
     @classmethod
-    def _known_calculator(cls, value: str) -> str:
+    def _known_calculator(cls, value: str, info: ValidationInfo) -> str:
         if value in BUILTIN_CALCULATORS:
             return value
         if ":" not in value:
             raise ValueError(f"unknown calculator {value!r}: use gpaw, emt, or module:Class")
+        if (info.context or {}).get(READ_ONLY):  # a saved config read back: importing would run its code
+            return value
         module, _, attr = value.partition(":")
         try:  # find_spec imports a dotted name's parents: a missing parent raises
             spec = importlib.util.find_spec(module) if module and attr else None
@@ -733,6 +735,17 @@ def parse_config(data: dict[str, Any], *, default_name: str = "campaign") -> Cam
         return CampaignConfig.model_validate(data)
     except ValidationError as err:
         raise UserError(format_validation_error(err)) from None
+
+
+#: Validation context key: the config is read back from a store to be looked at, not run, so
+#: nothing it names (a calculator module) is imported. ``saved_config`` sets it.
+READ_ONLY = "read_only"
+
+
+def saved_config(config_json: str) -> CampaignConfig:
+    """A store's recorded campaign config, validated without importing the modules it names: looking
+    at a store (``matdisc status``) must not run code that someone else's config points to."""
+    return CampaignConfig.model_validate_json(config_json, context={READ_ONLY: True})
 
 
 def load_config(path: str | Path) -> CampaignConfig:

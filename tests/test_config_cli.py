@@ -123,3 +123,31 @@ def test_run_refuses_what_cannot_work_before_anything_starts(tmp_path, capsys):
         assert len(err) == 1 and words in err[0], (patch, err)
     assert not (tmp_path / "cu-pd.zarr").exists() and sorted(p.name for p in other.iterdir()) == ["notes.txt"]
     assert not (tmp_path / "afile").is_dir()
+
+
+def test_status_never_imports_the_calculator_module_a_stores_config_names(tmp_path):
+    """A store is data: looking at it (``matdisc status``) must not run code its saved config points
+    to. The config names a calculator module that writes a file when imported; status reads the store
+    (budget included) and the file never appears."""
+    import json
+
+    from matdisc.config import CampaignConfig
+    from matdisc.round import package_versions
+    from matdisc.store import CampaignWriter
+
+    (tmp_path / "evilcalc.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').write('ran')\nclass Calc:\n    pass\n")
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    saved = json.loads(cfg.model_dump_json())
+    saved["reference"]["calculator"] = "evilcalc:Calc"
+    with CampaignWriter(cfg.store_path) as w:
+        w.record_run(json.dumps(saved), package_versions(), {"calculator": "evilcalc:Calc"})
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "matdisc.cli", "status", str(cfg.store_path), "--json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "budget" in json.loads(proc.stdout)
+    assert not (tmp_path / "imported").exists()
+    # the check can fail: importing the module does write the file
+    subprocess.run([sys.executable, "-c", "import evilcalc"], env=env, cwd=tmp_path, check=True)
+    assert (tmp_path / "imported").exists()
