@@ -208,3 +208,23 @@ def test_a_single_point_that_crashes_or_hangs_its_process_is_recorded_and_the_re
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]  # a new process after each crash and timeout
     assert not Path(f"/proc/{pids[3]}").exists() or "zombie" in Path(f"/proc/{pids[3]}/status").read_text().lower()
     assert 3.0 < res[3].walltime_s < 8.0
+
+
+def test_a_candidate_id_never_becomes_a_path_outside_its_calculation_folder(tmp_path):
+    """Ids are data: one with separators and parent references is computed (EMT) in a folder of
+    its own under the calculations folder, and an ordinary id keeps its name."""
+    from ase.build import bulk
+
+    from matdisc.config import ReferenceConfig
+    from matdisc.dft import run_reference
+    from matdisc.dft.runner import dir_name
+
+    calcs = tmp_path / "calculations"
+    res = run_reference(bulk("Cu", "fcc", a=3.6), ReferenceConfig(calculator="emt", max_steps=5),
+                        id="../../escaped/x", workdir=calcs)
+    assert res.status == "ok"
+    assert Path(res.workdir).resolve().is_relative_to(calcs.resolve())
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+    assert [p.name for p in calcs.iterdir()] == ["_.._.._escaped_x"]
+    assert dir_name("r1-0086-PdAu-L1_1") == "r1-0086-PdAu-L1_1" and dir_name("..") == "_.."
+    assert dir_name("r1-0001-Cu-A@mlip") == "r1-0001-Cu-A@mlip"

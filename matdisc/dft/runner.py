@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -48,7 +49,7 @@ def run_reference(
     ``threads``: cores an isolated calculation may use when ``OMP_NUM_THREADS`` is unset."""
     ref = cfg.resolved()
     t0 = time.perf_counter()
-    calc_dir = _new_attempt_dir(Path(workdir) / id)
+    calc_dir = _new_attempt_dir(Path(workdir) / dir_name(id))
     walltime = float(ref.walltime_s or 0)
     if ref.runs_isolated:
         _write_job(calc_dir, atoms, ref, id)
@@ -79,7 +80,7 @@ def run_statics(
         return [run_reference(atoms, ref, id=cid, workdir=workdir, threads=threads) for cid, atoms in jobs]
     batch = []
     for cid, atoms in jobs:
-        calc_dir = _new_attempt_dir(Path(workdir) / cid)
+        calc_dir = _new_attempt_dir(Path(workdir) / dir_name(cid))
         _write_job(calc_dir, atoms, ref, cid)
         batch.append((cid, atoms, calc_dir))
     out: list[ReferenceResult] = []
@@ -93,6 +94,14 @@ def _attempt(res: ReferenceResult, calc_dir: Path) -> ReferenceResult:
     if attempt > 1:
         res.notes = "; ".join(filter(None, [f"attempt {attempt} (earlier ones kept beside it)", res.notes]))
     return res
+
+
+def dir_name(cid: str) -> str:
+    """A candidate id as one directory name under the calculations folder: ids are data (from
+    prototype labels, file names, a user's known phases), so a separator, a parent reference or a
+    control character never becomes part of a path; any such character becomes ``_``."""
+    name = re.sub(r"[^A-Za-z0-9._@+=,-]", "_", cid)
+    return "_" + name if name in ("", ".", "..") or name.startswith(".") else name
 
 
 def _new_attempt_dir(base: Path) -> Path:
