@@ -341,6 +341,12 @@ class ReferenceConfig(_Strict):
         None, description="command prefix for parallel runs, e.g. 'mpirun -np {ranks}' (implies isolate)"
     )
     ranks: int = Field(1, ge=1, description="MPI ranks per calculation, substituted into launcher")
+    pass_environment: list[str] = Field(
+        default_factory=list,
+        description="environment variables a calculation process keeps although their names look like "
+        "credentials (…KEY, …TOKEN, …SECRET…, …PASSWORD…, …CREDENTIAL…, AWS_…): every other such variable is "
+        "removed from the calculation's environment",
+    )
     statics_per_task: int = Field(
         8,
         ge=1,

@@ -21,3 +21,13 @@ class FaultyEMT(EMT):
         if "Au" in symbols:
             time.sleep(3600)
         super().calculate(atoms, properties, system_changes)
+
+
+class EnvironmentEMT(EMT):
+    """EMT that writes the names of its process's environment variables next to itself
+    (``environment.txt`` in the working directory), for the credential-scrubbing test."""
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+        with open("environment.txt", "w") as f:
+            f.write("\n".join(sorted(os.environ)))
+        super().calculate(atoms, properties, system_changes)

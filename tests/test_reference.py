@@ -228,3 +228,23 @@ def test_a_candidate_id_never_becomes_a_path_outside_its_calculation_folder(tmp_
     assert [p.name for p in calcs.iterdir()] == ["_.._.._escaped_x"]
     assert dir_name("r1-0086-PdAu-L1_1") == "r1-0086-PdAu-L1_1" and dir_name("..") == "_.."
     assert dir_name("r1-0001-Cu-A@mlip") == "r1-0001-Cu-A@mlip"
+
+
+def test_a_calculation_process_gets_no_credentials(tmp_path, monkeypatch):
+    """The campaign's keys (object store, Prefect, Materials Project) stay out of a calculation's
+    process, which runs whatever calculator and launcher are configured; a variable named in
+    reference.pass_environment and ordinary ones (paths, thread counts) reach it."""
+    here = str(Path(__file__).parent)
+    monkeypatch.syspath_prepend(here)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "PREFECT_API_KEY", "MP_API_KEY", "GITHUB_TOKEN",
+                 "DB_PASSWORD", "LICENSE_KEY"):
+        monkeypatch.setenv(name, "s3cr3t")
+    monkeypatch.setenv("ESPRESSO_PSEUDO", "/opt/pseudo")
+    cfg = ReferenceConfig(calculator="faulty_calculators:EnvironmentEMT", max_steps=0, pass_environment=["LICENSE_KEY"])
+    res = run_reference(bulk("Cu", "fcc", a=3.6), cfg, id="cu", workdir=tmp_path)
+    assert res.ok and cfg.runs_isolated
+    seen = set(next(tmp_path.glob("cu/attempt-1/**/environment.txt")).read_text().split())
+    assert not seen & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "PREFECT_API_KEY", "MP_API_KEY", "GITHUB_TOKEN",
+                       "DB_PASSWORD"}
+    assert {"LICENSE_KEY", "ESPRESSO_PSEUDO", "PYTHONPATH", "OMP_NUM_THREADS", "PATH"} <= seen

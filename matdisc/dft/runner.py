@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ase import Atoms
@@ -129,6 +129,18 @@ def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> N
     (calc_dir / "worker.pid").write_text(str(os.getpid()))
 
 
+#: Names of variables that hold credentials: the object store's, Prefect's, the Materials Project's.
+CREDENTIAL = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^AWS_|^AZURE_|^GOOGLE_APPLICATION)", re.I)
+
+
+def calculation_environment(environ: Mapping[str, str], keep: Sequence[str] = ()) -> dict[str, str]:
+    """The environment a calculation process starts with: this one less its credentials.
+
+    A calculation runs whatever the configured calculator and launcher are; it needs paths and
+    licences of its own, never the campaign's keys to the store or the Prefect API."""
+    return {k: v for k, v in environ.items() if k in keep or not CREDENTIAL.search(k)}
+
+
 def _run_isolated(
     batch: Sequence[tuple[str, Atoms, Path]], ref: ReferenceConfig, threads: int | None
 ) -> list[ReferenceResult]:
@@ -139,7 +151,12 @@ def _run_isolated(
     dirs = [calc_dir for *_, calc_dir in batch]
     cmd = [*launcher, sys.executable, "-m", "matdisc.dft", str(dirs[0]), str(parent), *map(str, dirs[1:])]
     n = str(_threads(threads))
-    env = {**os.environ, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+    env = {
+        **calculation_environment(os.environ, ref.pass_environment),
+        "OMP_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+    }
     walltime = float(ref.walltime_s or 0) or None
     out: list[ReferenceResult] = []
     with open(dirs[0] / LOG, "wb") as log:
