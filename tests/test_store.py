@@ -233,3 +233,29 @@ def test_a_store_copied_to_an_object_store_reads_as_the_original(tmp_path, s3_bu
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr
     assert "s3://campaigns/nope.zarr is not a campaign store" in missing.stderr
+
+
+def test_a_filesystem_without_locks_is_one_line_and_opens_no_store(tmp_path, monkeypatch):
+    """flock failing with ENOLCK (NFS without lockd, Lustre without 'flock') is said, not a
+    traceback, and the writer does not go on without the lock that keeps a second writer out."""
+    import errno
+    import fcntl
+
+    from matdisc.store import tables
+
+    real = fcntl.flock
+
+    def no_locks(fd, operation):
+        if operation & fcntl.LOCK_UN:
+            return real(fd, operation)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(tables.fcntl, "flock", no_locks)
+    with pytest.raises(StoreError, match="the filesystem gives no file locks") as err:
+        CampaignWriter(tmp_path / "s.zarr")
+    assert len(str(err.value).splitlines()) == 1 and "No locks available" in str(err.value)
+    assert not (tmp_path / "s.zarr" / "zarr.json").exists()
+    (tmp_path / "t.zarr" / "_commits").mkdir(parents=True)
+    (tmp_path / "t.zarr" / "_commits" / "writer.lock").write_text("pid 1")
+    with pytest.raises(StoreError, match="no file locks"):
+        tables.check_not_locked(tmp_path / "t.zarr")

@@ -168,13 +168,28 @@ def check_not_locked(path: str | Path) -> None:
         return
     fd = os.open(lock, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, Path(path))
         fcntl.flock(fd, fcntl.LOCK_UN)
     except BlockingIOError:
         holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
         raise StoreError(_locked_message(Path(path), holder)) from None
     finally:
         os.close(fd)
+
+
+def _flock(fd: int, operation: int, store: Path) -> None:
+    """``flock``, with a filesystem that has no locks (NFS without lockd, Lustre mounted without
+    ``flock``) said in one line: the single-writer guarantee cannot be kept there."""
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        raise
+    except OSError as err:
+        raise StoreError(
+            f"{store}: the filesystem gives no file locks ({err.strerror or err}), so a second writer could not be "
+            "kept out; put the store on a local disk or a filesystem mounted with locks (Lustre: 'flock'), "
+            "or use an object-store URL"
+        ) from None
 
 
 class TableStore:
@@ -219,11 +234,14 @@ class TableStore:
         (self.path / "_commits").mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / "_commits" / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise StoreError(_locked_message(self.path, holder)) from None
+        except StoreError:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._lock_fd = fd
