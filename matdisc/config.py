@@ -582,6 +582,32 @@ class SlurmConfig(_Strict):
     interface: str | None = Field(None, description="network interface the workers reach the scheduler on, e.g. ib0")
     job_extra_directives: list[str] = Field(default_factory=list)
 
+    @field_validator("walltime")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        slurm_seconds(value)
+        return value
+
+
+def slurm_seconds(text: str) -> float:
+    """Seconds of a Slurm time ("MM", "MM:SS", "HH:MM:SS", "D-HH", "D-HH:MM", "D-HH:MM:SS")."""
+    days, dash, rest = text.strip().rpartition("-")
+    if dash and not days:
+        raise ValueError(f"{text!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
+    parts = rest.split(":")
+    try:
+        numbers = [int(p) for p in parts]
+        d = int(days) if days else 0
+    except ValueError:
+        raise ValueError(f"{text!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)") from None
+    if not 1 <= len(numbers) <= 3 or min(numbers + [d]) < 0:
+        raise ValueError(f"{text!r} is not a Slurm time (HH:MM:SS or D-HH:MM:SS)")
+    if days:  # D-HH[:MM[:SS]]
+        h, m, s = (numbers + [0, 0])[:3]
+    else:  # MM, MM:SS or HH:MM:SS
+        h, m, s = [0, *numbers, 0][:3] if len(numbers) < 3 else numbers
+    return float(((d * 24 + h) * 60 + m) * 60 + s)
+
 
 class ComputeConfig(_Strict):
     """Where tasks run: a local Dask cluster, an existing scheduler, or Slurm."""
@@ -684,6 +710,15 @@ class CampaignConfig(_Strict):
                 raise ValueError(
                     f"reference.calculator: emt has no parameters for {', '.join(missing)} "
                     f"(it knows {', '.join(sorted(parameters))})"
+                )
+        if self.compute.scheduler == "slurm":  # a calculation longer than its job never finishes: refused now
+            job = slurm_seconds(self.compute.slurm.walltime)
+            calc = float(self.reference.resolved().walltime_s or 0)
+            if calc > job:
+                raise ValueError(
+                    f"reference.walltime_s: a calculation may take {calc / 3600:g} h "
+                    f"({self.reference.preset} preset unless set) but compute.slurm.walltime gives a DFT job "
+                    f"{job / 3600:g} h: raise compute.slurm.walltime or lower reference.walltime_s"
                 )
         if self.known_phases.files:  # read now: a bad file is a config error, before any store exists
             from matdisc.known_phases import from_files

@@ -41,6 +41,10 @@ def test_valid_config_loads_with_defaults(tmp_path):
         ({"mlip": {"fmx": 0.1}}, "mlip.fmx", "unknown field"),
         ({"compute": {"scheduler": "mars"}}, "compute.scheduler", "tcp://host:8786"),
         ({"chemsys": ["Cu", "Si"], "reference": {"calculator": "emt"}}, "reference.calculator", "no parameters for Si"),
+        ({"compute": {"slurm": {"walltime": "4h"}}}, "compute.slurm.walltime", "is not a Slurm time"),
+        # the accurate preset's 6 h calculation in the default 4 h Slurm job would never finish
+        ({"compute": {"scheduler": "slurm"}, "reference": {"preset": "accurate"}}, "reference.walltime_s",
+         "may take 6 h (accurate preset unless set) but compute.slurm.walltime gives a DFT job 4 h"),
     ],
 )
 def test_invalid_config_exits_2_naming_the_field(tmp_path, capsys, patch, field, words):
@@ -151,3 +155,13 @@ def test_status_never_imports_the_calculator_module_a_stores_config_names(tmp_pa
     # the check can fail: importing the module does write the file
     subprocess.run([sys.executable, "-c", "import evilcalc"], env=env, cwd=tmp_path, check=True)
     assert (tmp_path / "imported").exists()
+
+
+def test_slurm_times_in_every_form_slurm_accepts():
+    from matdisc.config import slurm_seconds
+
+    assert [slurm_seconds(t) for t in ("30", "30:15", "04:00:00", "1-12", "1-12:30", "2-00:00:00")] == [
+        1800, 1815, 14400, 129600, 131400, 172800]
+    for bad in ("4h", "1-2:3:4:5", "-1", ""):
+        with pytest.raises(ValueError, match="is not a Slurm time"):
+            slurm_seconds(bad)
