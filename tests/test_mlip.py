@@ -212,3 +212,23 @@ def test_gpu_batch_size_follows_free_memory():
     assert batch_atoms_for_memory(10_000, 10**9, 8) == 50_000  # half of 1 GB at 10 kB per atom
     assert batch_atoms_for_memory(1_000, 10**12, 8) == GPU_BATCH_ATOMS_CAP
     assert batch_atoms_for_memory(10**9, 10**9, 40) == 40  # never below the largest structure
+
+
+def test_a_registered_model_that_changed_on_disk_is_never_unpickled(model_paths, tmp_path):
+    """A store keeps models as models/<sha256>.model: a file whose bytes no longer have that hash
+    (tampered with, damaged) is refused before torch unpickles it, by every loader."""
+    import shutil
+
+    from matdisc.mlip.model import file_sha256, load_calculator, load_torch_model
+
+    good = tmp_path / f"{file_sha256(model_paths[0])}.model"
+    shutil.copyfile(model_paths[0], good)
+    assert load_torch_model(str(good)).r_max > 0  # the intact copy loads
+    bad = tmp_path / "other" / good.name
+    bad.parent.mkdir()
+    shutil.copyfile(model_paths[0], bad)
+    with open(bad, "ab") as f:  # 16 bytes more: the file no longer has the hash it is named by
+        f.write(b"\0" * 16)
+    for load in (lambda p: load_torch_model(p), lambda p: load_calculator([p]), lambda p: describe([p])):
+        with pytest.raises(ModelError, match="does not have the sha256 it is registered under"):
+            load(str(bad))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,6 +47,23 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+#: A model file the registry keeps is named by its sha256 (``STORE/models/<sha256>.model``).
+_HASH_NAME = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_named_hash(path: str | Path) -> None:
+    """Refuse a file named by a sha256 whose contents do not have it: unpickling runs code, so a
+    registered model that changed on disk (tampered with, or damaged) is never loaded."""
+    p = Path(path)
+    if p.suffix == ".model" and _HASH_NAME.match(p.stem):
+        actual = file_sha256(p)
+        if actual != p.stem:
+            raise ModelError(
+                f"model file {p} does not have the sha256 it is registered under (it has {actual[:12]}…): "
+                "refusing to load it"
+            )
 
 
 def committee_sha256(member_hashes: tuple[str, ...]) -> str:
@@ -128,6 +146,7 @@ def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
         raise ModelError(f"model file {path} does not exist")
     if Path(path).stat().st_size == 0:
         raise ModelError(f"model file {path} is empty")
+    check_named_hash(path)
     try:
         with MODEL_LOCK:
             model = torch.load(path, map_location=device, weights_only=False)
@@ -190,6 +209,7 @@ def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "floa
     for p in paths:
         if not Path(p).is_file():
             raise ModelError(f"model file {p} does not exist")
+        check_named_hash(p)
     device = resolve_device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
