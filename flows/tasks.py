@@ -50,6 +50,7 @@ def worker_threads() -> int | None:
 
 #: The jobs that need nothing of the worker are the job functions themselves, as Prefect tasks.
 relax_task = task(name="relax-mace", **RETRY)(jobs.relax)
+rescore_task = task(name="rescore-mace", **RETRY)(jobs.rescore)
 evaluate_task = task(name="evaluate-mace", **RETRY)(jobs.evaluate)
 train_task = task(name="train-mace", **RETRY)(jobs.train)
 
@@ -69,6 +70,7 @@ def statics_task(batch: list, reference: dict, workdir: str) -> list:
 #: The Prefect task of each job function the round submits.
 TASKS: dict[Callable[..., Any], Any] = {
     jobs.relax: relax_task,
+    jobs.rescore: rescore_task,
     jobs.reference: reference_task,
     jobs.statics: statics_task,
     jobs.evaluate: evaluate_task,

@@ -218,6 +218,13 @@ class MLIPConfig(_Strict):
     fmax: float = Field(0.05, gt=0, description="eV/Å, relaxation force criterion")
     max_steps: int = Field(300, ge=1, description="relaxation steps before a structure counts as unconverged")
     structures_per_task: int = Field(200, ge=1, description="structures relaxed by one Dask task")
+    rescore_window: float | None = Field(
+        0.1,
+        ge=0,
+        description="eV/atom: a new committee relaxes again only the candidates predicted within this of the "
+        "hull (and new ones, and those whose last relaxation was unusable); every other candidate is rescored: "
+        "the new committee's energy and spread at its latest MLIP structure (None: relax every candidate again)",
+    )
     batch_atoms: int | None = Field(
         None, ge=1, description="most atoms in one batch (None: 2048 on CPU, estimated from GPU memory)"
     )

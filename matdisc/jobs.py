@@ -39,6 +39,19 @@ def reference(cid: str, atoms: Atoms, reference: dict, workdir: str, threads: in
     return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir), threads=threads)
 
 
+def rescore(
+    batch: list[tuple[str, Atoms]], model_paths: list[str], mlip: dict, store: str | None = None
+) -> list[RelaxResult]:
+    """The committee's energies and spreads at ``(id, atoms)`` as they stand (no relaxation)."""
+    from matdisc.config import MLIPConfig
+    from matdisc.mlip import rescore_many
+    from matdisc.mlip.model import worker_threads
+    from matdisc.mlip.shipping import localize
+
+    worker_threads()
+    return rescore_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip))
+
+
 def statics(
     jobs: list[tuple[str, Atoms]], reference: dict, workdir: str, threads: int | None = None
 ) -> list[ReferenceResult]:

@@ -232,3 +232,22 @@ def test_a_registered_model_that_changed_on_disk_is_never_unpickled(model_paths,
     for load in (lambda p: load_torch_model(p), lambda p: load_calculator([p]), lambda p: describe([p])):
         with pytest.raises(ModelError, match="does not have the sha256 it is registered under"):
             load(str(bad))
+
+
+def test_a_rescore_is_the_committees_energy_and_spread_where_the_structure_stands(model_paths):
+    """Rescoring evaluates, it does not relax: the structure comes back unmoved, with the committee
+    mean energy (predict_energies) and the spread a relaxation reports at its end point."""
+    from matdisc.mlip import predict_energies, rescore_many
+    from matdisc.mlip.batched import committee_spread, mace_models
+    from matdisc.mlip.model import load_torch_model
+
+    structures = rattled(5, seed=3)
+    res = rescore_many(structures, model_paths, MLIPConfig(device="cpu"))
+    assert [r.id for r in res] == [cid for cid, _ in structures] and all(r.status == "ok" for r in res)
+    assert all(r.n_steps == 0 and np.allclose(r.atoms.positions, a.positions) for r, (_, a) in zip(res, structures))
+    expected = predict_energies(model_paths, [a for _, a in structures])
+    assert np.allclose([r.energy_per_atom for r in res], expected, atol=1e-8)
+    members = mace_models([load_torch_model(p) for p in model_paths], "cpu", "float64").members
+    spread = committee_spread([a for _, a in structures], list(members))
+    assert np.allclose([r.sigma for r in res], spread[:, 0]) and np.allclose([r.force_std for r in res], spread[:, 1])
+    assert all(r.sigma > 0 for r in res)

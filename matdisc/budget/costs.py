@@ -247,7 +247,8 @@ def calibrate(
     """
     out = rates
     if not mlip.empty:
-        ok = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged"))]
+        relaxed = mlip[mlip["kind"] != "rescore"] if "kind" in mlip else mlip  # a rescore takes no steps
+        ok = relaxed[relaxed["status"].isin(("ok", "symmetry_changed", "unconverged"))]
         if len(ok):
             out = out.updated("store", mlip_steps=float(ok["n_steps"].mean()))
     if not dft.empty:

@@ -10,7 +10,7 @@ from matdisc.mlip.model import (
     require_elements,
     resolve_device,
 )
-from matdisc.mlip.relax import relax_ase, relax_many
+from matdisc.mlip.relax import relax_ase, relax_many, rescore_many
 from matdisc.mlip.train import TrainedModel, evaluate, predict_energies, train_committee, train_mace
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "predict_energies",
     "relax_ase",
     "relax_many",
+    "rescore_many",
     "require_elements",
     "resolve_device",
     "train_committee",

@@ -54,6 +54,48 @@ def relax_many(
     return results
 
 
+def rescore_many(
+    structures: list[tuple[str, Atoms]], model_paths: list[str], mlip: MLIPConfig | None = None
+) -> list[RelaxResult]:
+    """The committee's energy, energy spread and force spread of each ``(id, atoms)`` as it stands
+    (no relaxation: ``n_steps`` 0), batched; outcome ``ok`` unless the energy is not finite."""
+    import torch_sim as ts
+
+    from matdisc.mlip.batched import CPU_BATCH_ATOMS, atom_chunks, committee_spread, mace_models
+
+    mlip = mlip or MLIPConfig()
+    if not structures:
+        return []
+    t0 = time.perf_counter()
+    device = resolve_device(mlip.device)
+    modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
+    model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
+    atoms_list = [a for _, a in structures]
+    energies: list[float] = []
+    for _, chunk in atom_chunks(atoms_list, mlip.batch_atoms or CPU_BATCH_ATOMS):
+        state = ts.initialize_state(chunk, model.device, model.dtype)
+        energies += [float(e) for e in model(state)["energy"].detach().cpu()]
+    members = list(model.members) if len(modules) > 1 else [model]
+    spread = committee_spread(atoms_list, members, mlip.batch_atoms)
+    share = (time.perf_counter() - t0) / len(structures)
+    out = []
+    for (cid, atoms), e, (sigma, fstd) in zip(structures, energies, spread):
+        ok = bool(np.isfinite(e))
+        out.append(
+            RelaxResult(
+                cid,
+                "ok" if ok else "exploded",
+                "" if ok else "non-finite energy at the rescored structure",
+                atoms.copy(),
+                energy=e if ok else float("nan"),
+                sigma=float(sigma),
+                force_std=float(fstd),
+                walltime_s=share,
+            )
+        )
+    return out
+
+
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
     from matdisc.mlip.batched import BatchSettings, committee_spread, mace_models, relax_batched
 

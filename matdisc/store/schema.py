@@ -88,9 +88,12 @@ TABLES: dict[str, Table] = {
             "mlip",
             "relaxation",
             "r{round}/mlip/{model_sha256[:12]}/{sha1 of the batch's ids}",
-            {**_RESULT, "round": "int", "model_sha256": "str", "e_mlip_per_atom": "float"},
-            "MLIP relaxations: outcome, energy, committee spread and relaxed structure, per model",
+            {**_RESULT, "round": "int", "model_sha256": "str", "e_mlip_per_atom": "float", "kind": "str"},
+            "MLIP results per model: relaxations (kind relax: outcome, energy, committee spread, relaxed "
+            "structure) and rescores (kind rescore: a later committee's energy and spread at the latest "
+            "relaxed structure, which keeps its outcome)",
             structures=True,
+            migrate={"kind": lambda df: pd.Series("relax", index=df.index)},  # stores before rescoring
         ),
         Table(
             "dft",
