@@ -35,8 +35,9 @@ def test_every_stage_of_every_round_records_predicted_and_actual_cost(campaign_s
     mlip, dft = store.table("mlip"), store.table("dft")
     for r in (1, 2):
         rows = costs[costs["round"] == r].set_index("stage")
-        n_relaxed = int((mlip["round"] == r).sum())
-        assert rows.loc["relax", "jobs"] == math.ceil(n_relaxed / cfg.mlip.structures_per_task)
+        size = cfg.mlip.structures_per_task  # relaxations and rescores go in tasks of their own kind
+        kinds = mlip["kind"][mlip["round"] == r]
+        assert rows.loc["relax", "jobs"] == sum(math.ceil((kinds == k).sum() / size) for k in ("relax", "rescore"))
         # a relaxation task's compute is shared out over its structures: they add back up
         assert rows.loc["relax", "actual_s"] == pytest.approx(mlip["walltime_s"][mlip["round"] == r].sum())
         assert rows.loc["dft", "jobs"] == int((dft["round"] == r).sum()) == cfg.active_learning.dft_budget
@@ -61,7 +62,7 @@ def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
     must be within x1.5 of what the relaxations did. Its time on a quiet machine is
     ``benchmarks/planning.py``'s measurement."""
     from matdisc.budget.costs import calibrate, relax_work
-    from matdisc.stages.relax import expected_steps
+    from matdisc.stages.relax import RESCORE_STEPS, expected_steps
 
     cfg, _ = campaign_store
     store = open_campaign(cfg.store_path)
@@ -76,9 +77,12 @@ def test_calibrated_predictions_of_round_2_match_what_it_cost(campaign_store):
 
     rates = calibrate(planning.campaign_rates(cfg)[0], before("costs"), before("mlip"), before("dft"))
     cand = store.table("candidates").drop_duplicates("id").set_index("id")
-    relaxed = list(store.table("mlip")["id"][store.table("mlip")["round"] == 2])
+    mlip = store.table("mlip")
+    relaxed = list(mlip["id"][(mlip["round"] == 2) & (mlip["kind"] == "relax")])
+    rescored = list(mlip["id"][(mlip["round"] == 2) & (mlip["kind"] == "rescore")])
     steps = expected_steps(before("mlip"), cand["source"].to_dict(), relaxed, rates.mlip_steps)
-    work = sum(relax_work([int(cand.loc[c, "n_atoms"]) for c in relaxed], rates, steps))
+    steps += [RESCORE_STEPS] * len(rescored)
+    work = sum(relax_work([int(cand.loc[c, "n_atoms"]) for c in relaxed + rescored], rates, steps))
     recorded = store.table("costs")
     relax = recorded[(recorded["round"] == 2) & (recorded["stage"] == "relax")].iloc[0]
     assert relax["predicted_s"] == pytest.approx(relax["jobs"] * rates.relax_task_s + rates.relax_s * work, rel=1e-6)
@@ -96,13 +100,13 @@ def test_a_relaxation_is_expected_to_take_the_steps_it_took_last_time(campaign_s
     store = open_campaign(cfg.store_path)
     mlip = store.table("mlip")
     sources = store.table("candidates").drop_duplicates("id").set_index("id")["source"].to_dict()
-    counted = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged"))]
+    counted = mlip[mlip["status"].isin(("ok", "symmetry_changed", "unconverged")) & (mlip["kind"] == "relax")]
     r2 = list(counted["id"][counted["round"] == 2])
     assert expected_steps(mlip, sources, r2, 1e6) == list(counted["n_steps"][counted["round"] == 2].astype(float))
     # the round-2 random crystals as round 2 saw them: never relaxed, so their source's first relaxations
     new = [cid for cid in r2 if sources[cid] == "random" and cid not in set(mlip["id"][mlip["round"] < 2])]
     before = mlip[mlip["round"] < 2]
-    firsts = before.drop_duplicates("id")
+    firsts = before[before["kind"] == "relax"].drop_duplicates("id")
     random_mean = firsts["n_steps"][firsts["id"].map(sources) == "random"].mean()
     assert new and np.isfinite(random_mean)
     assert expected_steps(before, sources, new, 1e6) == [pytest.approx(random_mean)] * len(new)

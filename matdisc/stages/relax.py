@@ -38,7 +38,7 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
     batches = [("relax", relax[i : i + size]) for i in range(0, len(relax), size)]
     batches += [("rescore", [(cid, a) for cid, a, _ in rescore[i : i + size]]) for i in range(0, len(rescore), size)]
     outcome = {cid: kept for cid, _, kept in rescore}  # a rescored structure keeps its relaxation's outcome
-    progress = ctx.executor.progress(cfg, round_, "MLIP relaxations and rescores", len(pending))
+    progress = ctx.executor.progress(cfg, round_, "MLIP relaxations", len(pending))  # rescores count in it
     if rescore:
         ctx.log.info(
             "round %d: relaxing %d candidates, rescoring %d (predicted beyond %g eV/atom of the hull)",
