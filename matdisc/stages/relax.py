@@ -92,7 +92,7 @@ def split_pending(
     if window is None or not pending:
         return list(pending), []
     mlip = w.table("mlip")
-    frames, row_of = w.latest_frames("mlip")
+    frames, row_of = w.latest_frames("mlip", mlip)
     if frames is None:
         return list(pending), []
     cand = w.candidates()

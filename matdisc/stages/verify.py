@@ -183,7 +183,7 @@ def reference_starts(w: CampaignWriter, ref: ReferenceConfig, ids: list[str]) ->
     if ref.start == "initial":
         return {cid: Start(initial[cid], "initial") for cid in ids}
     mlip = w.table("mlip")
-    frames, row_of = w.latest_frames("mlip")
+    frames, row_of = w.latest_frames("mlip", mlip)
     matcher = StructureMatcher()
     out = {}
     for cid in ids:

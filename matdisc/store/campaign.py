@@ -129,9 +129,10 @@ class Campaign:
     def frames(self, table: str = "frames") -> Frames:
         return self.tables.read_frames(table)
 
-    def latest_frames(self, table: str) -> tuple[Frames | None, dict[str, int]]:
-        """A table's structures and the row of each id's latest one (later rows supersede), read once."""
-        rows = self.table(table)
+    def latest_frames(self, table: str, rows: pd.DataFrame | None = None) -> tuple[Frames | None, dict[str, int]]:
+        """A table's structures and the row of each id's latest one (later rows supersede), read once;
+        ``rows``: the table as the caller already read it."""
+        rows = self.table(table) if rows is None else rows
         if rows.empty:
             return None, {}
         return self.frames(table), {cid: i for i, cid in enumerate(rows["id"])}
