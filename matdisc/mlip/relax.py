@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 from ase import Atoms
@@ -54,6 +55,15 @@ def relax_many(
     return results
 
 
+def _committee(model_paths: list[str], mlip: MLIPConfig, device: str) -> tuple[Any, list]:
+    """(the torch-sim model the committee mean drives, its members for the spread)."""
+    from matdisc.mlip.batched import mace_models
+
+    modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
+    model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
+    return model, list(model.members) if len(modules) > 1 else [model]
+
+
 def rescore_many(
     structures: list[tuple[str, Atoms]], model_paths: list[str], mlip: MLIPConfig | None = None
 ) -> list[RelaxResult]:
@@ -61,21 +71,19 @@ def rescore_many(
     (no relaxation: ``n_steps`` 0), batched; outcome ``ok`` unless the energy is not finite."""
     import torch_sim as ts
 
-    from matdisc.mlip.batched import CPU_BATCH_ATOMS, atom_chunks, committee_spread, mace_models
+    from matdisc.mlip.batched import CPU_BATCH_ATOMS, atom_chunks, committee_spread
 
     mlip = mlip or MLIPConfig()
     if not structures:
         return []
     t0 = time.perf_counter()
     device = resolve_device(mlip.device)
-    modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
-    model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
+    model, members = _committee(model_paths, mlip, device)
     atoms_list = [a for _, a in structures]
     energies: list[float] = []
     for _, chunk in atom_chunks(atoms_list, mlip.batch_atoms or CPU_BATCH_ATOMS):
         state = ts.initialize_state(chunk, model.device, model.dtype)
         energies += [float(e) for e in model(state)["energy"].detach().cpu()]
-    members = list(model.members) if len(modules) > 1 else [model]
     spread = committee_spread(atoms_list, members, mlip.batch_atoms)
     share = (time.perf_counter() - t0) / len(structures)
     out = []
@@ -97,10 +105,9 @@ def rescore_many(
 
 
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
-    from matdisc.mlip.batched import BatchSettings, committee_spread, mace_models, relax_batched
+    from matdisc.mlip.batched import BatchSettings, committee_spread, relax_batched
 
-    modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
-    model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
+    model, members = _committee(model_paths, mlip, device)
     settings = BatchSettings(
         fmax=mlip.fmax,
         max_steps=mlip.max_steps,
@@ -109,7 +116,6 @@ def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> 
         steps_between_swaps=mlip.steps_between_swaps,
     )
     results = relax_batched(structures, model, settings)
-    members = list(model.members) if len(modules) > 1 else [model]
     usable = [r for r in results if r.status in USABLE or r.status == "unconverged"]
     spread = committee_spread([r.atoms for r in usable], members, mlip.batch_atoms)
     for r, (sigma, fstd) in zip(usable, spread):
