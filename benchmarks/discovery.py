@@ -17,10 +17,16 @@ Per strategy, one JSON line (means over seeds): ``hull_recovered_fraction`` at t
 ``dft_fraction_of_exhaustive`` (calls to reach ``--target`` recovery over the distinct compounds of
 the union pool; a seed that never reaches it counts as the whole pool), ``calls_ratio_vs_random``
 (those calls over what random selection without replacement from the union pool needs, averaged
-over 2,000 permutations: the baseline of the same run), ``daf`` (share of calls that recovered a
-phase over that share in the pool), ``hull_gap_mev_max`` (how far the campaign's own DFT hull lies
-above the true one at a true phase's composition), and per seed the calls, rounds, stop reason
-and seconds. See docs/benchmarks.md for the recorded results.
+over 2,000 permutations: the baseline of the same run), ``daf`` (share of the budget's calls that
+recovered a phase over that share in the pool; calls a campaign that stopped early did not make
+count as calls without a find, so an early stop cannot inflate it), ``hull_gap_mev_max`` (how far
+the campaign's own DFT hull lies above the true one at a true phase's composition), and per seed the calls, rounds, stop reason
+and seconds. ``baseline_calls``: every strategy's mean calls to the target in the same run (and
+``random_expected``, the permutation average), so a line says what each baseline needed. The
+baselines isolate acquisition: ``greedy`` (the model's ranking alone), ``greedy_spread`` (the same
+with ``uncertainty``'s diversity and structure-family spread: what the committee spread adds),
+``random`` and ``random_stratified`` (random, one of every structure family first: what the
+families alone buy). See docs/benchmarks.md for the recorded results.
 
 Run: ``.venv/bin/python benchmarks/discovery.py --system Cu-Pd --seeds 1`` (a campaign trains
 MACE committees for several minutes per round on 2 cores); ``--record`` appends the lines to
@@ -197,9 +203,37 @@ def hull_gap_mev(camp: Campaign, elements: dict[str, float], phases: dict[str, f
 
 
 # -- the benchmark --------------------------------------------------------------------------------
+def strategy_stats(mine: list, phases: dict, elements: dict, budget: int, n_compounds: int, prevalence: float,
+                   target: float) -> dict[str, list]:
+    """Per seed of one strategy: recovery at the budget, calls to ``target`` (the whole pool when never
+    reached), DAF at the budget and the hull gap."""
+    from pymatgen.core import Composition
+
+    from matdisc.metrics import calls_to_reach, recovery_curve
+
+    out: dict[str, list] = {"recovered": [], "calls": [], "dafs": [], "gaps": [], "per_seed": []}
+    for camp in mine:
+        keys = [str(i) for i in range(len(camp.calls))]
+        phase_of = {k: f for k, (f, s, e) in zip(keys, camp.calls) if recovers(f, s, e, phases)}
+        curve = recovery_curve(keys[:budget], phase_of, len(phases))
+        need = calls_to_reach(curve, target)
+        out["recovered"].append(float(curve[-1]) if len(curve) else 0.0)
+        out["calls"].append(need if need is not None else n_compounds)
+        # at the budget: calls a campaign did not make (it stopped early) count as calls without a find
+        on_phase = sum(k in phase_of for k in keys[:budget])
+        out["dafs"].append(on_phase / budget / prevalence if budget and prevalence else float("nan"))
+        out["gaps"].append(hull_gap_mev(camp, elements, phases))
+        out["per_seed"].append({
+            "seed": camp.seed, "recovered": round(out["recovered"][-1], 3), "calls_to_target": need,
+            "calls_spent": len(camp.calls), "hull_gap_mev": round(out["gaps"][-1], 2), "rounds": camp.rounds,
+            "stop": camp.stop, "seconds": round(camp.seconds, 1),
+            "pool": sum(len(Composition(f).elements) > 1 for f, _ in camp.candidates.values())})
+    return out
+
+
 def run_system(args, system: str) -> list[dict]:
     from matdisc.executor import InProcess
-    from matdisc.metrics import calls_to_reach, expected_random_calls, recovery_curve
+    from matdisc.metrics import expected_random_calls
     from matdisc.round import run_campaign
     from matdisc.stages.generate import preview_candidates
 
@@ -240,32 +274,23 @@ def run_system(args, system: str) -> list[dict]:
     print(f"# {system}: union pool {len(compounds)} compounds, {len(phases)} true hull phases {sorted(phases)}, "
           f"{len(on_phase)} candidates on them; budget {budget}; random needs {random_calls:.1f} calls for "
           f"{args.target:.0%} (exhaustive EMT {t_exh:.0f} s)", file=sys.stderr, flush=True)
+    stats = {strategy: strategy_stats([c for c in camps if c.strategy == strategy], phases, elements, budget,
+                                      len(compounds), prevalence, args.target)
+             for strategy in strategies}
+    baseline_calls = {strategy: round(float(np.mean(st["calls"])), 1) for strategy, st in stats.items()}
+    baseline_calls["random_expected"] = round(random_calls, 1)
     lines = []
-    for strategy in strategies:
-        mine = [c for c in camps if c.strategy == strategy]
-        recovered, calls, dafs, gaps, per_seed = [], [], [], [], []
-        for camp in mine:
-            keys = [str(i) for i in range(len(camp.calls))]
-            phase_of = {k: f for k, (f, s, e) in zip(keys, camp.calls) if recovers(f, s, e, phases)}
-            curve = recovery_curve(keys[:budget], phase_of, len(phases))
-            need = calls_to_reach(curve, args.target)
-            recovered.append(float(curve[-1]) if len(curve) else 0.0)
-            calls.append(need if need is not None else len(compounds))
-            dafs.append(len(phase_of) / len(camp.calls) / prevalence if camp.calls and prevalence else float("nan"))
-            gaps.append(hull_gap_mev(camp, elements, phases))
-            per_seed.append({"seed": camp.seed, "recovered": round(recovered[-1], 3), "calls_to_target": need,
-                             "calls_spent": len(camp.calls), "hull_gap_mev": round(gaps[-1], 2),
-                             "rounds": camp.rounds, "stop": camp.stop, "seconds": round(camp.seconds, 1),
-                             "pool": sum(len(Composition(f).elements) > 1 for f, _ in camp.candidates.values())})
+    for strategy, st in stats.items():
         line = {
-            "system": system, "strategy": strategy, "seeds": len(mine), "runs": "matdisc.round.run_campaign",
-            "hull_recovered_fraction": round(float(np.mean(recovered)), 3),
-            "dft_fraction_of_exhaustive": round(float(np.mean(calls)) / len(compounds), 3),
-            "calls_ratio_vs_random": round(float(np.mean(calls)) / random_calls, 3),
-            "daf": round(float(np.nanmean(dafs)), 2), "hull_gap_mev_max": round(float(np.max(gaps)), 2),
+            "system": system, "strategy": strategy, "seeds": len(st["per_seed"]), "runs": "matdisc.round.run_campaign",
+            "hull_recovered_fraction": round(float(np.mean(st["recovered"])), 3),
+            "dft_fraction_of_exhaustive": round(float(np.mean(st["calls"])) / len(compounds), 3),
+            "calls_ratio_vs_random": round(float(np.mean(st["calls"])) / random_calls, 3),
+            "daf": round(float(np.nanmean(st["dafs"])), 2), "hull_gap_mev_max": round(float(np.max(st["gaps"])), 2),
             "exhaustive_calls": len(compounds), "budget": budget, "per_round": args.per_round,
-            "target": args.target, "cold_start": args.cold_start, "true_hull_phases": sorted(phases), "random_expected_calls": round(random_calls, 1),
-            "per_seed": per_seed,
+            "target": args.target, "cold_start": args.cold_start, "true_hull_phases": sorted(phases),
+            "random_expected_calls": round(random_calls, 1), "baseline_calls": baseline_calls,
+            "per_seed": st["per_seed"],
         }
         print(json.dumps(line), flush=True)
         lines.append(line)
@@ -283,7 +308,7 @@ def main() -> None:
     parser.add_argument("--max-atoms", type=int, default=6)
     parser.add_argument("--random", type=int, default=20, help="PyXtal random crystals per round")
     parser.add_argument("--target", type=float, default=0.95, help="recovery the call counts are measured at")
-    parser.add_argument("--strategies", default="uncertainty,greedy,random")
+    parser.add_argument("--strategies", default="uncertainty,greedy,greedy_spread,random,random_stratified")
     parser.add_argument("--cold-start", choices=["flow", "elements"], default="flow",
                         help="flow: the campaign's default seeds; elements: fcc/bcc/hcp only")
     parser.add_argument("--record", action="store_true", help="append the lines to docs/benchmarks/discovery.jsonl")

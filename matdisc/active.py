@@ -22,7 +22,10 @@ possible. Three ingredients decide a round's picks:
   eV/atom above the hull, ahead of the L1_1 and C6 phases, all within 15 meV/atom), so a
   blind spot of the model costs a round one pick, not the round.
 
-``greedy`` (lowest ``e_hull_pred``) and ``random`` (a seeded draw) are the baselines.
+The baselines isolate what each ingredient buys: ``greedy`` (lowest ``e_hull_pred``) and
+``random`` (a seeded draw), and the same two spread over structure families like
+``uncertainty``'s exploitation pass: ``greedy_spread`` (the model's ranking without its
+uncertainty) and ``random_stratified`` (the families without the model).
 Everything here takes plain data (a candidates DataFrame, structures by id) and returns ids.
 """
 
@@ -38,7 +41,9 @@ from pymatgen.core import Composition, Structure
 
 from matdisc.records import USABLE
 
-STRATEGIES = ("uncertainty", "greedy", "random")
+STRATEGIES = ("uncertainty", "greedy", "random", "greedy_spread", "random_stratified")
+#: The ranking each strategy walks: the spread variants take their base strategy's order.
+BASE = {"greedy_spread": "greedy", "random_stratified": "random"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ def acquisition_scores(pool: pd.DataFrame, strategy: str, *, kappa: float = 1.0,
     """Per-candidate score, lower is picked first (random: a seeded permutation rank)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown acquisition strategy {strategy!r}: use {', '.join(STRATEGIES)}")
+    strategy = BASE.get(strategy, strategy)
     mean = pool["e_hull_pred"].to_numpy(dtype=float)
     if strategy == "greedy":
         return mean
@@ -133,8 +139,9 @@ def select(
             ),
             (explore, budget, "system"),
         ]
-    else:
-        passes = [(pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed)), budget, None)]
+    else:  # one pass; the spread variants take one of every family before a second of any
+        spread = "family" if strategy in BASE and families is not None else None
+        passes = [(pool.assign(acq_score=acquisition_scores(pool, strategy, kappa=kappa, seed=seed)), budget, spread)]
     matcher = StructureMatcher() if structure_of is not None else None
     seen: dict[str, list[Structure]] = {f: list(v) for f, v in (verified or {}).items()}
     per_formula: dict[str, int] = {}
@@ -143,7 +150,7 @@ def select(
     picks: list[Pick] = []
     taken: set[str] = set()
     for n_pass, (scored, until, spread) in enumerate(passes):
-        pass_kind = "random" if strategy == "random" else "explore" if n_pass == 1 else "exploit"
+        pass_kind = "random" if BASE.get(strategy, strategy) == "random" else "explore" if n_pass == 1 else "exploit"
         ranked = scored.sort_values(["acq_score", "id"], kind="stable")
         rows = list(enumerate(ranked.itertuples(index=False)))
         keys = {

@@ -448,10 +448,11 @@ class ActiveLearningConfig(_Strict):
     hull_tolerance: float = Field(
         0.0, ge=0, description="eV/atom: a verified candidate within this of the DFT hull is a hit"
     )
-    acquisition: Literal["uncertainty", "greedy", "random"] = Field(
+    acquisition: Literal["uncertainty", "greedy", "random", "greedy_spread", "random_stratified"] = Field(
         "uncertainty",
         description="uncertainty: lowest optimistic e_hull (mean - kappa*sigma); greedy: lowest predicted "
-        "e_hull; random: a seeded random draw (baseline)",
+        "e_hull; random: a seeded random draw; greedy_spread, random_stratified: greedy or random taking "
+        "one candidate of every structure family before a second of any (baselines)",
     )
     kappa: float = Field(1.0, ge=0, description="weight of the committee spread in the optimistic e_hull")
     explore_fraction: float = Field(
@@ -474,9 +475,9 @@ class ActiveLearningConfig(_Strict):
     )
     structure_spread: bool = Field(
         True,
-        description="uncertainty: take the best candidate of each structure family (prototype, or random "
-        "crystals as one family) before a second of any, so a model's blind spot for one structure type costs "
-        "a round one pick",
+        description="uncertainty, greedy_spread, random_stratified: take the best candidate of each structure "
+        "family (prototype, or random crystals as one family) before a second of any, so a model's blind spot for "
+        "one structure type costs a round one pick",
     )
     max_dft_total: int | None = Field(
         None, ge=0, description="stop once the campaign's rounds have used this many DFT calculations (None: no cap)"
@@ -484,6 +485,14 @@ class ActiveLearningConfig(_Strict):
     patience: int | None = Field(
         None, ge=1, description="stop after this many rounds in a row without a new hit (None: never)"
     )
+
+    @model_validator(mode="after")
+    def _spread_needs_families(self) -> ActiveLearningConfig:
+        if self.acquisition in ("greedy_spread", "random_stratified") and not self.structure_spread:
+            raise ValueError(
+                f"acquisition {self.acquisition} spreads over structure families: structure_spread must be true"
+            )
+        return self
 
 
 class ScreeningConfig(_Strict):

@@ -103,8 +103,40 @@ def test_picks_spread_over_structure_families_when_a_model_ranks_one_type_too_we
     # once every family has a pick, the next level takes a second of each in order
     assert [p.id for p in select(df, 6, strategy="uncertainty", explore_fraction=0.0, families=families)] == [
         "rand0", "l11", "c6", "b1", "rand1", "rand2"]
-    # the baselines ignore families
+    # the plain baselines ignore families
     assert [p.id for p in select(df, 3, strategy="greedy", families=families)] == ["rand0", "rand1", "rand2"]
+    # greedy_spread: greedy's order with the same family spread, no uncertainty
+    spread_greedy = select(df, 5, strategy="greedy_spread", families=families)
+    assert [p.id for p in spread_greedy] == ["rand0", "l11", "c6", "b1", "rand1"]
+    assert {p.kind for p in spread_greedy} == {"exploit"}
+
+
+def test_random_stratified_draws_every_family_before_a_second_of_any():
+    """Random order, but one of each structure family first: 3 families and a crowd of random
+    cells give 3 different families in the first 3 picks, whatever the seed."""
+    rows = [(f"rand{i}", f"Cu{i + 1}Pd", 0.01, 0.0) for i in range(12)]
+    df = pool(rows + [("l10", "CuPd", 0.02, 0.0), ("l12", "Cu3Pd", 0.02, 0.0)])
+    df["source"] = ["random"] * 12 + ["prototype"] * 2
+    df["prototype"] = [""] * 12 + ["L1_0", "L1_2"]
+    families = structure_families(df)
+    firsts = set()
+    for seed in range(8):
+        picks = select(df, 4, strategy="random_stratified", seed=seed, families=families)
+        assert {families[p.id] for p in picks[:3]} == {"random", "L1_0", "L1_2"}
+        assert {p.kind for p in picks} == {"random"}
+        firsts.add(picks[0].id)
+        plain = select(df, 3, strategy="random", seed=seed, families=families)
+        assert [p.id for p in plain] == [p.id for p in select(df, 3, strategy="random", seed=seed)]
+    assert len(firsts) > 1  # still a random draw
+
+
+def test_the_spread_baselines_need_structure_spread():
+    from pydantic import ValidationError
+
+    from matdisc.config import ActiveLearningConfig
+
+    with pytest.raises(ValidationError, match="spreads over structure families"):
+        ActiveLearningConfig(acquisition="random_stratified", structure_spread=False)
 
 
 def test_candidates_the_model_could_not_relax_lead_the_exploration_share():
