@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 
 from ase import Atoms
+from pymatgen.analysis.structure_matcher import StructureMatcher
+from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
 
 from matdisc.config import CampaignConfig
@@ -27,28 +29,45 @@ def reference_set_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str
     """Elemental references (each element in fcc, bcc and hcp) missing from the current reference set.
 
     A hull needs its elements computed with the same settings: a campaign that starts from
-    a foundation model, or whose reference settings changed, computes them first. Missing
-    reference structures are added as round-0 candidates (source ``reference``).
+    a foundation model, or whose reference settings changed, computes them first. Each
+    reference is the first stored candidate StructureMatcher calls the same structure (a seed,
+    say); missing ones are added as round-0 candidates (source ``reference``). Other elemental
+    candidates are candidates like any other, not references: a pool of strained elemental
+    cells must not turn into hundreds of reference calculations.
     """
     settings = settings_hash(cfg.reference)
-    cand = w.table("candidates")
     elemental = [
         c
         for c in prototype_candidates(cfg.chemsys, cfg.generation, names=["fcc", "bcc", "hcp"])
         if len(c.structure.composition.elements) == 1
     ]
     keys = [dedup_key(c.structure) for c in elemental]
-    stored = set(cand["dedup_key"])
-    missing = [(c, k) for c, k in zip(elemental, keys) if k not in stored]
+    structures = [c.structure for c in elemental]
+    ids = stored_matches(w, structures, keys)
+    missing = [(c, k) for c, k, cid in zip(elemental, keys, ids) if cid is None]
     if missing:
         for c, _ in missing:
             c.source = "reference"
         add_candidates(w, [c for c, _ in missing], 0, "reference", [k for _, k in missing])
-        cand = w.table("candidates")
-    wanted = set(keys)
-    ids = [cid for cid, k in zip(cand["id"], cand["dedup_key"]) if k in wanted]
+        ids = stored_matches(w, structures, keys)
     done = dft_done(w, settings)
-    return [(cid, a) for cid, a in candidate_atoms(w, ids) if cid not in done]
+    return candidate_atoms(w, [cid for cid in dict.fromkeys(ids) if cid is not None and cid not in done])
+
+
+def stored_matches(w: CampaignWriter, structures: list[Structure], keys: list[str]) -> list[str | None]:
+    """Per structure, the id of the first stored candidate with its dedup key that StructureMatcher
+    fits to it (None: no such candidate)."""
+    existing = stored_by_key(w)(set(keys))
+    table = w.table("candidates")
+    ids_by_key: dict[str, list[str]] = {}
+    for cid, k in zip(table["id"], table["dedup_key"]):
+        if k in existing:
+            ids_by_key.setdefault(k, []).append(cid)
+    matcher = StructureMatcher()
+    return [
+        next((cid for cid, t in zip(ids_by_key.get(k, ()), existing.get(k, ())) if matcher.fit(s, t)), None)
+        for s, k in zip(structures, keys)
+    ]
 
 
 def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
@@ -59,8 +78,6 @@ def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
     candidate; the others become round-0 candidates of source ``known``. An entry computed
     with the campaign's own settings (its settings hash) is recorded as it is, not recomputed.
     """
-    from pymatgen.analysis.structure_matcher import StructureMatcher
-
     from matdisc.known_phases import load
 
     # one batch per known_phases setting: a campaign given more files later reads them then (the
@@ -70,21 +87,12 @@ def add_known_phases(w: CampaignWriter, cfg: CampaignConfig) -> None:
     if not cfg.known_phases.configured or w.has_batch("known_phases", key):
         return
     phases = load(cfg.known_phases, cfg.chemsys)
-    matcher, stored = StructureMatcher(), stored_by_key(w)
+    matcher = StructureMatcher()
     keys = [dedup_key(p.structure) for p in phases]
-    existing = stored(set(keys))
     table = w.table("candidates")
-    ids_by_key: dict[str, list[str]] = {}
-    if not table.empty:
-        for cid, k in zip(table["id"], table["dedup_key"]):
-            if k in existing:
-                ids_by_key.setdefault(k, []).append(cid)
     new: list[tuple[Candidate, str]] = []
     target: list[tuple[str, int]] = []  # per phase: ("id", -1) of a stored candidate, or ("", index into new)
-    for p, k in zip(phases, keys):
-        same = next(
-            (cid for cid, s in zip(ids_by_key.get(k, ()), existing.get(k, ())) if matcher.fit(p.structure, s)), None
-        )
+    for p, k, same in zip(phases, keys, stored_matches(w, [p.structure for p in phases], keys)):
         if same is None:
             same_new = next(
                 (j for j, (c, kk) in enumerate(new) if kk == k and matcher.fit(p.structure, c.structure)), None

@@ -124,3 +124,34 @@ def test_changed_reference_settings_start_a_new_reference_set(tmp_path):
         assert (dft["id"] == compound[0]).sum() == 2  # both sets kept in the store
         assert set(dft["reference_set"]) == {settings_hash(cfg_a.reference), settings_hash(cfg_b.reference)}
         assert w.candidates(settings_hash(cfg_a.reference)).set_index("id").loc[compound[0], "dft_status"] == "ok"
+
+
+def test_the_reference_set_is_the_elemental_structures_not_every_elemental_candidate(tmp_path):
+    """A pool of strained fcc cells shares the dedup key of fcc Cu (one site after reduction): the
+    reference set still holds one calculation per element and structure, the first stored
+    candidate that is that structure, not every candidate with the key."""
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from matdisc.generate import Candidate
+
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    rng = np.random.default_rng(0)
+    strained = []
+    for i in range(12):
+        a = bulk(["Cu", "Pd"][i % 2], "fcc", a=3.8)
+        a.set_cell(a.cell * (1 + rng.uniform(-0.02, 0.02, 3)), scale_atoms=True)
+        strained.append(Candidate(AseAtomsAdaptor.get_structure(a), "benchmark", prototype="fcc1", seed=i))
+    with CampaignWriter(cfg.store_path) as w:
+        record_run(w, cfg)
+        add_candidates(w, strained, 1, "generated")
+        jobs = reference_phases.reference_set_jobs(w, cfg)
+        assert len(jobs) == 6  # Cu and Pd in fcc, bcc and hcp
+        cand = w.table("candidates").set_index("id")
+        sources = [cand.loc[cid, "source"] for cid, _ in jobs]
+        # fcc Cu and fcc Pd are strained candidates already stored (StructureMatcher calls them fcc);
+        # bcc and hcp were missing and were added as reference candidates
+        assert sorted(sources) == ["benchmark"] * 2 + ["reference"] * 4
+        n_stored = len(w.table("candidates"))
+        assert [cid for cid, _ in reference_phases.reference_set_jobs(w, cfg)] == [cid for cid, _ in jobs]
+        assert len(w.table("candidates")) == n_stored  # asked again: nothing added
