@@ -112,6 +112,7 @@ def relax(
             n_steps=n_steps,
             walltime_s=time.perf_counter() - t0,
             frames=frames,
+            engine="ase",
             **extra,
         )
 

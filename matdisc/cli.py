@@ -130,6 +130,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
         )
     console = Console()
     console.print(table)
+    engines = [
+        f"round {r['round']}: " + ", ".join(f"{k} {n}" for k, n in r["mlip_engines"].items())
+        for r in summary["rounds"]
+        if r["mlip_engines"]
+    ]
+    if engines:
+        console.print("MLIP results by engine: " + "; ".join(engines))
     _print_hits(console, args.store)
     _print_spending(console, summary)
     return 0

@@ -212,7 +212,9 @@ class MLIPConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     dtype: Literal["float32", "float64"] = Field("float64", description="float64 for relaxations; float32 is faster")
     engine: Literal["auto", "torch-sim", "ase"] = Field(
-        "auto", description="relaxation engine: batched torch-sim (auto) or the ASE loop (reference, fallback)"
+        "auto",
+        description="relaxation engine: batched torch-sim; auto: the same, with the ASE loop for a structure the "
+        "batched engine fails on alone (recorded per result); ase: the ASE loop (the reference)",
     )
     cell_filter: Literal["frechet", "unit"] = Field("frechet", description="cell degrees of freedom in FIRE")
     fmax: float = Field(0.05, gt=0, description="eV/Å, relaxation force criterion")

@@ -40,6 +40,9 @@ class RelaxResult:
     stress: np.ndarray | None = None
     walltime_s: float = 0.0
     frames: list[Atoms] = field(default_factory=list)
+    #: the code that produced it: ``torch-sim`` (batched) or ``ase`` (the ASE loop), with why the
+    #: ASE loop ran where the batched engine was asked for: ``ase (fallback: ...)``
+    engine: str = ""
 
     @property
     def ok(self) -> bool:

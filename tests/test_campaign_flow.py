@@ -95,6 +95,9 @@ def test_status_json_reports_the_store_counts(campaign_store):
         assert row["dft_verified"] == int(((dft["round"] == r) & (dft["status"] == "ok")).sum())
         usable = mlip["status"].isin(["ok", "symmetry_changed"])
         assert row["relaxed"] == int(((mlip["round"] == r) & usable).sum())
+        # every MLIP result of the flow came from the batched engine, and status says so
+        n_mlip = int((mlip["round"] == r).sum())
+        assert row["mlip_engines"] == ({"torch-sim": n_mlip} if n_mlip else {})
     assert len(status["hits"]) == int(cand["is_hit"].sum())
     assert status["rounds"][-1]["hits"] == int(cand["is_hit"].sum())
     r1 = status["rounds"][1]

@@ -114,6 +114,8 @@ def test_batched_and_ase_agree(model_paths):
     mlip = MLIPConfig(device="cpu", fmax=0.05, max_steps=300)
     batched = relax_many(structures, model_paths[:1], mlip.model_copy(update={"engine": "torch-sim"}))
     ase = relax_ase(structures, model_paths[:1], mlip)
+    assert [r.engine for r in batched] == ["torch-sim"] * 6  # the batched engine really ran
+    assert [r.engine for r in ase] == ["ase"] * 6
     for b, a in zip(batched, ase):
         assert b.id == a.id
         assert b.status in ("ok", "symmetry_changed") and a.status in ("ok", "symmetry_changed"), (b, a)
@@ -136,6 +138,48 @@ def test_unconverged_and_exploded_are_outcomes_not_errors(model_paths):
     assert np.isnan(results["overlap"].energy)
     assert results["c0"].status == "unconverged" and "10 steps" in results["c0"].reason
     assert np.isfinite(results["c0"].energy)
+    assert {r.engine for r in results.values()} == {"torch-sim"}  # outcomes, not a fallback
+
+
+def test_out_of_memory_splits_the_batch_and_finishes_on_the_batched_engine(model_paths, monkeypatch, caplog):
+    """A device that holds 8 atoms per evaluation (a real model on a smaller device, not a mock):
+    a 48-atom batch runs out of memory, is retried with half the atoms per batch until it fits,
+    and every structure is relaxed by the batched engine, as without the limit."""
+    from matdisc.mlip import batched
+
+    structures = rattled(6)  # 4- and 8-atom cells
+    mlip = MLIPConfig(device="cpu", engine="torch-sim", batch_atoms=48, max_steps=100)
+    free = relax_many(structures, model_paths[:1], mlip)
+    monkeypatch.setattr(batched, "DEVICE_MEMORY_ATOMS", 8)
+    with caplog.at_level("WARNING", logger="matdisc.mlip.relax"):
+        limited = relax_many(structures, model_paths[:1], mlip)
+    assert [r.engine for r in limited] == ["torch-sim"] * 6
+    assert "out of memory with 48 atoms per batch: retrying with 24" in caplog.text
+    assert "retrying with 8" in caplog.text
+    for a, b in zip(free, limited):
+        assert (a.id, a.status) == (b.id, b.status)
+        assert abs(a.energy_per_atom - b.energy_per_atom) < 1e-4
+
+
+def test_a_structure_the_batched_engine_cannot_hold_is_failed_or_relaxed_by_ase_as_configured(
+    model_paths, monkeypatch
+):
+    """An 8-atom cell on a device that holds 4 atoms: with ``engine: torch-sim`` it is ``failed`` with
+    the engine's error and the others are relaxed; with ``auto`` the ASE loop relaxes it, recorded
+    as a fallback with the reason. Never silently."""
+    from matdisc.mlip import batched
+
+    structures = rattled(4)  # c1 and c3 have 8 atoms
+    monkeypatch.setattr(batched, "DEVICE_MEMORY_ATOMS", 4)
+    strict = {r.id: r for r in relax_many(structures, model_paths[:1], MLIPConfig(device="cpu", engine="torch-sim"))}
+    assert strict["c1"].status == "failed" and "OutOfMemoryError" in strict["c1"].reason
+    assert strict["c1"].engine == "torch-sim"
+    assert strict["c0"].status in ("ok", "symmetry_changed") and strict["c0"].engine == "torch-sim"
+    auto = {r.id: r for r in relax_many(structures, model_paths[:1], MLIPConfig(device="cpu", engine="auto"))}
+    assert auto["c0"].engine == auto["c2"].engine == "torch-sim"
+    for cid in ("c1", "c3"):
+        assert auto[cid].engine.startswith("ase (fallback: OutOfMemoryError: device holds 4 atoms")
+        assert auto[cid].status in ("ok", "symmetry_changed") and np.isfinite(auto[cid].energy)
 
 
 def test_symmetry_change_is_flagged(model_paths):

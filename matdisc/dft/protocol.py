@@ -91,6 +91,7 @@ def run_protocol(
         workdir=str(workdir),
         notes="; ".join(notes),
         magmom=magmom,
+        engine="ase",
     )
     if out.status in ("ok", "unconverged", "settings_changed"):
         out.atoms = labelled(res.atoms, res.energy, res.forces, res.stress)

@@ -154,6 +154,37 @@ def _finished(state, fmax: float, volume0: torch.Tensor) -> tuple[torch.Tensor, 
     return converged, exploded, blowup
 
 
+def batch_atoms_for(model, structures: list[tuple[str, Atoms]], settings: BatchSettings) -> int:
+    """Atoms per batch: configured, else the CPU default or what the GPU's free memory holds; never
+    fewer than the largest structure."""
+    largest = max(len(a) for _, a in structures)
+    configured = settings.batch_atoms or (
+        CPU_BATCH_ATOMS if model.device.type == "cpu" else gpu_batch_atoms(model, [a for _, a in structures])
+    )
+    return max(configured, largest)
+
+
+#: A device that holds at most this many atoms in one model evaluation (None: the real device's
+#: memory decides). Set to test out-of-memory handling with a real model and a real batch.
+DEVICE_MEMORY_ATOMS: int | None = None
+
+
+class AtomLimitedModel(ModelInterface):
+    """``model`` on a device of ``limit`` atoms: a larger batch raises ``torch.OutOfMemoryError``."""
+
+    def __init__(self, model, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit = model, limit
+        self._device, self._dtype = model.device, model.dtype
+        self._compute_stress, self._compute_forces = True, True
+        self._memory_scales_with = "n_atoms"
+
+    def forward(self, state, **kwargs) -> dict[str, torch.Tensor]:
+        if state.n_atoms > self.limit:
+            raise torch.OutOfMemoryError(f"device holds {self.limit} atoms, the batch has {state.n_atoms}")
+        return self.model(state, **kwargs)
+
+
 def relax_batched(
     structures: list[tuple[str, Atoms]],
     model,
@@ -166,14 +197,13 @@ def relax_batched(
     if not structures:
         return []
     t0 = time.perf_counter()
+    if DEVICE_MEMORY_ATOMS is not None:
+        model = AtomLimitedModel(model, DEVICE_MEMORY_ATOMS)
     device, dtype = model.device, model.dtype
     optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
     init_fn, step_fn = optimizer(model=model)
-    batch_atoms = settings.batch_atoms or (
-        CPU_BATCH_ATOMS if device.type == "cpu" else gpu_batch_atoms(model, [a for _, a in structures])
-    )
+    batch_atoms = batch_atoms_for(model, structures, settings)
     swap_steps = settings.steps_between_swaps or SWAP_STEPS.get(device.type, 5)
-    batch_atoms = max(batch_atoms, max(len(a) for _, a in structures))
     raw = ts.initialize_state([a for _, a in structures], device, dtype)
     volume0 = raw.volume.abs().clone()
 
@@ -231,7 +261,16 @@ def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: 
     if status == "exploded":
         energy = float("nan")
     return RelaxResult(
-        cid, status, reason, atoms, energy=energy, n_steps=n_steps, forces=forces, stress=stress, walltime_s=walltime
+        cid,
+        status,
+        reason,
+        atoms,
+        energy=energy,
+        n_steps=n_steps,
+        forces=forces,
+        stress=stress,
+        walltime_s=walltime,
+        engine="torch-sim",
     )
 
 

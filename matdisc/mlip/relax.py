@@ -3,7 +3,9 @@
 One Dask task relaxes a whole list: the models load once, and the batched engine
 (torch-sim, :mod:`matdisc.mlip.batched`) keeps them busy with a full batch. The ASE loop
 (FIRE + cell filter + ``MACECalculator``, one structure after another) is the reference
-the batched engine is checked against, and the fallback when a batch cannot run.
+the batched engine is checked against; it relaxes a structure in place of the batched engine
+only when configured, or (``engine: auto``) when the batched engine failed on that structure
+alone, and every result records which engine produced it.
 
 The committee mean drives the relaxation; at the relaxed structure the members' spread
 gives ``sigma`` (energy std, eV/atom) and ``force_std`` (largest per-atom force std, eV/Å).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,25 +33,22 @@ log = logging.getLogger(__name__)
 def relax_many(
     structures: list[tuple[str, Atoms]], model_paths: list[str], mlip: MLIPConfig | None = None
 ) -> list[RelaxResult]:
-    """Relax ``(id, atoms)`` pairs (positions + cell); one result per input, in order."""
+    """Relax ``(id, atoms)`` pairs (positions + cell); one result per input, in order.
+
+    Each result records its ``engine``. ``mlip.engine``: ``ase`` runs the ASE loop; ``torch-sim``
+    and ``auto`` the batched engine, where a batch that fails is split and retried on it (out of
+    memory: half the atoms per batch first). A structure that fails alone is ``failed`` with the
+    engine's error (``torch-sim``) or relaxed by the ASE loop and recorded as a fallback (``auto``).
+    """
     mlip = mlip or MLIPConfig()
     if not structures:
         return []
     t0 = time.perf_counter()
     device = resolve_device(mlip.device)
-    engine = mlip.engine if mlip.engine != "auto" else "torch-sim"
-    results = None
-    if engine == "torch-sim":
-        try:
-            results = _relax_torch_sim(structures, model_paths, mlip, device)
-        except Exception as err:  # a batch-level failure: the ASE loop still gives every structure its outcome
-            log.warning(
-                "batched relaxation failed (%s: %s); falling back to the ASE loop",
-                type(err).__name__,
-                str(err).splitlines()[0][:200],
-            )
-    if results is None:
+    if mlip.engine == "ase":
         results = relax_ase(structures, model_paths, mlip, device)
+    else:
+        results = _relax_torch_sim(structures, model_paths, mlip, device)
     share = (time.perf_counter() - t0) / len(results)  # the call's time (models loaded, spread) per structure
     for r in results:
         r.walltime_s = share
@@ -105,7 +105,7 @@ def rescore_many(
 
 
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
-    from matdisc.mlip.batched import BatchSettings, committee_spread, relax_batched
+    from matdisc.mlip.batched import BatchSettings, committee_spread
 
     model, members = _committee(model_paths, mlip, device)
     settings = BatchSettings(
@@ -115,12 +115,90 @@ def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> 
         batch_atoms=mlip.batch_atoms,
         steps_between_swaps=mlip.steps_between_swaps,
     )
-    results = relax_batched(structures, model, settings)
-    usable = [r for r in results if r.status in USABLE or r.status == "unconverged"]
-    spread = committee_spread([r.atoms for r in usable], members, mlip.batch_atoms)
-    for r, (sigma, fstd) in zip(usable, spread):
+    fallback: list[tuple[int, str]] = []  # (position, why) of structures the batched engine could not relax
+
+    def alone(pos: int, err: Exception) -> RelaxResult:
+        cid, atoms = structures[pos]
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        if mlip.engine == "auto":
+            fallback.append((pos, why))
+            return RelaxResult(cid, "failed", why, atoms.copy())  # replaced by the ASE loop's result below
+        return RelaxResult(cid, "failed", f"torch-sim could not relax it: {why}", atoms.copy(), engine="torch-sim")
+
+    results = _split_on_failure(list(range(len(structures))), structures, model, settings, alone)
+    if fallback:
+        log.warning(
+            "the batched engine could not relax %d of %d structures; the ASE loop relaxes them (recorded as engine "
+            "'ase (fallback: ...)')",
+            len(fallback),
+            len(structures),
+        )
+        redo = relax_ase([structures[pos] for pos, _ in fallback], model_paths, mlip, device)
+        for (pos, why), r in zip(fallback, redo):
+            r.engine = f"ase (fallback: {why})"
+            results[pos] = r
+    batched = [r for r in results if r.engine == "torch-sim" and (r.status in USABLE or r.status == "unconverged")]
+    spread = committee_spread([r.atoms for r in batched], members, mlip.batch_atoms)
+    for r, (sigma, fstd) in zip(batched, spread):
         r.sigma, r.force_std = float(sigma), float(fstd)
     return results
+
+
+def _split_on_failure(
+    positions: list[int],
+    structures: list[tuple[str, Atoms]],
+    model: Any,
+    settings: Any,
+    alone: Callable[[int, Exception], RelaxResult],
+) -> list[RelaxResult]:
+    """``relax_batched`` on ``structures`` at ``positions``; a failed batch is retried on the batched
+    engine: out of memory with more than one structure per batch, with half the atoms per batch;
+    otherwise in two halves, so one structure the engine cannot handle costs only itself."""
+    from dataclasses import replace
+
+    from matdisc.mlip.batched import batch_atoms_for, relax_batched
+
+    subset = [structures[p] for p in positions]
+    try:
+        return relax_batched(subset, model, settings)
+    except Exception as err:  # noqa: BLE001 - whatever it was, it is retried smaller or recorded below
+        used = batch_atoms_for(model, subset, settings)
+        largest = max(len(a) for _, a in subset)
+        if out_of_memory(err):
+            _free_device_memory(model)
+            if used > largest:
+                log.warning("out of memory with %d atoms per batch: retrying with %d", used, max(largest, used // 2))
+                return _split_on_failure(
+                    positions, structures, model, replace(settings, batch_atoms=max(largest, used // 2)), alone
+                )
+        if len(positions) == 1:
+            return [alone(positions[0], err)]
+        half = len(positions) // 2
+        log.warning(
+            "batched relaxation of %d structures failed (%s); retrying in halves", len(positions), type(err).__name__
+        )
+        return _split_on_failure(positions[:half], structures, model, settings, alone) + _split_on_failure(
+            positions[half:], structures, model, settings, alone
+        )
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is a device (or host) allocation failure."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return (
+        isinstance(err, MemoryError)
+        or (oom is not None and isinstance(err, oom))
+        or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+    )
+
+
+def _free_device_memory(model: Any) -> None:
+    import torch
+
+    if getattr(model, "device", None) is not None and model.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def relax_ase(structures, model_paths, mlip: MLIPConfig, device: str = "cpu") -> list[RelaxResult]:

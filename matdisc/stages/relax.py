@@ -71,6 +71,15 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
             if r.status == "ok":
                 r.status, r.reason = outcome[r.id]
         record_relaxations(w, key, round_, results, model.sha256, kind)
+        fallbacks = [r for r in results if r.engine.startswith("ase (fallback")]
+        if fallbacks:  # never silent: the flow run's log (the UI) and status show it
+            ctx.log.warning(
+                "%d of %d structures relaxed by the ASE loop because the batched engine failed on them (%s: %s)",
+                len(fallbacks),
+                len(results),
+                fallbacks[0].id,
+                fallbacks[0].engine,
+            )
         seconds.append(sum(r.walltime_s for r in results))
         work += sum(len(r.atoms) * (r.n_steps if kind == "relax" else RESCORE_STEPS) for r in results)
         progress.advance(len(results))

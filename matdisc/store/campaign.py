@@ -173,6 +173,9 @@ class Campaign:
                     **{k: _json_value(rec[k]) for k in DISCOVERY_KEYS if k in rec},
                 }
             )
+        engines = self.mlip_engines()
+        for row in round_rows:
+            row["mlip_engines"] = engines.get(row["round"], {})
         hits = cand[cand["is_hit"]]
         return {
             "store": str(self.location),
@@ -190,6 +193,19 @@ class Campaign:
             ],
             **self.known_phase_summary(cand),
         }
+
+    def mlip_engines(self) -> dict[int, dict[str, int]]:
+        """Per round, MLIP results by the engine that produced them: ``torch-sim``, ``ase``,
+        ``ase (fallback)`` (the batched engine failed on it; the row's ``engine`` says why) or
+        ``unrecorded`` (stores written before engines were recorded)."""
+        mlip = self.table("mlip")
+        engine = mlip["engine"].astype(str)
+        kind = ["ase (fallback)" if e.startswith("ase (fallback") else (e or "unrecorded") for e in engine]
+        counts = pd.DataFrame({"round": mlip["round"].astype(int), "engine": kind}).value_counts(sort=False)
+        out: dict[int, dict[str, int]] = {}
+        for (round_, engine), n in counts.items():
+            out.setdefault(int(round_), {})[str(engine)] = int(n)
+        return out
 
     def known_phase_summary(self, cand: pd.DataFrame | None = None) -> dict[str, Any]:
         """``known_phases``: each configured known phase with its DFT result against the campaign's

@@ -46,6 +46,7 @@ _RESULT = {  # what every relaxation result records (matdisc.records.RelaxResult
     "sigma": "float",
     "force_std": "float",
     "walltime_s": "float",
+    "engine": "str",  # stores before engines were recorded: "" (unknown)
 }
 _REFERENCE = {  # ... and every reference result (matdisc.records.ReferenceResult)
     **_RESULT,
