@@ -22,8 +22,23 @@ MLIP = {"MLIP": 1}
 DFT = {"DFT": 1}
 
 
+def cuda_visible_devices(i: int, visible: list[str]) -> str:
+    """``CUDA_VISIBLE_DEVICES`` of the ``i``-th GPU worker: the inherited list rotated so its own
+    device comes first (dask-cuda's convention), so ``cuda:0`` is that device and the worker still
+    sees the others."""
+    return ",".join(visible[i:] + visible[:i])
+
+
+def inherited_cuda_devices(cuda_devices: int) -> list[str]:
+    """The devices this process may use: ``CUDA_VISIBLE_DEVICES`` as Slurm ``--gres`` or MIG set it
+    (ids, UUIDs or MIG names), else ``0 .. cuda_devices - 1``."""
+    inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return inherited[:cuda_devices] if inherited else [str(i) for i in range(cuda_devices)]
+
+
 def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str, dict]:
-    """Worker specs for a SpecCluster: MLIP workers and single-calculation DFT workers."""
+    """Worker specs for a SpecCluster: MLIP workers (one per visible GPU, at most ``mlip_workers``)
+    and single-calculation DFT workers; every worker has a thread limit."""
     from distributed import Nanny
 
     cores = os.cpu_count() or 1
@@ -31,8 +46,11 @@ def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str
     n_dft = cfg.dft_workers or max(1, (cores - n_mlip) // cfg.threads_per_dft_worker)
     specs: dict[str, dict] = {}
     mlip_threads = cfg.threads_per_mlip_worker or max(1, cores // n_mlip)
+    devices = inherited_cuda_devices(cuda_devices)
     for i in range(n_mlip):
-        env = {"OMP_NUM_THREADS": str(mlip_threads)} if not cuda_devices else {"CUDA_VISIBLE_DEVICES": str(i)}
+        env = {"OMP_NUM_THREADS": str(mlip_threads)}
+        if cuda_devices:
+            env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(i, devices)
         specs[f"mlip-{i}"] = {
             "cls": Nanny,
             "options": {"nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}"},

@@ -23,6 +23,19 @@ def _threads() -> tuple[str, int, int]:
     return os.environ.get("OMP_NUM_THREADS", ""), torch.get_num_threads(), worker_threads()
 
 
+def test_gpu_workers_rotate_the_inherited_device_list(monkeypatch):
+    """Under Slurm ``--gres`` (or MIG) the job sees devices 3 and 5: the two MLIP workers get 3 and 5
+    as their ``cuda:0``, not 0 and 1, and keep a thread limit like every worker."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    specs = local_worker_specs(ComputeConfig(mlip_workers=4, dft_workers=1, threads_per_mlip_worker=2), cuda_devices=2)
+    assert [k for k in specs if k.startswith("mlip")] == ["mlip-0", "mlip-1"]  # one per visible GPU
+    assert specs["mlip-0"]["options"]["env"] == {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "3,5"}
+    assert specs["mlip-1"]["options"]["env"] == {"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": "5,3"}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    plain = local_worker_specs(ComputeConfig(mlip_workers=2, dft_workers=1), cuda_devices=2)
+    assert [plain[f"mlip-{i}"]["options"]["env"]["CUDA_VISIBLE_DEVICES"] for i in (0, 1)] == ["0,1", "1,0"]
+
+
 def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
     """A round never runs MLIP and DFT stages at once, so the MLIP worker's torch gets all the
     cores (it had one: relaxations ran 1.4x slower under the flow than in-process on 2 cores), and
