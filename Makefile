@@ -1,9 +1,13 @@
 # matdisc: `make demo` and `make test` each do all set-up on a fresh machine, idempotently.
-PYTHON ?= python3
+# Python 3.12 or newer (torch-sim 0.6): PYTHON=/path/to/python, else the first of these that runs
+# (pyenv's shims exist on PATH for versions that are not active, and fail when run).
+PYTHON ?= $(shell for p in python3.12 $(HOME)/.pyenv/versions/3.12*/bin/python3.12 python3.13 \
+  $(HOME)/.pyenv/versions/3.1[3-9]*/bin/python3 python3; do \
+  $$p -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { command -v $$p; break; }; done)
 VENV := .venv
 PY := $(VENV)/bin/python
-# The CPU wheel on disk; a GPU machine overrides this (e.g. TORCH_SPEC="torch==2.14.1").
-TORCH_SPEC ?= torch==2.13.0
+# PyPI's wheel: a CUDA build that runs on the CPU too (about 3 GB with its CUDA libraries)
+TORCH_SPEC ?= torch==2.14.1
 # docker-compose: the tests validate deploy/docker-compose.yml with it (no engine needed)
 APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose
 STAMP := $(VENV)/.installed
@@ -21,8 +25,12 @@ sysdeps:
 	fi
 
 $(STAMP): pyproject.toml
+	@[ -n "$(PYTHON)" ] || { echo "matdisc needs Python 3.12 or newer and found none (python3.12 on PATH," \
+	  "or in ~/.pyenv/versions): install one, or give its path as PYTHON=/path/to/python3.12" >&2; exit 2; }
 	@$(MAKE) --no-print-directory sysdeps
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# a venv of an older Python (made before matdisc needed 3.12) is made again
+	@$(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null || { rm -rf $(VENV); \
+	  echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	CC=g++ $(PY) -m pip install -q -e ".[dev]"

@@ -9,11 +9,14 @@ cell filter), float64, in one run:
   divided by the batched engine's wall time (median of three runs) on the same 64 structures;
 * ``step_overhead_vs_model``: time of one batched FIRE step on the full batch divided by
   one model evaluation (energy, forces and stress: forward + backward) on the same batch
-  (``step_overhead_unit_cell``: the same with the unit-cell filter; torch-sim 0.3.0 takes
-  the Fréchet derivative of expm per system in a Python loop, 9 calls per system);
+  (``step_overhead_unit_cell``: the same with the unit-cell filter; torch-sim 0.3.0 took
+  the Fréchet derivative of expm per system in a Python loop, 0.6 batches it);
 * ``max_abs_dE_per_atom``: largest |E_batched − E_ase| per atom (eV) over structures both
   engines relaxed;
-* ``scaling``: structures/s of the batched engine for 8 … 512 structures.
+* ``scaling``: structures/s of the batched engine for 8 … 512 structures;
+* ``engine_used``: the engines the batched runs' results record (``torch-sim`` only, or the
+  benchmark says which fell back), ``structures_per_s`` of the batched engine on the 64, and
+  ``torch_sim_version``.
 
 The model is a tiny MACE (16x0e, r_max 4.5 Å) trained here on 200 EMT frames of Cu-Pd
 (the size a campaign trains on a CPU), or ``--model PATH``. Prints one JSON line.
@@ -81,9 +84,9 @@ def step_overhead(model_path: str, batch, device: str, repeats: int = 10, cell_f
     from matdisc.mlip.model import load_torch_model
 
     model = mace_models([load_torch_model(model_path, device, dtype)], device, dtype)
-    optimizer = ts.frechet_cell_fire if cell_filter == "frechet" else ts.unit_cell_fire
-    init_fn, step_fn = optimizer(model=model)
-    state = init_fn(ts.initialize_state([a for _, a in batch], model.device, model.dtype))
+    filt = ts.CellFilter.frechet if cell_filter == "frechet" else ts.CellFilter.unit
+    state = ts.fire_init(ts.initialize_state([a for _, a in batch], model.device, model.dtype), model,
+                         cell_filter=filt, fire_flavor="ase_fire")
     model(state)  # warm-up
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     t_model, t_step = [], []
@@ -94,7 +97,7 @@ def step_overhead(model_path: str, batch, device: str, repeats: int = 10, cell_f
         sync()
         t_model.append(time.perf_counter() - t)
         t = time.perf_counter()
-        state = step_fn(state)
+        state = ts.fire_step(state, model, fire_flavor="ase_fire")
         sync()
         t_step.append(time.perf_counter() - t)
     return float(min(t_step) / min(t_model))
@@ -116,6 +119,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--no-ase", action="store_true", help="skip the ASE-loop baseline (speedup_vs_ase: null)")
     parser.add_argument("--scaling", default="8,32,128,512", help="structure counts for the scaling figures")
+    parser.add_argument("--record", action="store_true", help="append the line to docs/benchmarks/relax.jsonl")
     args = parser.parse_args()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,13 +151,14 @@ def main() -> None:
         for n in (int(x) for x in args.scaling.split(",")):
             batch = structures(n, seed=n)
             t = time.perf_counter()
-            relax_many(batch, [model], mlip)
+            assert {r.engine for r in relax_many(batch, [model], mlip)} == {"torch-sim"}
             scaling[str(n)] = round(n / (time.perf_counter() - t), 2)
             progress(f"scaling: {n} structures at {scaling[str(n)]} structures/s")
     import torch
+    from importlib.metadata import version
 
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    print(json.dumps({
+    result = {
         "device": name,
         "dtype": args.dtype,
         "speedup_vs_ase": round(t_ase / t_batched, 2) if reference else None,
@@ -161,6 +166,9 @@ def main() -> None:
         "step_overhead_unit_cell": round(overhead_unit, 3),
         "max_abs_dE_per_atom": float(f"{de:.3g}") if de is not None else None,
         "scaling": scaling,
+        "engine_used": sorted({r.engine for r in batched}),
+        "structures_per_s": round(len(bench) / t_batched, 2),
+        "torch_sim_version": version("torch-sim-atomistic"),
         "structures": len(bench),
         "atoms": [len(a) for _, a in bench[:4]],
         "both_converged": len(both),
@@ -169,7 +177,12 @@ def main() -> None:
         "batched_steps_mean": round(float(np.mean([r.n_steps for r in batched])), 1),
         "ase_steps_mean": round(float(np.mean([r.n_steps for r in reference])), 1) if reference else None,
         "train_s": round(t_train, 1),
-    }))
+    }
+    print(json.dumps(result), flush=True)
+    if args.record:
+        from record import record
+
+        record("relax", result)
 
 
 if __name__ == "__main__":

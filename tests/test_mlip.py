@@ -139,6 +139,12 @@ def test_unconverged_and_exploded_are_outcomes_not_errors(model_paths):
     assert results["c0"].status == "unconverged" and "10 steps" in results["c0"].reason
     assert np.isfinite(results["c0"].energy)
     assert {r.engine for r in results.values()} == {"torch-sim"}  # outcomes, not a fallback
+    # the chain's two atoms share a site (x = 0 and x = a): its energy is not finite, and forces are
+    # the gradient of the batch's summed energy; the others still relax as they do without it
+    assert results["chain"].status == "exploded"
+    alone = relax_many(structures[:3], model_paths[:1], mlip)
+    for r in alone:
+        assert results[r.id].status == r.status and abs(results[r.id].energy - r.energy) < 1e-6
 
 
 def test_out_of_memory_splits_the_batch_and_finishes_on_the_batched_engine(model_paths, monkeypatch, caplog):

@@ -51,14 +51,50 @@ class BatchSettings:
 
 
 def mace_models(members: list[torch.nn.Module], device: str, dtype: str, cueq: bool = False):
-    """torch-sim model over one MACE module, or the mean of a committee's."""
-    from torch_sim.models.mace import MaceModel
+    """torch-sim model over one MACE module (mace-torch's own torch-sim integration), or the mean
+    of a committee's."""
+    from mace.calculators.mace_torchsim import MaceTorchSimModel
 
     wrapped = [
-        MaceModel(m, device=torch.device(device), dtype=getattr(torch, dtype), compute_stress=True, enable_cueq=cueq)
+        MaceTorchSimModel(
+            m, device=torch.device(device), dtype=getattr(torch, dtype), compute_stress=True, enable_cueq=cueq
+        )
         for m in members
     ]
-    return wrapped[0] if len(wrapped) == 1 else CommitteeModel(wrapped)
+    return IsolatingModel(wrapped[0] if len(wrapped) == 1 else CommitteeModel(wrapped))
+
+
+class IsolatingModel(ModelInterface):
+    """``model``, with a system whose energy is not finite kept from spoiling the others.
+
+    Forces are the gradient of the batch's summed energy, so one system with a non-finite
+    energy (two atoms on one site, say) makes every force of the batch NaN and every structure
+    of it look exploded. When that happens the batch is evaluated again without those systems;
+    they keep their NaN energy and get NaN forces and stress, the others their own values.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.members = getattr(model, "members", None)
+        self._device, self._dtype = model.device, model.dtype
+        self._compute_stress, self._compute_forces = True, True
+        self._memory_scales_with = "n_atoms"
+
+    def forward(self, state, **kwargs) -> dict[str, torch.Tensor]:
+        out = self.model(state, **kwargs)
+        bad = ~torch.isfinite(out["energy"])
+        if not bad.any() or bad.all() or torch.isfinite(out["forces"]).all():
+            return out
+        good = torch.nonzero(~bad).flatten()
+        clean = self.model(state[good], **kwargs)
+        atoms = torch.isin(state.system_idx, good)
+        fixed = {k: torch.full_like(v, float("nan")) for k, v in out.items() if k in ("energy", "forces", "stress")}
+        fixed["energy"][good] = clean["energy"].detach()
+        fixed["forces"][atoms] = clean["forces"].detach()
+        if "stress" in fixed:
+            fixed["stress"][good] = clean["stress"].detach()
+        return {**out, **fixed}
 
 
 class CommitteeModel(ModelInterface):
@@ -127,22 +163,16 @@ def gpu_batch_atoms(model, structures: list[Atoms]) -> int:
     return _GPU_BATCH_ATOMS[key]
 
 
-def _max_force(state) -> torch.Tensor:
-    per_atom = state.forces.norm(dim=1)
-    out = torch.zeros(state.n_systems, device=per_atom.device, dtype=per_atom.dtype)
-    return out.scatter_reduce(0, state.system_idx, per_atom, reduce="amax", include_self=False)
-
-
 def _finished(state, fmax: float, volume0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(converged, exploded, volume_blowup) per system of a batch."""
-    fmax_atoms = _max_force(state)
-    cell_forces = getattr(state, "cell_forces", None)
-    fmax_cell = cell_forces.norm(dim=2).amax(dim=1) if cell_forces is not None else torch.zeros_like(fmax_atoms)
+    """(converged, exploded, volume_blowup) per system of a batch: converged by torch-sim's force
+    criterion (atoms and cell), exploded by ours (upstream has no notion of a failed relaxation)."""
+    import torch_sim as ts
+
     finite_forces = (
-        torch.zeros_like(fmax_atoms).scatter_reduce(
+        torch.zeros(state.n_systems, device=state.forces.device, dtype=state.forces.dtype).scatter_reduce(
             0,
             state.system_idx,
-            torch.isfinite(state.forces).all(dim=1).to(fmax_atoms.dtype),
+            torch.isfinite(state.forces).all(dim=1).to(state.forces.dtype),
             reduce="amin",
             include_self=False,
         )
@@ -150,7 +180,8 @@ def _finished(state, fmax: float, volume0: torch.Tensor) -> tuple[torch.Tensor, 
     )
     blowup = state.volume.abs() > MAX_VOLUME_FACTOR * volume0
     exploded = ~torch.isfinite(state.energy) | ~finite_forces | blowup
-    converged = (fmax_atoms < fmax) & (fmax_cell < fmax) & ~exploded
+    has_cell = getattr(state, "cell_forces", None) is not None
+    converged = ts.generate_force_convergence_fn(fmax, include_cell_forces=has_cell)(state) & ~exploded
     return converged, exploded, blowup
 
 
@@ -200,8 +231,7 @@ def relax_batched(
     if DEVICE_MEMORY_ATOMS is not None:
         model = AtomLimitedModel(model, DEVICE_MEMORY_ATOMS)
     device, dtype = model.device, model.dtype
-    optimizer = ts.frechet_cell_fire if settings.cell_filter == "frechet" else ts.unit_cell_fire
-    init_fn, step_fn = optimizer(model=model)
+    cell_filter = ts.CellFilter.frechet if settings.cell_filter == "frechet" else ts.CellFilter.unit
     batch_atoms = batch_atoms_for(model, structures, settings)
     swap_steps = settings.steps_between_swaps or SWAP_STEPS.get(device.type, 5)
     raw = ts.initialize_state([a for _, a in structures], device, dtype)
@@ -210,21 +240,21 @@ def relax_batched(
     # initial forces for FIRE, in binned batches (one model call per batch, not per structure)
     binning = BinningAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms)
     binning.load_states(raw)
-    initialised = binning.restore_original_order([init_fn(b) for b in binning])
-
-    batcher = InFlightAutoBatcher(
-        model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms, return_indices=True
+    initialised = binning.restore_original_order(
+        [ts.fire_init(b, model, cell_filter=cell_filter, fire_flavor="ase_fire") for b, _ in binning]
     )
+
+    batcher = InFlightAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms)
     batcher.load_states(initialised)
-    state, _, current = batcher.next_batch(None, None)
-    current = list(current)
+    state, _ = batcher.next_batch(None, None)
+    current = list(batcher.current_idx)
     n = len(structures)
     steps = np.zeros(n, dtype=int)
     verdict: list[tuple[str, str] | None] = [None] * n
     finals: list = [None] * n
     while state is not None:
         for _ in range(swap_steps):
-            state = step_fn(state)
+            state = ts.fire_step(state, model, fire_flavor="ase_fire")
         idx = np.asarray(current)
         steps[idx] += swap_steps
         converged, exploded, blowup = (t.cpu().numpy() for t in _finished(state, settings.fmax, volume0[idx]))
@@ -239,10 +269,10 @@ def relax_batched(
                 verdict[og] = ("unconverged", f"not converged in {steps[og]} steps")
         done = torch.as_tensor(converged | exploded | out_of_steps, device=device)
         k0 = len(batcher.completed_idx_og_order)
-        state, completed, current = batcher.next_batch(state, done)
+        state, completed = batcher.next_batch(state, done)
         for og, final in zip(batcher.completed_idx_og_order[k0:], completed):
             finals[og] = final
-        current = list(current)
+        current = list(batcher.current_idx)
     walltime = (time.perf_counter() - t0) / n
     return [
         _result(cid, atoms, finals[i], verdict[i], int(steps[i]), walltime) for i, (cid, atoms) in enumerate(structures)
