@@ -294,6 +294,7 @@ def test_a_rescore_is_the_committees_energy_and_spread_where_the_structure_stand
     structures = rattled(5, seed=3)
     res = rescore_many(structures, model_paths, MLIPConfig(device="cpu"))
     assert [r.id for r in res] == [cid for cid, _ in structures] and all(r.status == "ok" for r in res)
+    assert {r.engine for r in res} == {"torch-sim"}
     assert all(r.n_steps == 0 and np.allclose(r.atoms.positions, a.positions) for r, (_, a) in zip(res, structures))
     expected = predict_energies(model_paths, [a for _, a in structures])
     assert np.allclose([r.energy_per_atom for r in res], expected, atol=1e-8)

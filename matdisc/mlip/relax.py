@@ -99,6 +99,7 @@ def rescore_many(
                 sigma=float(sigma),
                 force_std=float(fstd),
                 walltime_s=share,
+                engine="torch-sim",
             )
         )
     return out
