@@ -1,31 +1,20 @@
 """Acquisition: which relaxed candidates get a reference (DFT) calculation this round.
 
-The point of the loop is to find the stable phases with as few DFT calculations as
-possible. Three ingredients decide a round's picks:
+The loop exists to find the stable phases with as few DFT calculations as possible. A round's
+picks combine:
 
 - exploitation: the lowest predicted energy above the current DFT hull (``e_hull_pred``);
-- exploration where it could matter: the committee spread ``sigma`` makes a candidate
-  optimistic, ``e_hull_pred - kappa * sigma`` (a lower confidence bound), so a structure
-  the model is unsure about is verified when it might be stable, not when it surely is not.
-  ``explore_fraction`` of the budget goes to the best optimistic candidates, the rest to
-  the best predicted ones (the discovery benchmark measured pure exploration spending
-  calls that exploitation did not need);
-- diversity: walking down the ranking, a candidate is skipped when StructureMatcher calls
-  its relaxed structure the same as an earlier pick or an already verified candidate (MLIP
-  relaxations often fold several starting points into one phase), and at most
-  ``max_per_composition`` picks share a reduced formula;
-- spread over structure families (``families``: prototype, or ``random`` for random
-  crystals): the predicted pass takes the best candidate of each family before a second of
-  any, the optimistic pass the best of each (subsystem, family) pair. A
-  committee trained on a few seed structures ranks whole structure types wrongly together
-  (the discovery benchmark's Al-Ag cold start puts dozens of random cells, truly 0.04-0.56
-  eV/atom above the hull, ahead of the L1_1 and C6 phases, all within 15 meV/atom), so a
-  blind spot of the model costs a round one pick, not the round.
+- exploration where it could matter: ``explore_fraction`` of the budget goes to the lowest
+  optimistic ``e_hull_pred - kappa * sigma`` (committee spread ``sigma``), so an uncertain
+  candidate is verified when it might be stable, not when it surely is not;
+- diversity: a candidate StructureMatcher calls the same as an earlier pick or a verified
+  structure is skipped, and at most ``max_per_composition`` picks share a reduced formula;
+- spread over structure families (prototype, or ``random``): one of each family before a
+  second of any, so a model's blind spot for one structure type costs a round one pick.
 
-The baselines isolate what each ingredient buys: ``greedy`` (lowest ``e_hull_pred``) and
-``random`` (a seeded draw), and the same two spread over structure families like
-``uncertainty``'s exploitation pass: ``greedy_spread`` (the model's ranking without its
-uncertainty) and ``random_stratified`` (the families without the model).
+The baselines isolate what each ingredient buys: ``greedy``, ``random``, ``greedy_spread``
+(the family spread without the committee spread) and ``random_stratified`` (the families
+without the model). Why these rules, with the measurements behind them: docs/stages/select.md.
 Everything here takes plain data (a candidates DataFrame, structures by id) and returns ids.
 """
 
