@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 from uuid import UUID
 
 import pandas as pd
@@ -84,8 +85,12 @@ class StageProgress:
         self.id: UUID | None = None
         self._last = time.monotonic()
         if total:
-            self.id = create_progress_artifact(
-                0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}", description=f"{self.description} (0/{total})"
+            # sync-compatible: called from the flow's (sync) code it returns the UUID, not a coroutine
+            self.id = cast(
+                UUID,
+                create_progress_artifact(
+                    0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}", description=f"{self.description} (0/{total})"
+                ),
             )
 
     def advance(self, n: int = 1) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from matdisc.config import ComputeConfig
 from matdisc.errors import UserError
@@ -127,7 +128,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "worker_extra_args": ["--resources", "DFT=1"],  # one calculation per worker at a time
         "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"],
     }
-    mlip = {
+    mlip: dict[str, Any] = {
         **common,
         "queue": s.mlip_queue or s.queue,
         "cores": s.mlip_cores,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import cast
 from uuid import UUID
 
 #: Seconds between two heartbeats of a flow run (Prefect's minimum is 30).
@@ -87,12 +88,12 @@ def ensure_zombie_automation() -> tuple[str, bool]:
     from prefect.automations import Automation
 
     try:
-        existing = Automation.read(name=ZOMBIE_AUTOMATION)
+        existing = cast(Automation, Automation.read(name=ZOMBIE_AUTOMATION))  # sync-compatible: sync here
     except ValueError:  # not found
         existing = None
     if existing is not None:
         return str(existing.id), bool(existing.enabled)
-    created = zombie_automation().create()
+    created = cast(Automation, zombie_automation().create())
     return str(created.id), True
 
 

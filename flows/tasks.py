@@ -35,7 +35,9 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-RETRY = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": transient_failure}
+def retried_task(name: str) -> Any:
+    """A Prefect task decorator: retried twice (after 5 and 30 s) when ``transient_failure`` says so."""
+    return task(name=name, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_failure)
 
 
 def worker_threads() -> int | None:
@@ -49,19 +51,19 @@ def worker_threads() -> int | None:
 
 
 #: The jobs that need nothing of the worker are the job functions themselves, as Prefect tasks.
-relax_task = task(name="relax-mace", **RETRY)(jobs.relax)
-rescore_task = task(name="rescore-mace", **RETRY)(jobs.rescore)
-evaluate_task = task(name="evaluate-mace", **RETRY)(jobs.evaluate)
-train_task = task(name="train-mace", **RETRY)(jobs.train)
+relax_task = retried_task("relax-mace")(jobs.relax)
+rescore_task = retried_task("rescore-mace")(jobs.rescore)
+evaluate_task = retried_task("evaluate-mace")(jobs.evaluate)
+train_task = retried_task("train-mace")(jobs.train)
 
 
-@task(name="reference-relax-static", **RETRY)
+@retried_task("reference-relax-static")
 def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
     """A reference calculation using the cores this Dask worker has."""
     return jobs.reference(cid, atoms, reference, workdir, threads=worker_threads())
 
 
-@task(name="reference-statics", **RETRY)
+@retried_task("reference-statics")
 def statics_task(batch: list, reference: dict, workdir: str) -> list:
     """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
     return jobs.statics(batch, reference, workdir, threads=worker_threads())

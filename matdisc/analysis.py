@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from pymatgen.core import Composition, Structure
 
@@ -54,9 +56,9 @@ def hull_figure(cand: pd.DataFrame, chemsys: Sequence[str] | None = None) -> Fig
     if not entries:
         raise UserError("no DFT-verified candidates yet: nothing to draw a hull of")
     ax = PDPlotter(PhaseDiagram(entries), backend="matplotlib").get_plot()
-    fig = ax.figure
+    assert isinstance(ax, Axes)  # the matplotlib backend draws on Axes
     ax.set_title(f"{'-'.join(chemsys)}: DFT phase diagram ({len(entries)} entries)")
-    return fig
+    return cast(Figure, ax.figure)
 
 
 def composition_fraction(formula: str, element: str) -> float:
@@ -271,7 +273,7 @@ def export_structures(
 
             write(path, AseAtomsAdaptor.get_atoms(s), format="extxyz")
         else:
-            s.to(filename=str(path), fmt=fmt)
+            s.to(filename=str(path), fmt="cif" if fmt == "cif" else "poscar")
         paths.append(path)
     return paths
 

@@ -70,13 +70,13 @@ def _cmd_candidates(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
-            r["formula"],
-            r["source"],
-            r["prototype"],
+            str(r["formula"]),
+            str(r["source"]),
+            str(r["prototype"]),
             str(r["spacegroup"]),
             str(r["n_atoms"]),
-            r["pearson"],
-            r["parent"] or r["detail"],
+            str(r["pearson"]),
+            str(r["parent"] or r["detail"]),
         )
     console = Console()
     console.print(table)

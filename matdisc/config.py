@@ -176,6 +176,7 @@ class TrainingConfig(_Strict):
         filled = {k: v if v is not None else defaults[k] for k, v in self.model_dump().items() if k in defaults}
         out = self.model_copy(update={**filled, "preset": preset})
         if out.finetune_epochs is None:
+            assert out.max_num_epochs is not None  # filled from the preset above
             out = out.model_copy(update={"finetune_epochs": max(1, out.max_num_epochs // 2)})
         return out
 

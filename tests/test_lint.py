@@ -24,26 +24,17 @@ def test_ruff_format_leaves_the_code_as_it_is():
     assert out.returncode == 0, out.stdout[-3000:]
 
 
-#: The modules mypy skipped when it joined the suite: the baseline may shrink, never grow.
-MYPY_BASELINE_2026_12_03 = {
-    "flows.artifacts", "flows.cluster", "flows.health", "flows.runs", "flows.tasks", "matdisc.active",
-    "matdisc.analysis", "matdisc.budget.costs", "matdisc.budget.planning", "matdisc.budget.probe",
-    "matdisc.budget.tradeoff", "matdisc.cli", "matdisc.config", "matdisc.dft.calculators", "matdisc.dft.protocol",
-    "matdisc.dft.runner", "matdisc.discovery", "matdisc.generate", "matdisc.generate.compositions",
-    "matdisc.generate.geometry", "matdisc.generate.substitution", "matdisc.mlip.batched", "matdisc.mlip.relax",
-    "matdisc.mlip.train", "matdisc.store.tables",
-}
-
-
 def test_mypy_passes_on_the_library_and_the_engine_side():
     out = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(ROOT / ".mypy_cache")], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:]
 
 
-def test_the_mypy_baseline_only_shrinks():
+def test_mypy_checks_every_module():
+    """No module is excused: the 23 that were when mypy joined the suite (2026-12-03) all pass now."""
     import tomllib
 
-    overrides = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]["overrides"]
-    skipped = {m for o in overrides if o.get("ignore_errors") for m in o["module"]}
-    assert skipped <= MYPY_BASELINE_2026_12_03, f"modules newly excused from mypy: {skipped - MYPY_BASELINE_2026_12_03}"
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    excused = {m for o in mypy.get("overrides", []) if o.get("ignore_errors") for m in o["module"]}
+    assert not excused, f"modules excused from mypy: {sorted(excused)}"
+    assert mypy["files"] == ["matdisc", "flows"]

@@ -304,10 +304,11 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 def test_tasks_retry_only_transient_failures(error, retry):
     from prefect.states import Failed
 
-    from matdisc_flows.tasks import RETRY, relax_task, transient_failure
+    from matdisc_flows.tasks import reference_task, relax_task, transient_failure
 
-    assert relax_task.retries == 2 and relax_task.retry_condition_fn is transient_failure
-    assert RETRY["retry_delay_seconds"] == [5, 30]  # backoff
+    for t in (relax_task, reference_task):
+        assert t.retries == 2 and t.retry_condition_fn is transient_failure
+        assert t.retry_delay_seconds == [5, 30]  # backoff
     assert transient_failure(relax_task, None, Failed(data=error)) is retry
 
 

@@ -146,7 +146,7 @@ def planewaves(atoms: Atoms, ref: ReferenceConfig) -> float:
 
     ref = ref.resolved()
     mode = calculator_parameters(ref)["parameters"].get("mode")
-    ecut = float(mode.get("ecut") or ref.ecut) if isinstance(mode, dict) else float(ref.ecut or 300.0)
+    ecut = float(mode.get("ecut") or ref.ecut or 300.0) if isinstance(mode, dict) else float(ref.ecut or 300.0)
     k_cut = math.sqrt(2 * ecut / _HARTREE) / _BOHR  # Å⁻¹
     return atoms.get_volume() * k_cut**3 / (6 * math.pi**2)
 

@@ -143,7 +143,9 @@ def dft_cost(
 def epochs_for(cfg: CampaignConfig, round_: int, device: str) -> int:
     """Epochs of the round's training: rounds after the first fine-tune the screening model."""
     t = cfg.mlip.training.sized(device)
-    return int(t.finetune_epochs if round_ >= 1 and t.start_from == "previous" else t.max_num_epochs)
+    epochs = t.finetune_epochs if round_ >= 1 and t.start_from == "previous" else t.max_num_epochs
+    assert epochs is not None  # sized() fills every size field
+    return int(epochs)
 
 
 def member_atoms(frame_atoms: float, cfg: CampaignConfig) -> float:

@@ -181,7 +181,8 @@ def _probe_training(cfg: CampaignConfig, seeds: list[Atoms], workdir: Path, rate
     train_frames = [a for a, _ in train]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // concurrent_members(cfg.mlip.ensemble, cores))
-    times, model = [], None
+    times: list[float] = []
+    model = workdir  # replaced by the last probe's model file
     for epochs in PROBE_EPOCHS:
         sized = training.model_copy(update={"max_num_epochs": epochs})
         trained, seconds = _timed(

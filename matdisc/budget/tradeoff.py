@@ -135,6 +135,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def default_sizes(cfg: CampaignConfig, device: str) -> list[str]:
     """Half, the configured and double the configured channels, at the configured max L."""
     t = cfg.mlip.training.sized(device)
+    assert t.num_channels is not None and t.max_L is not None  # sized() fills every size field
     c, L = int(t.num_channels), int(t.max_L)
     return [f"{max(4, c // 2)}x{L}", f"{c}x{L}", f"{2 * c}x{L}"]
 

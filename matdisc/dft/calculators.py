@@ -19,7 +19,7 @@ import hashlib
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ase import Atoms
 from ase.calculators.calculator import Calculator, kptdensity2monkhorstpack
@@ -120,7 +120,8 @@ def make_calculator(
         params.setdefault("txt", str(workdir / "gpaw.txt"))
         if magmoms_for(atoms, ref) is not None:
             params.setdefault("spinpol", True)
-        return GPAW(**params)
+        # GPAW's ASECalculator follows ASE's calculator protocol without subclassing Calculator
+        return cast(Calculator, GPAW(**params))
     if params.get("kpts") == "auto":
         params["kpts"] = kpoints(atoms, density)
     module, _, cls = ref.calculator.partition(":")

@@ -94,6 +94,7 @@ def run_protocol(
         engine="ase",
     )
     if out.status in ("ok", "unconverged", "settings_changed"):
+        assert res.forces is not None  # a finished static calculation has forces
         out.atoms = labelled(res.atoms, res.energy, res.forces, res.stress)
     elif frames:  # timeout and failures keep the last energy that was computed
         out.energy = float(frames[-1].info["REF_energy"])

@@ -250,9 +250,7 @@ def read_frames(path: Path) -> list[Atoms]:
     out = []
     try:
         for a in iread(str(path), index=":", format="extxyz"):
-            forces = a.arrays.get("REF_forces")
-            stress = a.info.get("REF_stress")
-            out.append(labelled(a, float(a.info["REF_energy"]), forces, stress))
+            out.append(labelled(a, float(a.info["REF_energy"]), a.arrays["REF_forces"], a.info.get("REF_stress")))
     except Exception:  # the writer was killed mid-frame
         pass
     return out

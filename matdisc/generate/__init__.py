@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,44 +128,44 @@ def prototype_candidates(
                     )
                 )
     unary = cfg.prototype.elements if cfg.prototype.elements is not None else len(chemsys) == 1
-    for p in library:
-        if len(p.species) > max_el or (len(p.species) == 1 and not unary and names is None):
+    for lp in library:
+        if len(lp.species) > max_el or (len(lp.species) == 1 and not unary and names is None):
             continue
-        if p.n_sites > cfg.max_atoms:
+        if lp.n_sites > cfg.max_atoms:
             skips.append(
                 {
                     "source": "prototype",
-                    "formula": p.compound,
-                    "spacegroup": p.spacegroup,
-                    "reason": f"too many sites: {p.n_sites} > max_atoms {cfg.max_atoms} ({p.aflow})",
+                    "formula": lp.compound,
+                    "spacegroup": lp.spacegroup,
+                    "reason": f"too many sites: {lp.n_sites} > max_atoms {cfg.max_atoms} ({lp.aflow})",
                 }
             )
             continue
         try:
-            decorated = aflow.decorate(p, chemsys, oxidation=comp_screen.oxidation)
+            decorated = aflow.decorate(lp, chemsys, oxidation=comp_screen.oxidation)
         except Exception as err:  # noqa: BLE001 - one prototype's failure must not stop the round
             skips.append(
                 {
                     "source": "prototype",
-                    "formula": p.compound,
-                    "spacegroup": p.spacegroup,
-                    "reason": f"decoration failed: {type(err).__name__}: {err} ({p.aflow})",
+                    "formula": lp.compound,
+                    "spacegroup": lp.spacegroup,
+                    "reason": f"decoration failed: {type(err).__name__}: {err} ({lp.aflow})",
                 }
             )
             continue
         for species, s in decorated:
             if comp_screen.allows(s.composition.reduced_formula):
-                detail = " ".join(f"{a}={b}" for a, b in zip(p.species, species))
+                detail = " ".join(f"{a}={b}" for a, b in zip(lp.species, species))
                 out.append(
                     Candidate(
                         s,
                         "prototype",
-                        p.name,
-                        spacegroup=p.spacegroup,
+                        lp.name,
+                        spacegroup=lp.spacegroup,
                         detail=detail,
-                        aflow=p.aflow,
-                        strukturbericht=p.strukturbericht,
-                        pearson=p.pearson,
+                        aflow=lp.aflow,
+                        strukturbericht=lp.strukturbericht,
+                        pearson=lp.pearson,
                     )
                 )
     return out
@@ -193,7 +193,7 @@ def substitution_candidates(
     chemsys: list[str],
     cfg: GenerationConfig,
     comp_screen: CompositionScreen,
-    hits: list[tuple[str, Structure]] = (),
+    hits: Sequence[tuple[str, Structure]] = (),
 ) -> list[Candidate]:
     sc = cfg.substitution
     parents: list[tuple[str, Structure]] = []
@@ -225,10 +225,10 @@ def generate(
     cfg: GenerationConfig,
     *,
     round_: int = 1,
-    existing: list[Structure] = (),
+    existing: Sequence[Structure] = (),
     existing_keys: list[str] | None = None,
     existing_by_key: Callable[[set[str]], dict[str, list[Structure]]] | None = None,
-    hits: list[tuple[str, Structure]] = (),
+    hits: Sequence[tuple[str, Structure]] = (),
 ) -> tuple[list[Candidate], list[str], GenerationReport]:
     """New, unique candidates for a round, their dedup keys, and the report.
 
@@ -288,7 +288,8 @@ def generate(
 
     caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round, "random": None}
     taken: dict[str, int] = {}
-    out, out_keys = [], []
+    out: list[Candidate] = []
+    out_keys: list[str] = []
     for i in keep:
         src = cands[i].source
         cap = caps.get(src)

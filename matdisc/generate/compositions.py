@@ -88,9 +88,11 @@ def _smact_allowed(elements: tuple[str, ...], threshold: int) -> dict[str, dict[
     from smact.screening import smact_filter
 
     allowed: dict[str, dict[str, int]] = {}
-    for els, ox, ratio in smact_filter(
+    # with oxidation states asked for, smact yields (symbols, oxidation states, ratio) triples
+    found: list[tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]] = smact_filter(  # type: ignore[assignment]
         [smact.Element(e) for e in elements], threshold=threshold, oxidation_states_set=OXIDATION_SET
-    ):
+    )
+    for els, ox, ratio in found:
         formula = Composition(dict(zip(els, ratio))).reduced_formula
         allowed.setdefault(formula, dict(zip(els, ox)))
     return allowed

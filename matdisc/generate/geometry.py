@@ -96,8 +96,9 @@ def scale_to_ionic_radii(s: Structure, oxidation: dict[str, int]) -> Structure:
     Falls back to atomic volumes when an ion has no tabulated radius or there is no
     cation–anion pair.
     """
-    radii = {el: ionic_radius(f"{el}{abs(q)}{'+' if q > 0 else '-'}") for el, q in oxidation.items() if q}
-    if any(r is None for r in radii.values()):
+    found = {el: ionic_radius(f"{el}{abs(q)}{'+' if q > 0 else '-'}") for el, q in oxidation.items() if q}
+    radii = {el: r for el, r in found.items() if r is not None}
+    if len(radii) < len(found):
         return scale_to_alloy_volume(s)
     d, symbols = _pair_min_distances(s)
     ratio = np.inf

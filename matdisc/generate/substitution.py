@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any
 
 from pymatgen.analysis.structure_prediction.substitution_probability import SubstitutionProbability
 from pymatgen.analysis.structure_prediction.substitutor import Substitutor
@@ -102,7 +104,8 @@ def _ionic(parents: list[tuple[str, Structure]], screen: CompositionScreen, thre
                     targets, [{"structure": charged, "id": label}], remove_duplicates=False
                 )
             for t in preds:
-                mapping = _mapping(t.history[-1].get("species_map") or {})
+                last: Mapping[str, Any] = t.history[-1]  # type: ignore[assignment]  # as_dict() of the step
+                mapping = _mapping(last.get("species_map") or {})
                 out.append(Substituted(_neutral(t.final_structure), label, float(t.other_parameters["proba"]), mapping))
     return out
 

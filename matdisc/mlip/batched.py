@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -238,13 +239,17 @@ def relax_batched(
     volume0 = raw.volume.abs().clone()
 
     # initial forces for FIRE, in binned batches (one model call per batch, not per structure)
-    binning = BinningAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms)
+    binning: BinningAutoBatcher[Any] = BinningAutoBatcher(
+        model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms
+    )
     binning.load_states(raw)
     initialised = binning.restore_original_order(
         [ts.fire_init(b, model, cell_filter=cell_filter, fire_flavor="ase_fire") for b, _ in binning]
     )
 
-    batcher = InFlightAutoBatcher(model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms)
+    batcher: InFlightAutoBatcher[Any] = InFlightAutoBatcher(
+        model, memory_scales_with="n_atoms", max_memory_scaler=batch_atoms
+    )
     batcher.load_states(initialised)
     state, _ = batcher.next_batch(None, None)
     current = list(batcher.current_idx)
@@ -279,7 +284,9 @@ def relax_batched(
     ]
 
 
-def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: int, walltime: float) -> RelaxResult:
+def _result(
+    cid: str, initial: Atoms, final, verdict: tuple[str, str] | None, n_steps: int, walltime: float
+) -> RelaxResult:
     from ase.stress import full_3x3_to_voigt_6_stress
 
     atoms = final.to_atoms()[0]
@@ -287,6 +294,7 @@ def _result(cid: str, initial: Atoms, final, verdict: tuple[str, str], n_steps: 
     energy = float(final.energy[0])
     forces = final.forces.detach().cpu().numpy()
     stress = full_3x3_to_voigt_6_stress(final.stress[0].detach().cpu().numpy())
+    assert verdict is not None  # a structure leaves the batch only with a verdict
     status, reason = classify(initial, atoms, *verdict)
     if status == "exploded":
         energy = float("nan")

@@ -98,6 +98,7 @@ def diverse_frames(energies_per_atom: np.ndarray, max_forces: np.ndarray, k: int
 def _run_train_args(
     name: str, workdir: Path, cfg: TrainingConfig, *, seed: int, device: str, dtype: str, epochs: int
 ) -> list[str]:
+    assert cfg.batch_size is not None  # train_mace takes a sized config
     return [
         sys.executable,
         "-m",
@@ -160,6 +161,8 @@ def train_mace(
     name = f"mace-s{seed}"
     mode = "scratch" if not start_model else ("multihead" if cfg.replay_file else "naive")
     epochs = cfg.max_num_epochs if mode == "scratch" else cfg.finetune_epochs
+    if epochs is None or cfg.batch_size is None:
+        raise ValueError("train_mace needs a sized TrainingConfig (TrainingConfig.sized(device))")
     args = _run_train_args(name, workdir, cfg, seed=seed, device=device, dtype=dtype, epochs=epochs)
     if valid:
         write(workdir / "valid.xyz", valid, format="extxyz")
@@ -176,7 +179,7 @@ def train_mace(
             args += [
                 "--E0s=foundation",
                 "--multiheads_finetuning=True",
-                f"--pt_train_file={Path(cfg.replay_file).resolve()}",
+                f"--pt_train_file={Path(str(cfg.replay_file)).resolve()}",
             ]
         else:
             args.append("--multiheads_finetuning=False")
@@ -223,14 +226,15 @@ def _batched_outputs(model_paths: list[str], frames: list[Atoms], device: str, d
 
 def evaluate(model_path: str, frames: list[Atoms], *, device: str = "cpu", dtype: str = "float64") -> dict[str, float]:
     """Energy (eV/atom) and force (eV/Å) RMSE and MAE of a model on labelled frames, batched."""
-    de, df = [], []
+    per_atom: list[float] = []
+    components: list[np.ndarray] = []
     for chunk, energy, forces in _batched_outputs([model_path], frames, device, dtype):
         offset = 0
         for a, e in zip(chunk, energy):
-            de.append((e - a.info["REF_energy"]) / len(a))
-            df.append((forces[offset : offset + len(a)] - a.arrays["REF_forces"]).ravel())
+            per_atom.append((e - a.info["REF_energy"]) / len(a))
+            components.append((forces[offset : offset + len(a)] - a.arrays["REF_forces"]).ravel())
             offset += len(a)
-    de, df = np.asarray(de), np.concatenate(df)
+    de, df = np.asarray(per_atom), np.concatenate(components)
     return {
         "energy_rmse_per_atom": float(np.sqrt(np.mean(de**2))),
         "energy_mae_per_atom": float(np.mean(np.abs(de))),

@@ -106,7 +106,7 @@ def _parse_log(data: bytes) -> tuple[list[Commit], int]:
             break
         try:
             rec = json.loads(line)
-            commits.append(Commit(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"])))  # type: ignore[arg-type]
+            commits.append(Commit(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"])))
         except (ValueError, KeyError, TypeError):
             break
         good += len(line)
@@ -206,17 +206,28 @@ class TableStore:
         if url is not None:
             self._open_url(url)
         elif write:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self._dir.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
-            self.root = zarr.open_group(store=LocalStore(self.path), mode="a", zarr_format=3)
+            self.root = zarr.open_group(store=LocalStore(self._dir), mode="a", zarr_format=3)
             for side in SIDE_GROUPS:  # zarr groups, so zarr and xarray see known nodes only
                 if side not in self.root:
                     self.root.create_group(side, attributes={"matdisc": "files, not arrays"})
             self._repair()
         else:
-            if not (self.path / "zarr.json").exists():
+            if not (self._dir / "zarr.json").exists():
                 raise StoreError(f"{self.path} is not a campaign store (no zarr.json)")
-            self.root = zarr.open_group(store=LocalStore(self.path, read_only=True), mode="r", zarr_format=3)
+            self.root = zarr.open_group(store=LocalStore(self._dir, read_only=True), mode="r", zarr_format=3)
+
+    @property
+    def _dir(self) -> Path:
+        """The store's directory: local stores only (a URL store is read through fsspec)."""
+        assert isinstance(self.path, Path), f"{self.path} is not a local store"
+        return self.path
+
+    def _group(self, table: str) -> zarr.Group:
+        node = self.root[table]
+        assert isinstance(node, zarr.Group), f"{table} is not a table"
+        return node
 
     def _open_url(self, url: str) -> None:
         if self.write:
@@ -231,14 +242,14 @@ class TableStore:
 
     # -- locking -----------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        (self.path / "_commits").mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / "_commits" / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        (self._dir / "_commits").mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._dir / "_commits" / "writer.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path)
+            _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, self._dir)
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StoreError(_locked_message(self.path, holder)) from None
+            raise StoreError(_locked_message(self._dir, holder)) from None
         except StoreError:
             os.close(fd)
             raise
@@ -260,7 +271,7 @@ class TableStore:
 
     # -- commit log ----------------------------------------------------------------------
     def _log_path(self, table: str) -> Path:
-        return self.path / "_commits" / f"{table}.jsonl"
+        return self._dir / "_commits" / f"{table}.jsonl"
 
     def commits(self, table: str) -> list[Commit]:
         if table not in self._logs or not self.write:
@@ -285,21 +296,21 @@ class TableStore:
     def tables(self) -> list[str]:
         if self._fs is not None:
             return sorted(PurePosixPath(p).stem for p in self._fs.glob(f"{self._fs_root}/_commits/*.jsonl"))
-        log_dir = self.path / "_commits"
+        log_dir = self._dir / "_commits"
         return sorted(p.stem for p in log_dir.glob("*.jsonl")) if log_dir.exists() else []
 
     def _repair(self) -> None:
         """Drop what an interrupted writer left beyond the last commit."""
-        for partial in self.path.rglob("*.partial"):
+        for partial in self._dir.rglob("*.partial"):
             partial.unlink(missing_ok=True)
-        for table in [p.name for p in self.path.iterdir() if (p / "zarr.json").exists() and p.name not in SIDE_GROUPS]:
+        for table in [p.name for p in self._dir.iterdir() if (p / "zarr.json").exists() and p.name not in SIDE_GROUPS]:
             log_path = self._log_path(table)
             _, good = _read_log(log_path)
             if log_path.exists() and good < log_path.stat().st_size:
                 with open(log_path, "r+b") as f:
                     f.truncate(good)
             rows, atoms = self.committed(table)
-            group = self.root[table]
+            group = self._group(table)
             for name, arr in group.arrays():
                 target = self._length_for(name, rows, atoms)
                 if arr.shape[0] != target:
@@ -337,7 +348,7 @@ class TableStore:
         group = self.root.require_group(table)
         if "_row_dim" not in group.attrs:
             group.attrs["_row_dim"] = row_dim
-        row_dim = group.attrs["_row_dim"]
+        row_dim = str(group.attrs["_row_dim"])
 
         for name in {*cols, *(k for k, _ in group.arrays() if k not in _STRUCTURE_ARRAYS)}:
             if name in _STRUCTURE_ARRAYS:
@@ -376,7 +387,7 @@ class TableStore:
         initial: list[Any] | None = None,
     ) -> zarr.Array:
         if name in group:
-            return group[name]
+            return _array(group, name)
         assert values is not None
         values = np.asarray(values)
         tail = values.shape[1:]
@@ -437,7 +448,7 @@ class TableStore:
     def columns(self, table: str) -> list[str]:
         if table not in self.root:
             return []
-        return sorted(k for k, _ in self.root[table].arrays() if k not in _STRUCTURE_ARRAYS)
+        return sorted(k for k, _ in self._group(table).arrays() if k not in _STRUCTURE_ARRAYS)
 
     def read(self, table: str, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Committed values of the named columns (all columns by default)."""
@@ -445,23 +456,23 @@ class TableStore:
         names = self.columns(table) if names is None else list(names)
         if not rows:
             return {name: np.zeros(0) for name in names}
-        group = self.root[table]
-        return {name: np.asarray(group[name][:rows]) for name in names}
+        group = self._group(table)
+        return {name: np.asarray(_array(group, name)[:rows]) for name in names}
 
     def read_frames(self, table: str, rows: slice | np.ndarray | Sequence[int] | None = None) -> Frames:
         """Committed structures of a table (all, or the given row indices)."""
         n, n_atoms = self.committed(table)
-        group = self.root[table]
-        offsets = np.asarray(group["offsets"][: n + 1]) if n else np.zeros(1, np.int64)
+        group = self._group(table)
+        offsets = np.asarray(_array(group, "offsets")[: n + 1]) if n else np.zeros(1, np.int64)
         has_forces = "forces" in group
         if rows is None:
             return Frames(
-                numbers=np.asarray(group["numbers"][:n_atoms]),
-                positions=np.asarray(group["positions"][:n_atoms]),
-                cell=np.asarray(group["cell"][:n]),
-                pbc=np.asarray(group["pbc"][:n]),
+                numbers=np.asarray(_array(group, "numbers")[:n_atoms]),
+                positions=np.asarray(_array(group, "positions")[:n_atoms]),
+                cell=np.asarray(_array(group, "cell")[:n]),
+                pbc=np.asarray(_array(group, "pbc")[:n]),
                 offsets=offsets,
-                forces=np.asarray(group["forces"][:n_atoms]) if has_forces else None,
+                forces=np.asarray(_array(group, "forces")[:n_atoms]) if has_forces else None,
             )
         idx = np.arange(n)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         if not len(idx):
@@ -474,10 +485,16 @@ class TableStore:
         counts = offsets[idx + 1] - offsets[idx]
         atom_idx = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in idx]) - lo
         return Frames(
-            numbers=np.asarray(group["numbers"][lo:hi])[atom_idx],
-            positions=np.asarray(group["positions"][lo:hi])[atom_idx],
-            cell=np.asarray(group["cell"][r_lo:r_hi])[idx - r_lo],
-            pbc=np.asarray(group["pbc"][r_lo:r_hi])[idx - r_lo],
+            numbers=np.asarray(_array(group, "numbers")[lo:hi])[atom_idx],
+            positions=np.asarray(_array(group, "positions")[lo:hi])[atom_idx],
+            cell=np.asarray(_array(group, "cell")[r_lo:r_hi])[idx - r_lo],
+            pbc=np.asarray(_array(group, "pbc")[r_lo:r_hi])[idx - r_lo],
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            forces=np.asarray(group["forces"][lo:hi])[atom_idx] if has_forces else None,
+            forces=np.asarray(_array(group, "forces")[lo:hi])[atom_idx] if has_forces else None,
         )
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    node = group[name]
+    assert isinstance(node, zarr.Array), f"{name} is not a column"
+    return node
