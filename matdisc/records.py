@@ -23,7 +23,8 @@ class RelaxResult:
     """Outcome of relaxing one structure (with an MLIP or a reference calculator).
 
     ``status`` is ``ok``, ``symmetry_changed`` (MLIP), ``unconverged``, ``exploded`` or
-    ``failed`` (see :mod:`matdisc.mlip.outcome`); anything but ``ok`` carries a ``reason``.
+    ``failed`` (see :mod:`matdisc.mlip.outcome`), or ``error`` when the MLIP job as a whole
+    failed (retried by the next run); anything but ``ok`` carries a ``reason``.
     ``frames`` holds every evaluated configuration with its energy,
     forces and stress (training data, for reference calculations).
     """

@@ -87,3 +87,69 @@ def test_every_job_has_its_prefect_task(name):
     from matdisc_flows.tasks import TASKS
 
     assert getattr(jobs, name) in TASKS
+
+
+def test_a_failed_mlip_job_is_recorded_and_retried_by_the_next_run_up_to_a_bound(campaign_store, tmp_path):
+    """An MLIP job that raises (a worker lost for good, a bug) does not stop the stage: its structures
+    are recorded as ``error`` with the job's reason, the other batches land, and the next run retries
+    them (a new commit key), at most ``MLIP_ATTEMPTS`` times; a resume never crashes on it."""
+    import shutil
+
+    from ase.build import bulk
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from matdisc import jobs
+    from matdisc.generate import Candidate
+    from matdisc.stages.context import Run
+    from matdisc.stages.generate import add_candidates
+    from matdisc.stages.registry import current_model
+    from matdisc.stages.relax import MLIP_ATTEMPTS, pending_relaxations, relax_stage
+    from matdisc.store import CampaignWriter
+
+    class Flaky(InProcess):
+        """Loses the worker of every MLIP job holding a candidate named in ``bad``."""
+
+        def __init__(self, bad: set[str]):
+            super().__init__()
+            self.bad = bad
+
+        def submit(self, fn, *args, resource):
+            if fn is jobs.relax and any(cid in self.bad for cid, _ in args[0]):
+                fn = _lost_worker
+            return super().submit(fn, *args, resource=resource)
+
+    cfg, _ = campaign_store
+    shutil.copytree(cfg.store_path, tmp_path / "copy.zarr")
+    data = cfg.model_dump(mode="json")
+    data["store"], data["mlip"]["structures_per_task"] = str(tmp_path / "copy.zarr"), 2
+    cfg = CampaignConfig.model_validate(data)
+    new = []
+    for i, a in enumerate([3.60, 3.62, 3.86, 3.88]):
+        atoms = bulk("Cu" if i < 2 else "Pd", "fcc", a=a, cubic=True)
+        new.append(Candidate(AseAtomsAdaptor.get_structure(atoms), "prototype", "A1", seed=i))
+    with CampaignWriter(cfg.store_path) as w:
+        model = current_model(w)  # the latest committee: it has scored nothing yet
+        relax_stage(Run(w, cfg, InProcess()).round(9), model)
+        add_candidates(w, new, 9, "generated")
+        ids = [cid for cid, _ in pending_relaxations(w, model.sha256)]
+        assert len(ids) == 4  # the new ones: everything else is scored by this committee now
+        relax_stage(Run(w, cfg, Flaky({ids[0]})).round(9), model)  # batches of 2: one is lost
+        mine = w.table("mlip")[lambda t: t["model_sha256"] == model.sha256].set_index("id")
+        assert set(mine.loc[ids[:2], "status"]) == {"error"}
+        assert mine.loc[ids[0], "reason"] == "relax job failed: RuntimeError: worker lost three times"
+        assert set(mine.loc[ids[2:], "status"]) <= {"ok", "symmetry_changed"}  # the other batch landed
+        assert [cid for cid, _ in pending_relaxations(w, model.sha256)] == ids[:2]
+        relax_stage(Run(w, cfg, InProcess()).round(9), model)  # the next run: retried, and it works
+        assert pending_relaxations(w, model.sha256) == []
+        last = w.table("mlip").drop_duplicates("id", keep="last").set_index("id")
+        assert set(last.loc[ids, "status"]) <= {"ok", "symmetry_changed"}
+        assert w.candidates().set_index("id").loc[ids[0], "mlip_status"] in ("ok", "symmetry_changed")
+
+        more = [Candidate(AseAtomsAdaptor.get_structure(bulk("Cu", "bcc", a=2.87)), "prototype", "A2", seed=9)]
+        add_candidates(w, more, 10, "generated")
+        (bcc,) = [cid for cid, _ in pending_relaxations(w, model.sha256)]
+        for _ in range(MLIP_ATTEMPTS):  # a job that always fails is tried a bounded number of times
+            relax_stage(Run(w, cfg, Flaky({bcc})).round(10), model)
+        assert pending_relaxations(w, model.sha256) == []
+        errors = w.table("mlip")[lambda t: t["id"] == bcc]
+        assert list(errors["status"]) == ["error"] * MLIP_ATTEMPTS

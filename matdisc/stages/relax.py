@@ -33,6 +33,7 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
     w, cfg, round_ = ctx.w, ctx.cfg, ctx.number
     ctx.check_trusted(model.paths)
     pending = pending_relaxations(w, model.sha256)
+    errors = job_errors(w, model.sha256)
     relax, rescore = split_pending(w, cfg.mlip.rescore_window, pending)
     size = cfg.mlip.structures_per_task
     batches = [("relax", relax[i : i + size]) for i in range(0, len(relax), size)]
@@ -64,9 +65,16 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
         for kind, b in batches
     }
     for fut in ctx.executor.as_completed(list(futures)):
-        results = fut.result()
         kind, batch = futures[fut]
-        key = relax_batch_key(round_, model.sha256, [cid for cid, _ in batch], kind)
+        try:
+            results = fut.result()
+        except ctx.executor.fatal:  # the engine is gone: the run stops, the next one redoes the batch
+            raise
+        except Exception as err:  # noqa: BLE001 - the job failed as a whole: recorded, retried by the next run
+            results = failed_job(batch, kind, err)
+            ctx.log.warning("MLIP %s job of %d structures failed: %s", kind, len(batch), results[0].reason)
+        attempt = 1 + max(errors.get(cid, 0) for cid, _ in batch)
+        key = relax_batch_key(round_, model.sha256, [cid for cid, _ in batch], kind, attempt)
         for r in results if kind == "rescore" else ():
             if r.status == "ok":
                 r.status, r.reason = outcome[r.id]
@@ -119,12 +127,34 @@ def split_pending(
     return relax, rescore
 
 
+#: Attempts at a candidate's MLIP job per model. A job that failed as a whole (status ``error``:
+#: a worker lost for good, a bug, a full disk) is tried again by the next run, up to this many
+#: times; what a relaxation itself ends in (unconverged, exploded, failed) is final.
+MLIP_ATTEMPTS = 2
+
+
 def pending_relaxations(w: CampaignWriter, model_sha: str) -> list[tuple[str, Atoms]]:
-    """Candidates without a relaxation by this model (every candidate is re-relaxed by each
-    new model, so one round's MLIP hull comes from one model)."""
+    """Candidates without a result by this model (each new model scores every candidate, so one
+    round's MLIP hull comes from one model), and those whose job failed fewer than
+    ``MLIP_ATTEMPTS`` times."""
     mlip = w.table("mlip")
-    done = set(mlip["id"][mlip["model_sha256"] == model_sha])
+    mine = mlip[mlip["model_sha256"] == model_sha]
+    errors = job_errors(w, model_sha)
+    done = set(mine["id"][mine["status"] != "error"]) | {cid for cid, n in errors.items() if n >= MLIP_ATTEMPTS}
     return [(cid, a) for cid, a in candidate_atoms(w) if cid not in done]
+
+
+def job_errors(w: CampaignWriter, model_sha: str) -> dict[str, int]:
+    """Per candidate, how many of this model's jobs for it failed as a whole."""
+    mlip = w.table("mlip")
+    failed = mlip["id"][(mlip["model_sha256"] == model_sha) & (mlip["status"] == "error")]
+    return {str(cid): int(n) for cid, n in failed.value_counts().items()}
+
+
+def failed_job(batch: list[tuple[str, Atoms]], kind: str, err: BaseException) -> list[RelaxResult]:
+    """A result per structure of a job that raised: status ``error`` with the job's error."""
+    why = f"{kind} job failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return [RelaxResult(cid, "error", why, atoms.copy()) for cid, atoms in batch]
 
 
 #: MLIP outcomes whose step count says what a relaxation of that structure costs.
@@ -144,12 +174,13 @@ def expected_steps(mlip: pd.DataFrame, sources: Mapping[str, str], ids: list[str
     return [float(last[cid]) if cid in last else float(by_source.get(sources.get(cid), default)) for cid in ids]
 
 
-def relax_batch_key(round_: int, model_sha: str, ids: list[str], kind: str = "relax") -> str:
+def relax_batch_key(round_: int, model_sha: str, ids: list[str], kind: str = "relax", attempt: int = 1) -> str:
     """Commit key of one relaxation batch, named by what it holds: a resumed round splits its
     remaining candidates into new batches, and an index-based key would collide with (and be
-    skipped as) a batch committed before the crash."""
+    skipped as) a batch committed before the crash. A retried failed job has its attempt in it."""
     digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-    return f"r{round_}/mlip/{model_sha[:12]}/{digest}" + ("-rescore" if kind == "rescore" else "")
+    key = f"r{round_}/mlip/{model_sha[:12]}/{digest}" + ("-rescore" if kind == "rescore" else "")
+    return key + (f"-attempt{attempt}" if attempt > 1 else "")
 
 
 def record_relaxations(
