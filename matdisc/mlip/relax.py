@@ -56,12 +56,13 @@ def relax_many(
 
 
 def _committee(model_paths: list[str], mlip: MLIPConfig, device: str) -> tuple[Any, list]:
-    """(the torch-sim model the committee mean drives, its members for the spread)."""
-    from matdisc.mlip.batched import mace_models
+    """(the torch-sim model the committee mean drives, its members for the spread; each keeps a
+    structure with a non-finite energy from spoiling the others' forces)."""
+    from matdisc.mlip.batched import IsolatingModel, mace_models
 
     modules = [load_torch_model(p, device, mlip.dtype) for p in model_paths]
     model = mace_models(modules, device, mlip.dtype, use_cueq(device, mlip.cueq))
-    return model, list(model.members) if len(modules) > 1 else [model]
+    return model, [IsolatingModel(m) for m in model.members] if len(modules) > 1 else [model]
 
 
 def rescore_many(
