@@ -25,6 +25,26 @@ from matdisc_flows.cluster import DFT, MLIP
 RESOURCES: dict[str, dict[str, int]] = {"mlip": MLIP, "dft": DFT}
 
 
+class TaskFuture:
+    """A Prefect future whose ``result()`` reports a lost Prefect API as ``httpx.ConnectError``.
+
+    Prefect raises ``RuntimeError("Failed to reach API at ...")`` from a task's result when its
+    server is gone: that is the engine failing, not the job, so it must stop the run (``fatal``)
+    instead of being recorded as the job's failure.
+    """
+
+    def __init__(self, future: PrefectFuture) -> None:
+        self.future = future
+
+    def result(self) -> Any:
+        try:
+            return self.future.result()
+        except RuntimeError as err:
+            if "Failed to reach API" in str(err):
+                raise httpx.ConnectError(str(err)) from err
+            raise
+
+
 class PrefectDask:
     """Submits each job as its Prefect task (``matdisc_flows.tasks.TASKS``) to the flow's task runner.
 
@@ -37,12 +57,13 @@ class PrefectDask:
     def __init__(self) -> None:
         self.log = get_run_logger()
 
-    def submit(self, fn: Callable[..., Any], *args: Any, resource: Resource) -> PrefectFuture:
+    def submit(self, fn: Callable[..., Any], *args: Any, resource: Resource) -> TaskFuture:
         with dask.annotate(resources=RESOURCES[resource]):
-            return tasks.TASKS[fn].submit(*args)
+            return TaskFuture(tasks.TASKS[fn].submit(*args))
 
-    def as_completed(self, futures: Iterable[PrefectFuture]) -> Iterator[PrefectFuture]:
-        return as_completed(list(futures))
+    def as_completed(self, futures: Iterable[TaskFuture]) -> Iterator[TaskFuture]:
+        wrapped = {f.future: f for f in futures}
+        return (wrapped[f] for f in as_completed(list(wrapped)))
 
     def progress(self, cfg: CampaignConfig, round_: int, what: str, total: int) -> Progress:
         return artifacts.StageProgress(cfg, round_, what, total)

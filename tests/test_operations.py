@@ -407,3 +407,26 @@ def test_a_campaign_on_an_object_store_killed_mid_round_is_finished_by_another_m
     for path in json.loads(resumed.models()["paths"].iloc[-1]):  # round 1's committee is on the bucket
         assert s3_bucket.exists(f"campaigns/cu-pd.zarr/{path}")
     assert [p.parent.name for p in (node_b / "mirrors").glob("*/report.html")] == [f"{mirror_dir(url).stem}-report"]
+
+
+def test_a_lost_prefect_api_stops_the_run_instead_of_failing_the_job():
+    """Prefect reports its server gone as RuntimeError("Failed to reach API ...") from a task's result:
+    the executor turns that into httpx's ConnectError, which stops the run (the executor's ``fatal``,
+    the CLI's "lost the Prefect API"), so the round never records it as the job's own failure."""
+    import httpx
+
+    from matdisc_flows.executor import PrefectDask, TaskFuture
+
+    class Gone:
+        def result(self):
+            raise RuntimeError("Failed to reach API at http://127.0.0.1:1/api/")
+
+    class Broken:
+        def result(self):
+            raise RuntimeError("a bug in the job")
+
+    with pytest.raises(httpx.ConnectError) as lost:
+        TaskFuture(Gone()).result()
+    assert isinstance(lost.value, PrefectDask.fatal)
+    with pytest.raises(RuntimeError, match="a bug in the job"):  # the job's own error stays the job's
+        TaskFuture(Broken()).result()
