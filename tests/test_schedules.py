@@ -199,3 +199,22 @@ def test_deploy_refuses_a_bad_schedule_before_starting_anything(tmp_path, monkey
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and field in err, err
     assert not (tmp_path / "home").exists()  # no server was started
+
+
+def test_sqlite_contention_is_not_a_failing_service(tmp_path):
+    """Under load the server's event consumer can lose a write to SQLite's lock ("database is
+    locked", retried later): that is contention, counted with the API's other errors, not a service
+    failing; a service whose error is anything else still is one."""
+    log = tmp_path / "prefect-server.log"
+    log.write_text(
+        "16:12:25.119 | ERROR   | prefect.server.utilities.messaging.memory - Failed in consume_loop\n"
+        "Traceback (most recent call last):\n"
+        '  File "aiosqlite/core.py", line 63, in _connection_worker_thread\n'
+        "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked\n"
+        "16:12:30.000 | ERROR   | docket.dependencies - ↩ [    46ms] schedule_deployments(){schedule_deployments}\n"
+        "Traceback (most recent call last):\n"
+        "sqlalchemy.exc.InvalidRequestError: Can't evaluate bulk DML statement\n"
+    )
+    services, other = service_errors(log)
+    assert list(services) == ["schedule_deployments"]
+    assert other.count == 1 and other.last_error.endswith("database is locked")
