@@ -164,10 +164,10 @@ def _split_on_failure(
     try:
         return relax_batched(subset, model, settings)
     except Exception as err:  # noqa: BLE001 - whatever it was, it is retried smaller or recorded below
-        used = batch_atoms_for(model, subset, settings)
-        largest = max(len(a) for _, a in subset)
         if out_of_memory(err):
             _free_device_memory(model)
+            used = batch_atoms_for(model, subset, settings)  # on a GPU a probe: only when memory ran out
+            largest = max(len(a) for _, a in subset)
             if used > largest:
                 log.warning("out of memory with %d atoms per batch: retrying with %d", used, max(largest, used // 2))
                 return _split_on_failure(
