@@ -408,6 +408,18 @@ def _print_hits(console, store: str | Path) -> None:
         console.print(kt)
 
 
+def _registered_start(cfg) -> str | None:
+    """The sha256 a resumed campaign registered its configured model under (None: a new campaign)."""
+    from matdisc.store import open_campaign
+    from matdisc.store.tables import store_exists
+
+    if cfg.mlip.is_cold_start or not store_exists(cfg.store_path):
+        return None
+    from matdisc.stages.registry import registered_start
+
+    return registered_start(open_campaign(cfg.store_path), cfg.mlip.model)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _campaign_args(args)
     if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
@@ -419,7 +431,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from matdisc.mlip.model import configured_model, resolve_device
 
     resolve_device(cfg.mlip.device)  # device: cuda without a GPU is refused here, not inside the flow
-    configured_model(cfg.mlip, cfg.chemsys)  # a model without our elements, or no model at all: refuse now
+    # a model without our elements, no model at all, or a file changed since the campaign registered it: refuse now
+    configured_model(cfg.mlip, cfg.chemsys, _registered_start(cfg))
     _engine_environment()
     from matdisc_flows.server import ensure_api, ui_url
 

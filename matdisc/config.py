@@ -209,6 +209,12 @@ class MLIPConfig(_Strict):
         "cold-start",
         description="cold-start, a mace_mp foundation name (e.g. medium-mpa-0), or a local .model file",
     )
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the sha256 the model file must have: checked before it is unpickled (None: the file as it "
+        "is when the campaign starts; the store keeps that copy, named by its hash, and loads only it after)",
+    )
     ensemble: int = Field(3, ge=1, le=16, description="committee size (uncertainty = spread of members)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     dtype: Literal["float32", "float64"] = Field("float64", description="float64 for relaxations; float32 is faster")
@@ -251,6 +257,12 @@ class MLIPConfig(_Strict):
         if value not in names:
             raise ValueError(f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})")
         return value
+
+    @model_validator(mode="after")
+    def _pin_needs_a_model(self) -> MLIPConfig:
+        if self.model_sha256 is not None and self.is_cold_start:
+            raise ValueError("model_sha256: pins a model file, but mlip.model is cold-start")
+        return self
 
     @field_validator("device")
     @classmethod

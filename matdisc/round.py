@@ -130,8 +130,7 @@ def initial_model(ctx: Round) -> ModelRecord:
             0,
             list(info.paths),
             n_frames=0,
-            source=cfg.mlip.model,
-            copy=False,
+            source=cfg.mlip.model,  # copied in as models/<sha256>.model: every later load checks that hash
             device=resolve_device(cfg.mlip.device),
             dtype=cfg.mlip.dtype,
         )

@@ -302,3 +302,78 @@ def test_a_rescore_is_the_committees_energy_and_spread_where_the_structure_stand
     spread = committee_spread([a for _, a in structures], list(members))
     assert np.allclose([r.sigma for r in res], spread[:, 0]) and np.allclose([r.force_std for r in res], spread[:, 1])
     assert all(r.sigma > 0 for r in res)
+
+
+def test_model_hashes_are_checked_before_unpickling_and_computed_once_per_file_version(model_paths, tmp_path,
+                                                                                      monkeypatch):
+    """``check_sha256`` refuses a file whose sha256 is not the one expected (a pin, or the name a
+    registered file carries); the hash is computed once per (path, size, mtime), and again after the
+    file changed."""
+    import shutil
+
+    from matdisc.mlip import model as registry
+
+    path = tmp_path / "mine.model"
+    shutil.copyfile(model_paths[0], path)
+    calls = []
+    real = registry.file_sha256
+    monkeypatch.setattr(registry, "file_sha256", lambda p: calls.append(p) or real(p))
+    sha = registry.check_sha256(path)
+    assert sha == real(model_paths[0]) and registry.check_sha256(path, sha) == sha and len(calls) == 1
+    with open(path, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelError, match=r"mine.model does not have the sha256 expected \(" + sha[:12]):
+        load_torch_model(str(path), sha256=sha)
+    assert len(calls) == 2  # the changed file was hashed again, and refused before torch.load
+
+
+def test_trust_roots_follow_mace_own_cache_location(tmp_path, monkeypatch):
+    """mace-torch caches foundation models under ``$XDG_CACHE_HOME/mace`` when that is set: a file
+    there is trusted, one in ``~/.cache/mace`` then is not."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    roots = trusted_roots([])
+    assert roots == [(tmp_path / "xdg" / "mace").resolve()]
+    check_trusted([str(tmp_path / "xdg" / "mace" / "mace-mpa-0-medium.model")], roots)
+    with pytest.raises(ModelError, match="not under a configured model location"):
+        check_trusted([str(tmp_path / ".cache" / "mace" / "x.model")], roots)
+
+
+def test_a_configured_model_is_pinned_and_a_resumed_campaign_refuses_it_changed(model_paths, tmp_path):
+    """``mlip.model_sha256`` pins the configured file; without a pin the store registers a copy named
+    by its hash at the start, and ``matdisc run`` on that store refuses the configured file once it
+    changed, before unpickling it, with one line and the store untouched."""
+    import shutil
+
+    from matdisc.config import CampaignConfig
+    from matdisc.mlip.model import configured_model, file_sha256
+    from matdisc.stages.registry import register_model, registered_start
+    from matdisc.store import CampaignWriter, open_campaign
+
+    mine = tmp_path / "mine.model"
+    shutil.copyfile(model_paths[0], mine)
+    sha = file_sha256(mine)
+    cfg = {"name": "cu-pd", "chemsys": ["Cu", "Pd"], "store": str(tmp_path / "cu-pd.zarr"),
+           "mlip": {"model": str(mine), "model_sha256": "0" * 64, "ensemble": 1, "device": "cpu"},
+           "reference": {"calculator": "emt"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "matdisc.cli", "run", str(path)], capture_output=True, text=True)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "does not have the sha256 expected (000000000000" in err[0], err
+    assert not (tmp_path / "cu-pd.zarr").exists()
+    cfg["mlip"]["model_sha256"] = sha
+    assert configured_model(CampaignConfig.model_validate(cfg).mlip, ["Cu", "Pd"]).sha256 == sha
+
+    del cfg["mlip"]["model_sha256"]
+    with CampaignWriter(tmp_path / "cu-pd.zarr") as w:
+        record = register_model(w, 0, [mine], n_frames=0, source=str(mine))
+    assert record.paths == [str(tmp_path / "cu-pd.zarr" / "models" / f"{sha}.model")]  # the store's own copy
+    assert registered_start(open_campaign(tmp_path / "cu-pd.zarr"), str(mine)) == sha
+    before = {p: p.read_bytes() for p in (tmp_path / "cu-pd.zarr").rglob("*") if p.is_file()}
+    with open(mine, "ab") as f:
+        f.write(b"\0" * 8)
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "matdisc.cli", "run", str(path)], capture_output=True, text=True)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and f"does not have the sha256 expected ({sha[:12]}" in err[0], err
+    assert {p: p.read_bytes() for p in (tmp_path / "cu-pd.zarr").rglob("*") if p.is_file()} == before

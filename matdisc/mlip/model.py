@@ -2,8 +2,9 @@
 
 A model file is a pickle, so loading it is running code: matdisc loads only the paths a
 campaign names (its config's ``mlip.model``, the store's own ``models/`` directory, or
-mace-torch's foundation-model cache for ``mace_mp`` names) and records each file's sha256
-beside every result it produces. :func:`describe` reads what a result must record about a
+mace-torch's foundation-model cache for ``mace_mp`` names), checks each file's sha256 before
+unpickling it (against the name a registered file carries, or ``mlip.model_sha256``) and
+records it beside every result it produces. :func:`describe` reads what a result must record about a
 model (sha256, dtype, device, r_max, elements); :func:`require_elements` refuses a model
 that lacks an element of the chemical system before any work starts.
 """
@@ -52,18 +53,35 @@ def file_sha256(path: str | Path) -> str:
 #: A model file the registry keeps is named by its sha256 (``STORE/models/<sha256>.model``).
 _HASH_NAME = re.compile(r"^[0-9a-f]{64}$")
 
+#: sha256 of files already hashed, by (real path, size, mtime): a committee is loaded by every
+#: MLIP job, and hashing a foundation model each time would cost more than the job.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
 
-def check_named_hash(path: str | Path) -> None:
-    """Refuse a file named by a sha256 whose contents do not have it: unpickling runs code, so a
-    registered model that changed on disk (tampered with, or damaged) is never loaded."""
+
+def verified_sha256(path: str | Path) -> str:
+    """A file's sha256, computed once for each (real path, size, modification time)."""
+    real = Path(path).resolve()
+    st = real.stat()
+    key = (str(real), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        _VERIFIED[key] = file_sha256(real)
+    return _VERIFIED[key]
+
+
+def check_sha256(path: str | Path, expected: str | None = None) -> str:
+    """The file's sha256, refused before anything unpickles it when it is not the one expected:
+    ``expected`` when given, else the hash a registered file is named by (``<sha256>.model``).
+    Unpickling runs code, so a model that changed on disk (tampered with, or damaged) never loads."""
     p = Path(path)
-    if p.suffix == ".model" and _HASH_NAME.match(p.stem):
-        actual = file_sha256(p)
-        if actual != p.stem:
+    named = p.stem if p.suffix == ".model" and _HASH_NAME.match(p.stem) else None
+    actual = verified_sha256(p)
+    for want, what in ((named, "it is registered under"), (expected, "expected")):
+        if want is not None and actual != want:
             raise ModelError(
-                f"model file {p} does not have the sha256 it is registered under (it has {actual[:12]}…): "
+                f"model file {p} does not have the sha256 {what} ({want[:12]}…; it has {actual[:12]}…): "
                 "refusing to load it"
             )
+    return actual
 
 
 def committee_sha256(member_hashes: tuple[str, ...]) -> str:
@@ -94,8 +112,6 @@ def worker_threads() -> int:
     The worker's environment says how many cores an MLIP job may use, but a Dask nanny starts
     its worker process with ``OMP_NUM_THREADS=1`` (``distributed.nanny.pre-spawn-environ``) and
     torch keeps the thread count it read then; the ``env`` a worker spec sets comes later."""
-    import os
-
     import torch
 
     wanted = os.environ.get("OMP_NUM_THREADS", "")
@@ -125,9 +141,11 @@ def foundation_model_path(name: str) -> str:
 
 
 def trusted_roots(configured: list[str | Path]) -> list[Path]:
-    """Directories and files a campaign may load models from."""
-    cache = Path(os.path.expanduser("~/.cache/mace"))
-    return [Path(p).resolve() for p in configured] + [cache.resolve()]
+    """Directories and files a campaign may load models from: the configured ones and mace-torch's
+    foundation-model cache, where mace itself puts it (``$XDG_CACHE_HOME/mace`` when that is set)."""
+    from mace.tools.utils import get_cache_dir
+
+    return [Path(p).resolve() for p in configured] + [Path(get_cache_dir()).resolve()]
 
 
 def check_trusted(paths: list[str], roots: list[Path]) -> None:
@@ -138,15 +156,16 @@ def check_trusted(paths: list[str], roots: list[Path]) -> None:
             raise ModelError(f"model file {p} is not under a configured model location; refusing to load it")
 
 
-def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64"):
-    """One MACE ``torch.nn.Module`` from a file, in eval mode on ``device`` at ``dtype``."""
+def load_torch_model(path: str, device: str = "cpu", dtype: str = "float64", *, sha256: str | None = None):
+    """One MACE ``torch.nn.Module`` from a file, in eval mode on ``device`` at ``dtype``, after its
+    sha256 was checked (:func:`check_sha256`)."""
     import torch
 
     if not Path(path).is_file():
         raise ModelError(f"model file {path} does not exist")
     if Path(path).stat().st_size == 0:
         raise ModelError(f"model file {path} is empty")
-    check_named_hash(path)
+    check_sha256(path, sha256)
     try:
         with MODEL_LOCK:
             model = torch.load(path, map_location=device, weights_only=False)
@@ -169,14 +188,17 @@ MODEL_LOCK = threading.RLock()
 def _read_header(path: str, sha: str) -> tuple[float, tuple[str, ...]]:
     from ase.data import chemical_symbols
 
-    model = load_torch_model(path)
+    model = load_torch_model(path, sha256=sha)
     elements = tuple(sorted(chemical_symbols[int(z)] for z in model.atomic_numbers))
     return float(model.r_max), elements
 
 
 def describe(paths: list[str], *, device: str = "cpu", dtype: str = "float64") -> ModelInfo:
     """Provenance of a model or committee: hashes, cutoff and the elements every member knows."""
-    members = tuple(file_sha256(p) for p in paths)
+    for p in paths:
+        if not Path(p).is_file():
+            raise ModelError(f"model file {p} does not exist")
+    members = tuple(check_sha256(p) for p in paths)
     headers = [_read_header(str(p), s) for p, s in zip(paths, members)]
     common = set(headers[0][1]).intersection(*(set(h[1]) for h in headers[1:]))
     return ModelInfo(
@@ -209,7 +231,7 @@ def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "floa
     for p in paths:
         if not Path(p).is_file():
             raise ModelError(f"model file {p} does not exist")
-        check_named_hash(p)
+        check_sha256(p)
     device = resolve_device(device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,15 +240,20 @@ def load_calculator(paths: list[str], *, device: str = "cpu", dtype: str = "floa
         )
 
 
-def configured_model(mlip, chemsys: list[str]) -> ModelInfo | None:
+def configured_model(mlip, chemsys: list[str], registered: str | None = None) -> ModelInfo | None:
     """The campaign's configured starting model, checked against its chemistry (None: cold start).
 
     Called before any work starts (``matdisc run``) and again by the flow: a model lacking
-    an element of ``chemsys`` is refused with a message naming the missing elements.
+    an element of ``chemsys`` is refused with a message naming the missing elements. Its sha256
+    is checked before it is unpickled against ``mlip.model_sha256``, or on a resume against the
+    hash the store ``registered`` it under: a file that changed since is refused.
     """
     if mlip.is_cold_start:
         return None
     path = mlip.model if mlip.is_model_file else foundation_model_path(mlip.model)
+    expected = mlip.model_sha256 or registered
+    if expected is not None:
+        check_sha256(path, expected)
     info = describe([path], device=mlip.device, dtype=mlip.dtype)
     require_elements(info, chemsys)
     return info

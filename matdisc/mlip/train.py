@@ -170,9 +170,9 @@ def train_mace(
     else:
         args.append(f"--valid_fraction={cfg.valid_fraction}")
     if start_model:
-        from matdisc.mlip.model import check_named_hash
+        from matdisc.mlip.model import check_sha256
 
-        check_named_hash(start_model)  # mace-torch unpickles it
+        check_sha256(start_model)  # mace-torch unpickles it
         args.append(f"--foundation_model={start_model}")
         if mode == "multihead":  # the foundation's own atomic energies anchor both heads
             args = [a for a in args if not a.startswith("--E0s=")]

@@ -128,6 +128,16 @@ def register_model(
     return model
 
 
+def registered_start(w: Campaign, source: str) -> str | None:
+    """The sha256 the campaign registered its configured model ``source`` under (None: not yet)."""
+    models = w.models()
+    rows = models[(models["round"] == 0) & (models["source"] == source)]
+    if rows.empty:
+        return None
+    members = json.loads(rows.iloc[0]["members"])
+    return str(members[0]) if len(members) == 1 else None
+
+
 def new_model(w: Campaign, check: dict[str, Any]) -> ModelRecord | None:
     """The committee the round trained (also when the previous one was kept for screening)."""
     models = w.models()
