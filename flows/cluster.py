@@ -7,6 +7,10 @@ worker's torch threads share all the cores: a round's MLIP stages and its DFT st
 run at the same time (:mod:`matdisc.round`), so the cores the DFT workers hold are idle while
 it relaxes or trains (``compute.threads_per_mlip_worker`` sets fewer: on a machine other work
 shares, torch's threads spin against it). Every server binds to 127.0.0.1.
+
+A worker runs whatever a client sends it, so every cluster matdisc starts speaks TLS with
+mutually authenticated certificates made for it (``Security.temporary()``): only this process,
+the workers it started, and clients it makes while the cluster runs can connect.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from matdisc.config import ComputeConfig
 from matdisc.errors import UserError
+from matdisc.locations import matdisc_home
 
 MLIP = {"MLIP": 1}
 DFT = {"DFT": 1}
@@ -37,9 +43,10 @@ def inherited_cuda_devices(cuda_devices: int) -> list[str]:
     return inherited[:cuda_devices] if inherited else [str(i) for i in range(cuda_devices)]
 
 
-def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str, dict]:
+def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0, security: Any = None) -> dict[str, dict]:
     """Worker specs for a SpecCluster: MLIP workers (one per visible GPU, at most ``mlip_workers``)
-    and single-calculation DFT workers; every worker has a thread limit."""
+    and single-calculation DFT workers; every worker has a thread limit (and, given ``security``,
+    speaks TLS with it)."""
     from distributed import Nanny
 
     cores = os.cpu_count() or 1
@@ -48,19 +55,20 @@ def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0) -> dict[str
     specs: dict[str, dict] = {}
     mlip_threads = cfg.threads_per_mlip_worker or max(1, cores // n_mlip)
     devices = inherited_cuda_devices(cuda_devices)
+    tls = {"security": security, "protocol": "tls://"} if security is not None else {}
     for i in range(n_mlip):
         env = {"OMP_NUM_THREADS": str(mlip_threads)}
         if cuda_devices:
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(i, devices)
         specs[f"mlip-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}"},
+            "options": {"nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}", **tls},
         }
     for i in range(n_dft):
         env = {"OMP_NUM_THREADS": str(cfg.threads_per_dft_worker)}
         specs[f"dft-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": DFT, "host": "127.0.0.1", "env": env, "name": f"dft-{i}"},
+            "options": {"nthreads": 1, "resources": DFT, "host": "127.0.0.1", "env": env, "name": f"dft-{i}", **tls},
         }
     return specs
 
@@ -77,18 +85,46 @@ def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
         return
     import dask
     import torch
-    from distributed import Scheduler, SpecCluster
+    from distributed import Scheduler, Security, SpecCluster
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    security = Security.temporary()
+    scheduler = {
+        "cls": Scheduler,
+        "options": {
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
+            "protocol": "tls://",
+            "security": security,
+        },
+    }
+    workers = local_worker_specs(cfg, cuda_devices=cuda, security=security)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_start_environ()}):  # restarts too
-        cluster = SpecCluster(
-            scheduler=scheduler, workers=local_worker_specs(cfg, cuda_devices=cuda), name="matdisc", silence_logs=40
-        )
+        cluster = SpecCluster(scheduler=scheduler, workers=workers, name="matdisc", silence_logs=40, security=security)
         try:
-            yield cluster.scheduler_address
+            with clients_use(security):
+                yield cluster.scheduler_address
         finally:
             cluster.close()
+
+
+#: The dask config keys of a Security object's fields (what ``Security()`` reads by default).
+_TLS_CONFIG = {
+    "tls_ca_file": "distributed.comm.tls.ca-file",
+    "tls_client_key": "distributed.comm.tls.client.key",
+    "tls_client_cert": "distributed.comm.tls.client.cert",
+}
+
+
+@contextlib.contextmanager
+def clients_use(security: Any) -> Iterator[None]:
+    """Make ``security`` the default of clients this process creates meanwhile: Prefect's
+    DaskTaskRunner and a notebook's ``Client(address)`` take the address alone."""
+    import dask
+
+    values = {key: getattr(security, field) for field, key in _TLS_CONFIG.items()}
+    with dask.config.set({"distributed.comm.require-encryption": True, **values}):
+        yield
 
 
 def worker_start_environ() -> dict:
@@ -104,8 +140,15 @@ def worker_start_environ() -> dict:
     return environ
 
 
+def _private_dir(path: Path) -> Path:
+    """A directory only its owner can enter (it holds TLS keys)."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
 def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
-    """dask-jobqueue keyword arguments of the DFT pool and the MLIP (GPU) pool.
+    """dask-jobqueue keyword arguments of the DFT pool (the cluster) and the MLIP (GPU) pool (jobs).
 
     DFT jobs run one single-threaded worker per ``threads_per_dft_worker`` cores (one
     calculation each, ``OMP_NUM_THREADS`` set); an MLIP job is one worker on one GPU (more
@@ -121,6 +164,11 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     }
     dft = {
         **common,
+        # TLS with certificates made for this cluster, written where the jobs can read them (0600);
+        # the scheduler listens on the cluster network, its dashboard only on this machine
+        "security": True,
+        "shared_temp_directory": str(_private_dir(matdisc_home() / "dask-tls")),
+        "scheduler_options": {"dashboard_address": "127.0.0.1:8787"},
         "queue": s.queue,
         "cores": s.cores,
         "processes": per_dft,
@@ -142,26 +190,41 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     return dft, mlip
 
 
+def mlip_jobs(cluster: Any, cfg: ComputeConfig) -> list:
+    """The GPU pool's Slurm jobs: workers that join ``cluster``'s scheduler with its TLS credentials."""
+    from dask_jobqueue.slurm import SLURMJob
+
+    _, mlip_opts = slurm_job_options(cfg)
+    worker_security = cluster._job_kwargs["security"]  # the credentials dask-jobqueue wrote for its jobs
+    return [
+        SLURMJob(
+            scheduler=cluster.scheduler_address,
+            name=f"matdisc-mlip-{i}",
+            security=worker_security,
+            protocol="tls://",
+            **mlip_opts,
+        )
+        for i in range(cfg.slurm.mlip_jobs)
+    ]
+
+
 @contextlib.contextmanager
 def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
     """An adaptive SLURMCluster of DFT jobs, plus a fixed pool of GPU jobs whose MLIP workers
     join the same scheduler (dask-jobqueue has one job template per cluster)."""
     try:
         from dask_jobqueue import SLURMCluster
-        from dask_jobqueue.slurm import SLURMJob
     except ImportError:
         raise UserError("compute.scheduler: slurm needs dask-jobqueue (pip install 'matdisc[hpc]')") from None
-    dft_opts, mlip_opts = slurm_job_options(cfg)
+    dft_opts, _ = slurm_job_options(cfg)
     cluster = SLURMCluster(**dft_opts)
-    gpu_jobs = [
-        SLURMJob(scheduler=cluster.scheduler_address, name=f"matdisc-mlip-{i}", **mlip_opts)
-        for i in range(cfg.slurm.mlip_jobs)
-    ]
+    gpu_jobs = mlip_jobs(cluster, cfg)
     try:
         for job in gpu_jobs:
             cluster.sync(job.start)  # sbatch
         cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, cfg.slurm.dft_jobs))
-        yield cluster.scheduler_address
+        with clients_use(cluster.security):
+            yield cluster.scheduler_address
     finally:
         for job in gpu_jobs:
             cluster.sync(job.close)  # scancel

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-from distributed import Client
+import pytest
+from distributed import Client, Security
 
 from matdisc.config import ComputeConfig
 from matdisc_flows.cluster import DFT, MLIP, campaign_cluster, local_worker_specs
@@ -50,6 +53,14 @@ def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
     one = local_worker_specs(ComputeConfig(mlip_workers=1, dft_workers=1, threads_per_mlip_worker=1))
     assert one["mlip-0"]["options"]["env"] == {"OMP_NUM_THREADS": "1"}
     with campaign_cluster(ComputeConfig(mlip_workers=1, dft_workers=1)) as address, Client(address) as client:
+        # a worker runs what a client sends it: the cluster speaks TLS, and admits only clients holding
+        # its certificates (this process's clients have them by default while it runs)
+        assert address.startswith("tls://127.0.0.1:")
+        with pytest.raises(OSError):  # certificates of another cluster
+            Client(address, security=Security.temporary(), timeout="3s")
+        plain = subprocess.run([sys.executable, "-c", f"from distributed import Client; Client({address!r}, timeout='3s')"],
+                               capture_output=True, text=True, timeout=120)
+        assert plain.returncode != 0 and ("TLS expects" in plain.stderr or "Timed out" in plain.stderr), plain.stderr
         # the nanny starts workers with one thread whatever the spec says: the job sets its own
         assert client.submit(_threads, resources=MLIP, pure=False).result() == (str(cores), 1, cores)
         assert client.submit(_threads, resources=DFT, pure=False).result() == ("1", 1, 1)

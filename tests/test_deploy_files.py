@@ -70,22 +70,28 @@ def test_prefect_yaml_deployments_resolve_to_the_flow_and_valid_campaigns():
         assert d["work_pool"]["name"] == "matdisc-process"
 
 
-def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler():
+def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler(tmp_path, monkeypatch):
     pytest.importorskip("dask_jobqueue", reason="the [hpc] extra")
+    monkeypatch.setenv("MATDISC_HOME", str(tmp_path))
     from dask_jobqueue import SLURMCluster
-    from dask_jobqueue.slurm import SLURMJob
 
-    from matdisc_flows.cluster import slurm_job_options
+    from matdisc_flows.cluster import mlip_jobs, slurm_job_options
 
     cfg = ComputeConfig(scheduler="slurm", threads_per_dft_worker=2,
                         slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1"})
-    dft, mlip = slurm_job_options(cfg)
+    dft, _ = slurm_job_options(cfg)
     cluster = SLURMCluster(**dft)
     try:
         dft_script = cluster.job_script()
-        mlip_script = SLURMJob(scheduler=cluster.scheduler_address, name="mlip-0", **mlip).job_script()
+        mlip_script = mlip_jobs(cluster, cfg)[0].job_script()
     finally:
         cluster.close()
+    # both pools speak TLS with the certificates made for this cluster (files only the user reads)
+    assert cluster.scheduler_address.startswith("tls://")
+    for script in (dft_script, mlip_script):
+        assert "--tls-ca-file" in script and "--tls-key" in script and "--protocol tls://" in script
+    assert dft["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787"}  # the dashboard: this machine only
+    assert (tmp_path / "dask-tls").stat().st_mode & 0o777 == 0o700  # the jobs' keys: the user's alone
     assert "#SBATCH -p cpu" in dft_script and "#SBATCH -p gpu" in mlip_script
     assert "#SBATCH --gres=gpu:1" in mlip_script and "gres" not in dft_script
     assert "--resources DFT=1" in dft_script and "--nworkers 4" in dft_script  # 8 cores / 2 threads
