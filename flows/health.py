@@ -152,8 +152,11 @@ def _server_version(api_url: str) -> str:
     import json
     import urllib.request
 
+    from matdisc_flows.server import auth_headers
+
+    request = urllib.request.Request(f"{api_url.rstrip('/')}/admin/version", headers=auth_headers())
     try:
-        with urllib.request.urlopen(f"{api_url.rstrip('/')}/admin/version", timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return str(json.loads(resp.read()))
     except (OSError, ValueError):
         return ""

@@ -4,12 +4,20 @@ Ephemeral mode would start a throwaway server in every Dask worker, invisible to
 So without ``PREFECT_API_URL`` matdisc starts one ``prefect server`` on 127.0.0.1 (SQLite
 under ``~/.matdisc/prefect``), leaves it running for the UI, and reuses it next time.
 ``matdisc server stop`` stops it.
+
+Anyone who can reach the API can schedule runs of a campaign whose config runs code, so the
+server matdisc starts requires an auth string it generates (``PREFECT_SERVER_API_AUTH_STRING``),
+kept in the state file only its owner can read; matdisc's clients (and the Dask workers and
+flow runs it starts) get it as ``PREFECT_API_AUTH_STRING``. ``matdisc server env`` prints both
+variables for other shells (``prefect worker start``, ``prefect deploy``) and the UI's login.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,9 +40,40 @@ def log_file() -> Path:
 
 
 def recorded() -> dict | None:
-    """What matdisc recorded of the server it started (pid, api_url, log_offset), if any."""
+    """What matdisc recorded of the server it started (pid, api_url, auth, log_offset), if any."""
     state = _state_file()
     return json.loads(state.read_text()) if state.exists() else None
+
+
+def _record(info: dict) -> None:
+    """The state file, readable by its owner only: it holds the API's auth string."""
+    fd = os.open(_state_file(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when it existed with wider permissions
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+
+
+def _use(url: str, auth: str | None) -> str:
+    """Point this process's Prefect clients (and the processes it starts) at the API."""
+    os.environ["PREFECT_API_URL"] = url
+    if auth:
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
+    return url
+
+
+def configured_api() -> str | None:
+    """The API this process talks to: ``PREFECT_API_URL``, else the server matdisc started (with
+    its auth string), else None."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    info = recorded()
+    return _use(info["api_url"], info.get("auth")) if info else None
+
+
+def auth_headers() -> dict[str, str]:
+    """HTTP headers for a plain request to the API (what Prefect's client sends)."""
+    auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()} if auth else {}
 
 
 def healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -58,12 +97,14 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
     """The API URL to use, starting a local server if needed (and setting PREFECT_API_URL)."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
-    state = _state_file()
-    if state.exists():
-        url = json.loads(state.read_text())["api_url"]
-        if healthy(url):
-            os.environ["PREFECT_API_URL"] = url
-            return url
+    info = recorded()
+    if info is not None and healthy(info["api_url"]):
+        if info.get("auth"):
+            return _use(info["api_url"], info["auth"])
+        # started by an older matdisc, without authentication: replaced by one that requires it
+        print("matdisc: restarting the local Prefect server with authentication", file=sys.stderr, flush=True)
+        stop()
+        _wait_down(info["api_url"])
     port = port or int(os.environ.get("MATDISC_PREFECT_PORT", "4200"))
     url = f"http://127.0.0.1:{port}/api"
     if healthy(url):
@@ -74,12 +115,13 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
     home().mkdir(parents=True, exist_ok=True)
     log = open(log_file(), "ab")
     log_offset = log.tell()  # `matdisc server status` reads this server's lines only
+    auth = f"matdisc:{secrets.token_urlsafe(24)}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
-        env=server_env(),
+        env={**server_env(), "PREFECT_SERVER_API_AUTH_STRING": auth},
         start_new_session=True,
     )
     deadline = time.time() + timeout
@@ -87,12 +129,17 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
         if proc.poll() is not None:
             raise UserError(f"the Prefect server exited at start; see {log_file()}")
         if healthy(url):
-            state.write_text(json.dumps({"pid": proc.pid, "api_url": url, "log_offset": log_offset}))
-            os.environ["PREFECT_API_URL"] = url
-            return url
+            _record({"pid": proc.pid, "api_url": url, "auth": auth, "log_offset": log_offset})
+            return _use(url, auth)
         time.sleep(0.5)
     proc.terminate()
     raise UserError(f"the Prefect server did not answer within {timeout:.0f} s; see {log_file()}")
+
+
+def _wait_down(url: str, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while healthy(url, timeout=1.0) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 def ui_url(api_url: str) -> str:

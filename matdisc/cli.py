@@ -458,7 +458,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     console = Console()
     _print_hits(console, cfg.store_path)
-    console.print(f"store: {cfg.store_path}\nPrefect UI: {ui_url(api)}  (stop the server: matdisc server stop)")
+    login = "log in with the auth string of `matdisc server env`; " if own_server else ""
+    console.print(f"store: {cfg.store_path}\nPrefect UI: {ui_url(api)}  ({login}stop the server: matdisc server stop)")
     return 0
 
 
@@ -518,6 +519,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
     if args.action == "stop":
         print(server.stop())
         return 0
+    if args.action == "env":
+        return _server_env()
     _engine_environment()
     if args.action == "start":
         api = server.ensure_api()
@@ -529,16 +532,31 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return _server_status(args.json)
 
 
+def _server_env() -> int:
+    """The variables that point a shell's Prefect (``prefect worker start``, ``prefect deploy``) at
+    the server matdisc started, as ``export`` lines (``eval "$(matdisc server env)"``)."""
+    import shlex
+
+    from matdisc_flows import server
+
+    info = server.recorded()
+    if info is None or not server.healthy(info["api_url"]):
+        raise UserError("no Prefect server started by matdisc is running (matdisc server start)")
+    print(f"export PREFECT_API_URL={shlex.quote(info['api_url'])}")
+    if info.get("auth"):
+        print(f"export PREFECT_API_AUTH_STRING={shlex.quote(info['auth'])}")
+    return 0
+
+
 def _server_status(as_json: bool) -> int:
     """Exit 0 when the API answers and nothing fails, 1 with each problem listed otherwise."""
     from matdisc_flows import server
 
-    api = os.environ.get("PREFECT_API_URL") or (server.recorded() or {}).get("api_url")
+    api = server.configured_api()
     if not api:
         raise UserError(
             "no Prefect API: PREFECT_API_URL is unset and matdisc has started no server (matdisc server start)"
         )
-    os.environ["PREFECT_API_URL"] = api
     from matdisc_flows.health import check
 
     health = check(api)
@@ -649,10 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
     p = sub.add_parser(
         "server",
-        help="the local Prefect server matdisc starts: start, stop, or its status "
-        "(failing services, schedules without runs, the zombie-run automation)",
+        help="the local Prefect server matdisc starts: start, stop, its status "
+        "(failing services, schedules without runs, the zombie-run automation), or env (its URL and auth string "
+        "as export lines for a shell)",
     )
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "env"])
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_server)
     return parser

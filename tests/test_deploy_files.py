@@ -29,7 +29,7 @@ def _compose_config(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_compose_file_validates_and_binds_every_port_to_localhost():
-    proc = _compose_config({"POSTGRES_PASSWORD": "not-a-real-secret"})
+    proc = _compose_config({"POSTGRES_PASSWORD": "not-a-real-secret", "PREFECT_AUTH_STRING": "admin:not-real-either"})
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     services = config["services"]
@@ -45,11 +45,16 @@ def test_compose_file_validates_and_binds_every_port_to_localhost():
     assert gpus[0]["capabilities"] == ["gpu"]
     assert services["prefect-worker"]["environment"]["MATDISC_SCHEDULER"] == "tcp://dask-scheduler:8786"
     assert "not-a-real-secret" not in (DEPLOY / "docker-compose.yml").read_text()
+    # the API requires the auth string, and the worker sends it
+    assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "admin:not-real-either"
+    assert services["prefect-worker"]["environment"]["PREFECT_API_AUTH_STRING"] == "admin:not-real-either"
 
 
-def test_compose_file_refuses_to_start_without_a_database_password():
+def test_compose_file_refuses_to_start_without_a_database_password_or_an_api_auth_string():
     proc = _compose_config({})
     assert proc.returncode != 0 and "POSTGRES_PASSWORD" in proc.stderr
+    proc = _compose_config({"POSTGRES_PASSWORD": "not-a-real-secret"})
+    assert proc.returncode != 0 and "PREFECT_AUTH_STRING" in proc.stderr
 
 
 def test_prefect_yaml_deployments_resolve_to_the_flow_and_valid_campaigns():

@@ -322,6 +322,7 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
 
     env = _own_server_env({**os.environ, "MATDISC_HOME": str(tmp_path / "home")})
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING", raising=False)
     for key in ("MATDISC_HOME", "MATDISC_PREFECT_PORT"):
         monkeypatch.setenv(key, env[key])
     pids = []
@@ -329,7 +330,14 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
         url = server.ensure_api(timeout=120)
         pids.append(_server_pid(env))
         assert url == f"http://127.0.0.1:{env['MATDISC_PREFECT_PORT']}/api"
-        flow = httpx.post(f"{url}/flows/", json={"name": "before-the-kill"}, timeout=30).json()
+        # the server requires the auth string matdisc generated and keeps where only its owner reads it
+        state = tmp_path / "home" / "prefect-server.json"
+        assert state.stat().st_mode & 0o777 == 0o600
+        assert os.environ["PREFECT_API_AUTH_STRING"] == json.loads(state.read_text())["auth"]
+        assert httpx.post(f"{url}/flows/", json={"name": "stranger"}, timeout=30).status_code == 401
+        assert server.healthy(url)  # the health probe needs no auth
+        flow = httpx.post(f"{url}/flows/", json={"name": "before-the-kill"}, headers=server.auth_headers(),
+                          timeout=30).json()
         os.killpg(pids[0], signal.SIGKILL)
         deadline = time.time() + 30
         while server.healthy(url) and time.time() < deadline:
@@ -340,7 +348,7 @@ def test_a_killed_matdisc_server_is_started_again_on_its_port_with_its_database(
         assert server.ensure_api(timeout=120) == url
         pids.append(_server_pid(env))
         assert pids[1] != pids[0] and server.healthy(url)
-        again = httpx.get(f"{url}/flows/{flow['id']}", timeout=30)
+        again = httpx.get(f"{url}/flows/{flow['id']}", headers=server.auth_headers(), timeout=30)
         assert again.status_code == 200 and again.json()["name"] == "before-the-kill"
         assert (tmp_path / "home" / "prefect" / "prefect.db").is_file()
     finally:

@@ -238,13 +238,13 @@ def test_a_calculation_process_gets_no_credentials(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(here)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "PREFECT_API_KEY", "MP_API_KEY", "GITHUB_TOKEN",
-                 "DB_PASSWORD", "LICENSE_KEY"):
+                 "DB_PASSWORD", "LICENSE_KEY", "PREFECT_API_AUTH_STRING"):
         monkeypatch.setenv(name, "s3cr3t")
     monkeypatch.setenv("ESPRESSO_PSEUDO", "/opt/pseudo")
     cfg = ReferenceConfig(calculator="faulty_calculators:EnvironmentEMT", max_steps=0, pass_environment=["LICENSE_KEY"])
     res = run_reference(bulk("Cu", "fcc", a=3.6), cfg, id="cu", workdir=tmp_path)
     assert res.ok and cfg.runs_isolated
     seen = set(next(tmp_path.glob("cu/attempt-1/**/environment.txt")).read_text().split())
-    assert not seen & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "PREFECT_API_KEY", "MP_API_KEY", "GITHUB_TOKEN",
+    assert not seen & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING", "MP_API_KEY", "GITHUB_TOKEN",
                        "DB_PASSWORD"}
     assert {"LICENSE_KEY", "ESPRESSO_PSEUDO", "PYTHONPATH", "OMP_NUM_THREADS", "PATH"} <= seen

@@ -12,8 +12,10 @@ its dead predecessor at once) is tested in ``test_operations``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -70,7 +72,13 @@ def real_server(tmp_path):
     start = subprocess.run([sys.executable, "-m", "matdisc.cli", "server", "start"], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=180)
     assert start.returncode == 0, start.stderr
-    env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    # the server requires the auth string matdisc generated: `matdisc server env` gives it to a shell
+    exports = subprocess.run([sys.executable, "-m", "matdisc.cli", "server", "env"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+    for line in exports.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = shlex.split(value)[0]
+    assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{port}/api" and env["PREFECT_API_AUTH_STRING"]
     try:
         yield env, home
     finally:
@@ -84,8 +92,10 @@ def _flow_runs(env: dict, **filters) -> list:
     import urllib.request
 
     body = {"flow_runs": {"name": {"any_": [filters["name"]]}}} if "name" in filters else {}
+    token = base64.b64encode(env["PREFECT_API_AUTH_STRING"].encode()).decode()
     req = urllib.request.Request(f"{env['PREFECT_API_URL']}/flow_runs/filter", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+                                 headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+                                 method="POST")
     with urllib.request.urlopen(req, timeout=60) as resp:
         runs = json.loads(resp.read())
     return [{"id": r["id"], "name": r["name"], "state": r["state"]["type"], "message": r["state"]["message"],

@@ -129,8 +129,9 @@ def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> N
     (calc_dir / "worker.pid").write_text(str(os.getpid()))
 
 
-#: Names of variables that hold credentials: the object store's, Prefect's, the Materials Project's.
-CREDENTIAL = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^AWS_|^AZURE_|^GOOGLE_APPLICATION)", re.I)
+#: Names of variables that hold credentials: the object store's, Prefect's (key, auth string), the Materials
+#: Project's.
+CREDENTIAL = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH|^AWS_|^AZURE_|^GOOGLE_APPLICATION)", re.I)
 
 
 def calculation_environment(environ: Mapping[str, str], keep: Sequence[str] = ()) -> dict[str, str]:
