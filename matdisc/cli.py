@@ -204,13 +204,16 @@ def _print_spending(console, summary: dict) -> None:
 
 
 def _campaign_args(args: argparse.Namespace):
-    """The campaign file with ``--store`` applied, ``--rounds`` checked (run, plan, tradeoff)."""
+    """The campaign file with ``--store`` applied and checked (a store path under a file, or a folder of
+    something else: exit 2, nothing written), ``--rounds`` checked (run, plan, tradeoff, candidates)."""
     from matdisc.config import load_config
     from matdisc.locations import as_location
+    from matdisc.store.tables import check_store_location
 
     cfg = load_config(args.config)
     if args.store:
         cfg = cfg.model_copy(update={"store": str(as_location(args.store))})
+    check_store_location(cfg.store_path)  # a file, under a file, or a folder of something else: say so now
     if getattr(args, "rounds", None) is not None and args.rounds < 1:
         raise UserError("--rounds: must be at least 1")
     return cfg
@@ -424,9 +427,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _campaign_args(args)
     if args.more_rounds is not None and (args.more_rounds < 1 or args.rounds is not None):
         raise UserError("--more-rounds: must be at least 1, and not given together with --rounds")
-    from matdisc.store.tables import check_not_locked, check_store_location
+    from matdisc.store.tables import check_not_locked
 
-    check_store_location(cfg.store_path)  # under a file, or a folder of something else: exit 2, nothing written
     check_not_locked(cfg.store_path)  # another run writing this store: say so now, exit 2
     from matdisc.mlip.model import configured_model, resolve_device
 
@@ -507,7 +509,10 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from matdisc.report import write_report
+    from matdisc.store.tables import check_output_dir
 
+    if args.out:
+        check_output_dir(Path(args.out), "--out")
     page = write_report(args.store, args.out)
     print(f"report: {page}\nverified hits as CIF: {page.parent / 'hits'}")
     return 0

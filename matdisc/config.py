@@ -458,8 +458,10 @@ class ReferenceConfig(_Strict):
 class ActiveLearningConfig(_Strict):
     """How many rounds, how each round spends its DFT budget, and when the campaign stops."""
 
-    rounds: int = Field(2, ge=1, description="active-learning rounds in all (a resumed campaign runs the missing ones)")
-    dft_budget: int = Field(8, ge=0, description="DFT verifications per round")
+    rounds: int = Field(
+        2, ge=1, le=1000, description="active-learning rounds in all (a resumed campaign runs the missing ones)"
+    )
+    dft_budget: int = Field(8, ge=0, le=100_000, description="DFT verifications per round")
     hull_tolerance: float = Field(
         0.0, ge=0, description="eV/atom: a verified candidate within this of the DFT hull is a hit"
     )
@@ -823,16 +825,22 @@ def saved_config(config_json: str) -> CampaignConfig:
 def load_config(path: str | Path) -> CampaignConfig:
     """Load and validate a campaign YAML file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"config file {str(path)!r} is a folder, not a campaign file")
     if not path.is_file():
         raise UserError(f"config file {str(path)!r} does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable (permissions, a broken mount)
+        raise UserError(f"config: {path} cannot be read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:
         raise UserError(f"config: {path} is not a text file (byte {err.start} is not UTF-8)") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"config: {path} is not valid YAML{where}") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:
+        raise UserError(f"config: {path} is empty (a campaign needs at least chemsys)")
+    if not isinstance(data, dict):
         raise UserError(f"config: {path} holds a {type(data).__name__}, not a mapping of settings")
-    return parse_config(data or {}, default_name=path.stem)
+    return parse_config(data, default_name=path.stem)

@@ -45,7 +45,7 @@ from numpy.typing import DTypeLike
 from zarr.codecs import BloscCodec
 from zarr.storage import FsspecStore, LocalStore
 
-from matdisc.errors import StoreError
+from matdisc.errors import StoreError, UserError
 from matdisc.locations import as_location, local_path, store_name, store_url  # noqa: F401 (re-exported)
 from matdisc.store.frames import Frames
 
@@ -58,6 +58,32 @@ _STRUCTURE_ARRAYS = ("numbers", "positions", "forces", "cell", "pbc", "offsets")
 #: force error, and it keeps the store under 40 bytes/atom. Everything else is exact.
 _STORED_DTYPES = {"forces": np.float32, "numbers": np.int16}
 #: Sub-groups of the store root that hold files, not tables.
+#: The layout version this matdisc writes (the root attribute ``matdisc_store_format``, set when a
+#: store is created); it reads every version up to it, and refuses a store of a later one, which
+#: it could misread. A store without the attribute is format 1.
+STORE_FORMAT = 1
+FORMAT_ATTR = "matdisc_store_format"
+
+
+def check_format(attributes: Mapping[str, Any], where: object) -> None:
+    """Raise :class:`StoreError` for a store written in a format this matdisc does not know."""
+    found = attributes.get(FORMAT_ATTR, 1)
+    if not isinstance(found, int) or found > STORE_FORMAT:
+        raise StoreError(
+            f"{where} was written by a newer matdisc (store format {found}; this one reads up to {STORE_FORMAT}): "
+            "upgrade matdisc to open it"
+        )
+
+
+def _local_attributes(path: Path) -> dict[str, Any]:
+    """The root attributes of a local store (empty when there is none, or it cannot be parsed)."""
+    try:
+        meta = json.loads((path / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta.get("attributes", {}) if isinstance(meta, dict) else {}
+
+
 SIDE_GROUPS = ("_commits", "models", "calculations", "training")
 
 
@@ -144,14 +170,31 @@ def check_store_location(path: str | Path) -> None:
     if store_url(path) is not None:
         return
     p = local_path(path)
-    for parent in [p, *p.parents]:
-        if parent.exists() and not parent.is_dir():
-            where = "is a file" if parent == p else f"lies under the file {parent}"
-            raise StoreError(f"store: {p} {where}, not a folder a campaign store can live in")
-        if parent.exists():
-            break
+    where = _file_at_or_above(p)
+    if where:
+        raise StoreError(f"store: {p} {where}, not a folder a campaign store can live in")
     if p.is_dir() and any(p.iterdir()) and not (p / "_commits").is_dir():
         raise StoreError(f"store: {p} is a non-empty folder that is not a campaign store; choose a new path")
+    check_format(_local_attributes(p), f"store: {p}")
+
+
+def check_output_dir(path: Path, what: str) -> None:
+    """Raise :class:`UserError` when ``path`` cannot be a folder to write into (it, or a folder
+    above it, is a file), before anything is written."""
+    where = _file_at_or_above(path)
+    if where:
+        raise UserError(f"{what}: {path} {where}, not a folder to write into")
+
+
+def _file_at_or_above(path: Path) -> str | None:
+    """How a file stands in the way of a folder at ``path`` ("is a file", "lies under the file
+    X"), or None when the nearest existing path is a folder."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            if parent.is_dir():
+                return None
+            return "is a file" if parent == path else f"lies under the file {parent}"
+    return None
 
 
 def check_not_locked(path: str | Path) -> None:
@@ -206,9 +249,16 @@ class TableStore:
         if url is not None:
             self._open_url(url)
         elif write:
+            new = not (self._dir / "zarr.json").exists()
+            check_format(_local_attributes(self._dir), self._dir)  # before the lock file is written
+            where = _file_at_or_above(self._dir)
+            if where:
+                raise StoreError(f"store: {self._dir} {where}, not a folder a campaign store can live in")
             self._dir.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
             self.root = zarr.open_group(store=LocalStore(self._dir), mode="a", zarr_format=3)
+            if new:
+                self.root.attrs[FORMAT_ATTR] = STORE_FORMAT
             for side in SIDE_GROUPS:  # zarr groups, so zarr and xarray see known nodes only
                 if side not in self.root:
                     self.root.create_group(side, attributes={"matdisc": "files, not arrays"})
@@ -217,6 +267,7 @@ class TableStore:
             if not (self._dir / "zarr.json").exists():
                 raise StoreError(f"{self.path} is not a campaign store (no zarr.json)")
             self.root = zarr.open_group(store=LocalStore(self._dir, read_only=True), mode="r", zarr_format=3)
+            check_format(self.root.attrs, self.path)
 
     @property
     def _dir(self) -> Path:
@@ -239,6 +290,7 @@ class TableStore:
             raise StoreError(f"{url} is not a campaign store (no zarr.json)")
         self._fs, self._fs_root = url_filesystem(url)
         self.root = zarr.open_group(store=FsspecStore.from_url(url, read_only=True), mode="r", zarr_format=3)
+        check_format(self.root.attrs, url)
 
     # -- locking -----------------------------------------------------------------------
     def _acquire_lock(self) -> None:
