@@ -146,6 +146,8 @@ def relax(
         msg = f"{type(err).__name__}: {err}".splitlines()[0][:300] if str(err) else type(err).__name__
         if scf_error is not None and scf_error(err):
             return result("scf_unconverged", msg)
+        if isinstance(err, OSError | MemoryError):  # a full disk, memory: the machine's failure, not the structure's
+            return result("error", msg)
         return result("failed", msg)
     final = work.copy()
     final.calc = None

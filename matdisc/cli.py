@@ -518,6 +518,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retry(args: argparse.Namespace) -> int:
+    """Ask the next run of a campaign to compute chosen reference calculations again."""
+    from matdisc.stages.verify import request_retries
+    from matdisc.store import CampaignWriter
+    from matdisc.store.tables import check_not_locked, store_exists
+
+    if not store_exists(args.store):
+        raise UserError(f"campaign store {args.store!r} does not exist")
+    check_not_locked(args.store)  # a run is writing it: say so, change nothing
+    statuses = [t.strip() for t in args.status.split(",") if t.strip()]
+    ids = [t.strip() for t in args.ids.split(",") if t.strip()] if args.ids else None
+    with CampaignWriter(args.store) as w:
+        chosen = request_retries(w, statuses, ids)
+    shown = ", ".join(chosen[:8]) + (f" and {len(chosen) - 8} more" if len(chosen) > 8 else "")
+    print(f"{len(chosen)} reference calculation(s) will be computed again by the next run of the campaign: {shown}")
+    return 0
+
+
 def _cmd_server(args: argparse.Namespace) -> int:
     from matdisc_flows import server
 
@@ -670,6 +688,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a campaign file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser(
+        "retry",
+        help="ask the next run to compute reference calculations again (after raising a wall time, "
+        "fixing a calculator); infrastructure errors are retried without asking, up to three results",
+    )
+    p.add_argument("store", help="the campaign store")
+    p.add_argument(
+        "--status",
+        default="error",
+        help="comma-separated outcomes of the latest result to retry (default: error; e.g. timeout,failed)",
+    )
+    p.add_argument("--ids", default="", help="comma-separated candidate ids (default: every one with --status)")
+    p.set_defaults(func=_cmd_retry)
+
     p = sub.add_parser(
         "server",
         help="the local Prefect server matdisc starts: start, stop, its status "

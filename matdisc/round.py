@@ -29,7 +29,14 @@ from matdisc.stages.relax import relax_stage
 from matdisc.stages.score import update_scores
 from matdisc.stages.select import select
 from matdisc.stages.train import model_errors, train
-from matdisc.stages.verify import dft_done, perturbed_seed_jobs, reference_stage, verify_picks
+from matdisc.stages.verify import (
+    dft_done,
+    perturbed_seed_jobs,
+    reference_stage,
+    retry_references,
+    to_retry,
+    verify_picks,
+)
 from matdisc.store import CampaignWriter
 
 #: Held-out errors of a trained committee that each round record repeats.
@@ -46,7 +53,9 @@ def run_campaign(cfg: CampaignConfig, executor: Executor, *, rounds: int | None 
         record_run(w, cfg, run_id)
         executor.opened(w, cfg, earlier, run_id)
         run = Run(w, cfg, executor)
+        pending = to_retry(w, settings_hash(cfg.reference))  # infrastructure errors, matdisc retry requests
         run_round_zero(run.round(0))
+        retry_references(run, pending)
         done_rounds = set(w.rounds()["round"])
         for r in range(1, n_rounds + 1):
             if r in done_rounds:

@@ -198,7 +198,7 @@ def test_a_single_point_that_crashes_or_hangs_its_process_is_recorded_and_the_re
     cfg = ReferenceConfig(calculator="faulty_calculators:FaultyEMT", walltime_s=3.0)
     jobs = [(el, bulk(el, "fcc", a=a)) for el, a in [("Cu", 3.6), ("Ag", 4.1), ("Pd", 3.9), ("Au", 4.1), ("Ni", 3.5)]]
     res = run_statics(jobs, cfg, workdir=tmp_path)
-    assert [r.status for r in res] == ["ok", "failed", "ok", "timeout", "ok"], [r.reason for r in res]
+    assert [r.status for r in res] == ["ok", "error", "ok", "timeout", "ok"], [r.reason for r in res]
     assert "signal 11" in res[1].reason and "wall time 3 s exceeded" in res[3].reason
     for (el, atoms), r in zip(jobs, res):
         if r.ok:

@@ -71,7 +71,7 @@ def test_a_failing_job_is_recorded_and_the_stage_goes_on(tmp_path):
         reference_stage(Run(w, cfg, Flaky()).round(1), picks, verified=True)
     dft = open_campaign(cfg.store_path).table("dft").set_index("id")
     assert list(dft.index) == ["cu", "ag", "pd"]
-    assert list(dft["status"]) == ["ok", "failed", "ok"]
+    assert list(dft["status"]) == ["ok", "error", "ok"]
     assert "worker lost" in dft.loc["ag", "reason"]
 
 
@@ -153,3 +153,75 @@ def test_a_failed_mlip_job_is_recorded_and_retried_by_the_next_run_up_to_a_bound
         assert pending_relaxations(w, model.sha256) == []
         errors = w.table("mlip")[lambda t: t["id"] == bcc]
         assert list(errors["status"]) == ["error"] * MLIP_ATTEMPTS
+
+
+def test_infrastructure_errors_are_computed_again_by_the_next_run_and_matdisc_retry_asks_for_any(tmp_path, capsys):
+    """A lost worker is an infrastructure ``error``, not a verdict on the structure: the next run
+    computes it again (a new attempt, its own key) up to three results; a physics outcome stands
+    until ``matdisc retry`` asks for it, which writes a request the next run carries out."""
+    from ase.build import bulk
+    from conftest import emt_config
+    from pymatgen.core import Structure
+
+    from matdisc import jobs
+    from matdisc.cli import main
+    from matdisc.dft import settings_hash
+    from matdisc.generate import Candidate
+    from matdisc.round import record_run
+    from matdisc.stages.context import Run
+    from matdisc.stages.generate import add_candidates
+    from matdisc.stages.verify import REFERENCE_ATTEMPTS, dft_done, reference_stage, retry_references, to_retry
+    from matdisc.store import CampaignWriter
+
+    lost = {"times": 0}
+
+    class Flaky(InProcess):
+        def submit(self, fn, *args, resource):
+            if fn is jobs.reference and "Pd" in args[0] and lost["times"]:
+                lost["times"] -= 1
+                fn = _lost_worker
+            return super().submit(fn, *args, resource=resource)
+
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    settings = settings_hash(cfg.reference)
+    cands = [Candidate(Structure.from_ase_atoms(bulk(el, "fcc", a=a)), "prototype", "A1") for el, a in
+             (("Cu", 3.6), ("Pd", 3.9))]
+    with CampaignWriter(cfg.store_path) as w:
+        record_run(w, cfg)
+        add_candidates(w, cands, 1, "hand")
+        cu, pd_ = "r1-0000-Cu-A1", "r1-0001-Pd-A1"
+        run = Run(w, cfg, Flaky())
+        lost["times"] = 1
+        reference_stage(run.round(1), [(c, bulk(c.split("-")[2], "fcc", a=3.7)) for c in (cu, pd_)], verified=True)
+        assert list(w.table("dft")["status"]) == ["ok", "error"] and "worker lost" in w.table("dft")["reason"].iloc[1]
+        pending = to_retry(w, settings)
+        assert pending == {pd_: (1, 1)} and dft_done(w, settings) == {cu}
+        # the next run: lost again twice, then the bound: three results, the last an error, and it stands
+        lost["times"] = 5
+        for _ in range(3):
+            retry_references(run, to_retry(w, settings))
+        dft = w.table("dft")
+        assert list(dft["status"][dft["id"] == pd_]) == ["error"] * REFERENCE_ATTEMPTS
+        assert to_retry(w, settings) == {} and dft_done(w, settings) == {cu, pd_}
+        keys = [c.key for c in w.tables.commits("dft")]
+        assert keys[1:] == [f"r1/{pd_}/{settings}"] + [f"r1/{pd_}/{settings}/attempt{n}" for n in (2, 3)]
+
+    # matdisc retry: bad requests change nothing; a good one is carried out by the next run
+    store = str(cfg.store_path)
+    before = {p: p.read_bytes() for p in cfg.store_path.rglob("*") if p.is_file()}
+    for args, words in ((["--status", "lost"], "--status: unknown lost"),
+                        (["--status", "timeout"], "has status timeout"),
+                        (["--ids", "nosuch"], "has status error among nosuch")):
+        assert main(["retry", store, *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    assert {p: p.read_bytes() for p in cfg.store_path.rglob("*") if p.is_file()} == before
+    assert main(["retry", store, "--status", "error,ok"]) == 0
+    assert "2 reference calculation(s) will be computed again" in capsys.readouterr().out
+    with CampaignWriter(cfg.store_path) as w:
+        assert to_retry(w, settings) == {cu: (1, 1), pd_: (1, 3)}
+        lost["times"] = 0
+        retry_references(Run(w, cfg, Flaky()), to_retry(w, settings))
+        latest = w.table("dft").drop_duplicates("id", keep="last").set_index("id")
+        assert list(latest.loc[[cu, pd_], "status"]) == ["ok", "ok"] and to_retry(w, settings) == {}
+        assert len(w.table("dft")) == 6  # 1 + 1 for Cu, 3 + 1 for Pd

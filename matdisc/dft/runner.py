@@ -194,7 +194,7 @@ def _run_isolated(
                     ref,
                     id,
                     calc_dir,
-                    "failed",
+                    "error",  # killed (out of memory, a job's end) or crashed: nothing said about the structure
                     f"calculation process ended with {how}: {_last_line(calc_dir / LOG)}",
                     started,
                 )

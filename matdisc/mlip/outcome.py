@@ -37,7 +37,7 @@ def spacegroup(atoms: Atoms, symprec: float = SYMPREC) -> tuple[str, int]:
 
 def classify(initial: Atoms, final: Atoms, status: str, reason: str) -> tuple[str, str]:
     """Refine an engine's verdict with checks on the final structure."""
-    if status in ("exploded", "failed"):
+    if status in ("exploded", "failed", "error"):
         return status, reason
     d = min_distance(final)
     if d < MIN_DISTANCE:

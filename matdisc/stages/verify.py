@@ -21,7 +21,7 @@ from matdisc.dft import perturbed_copies, settings_hash
 from matdisc.executor import JobFuture
 from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages import screen as screening
-from matdisc.stages.context import Round
+from matdisc.stages.context import Round, Run
 from matdisc.stages.generate import candidate_atoms
 from matdisc.store import CampaignWriter, Frames
 from matdisc.store.campaign import in_reference_set
@@ -222,6 +222,9 @@ def record_reference(
     recovery rung had to change an energy-defining setting). One row per candidate and set.
     """
     key = f"r{round_}/{result.id}/{reference_set}"
+    if verified:  # a calculation run again (an infrastructure error, matdisc retry) is its next attempt
+        earlier = _results_in_set(w.table("dft"), reference_set).get(result.id, 0)
+        key += f"/attempt{earlier + 1}" if earlier else ""
     settings = getattr(result, "settings_hash", "") or reference_set
     if result.frames:
         frames, cols = frames_from_atoms_with_results(result.frames)
@@ -246,9 +249,102 @@ def record_reference(
 
 
 def failed_reference(cid: str, atoms: Atoms, err: BaseException, reference_set: str) -> RelaxResult:
-    """The record of a calculation whose worker was lost more often than retries allow."""
+    """The record of a calculation whose worker was lost more often than retries allow: an
+    infrastructure ``error``, which the next run computes again (:func:`to_retry`)."""
     reason = f"worker lost: {type(err).__name__}: {err}".splitlines()[0][:300]
-    return ReferenceResult(cid, "failed", reason, atoms, settings_hash=reference_set)
+    return ReferenceResult(cid, "error", reason, atoms, settings_hash=reference_set)
+
+
+#: Reference results that say nothing about the structure (a lost worker, a killed or crashed
+#: process, a full disk, memory): the next run computes the candidate again, up to
+#: ``REFERENCE_ATTEMPTS`` results in all. Physics outcomes (``failed``: SCF not converged after
+#: the recovery ladder, or the calculator refused the structure; ``unconverged``; ``exploded``;
+#: ``timeout`` of the calculation's own wall time) are final for their settings; ``matdisc
+#: retry`` asks for any of them again.
+INFRASTRUCTURE = ("error",)
+REFERENCE_ATTEMPTS = 3
+
+
+def _results_in_set(dft: Any, reference_set: str) -> dict[str, int]:
+    """id -> how many verified results it has in the reference set."""
+    if dft.empty:
+        return {}
+    return {str(k): int(v) for k, v in dft["id"][in_reference_set(dft, reference_set)].value_counts().items()}
+
+
+def to_retry(w: CampaignWriter, reference_set: str) -> dict[str, tuple[int, int]]:
+    """id -> (the round of its latest result, its results so far), for the verified calculations
+    the next run computes again: an infrastructure error under the attempt bound, or a ``matdisc
+    retry`` request made since its latest result."""
+    dft = w.table("dft")
+    if dft.empty:
+        return {}
+    mine = dft[in_reference_set(dft, reference_set)]
+    counts = mine["id"].value_counts()
+    latest = mine.drop_duplicates("id", keep="last").set_index("id")
+    errors = mine["id"][mine["status"].isin(INFRASTRUCTURE)].value_counts()
+    out = {
+        str(cid): (int(row["round"]), int(counts[cid]))
+        for cid, row in latest.iterrows()
+        if row["status"] in INFRASTRUCTURE and errors.get(cid, 0) < REFERENCE_ATTEMPTS
+    }
+    requests = w.table("retries")
+    for req in requests[requests["reference_set"] == reference_set].to_dict("records"):
+        cid = str(req["id"])
+        if cid in latest.index and int(counts[cid]) == int(req["attempts_before"]):
+            out[cid] = (int(latest.loc[cid, "round"]), int(counts[cid]))
+    return out
+
+
+#: What a verified calculation's result can say (``matdisc retry --status``).
+REFERENCE_STATUSES = ("ok", "unconverged", "failed", "exploded", "timeout", "error", "settings_changed")
+
+
+def request_retries(w: CampaignWriter, statuses: list[str], ids: list[str] | None = None) -> list[str]:
+    """Ask the next run to compute again the verified calculations of the store's reference set
+    whose latest result has one of ``statuses`` (and is one of ``ids`` when given); returns them.
+    Raises :class:`UserError` and writes nothing when none matches."""
+    from matdisc.errors import UserError
+
+    unknown = sorted(set(statuses) - set(REFERENCE_STATUSES))
+    if unknown:
+        raise UserError(f"--status: unknown {', '.join(unknown)} (one of {', '.join(REFERENCE_STATUSES)})")
+    settings = w.reference_set()
+    if not settings:
+        raise UserError(f"{w.location}: no run recorded, so no reference calculation to retry")
+    dft = w.table("dft")
+    mine = dft[in_reference_set(dft, settings)] if not dft.empty else dft
+    latest = mine.drop_duplicates("id", keep="last")
+    chosen = latest[latest["status"].isin(statuses)]
+    if ids:
+        chosen = chosen[chosen["id"].isin(ids)]
+    if chosen.empty:
+        which = f" among {', '.join(ids)}" if ids else ""
+        raise UserError(f"no verified calculation of reference set {settings} has status {', '.join(statuses)}{which}")
+    counts = mine["id"].value_counts()
+    now = time.time()
+    rows = [
+        {"id": cid, "reference_set": settings, "status": st, "attempts_before": int(counts[cid]), "requested": now}
+        for cid, st in zip(chosen["id"], chosen["status"])
+    ]
+    w.append_records("retries", f"retry/{time.time_ns()}", rows)
+    return [str(c) for c in chosen["id"]]
+
+
+def retry_references(run: Run, pending: dict[str, tuple[int, int]]) -> None:
+    """Compute again the verified calculations of ``pending`` (:func:`to_retry` when the run
+    began) that nothing computed since (round 0 redoes its own), each in its own round, from where
+    :func:`reference_starts` says: once per run, so an error that persists costs one try a run."""
+    still = to_retry(run.w, settings_hash(run.cfg.reference))
+    by_round: dict[int, list[str]] = {}
+    for cid, (round_, results) in pending.items():
+        if cid in still and still[cid][1] == results:
+            by_round.setdefault(round_, []).append(cid)
+    for round_, ids in sorted(by_round.items()):
+        ctx = run.round(round_)
+        starts = reference_starts(run.w, run.cfg.reference, ids)
+        ctx.log.info("round %d: computing %d reference calculations again (%s)", round_, len(ids), ", ".join(ids[:5]))
+        reference_stage(ctx, [(c, starts[c].atoms) for c in ids], verified=True, starts=starts)
 
 
 def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[str, Atoms]]:
@@ -280,8 +376,9 @@ def perturbed_seed_jobs(w: CampaignWriter, cfg: CampaignConfig) -> list[tuple[st
 
 
 def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
-    """Candidates with a reference result (of any outcome) in this reference set."""
+    """Candidates with a reference result in this reference set that stands (any outcome but one
+    the next run computes again: :func:`to_retry`)."""
     dft = w.table("dft")
     if dft.empty:
         return set()
-    return set(dft["id"][in_reference_set(dft, reference_set)])
+    return set(dft["id"][in_reference_set(dft, reference_set)]) - set(to_retry(w, reference_set))

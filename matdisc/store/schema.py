@@ -99,7 +99,7 @@ TABLES: dict[str, Table] = {
         Table(
             "dft",
             "calculation",
-            "r{round}/{id}/{reference_set}",
+            "r{round}/{id}/{reference_set}[/attempt{n}]",
             {
                 **_REFERENCE,
                 "round": "int",
@@ -263,6 +263,14 @@ TABLES: dict[str, Table] = {
                 "orchestrator_run": "str",
             },
             "provenance of every run: config, package versions, calculator, the engine's run id",
+        ),
+        Table(
+            "retries",
+            "retry_request",
+            "retry/{time_ns}",
+            {"id": "str", "reference_set": "str", "status": "str", "attempts_before": "int", "requested": "float"},
+            "reference calculations asked to run again (matdisc retry): each is pending while its candidate has "
+            "attempts_before results in the set, and the next run computes it",
         ),
         Table(
             "known_phases",
