@@ -151,7 +151,7 @@ def learning_figure(camp: Campaign) -> Figure:
     ax1.set_ylabel("energy MAE (meV/atom)")
     ax1.set_title("MLIP error on new DFT data")
     ax1.legend(frameon=False, fontsize=8)
-    models = models[models["source"] != "kept_previous"]  # a kept committee is drawn where it was trained
+    models = models[~models["source"].isin(("kept_previous", "training_failed"))]  # drawn where it was trained
     if not models.empty:
         for col, label in (("energy_mae_per_atom", "energy MAE (meV/atom)"), ("forces_rmse", "force RMSE (meV/Å)")):
             if col in models:

@@ -132,3 +132,41 @@ def test_only_structures_the_previous_committee_never_saw_judge_it(campaign_stor
     assert unseen_by(old, camp, ids) == set(dft["id"][dft["round"] == 2])
     configured = ModelRecord(0, "y", [], "mace_mp", "", 0, {})  # a foundation model saw no campaign data
     assert unseen_by(configured, camp, ids) == ids
+
+
+def test_a_failed_training_is_recorded_and_the_round_goes_on_with_its_committee(campaign_store, tmp_path):
+    """Training that fails (here: the job raises as mace-torch's would) does not stop the round or
+    every resume after it: the reason is recorded, the previous committee is registered again for the
+    round (``training_failed``), the model check says so, and the next round screens with it."""
+    from matdisc import jobs
+    from matdisc.stages.context import Run
+    from matdisc.stages.heldout import check_retrained, screening_model
+    from matdisc.stages.registry import current_model
+    from matdisc.stages.train import train
+
+    class NoTraining(InProcess):
+        def submit(self, fn, *args, resource):
+            if fn is jobs.train:
+                fn = _mace_fails
+            return super().submit(fn, *args, resource=resource)
+
+    cfg = _copy(campaign_store, tmp_path)
+    with CampaignWriter(cfg.store_path) as w:
+        before = current_model(w)
+        ctx = Run(w, cfg, NoTraining()).round(3)
+        trained = train(ctx)
+        check = check_retrained(ctx, before, trained)
+        screening = screening_model(ctx, check, before)
+    assert trained.round == 3 and trained.sha256 == before.sha256 and trained.source == "training_failed"
+    assert check["decision"] == "kept_previous (training failed)" and screening.sha256 == before.sha256
+    camp = open_campaign(cfg.store_path)
+    failures = camp.table("training_failures")
+    assert list(failures["round"]) == [3]
+    assert failures["reason"].iloc[0] == "TrainingError: mace training failed (exit 1): CUDA error: out of memory"
+    assert current_model(camp, before_round=4).source == "training_failed"  # a resumed round trains no more
+
+
+def _mace_fails(*args):
+    from matdisc.mlip.train import TrainingError
+
+    raise TrainingError("mace training failed (exit 1): CUDA error: out of memory")

@@ -119,7 +119,9 @@ def check_retrained(ctx: Round, previous: ModelRecord, trained: ModelRecord) -> 
     keep = [i for i, g in enumerate(groups) if g in fair]
     frames, groups = [frames[i] for i in keep], [groups[i] for i in keep]
     nan = float("nan")
-    if not frames or previous.sha256 == trained.sha256:
+    if trained.source == "training_failed":
+        decision, maes, noise = "kept_previous (training failed)", (nan, nan), nan
+    elif not frames or previous.sha256 == trained.sha256:
         decision, maes, noise = "new (no held-out frames yet)" if not frames else "new", (nan, nan), nan
     else:
         before, after = evaluate_pair(ctx, previous, trained, frames)

@@ -61,7 +61,12 @@ def train(ctx: Round) -> ModelRecord:
         ctx.remote,
         resource="mlip",
     )
-    trained: list[TrainedModel] = fut.result()
+    try:
+        trained: list[TrainedModel] = fut.result()
+    except ctx.executor.fatal:  # the engine is gone: the run stops, a rerun trains again
+        raise
+    except Exception as err:  # a failed training is recorded, and the round goes on with the committee it has
+        return training_failed(ctx, previous, err)
     side_by_side = concurrent_members(cfg.mlip.ensemble, planning.workers(cfg).mlip_cores)
     planning.record_stage(
         w,
@@ -89,6 +94,36 @@ def train(ctx: Round) -> ModelRecord:
         metrics=metrics,
         heldout_fraction=cfg.mlip.training.heldout_fraction,
         data_round=round_,
+    )
+
+
+def training_failed(ctx: Round, previous: ModelRecord | None, err: BaseException) -> ModelRecord:
+    """Record why training failed and register the previous committee again for the round
+    (``source: training_failed``): the round completes with the model it screened with, a resumed
+    run does not fail on the same training again, and the next round trains with more data."""
+    w, round_ = ctx.w, ctx.number
+    reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    w.append_records(
+        "training_failures",
+        f"r{round_}/training-failed/{time.time_ns()}",
+        [{"round": round_, "reason": reason, "time": time.time()}],
+    )
+    ctx.log.warning("round %d: training failed (%s); the previous committee screens the next round", round_, reason)
+    if previous is None:  # nothing to go on with (a cold start's first training): the run stops here
+        raise err
+    return register_model(
+        w,
+        round_,
+        previous.paths,
+        n_frames=previous.n_train_frames,
+        source="training_failed",
+        device=resolve_device(ctx.cfg.mlip.device),
+        dtype=ctx.cfg.mlip.dtype,
+        mode=previous.mode,
+        metrics=previous.metrics,
+        key=f"r{round_}/model-untrained",
+        heldout_fraction=previous.heldout_fraction,
+        data_round=previous.data_round,
     )
 
 

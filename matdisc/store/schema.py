@@ -222,7 +222,7 @@ TABLES: dict[str, Table] = {
         Table(
             "models",
             "model",
-            "r{round}/model[-kept]",
+            "r{round}/model[-kept|-untrained]",
             {
                 "round": "int",
                 "sha256": "str",
@@ -263,6 +263,14 @@ TABLES: dict[str, Table] = {
                 "orchestrator_run": "str",
             },
             "provenance of every run: config, package versions, calculator, the engine's run id",
+        ),
+        Table(
+            "training_failures",
+            "training_failure",
+            "r{round}/training-failed/{time_ns}",
+            {"round": "int", "reason": "str", "time": "float"},
+            "training jobs that failed (a mace error, a lost worker): the round goes on with its previous "
+            "committee, registered again for it (source training_failed)",
         ),
         Table(
             "retries",
