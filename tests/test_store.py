@@ -259,3 +259,23 @@ def test_a_filesystem_without_locks_is_one_line_and_opens_no_store(tmp_path, mon
     (tmp_path / "t.zarr" / "_commits" / "writer.lock").write_text("pid 1")
     with pytest.raises(StoreError, match="no file locks"):
         tables.check_not_locked(tmp_path / "t.zarr")
+
+
+def test_a_batch_is_on_disk_before_the_commit_that_makes_it_visible(tmp_path, monkeypatch):
+    """Durability: every file an append writes (chunks and metadata), and each directory that got a
+    new entry, is fsynced before the commit line, and the commit line itself is fsynced: a power
+    cut after ``append`` returns keeps the batch, one before the line leaves it invisible."""
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    rng = np.random.default_rng(1)
+    atoms = [Atoms("Cu2", positions=rng.normal(size=(2, 3)), cell=np.eye(3) * 3, pbc=True) for _ in range(3)]
+    with TableStore(tmp_path / "s.zarr", write=True) as store:
+        before = {p for p in (tmp_path / "s.zarr").rglob("*")}
+        store.append("frames", "b0", {"energy": [1.0, 2.0, 3.0]}, Frames.from_atoms(atoms))
+    log = str(tmp_path / "s.zarr" / "_commits" / "frames.jsonl")
+    assert synced[-2:] == [log, str(tmp_path / "s.zarr" / "_commits")]  # the line, then its new directory entry
+    data = {str(p) for p in (tmp_path / "s.zarr" / "frames").rglob("*") if p.is_file()}
+    assert data and data <= set(synced[: synced.index(log)])  # every array file before the line
+    created_dirs = {str(p) for p in (tmp_path / "s.zarr" / "frames").rglob("*") if p.is_dir() and p not in before}
+    assert created_dirs <= set(synced[: synced.index(log)])

@@ -235,6 +235,44 @@ def _flock(fd: int, operation: int, store: Path) -> None:
         ) from None
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a file created or renamed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SyncedStore(LocalStore):
+    """Zarr's LocalStore, remembering the files it writes so that a commit can fsync them (and
+    the directories they were created in) before its line in the commit log."""
+
+    def __init__(self, root: Path | str, *, read_only: bool = False) -> None:
+        super().__init__(root, read_only=read_only)
+        self.written: set[Path] = set()
+        self.new_in: set[Path] = set()  # directories that got a new entry
+
+    async def _set(self, key: str, value: Any, exclusive: bool = False) -> None:
+        path = Path(self.root) / key
+        if not path.exists():
+            self.new_in.update(p for p in path.parents if p == Path(self.root) or Path(self.root) in p.parents)
+        await super()._set(key, value, exclusive=exclusive)
+        self.written.add(path)
+
+    def sync(self) -> None:
+        for path in sorted(self.written):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in sorted(self.new_in, key=lambda p: len(p.parts), reverse=True):
+            fsync_dir(d)
+        self.written.clear()
+        self.new_in.clear()
+
+
 class TableStore:
     """The tables of one store directory: committed reads, and (with ``write=True``) appends."""
 
@@ -256,7 +294,8 @@ class TableStore:
                 raise StoreError(f"store: {self._dir} {where}, not a folder a campaign store can live in")
             self._dir.mkdir(parents=True, exist_ok=True)
             self._acquire_lock()
-            self.root = zarr.open_group(store=LocalStore(self._dir), mode="a", zarr_format=3)
+            self._store = SyncedStore(self._dir)
+            self.root = zarr.open_group(store=self._store, mode="a", zarr_format=3)
             if new:
                 self.root.attrs[FORMAT_ATTR] = STORE_FORMAT
             for side in SIDE_GROUPS:  # zarr groups, so zarr and xarray see known nodes only
@@ -426,6 +465,7 @@ class TableStore:
                 self._put(self._require(group, "forces", forces, atoms, "atom"), atoms, forces)
         else:
             n_new = 0
+        self._store.sync()  # the batch's data is on disk before the commit that makes it visible
         self._commit(table, Commit(key, (rows, rows + n), (atoms, atoms + n_new)))
         return True
 
@@ -489,9 +529,13 @@ class TableStore:
         path = self._log_path(table)
         path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"key": commit.key, "rows": commit.rows, "atoms": commit.atoms, "time": time.time()})
+        new = not path.exists()
         with open(path, "ab") as f:
             f.write(line.encode() + b"\n")
             f.flush()
+            os.fsync(f.fileno())  # committed means on disk: a power cut after this keeps the batch
+        if new:
+            fsync_dir(path.parent)
         self._logs.setdefault(table, []).append(commit)
         if self.on_commit is not None:
             self.on_commit()
