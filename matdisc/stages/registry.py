@@ -15,6 +15,7 @@ import numpy as np
 
 from matdisc.mlip.model import describe, file_sha256
 from matdisc.store import Campaign, CampaignWriter, schema
+from matdisc.store.tables import fsync_dir
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,10 @@ def register_model(
             if not dest.exists():  # copy, then rename: a killed copy never sits under the final name
                 tmp = dest.with_name(dest.name + ".partial")  # removed by the next writer if left
                 shutil.copyfile(p, tmp)
+                with open(tmp, "rb") as f:  # on disk before the registry row that names it
+                    os.fsync(f.fileno())
                 os.replace(tmp, dest)
+                fsync_dir(dest.parent)
             stored.append(str(dest.relative_to(w.path)))
         else:
             stored.append(str(Path(p).resolve()))
