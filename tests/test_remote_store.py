@@ -7,6 +7,7 @@ calls (exclusive put with If-None-Match, whole-object puts, listings) a real buc
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import socket
 import time
@@ -107,17 +108,17 @@ def test_a_push_cut_between_data_and_log_leaves_the_url_consistent_and_the_batch
     the previous commit only; the next writer (another machine: a fresh working copy) redoes it."""
     w = CampaignWriter(URL)  # never closed: the process dies (kill -9) inside a push
     w.append_records("candidates", "r0", *_candidates(2))
-    real_put = w.remote.fs.put
+    real_pipe = w.remote.fs.pipe_file
 
-    def put_data_then_die(lpaths, rpaths, **kw):
-        if any("/_commits/" in r for r in rpaths):
+    def die_before_the_log(path, data, **kw):
+        if "/_commits/" in path and not path.endswith(LEASE):
             raise KeyboardInterrupt  # the process is gone before the log's put
-        return real_put(lpaths, rpaths, **kw)
+        return real_pipe(path, data, **kw)
 
-    monkeypatch.setattr(w.remote.fs, "put", put_data_then_die)
+    monkeypatch.setattr(w.remote.fs, "pipe_file", die_before_the_log)
     with pytest.raises(KeyboardInterrupt):
         w.append_records("candidates", "r1", *_candidates(3, start=2))
-    monkeypatch.setattr(w.remote.fs, "put", real_put)
+    monkeypatch.setattr(w.remote.fs, "pipe_file", real_pipe)
     w.remote.lease.release()  # as a dead writer's lease runs out
     w.tables.close()
     assert s3_bucket.exists("campaigns/remote.zarr/candidates/id/c/0")
@@ -174,3 +175,91 @@ def test_models_reach_a_worker_by_sha256_from_the_store_and_a_tampered_one_is_re
     assert file_sha256(path) == sha
     with pytest.raises(ModelError, match="was not shipped"):
         unpack([TrainedModel(path=tmp_path / "gone.model", mode="scratch", n_train=1, n_valid=0)], tmp_path)
+
+
+def test_of_two_writers_taking_over_one_stale_lease_exactly_one_wins(s3_bucket, home):
+    """Both read the expired lease; the first replaces it on the condition that it is still the
+    version it read, and the second's replacement, on the same condition, is refused."""
+    from matdisc.store.remote import Lease
+
+    path = f"campaigns/remote.zarr/{LEASE}"
+    s3_bucket.pipe_file(path, json.dumps({"owner": "dead", "host": "node-3", "pid": 1, "expires": time.time() - 5,
+                                          "generation": 4}).encode())
+    fs, root = s3_bucket, "campaigns/remote.zarr"
+    a, b = Lease(fs, root, URL), Lease(fs, root, URL)
+    seen_by_b = b._read()  # b reads the stale lease at the same moment as a
+    a.acquire()
+    b._read = lambda: seen_by_b  # noqa: SLF001  (b acts on what it read before a's takeover)
+    try:
+        with pytest.raises(StoreError, match="another writer took the stale writer lease first"):
+            b.acquire()
+        assert _lease(s3_bucket)["owner"] == a.owner and a.generation == 5  # one above the lease it replaced
+    finally:
+        a.release()
+
+
+def test_a_writer_paused_past_its_lease_cannot_write_over_the_writer_that_took_it(s3_bucket, home, tmp_path):
+    """The fault of a Slurm suspend or a laptop's sleep: writer A is stopped (SIGSTOP) holding the
+    lease, the lease expires, writer B takes it over and commits; A is continued and commits too.
+    A's commit is refused with one line and the URL holds A's first batch and B's, nothing of A's
+    second: no stale writer commit is accepted."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "writer_a.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_remote_store import URL, _candidates\n"
+        "from matdisc.store import CampaignWriter\n"
+        "w = CampaignWriter(URL)\n"
+        "w.append_records('candidates', 'a0', *_candidates(2))\n"
+        "print('committed', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "try:\n"
+        "    w.append_records('candidates', 'a1', *_candidates(2, start=10))\n"
+        "    print('a1 accepted', flush=True)\n"
+        "except Exception as err:\n"
+        "    print('refused:', err, flush=True)\n"
+    )
+    env = {**os.environ, "MATDISC_LEASE_SECONDS": "3", "MATDISC_HOME": str(home / "node-a")}
+    a = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert a.stdout.readline().strip() == "committed", a.stderr.read() if a.poll() is not None else ""
+        os.kill(a.pid, signal.SIGSTOP)
+        time.sleep(4)  # A's lease (3 s) runs out: A cannot renew while stopped
+        with CampaignWriter(URL) as b:  # another node
+            assert b.remote.lease.generation == 1
+            b.append_records("candidates", "b0", *_candidates(3, start=20))
+            os.kill(a.pid, signal.SIGCONT)
+            a.stdin.write("go\n")
+            a.stdin.flush()
+            out = a.stdout.readline().strip()
+            assert out.startswith("refused:") and "lease" in out, out
+            b.append_records("candidates", "b1", *_candidates(1, start=30))
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        a.kill()
+        a.wait()
+    ids = list(open_campaign(URL).candidates()["id"])
+    assert ids == ["c0", "c1", "c20", "c21", "c22", "c30"]  # A's first batch, B's two, none of A's second
+    commits = [json.loads(line) for line in s3_bucket.cat_file(
+        "campaigns/remote.zarr/_commits/candidates.jsonl").decode().splitlines()]
+    assert [(c["key"], c["generation"]) for c in commits] == [("a0", 0), ("b0", 1), ("b1", 1)]
+
+
+def test_a_model_this_machine_has_but_the_url_lacks_is_pushed_by_the_next_writer(s3_bucket, home):
+    """A writer that copied a model into its working copy and died before pushing it: the next
+    writer on this machine keeps the local file (models are content-addressed) and, since the URL
+    lacks it, uploads it with its first commit, before the log that could name it."""
+    with CampaignWriter(URL) as w:
+        w.append_records("candidates", "r0", *_candidates(1))
+        (w.path / "models" / "abc.model").write_bytes(b"model")
+    s3_bucket.rm_file("campaigns/remote.zarr/models/abc.model")  # as if the push never happened
+    with CampaignWriter(URL) as w:
+        assert (w.path / "models" / "abc.model").is_file()
+        w.append_records("candidates", "r1", *_candidates(1, start=1))
+    s3_bucket.invalidate_cache()
+    assert s3_bucket.cat_file("campaigns/remote.zarr/models/abc.model") == b"model"

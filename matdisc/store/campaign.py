@@ -307,6 +307,8 @@ class CampaignWriter(Campaign):
             path = self.remote.open()
         try:
             tables = TableStore(path, write=True, on_commit=self.remote.push if self.remote else None)
+            if self.remote is not None:
+                tables.generation = self.remote.lease.generation
         except BaseException:
             if self.remote is not None:
                 self.remote.lease.release()

@@ -3,10 +3,18 @@
 An object store has no append and no ``flock``, so the writer works on a local working
 copy and keeps the URL the truth:
 
-- **Lease, not lock.** ``_commits/writer.lease`` names the writer (host, pid, expiry). It is
-  created with an exclusive put (S3 ``If-None-Match: *``), renewed by a background thread,
-  and deleted on close. A second writer fails fast with the holder's name; a lease whose
-  writer died (expired, or the same host and its pid gone) is taken over.
+- **Lease, not lock.** ``_commits/writer.lease`` names the writer (host, pid, expiry, and a
+  generation one above the lease it replaced). It is created with an exclusive put (S3
+  ``If-None-Match: *``), renewed by a background thread, and deleted on close. A second writer
+  fails fast with the holder's name; a lease whose writer died (expired, or the same host and
+  its pid gone) is taken over.
+- **Fenced.** Every write of the lease is conditional on the version this writer last saw
+  (S3 ``If-Match`` on the ETag): of two writers taking over one stale lease exactly one wins,
+  and a writer whose lease was taken cannot renew it. Every push first renews the lease (so a
+  writer paused past its lease, by Slurm suspend or a laptop's sleep, finds out before it
+  writes), stops when its renewal is older than half the lease, and puts each commit log on the
+  condition that it is the version this writer last wrote: a stale writer's commit is refused,
+  never merged over the new writer's. Each commit line records the writer's generation.
 - **Pull on open.** The tables and commit logs are downloaded into a fresh working copy under
   ``$MATDISC_HOME/mirrors``; models are content-addressed and kept when already there.
 - **Push after every commit.** Changed files are uploaded first, the changed commit logs last,
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -38,7 +47,7 @@ from matdisc.store.tables import url_filesystem
 
 LEASE = "_commits/writer.lease"
 #: A lease not renewed for this long belongs to a dead writer. Renewed every third of it.
-LEASE_SECONDS = 300.0
+LEASE_SECONDS = float(os.environ.get("MATDISC_LEASE_SECONDS", "300"))
 #: Working-copy directories that are not store state: pushed as provenance (``calculations``) or
 #: kept local (``training``), never pulled.
 SCRATCH = ("calculations", "training")
@@ -73,13 +82,24 @@ def _is_stale(lease: dict[str, Any]) -> bool:
     return False
 
 
+def _uptime() -> float:
+    """Seconds on a clock that keeps counting while the machine sleeps or the process is stopped."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 class Lease:
     """The single-writer lease of a store at a URL (see the module docstring)."""
 
-    def __init__(self, fs: Any, root: str, url: str, seconds: float = LEASE_SECONDS):
-        self.fs, self.path, self.url, self.seconds = fs, f"{root}/{LEASE}", url, seconds
+    def __init__(self, fs: Any, root: str, url: str, seconds: float | None = None):
+        self.fs, self.path, self.url = fs, f"{root}/{LEASE}", url
+        self.seconds = seconds if seconds is not None else LEASE_SECONDS
         self.owner = uuid.uuid4().hex
+        self.generation = 0
         self.lost: str | None = None
+        self.etag: str | None = None  # the lease object's version this writer last wrote
+        self.renewed = -float("inf")  # _uptime() of the last successful write of the lease
+        self.fenced = conditional_writes(fs)
+        self._lock = threading.Lock()  # the renewal thread and a push renew the same lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -90,37 +110,73 @@ class Lease:
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "expires": time.time() + self.seconds,
+                "generation": self.generation,
             }
         ).encode()
 
     def read(self) -> dict[str, Any] | None:
+        return self._read()[0]
+
+    def _read(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(the lease, the version it was read at): the version first, so a change in between makes
+        a conditional write on it fail rather than succeed on content not seen."""
         try:
             self.fs.invalidate_cache()
-            return json.loads(self.fs.cat_file(self.path))
+            etag = self.fs.info(self.path).get("ETag") if self.fenced else None
+            data = self.fs.cat_file(self.path)
         except FileNotFoundError:
-            return None
+            return None, None
+        try:
+            return json.loads(data), etag
         except ValueError:  # a torn or foreign file: nobody holds it
-            return {}
+            return {}, etag
+
+    def _put(self, condition: str | None) -> None:
+        """Write this writer's lease: created only if absent (``condition`` None), else only over
+        the version ``condition``. FileExistsError / PermissionError when the condition fails."""
+        data = self._record()
+        if condition is None:
+            out = self.fs.pipe_file(self.path, data, mode="create")
+        elif self.fenced:
+            try:
+                out = self.fs.pipe_file(self.path, data, IfMatch=condition)
+            except OSError as err:
+                if "pre-condition" in str(err) or "PreconditionFailed" in str(err) or "412" in str(err):
+                    raise PermissionError(f"the lease of {self.url} changed") from None
+                raise
+        else:
+            out = self.fs.pipe_file(self.path, data)
+        self.etag = out.get("ETag") if isinstance(out, dict) else None
+        self.renewed = _uptime()
 
     def acquire(self) -> None:
         for attempt in range(2):
             try:
-                self.fs.pipe_file(self.path, self._record(), mode="create")
+                self._put(None)
             except FileExistsError:
-                held = self.read()
-                if held is None or (attempt == 0 and _is_stale(held)):
-                    if held is not None:
-                        self.fs.rm_file(self.path)
+                held, etag = self._read()
+                if held is not None and attempt == 0 and _is_stale(held):
+                    self.generation = int(held.get("generation", 0)) + 1
+                    try:  # taken over only if nobody changed it since it was read: one taker wins
+                        self._put(etag if self.fenced else "")
+                    except PermissionError:
+                        raise StoreError(
+                            f"store {self.url}: another writer took the stale writer lease first"
+                        ) from None
+                    return self._started()
+                if held is None:
                     continue
                 raise StoreError(
                     f"store {self.url} is being written by {_holder_text(held or {})}; wait for it or stop it"
                 ) from None
-            if (self.read() or {}).get("owner") != self.owner:  # a racing writer replaced it
-                raise StoreError(f"store {self.url}: another writer took the lease while this one started")
-            self._thread = threading.Thread(target=self._renew_loop, name="matdisc-lease", daemon=True)
-            self._thread.start()
-            return
+            return self._started()
         raise StoreError(f"store {self.url}: could not take the writer lease")
+
+    def _started(self) -> None:
+        if (self.read() or {}).get("owner") != self.owner:  # a racing writer replaced it (unfenced stores)
+            raise StoreError(f"store {self.url}: another writer took the lease while this one started")
+        self._thread = threading.Thread(target=self._renew_loop, name="matdisc-lease", daemon=True)
+        self._thread.start()
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.seconds / 3):
@@ -132,14 +188,31 @@ class Lease:
                 continue
 
     def renew(self) -> None:
-        held = self.read()
-        if not held or held.get("owner") != self.owner:
-            self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(held or {})}"
-            raise StoreError(self.lost)
-        self.fs.pipe_file(self.path, self._record())
+        with self._lock:
+            if self.lost:
+                raise StoreError(self.lost)
+            held, etag = self._read()
+            if not held or held.get("owner") != self.owner:
+                self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(held or {})}"
+                raise StoreError(self.lost)
+            try:
+                self._put(self.etag if self.fenced else "")
+            except PermissionError:
+                held = self.read()
+                self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(held or {})}"
+                raise StoreError(self.lost) from None
 
     def check(self) -> None:
+        """Refuse to write once the lease is lost or this writer cannot know it still holds it: its
+        last renewal is older than half the lease (it was paused), so another may have taken it."""
         if self.lost:
+            raise StoreError(self.lost)
+        age = _uptime() - self.renewed
+        if age > self.seconds / 2:
+            self.lost = (
+                f"store {self.url}: the writer lease was last renewed {age:.0f} s ago (this process was paused?); "
+                "another writer may hold it now, so this one stops"
+            )
             raise StoreError(self.lost)
 
     def release(self) -> None:
@@ -148,6 +221,12 @@ class Lease:
             self._thread.join(timeout=5)
         if not self.lost and (self.read() or {}).get("owner") == self.owner:
             self.fs.rm_file(self.path)
+
+
+def conditional_writes(fs: Any) -> bool:
+    """Whether matdisc fences writes to this filesystem with conditional puts (S3's ``If-Match``)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("s3", "s3a")
 
 
 def check_not_leased(url: str) -> None:
@@ -168,6 +247,14 @@ class RemoteStore:
         self.local = local or mirror_dir(self.url)
         self.lease = Lease(self.fs, self.root, self.url)
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
+        self._log_etags: dict[str, str] = {}  # commit log -> the version this writer last saw or wrote
+        if not self.lease.fenced:
+            logging.getLogger("matdisc.store").warning(
+                "store %s: %s has no conditional writes matdisc uses, so a writer paused past its lease could "
+                "still overwrite a newer writer's commits (S3 stores are fenced)",
+                self.url,
+                self.fs.protocol,
+            )
 
     def open(self) -> Path:
         try:
@@ -190,10 +277,13 @@ class RemoteStore:
             return {}
         prefix = self.root.rstrip("/") + "/"
         files = {}
+        self._log_etags = {}
         for path, info in found.items():
             rel = path.removeprefix(prefix)
             if info.get("type", "file") == "file" and rel not in _LOCAL_ONLY and rel.split("/", 1)[0] not in SCRATCH:
                 files[rel] = int(info.get("size") or 0)
+                if rel.startswith("_commits/") and info.get("ETag"):
+                    self._log_etags[rel] = str(info["ETag"])
         return files
 
     def pull(self) -> None:
@@ -204,9 +294,10 @@ class RemoteStore:
             if entry.name in ("models", *SCRATCH):
                 continue
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        remote = self._remote_files()
         wanted = [
             rel
-            for rel, size in self._remote_files().items()
+            for rel, size in remote.items()
             if not (
                 rel.startswith("models/") and (self.local / rel).is_file() and (self.local / rel).stat().st_size == size
             )
@@ -215,7 +306,8 @@ class RemoteStore:
             for rel in wanted:
                 (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
             self.fs.get([f"{self.root}/{rel}" for rel in wanted], [str(self.local / rel) for rel in wanted])
-        self._pushed = self._local_files()
+        # pushed = what the URL has: a model kept here that the URL lacks goes up with the next push
+        self._pushed = {rel: stamp for rel, stamp in self._local_files().items() if remote.get(rel) == stamp[0]}
 
     # -- push -------------------------------------------------------------------------
     def _local_files(self) -> dict[str, tuple[int, int]]:
@@ -232,19 +324,44 @@ class RemoteStore:
         return files
 
     def push(self) -> None:
-        """Upload what changed since the last push: data first, commit logs last."""
-        self.lease.check()
+        """Upload what changed since the last push: data first (models before the rows that name
+        them), commit logs last, each on the condition that the URL still has the version this
+        writer last wrote; the lease is renewed first and checked again before the logs."""
+        self.lease.renew()  # a writer paused past its lease finds out here, before it writes
         now = self._local_files()
         changed = [rel for rel, stamp in now.items() if self._pushed.get(rel) != stamp]
         logs = [rel for rel in changed if rel.startswith("_commits/")]
         data = [rel for rel in changed if not rel.startswith("_commits/")]
-        for batch in (data, logs):
-            if batch:
-                self.fs.put([str(self.local / rel) for rel in batch], [f"{self.root}/{rel}" for rel in batch])
+        self.lease.check()
+        if data:
+            self.fs.put([str(self.local / rel) for rel in data], [f"{self.root}/{rel}" for rel in data])
+        self.lease.check()
+        for rel in logs:
+            self._put_log(rel)
         gone = [rel for rel in self._pushed if rel not in now]
         if gone:
             self.fs.rm([f"{self.root}/{rel}" for rel in gone])
         self._pushed = now
+
+    def _put_log(self, rel: str) -> None:
+        """One commit log, only over the version this writer last saw or wrote (a new one only if
+        absent): a writer whose lease was taken cannot replace the new writer's log."""
+        data = (self.local / rel).read_bytes()
+        path = f"{self.root}/{rel}"
+        if not self.lease.fenced:
+            self.fs.pipe_file(path, data)
+            return
+        try:
+            if rel in self._log_etags:
+                out = self.fs.pipe_file(path, data, IfMatch=self._log_etags[rel])
+            else:
+                out = self.fs.pipe_file(path, data, mode="create")
+        except (FileExistsError, OSError) as err:
+            if isinstance(err, FileExistsError) or "pre-condition" in str(err) or "412" in str(err):
+                self.lease.lost = f"store {self.url}: {rel} was changed by another writer; this one stops"
+                raise StoreError(self.lease.lost) from None
+            raise
+        self._log_etags[rel] = str(out["ETag"])
 
     def close(self) -> None:
         try:

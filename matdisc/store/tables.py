@@ -282,6 +282,7 @@ class TableStore:
         self.write = write
         self.on_commit = on_commit
         self._lock_fd: int | None = None
+        self.generation: int | None = None  # the writer lease's generation (stores at a URL)
         self._logs: dict[str, list[Commit]] = {}
         self._fs = None  # the fsspec filesystem of a URL store (``_fs_root``: the store's path on it)
         if url is not None:
@@ -528,7 +529,10 @@ class TableStore:
     def _commit(self, table: str, commit: Commit) -> None:
         path = self._log_path(table)
         path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps({"key": commit.key, "rows": commit.rows, "atoms": commit.atoms, "time": time.time()})
+        record = {"key": commit.key, "rows": commit.rows, "atoms": commit.atoms, "time": time.time()}
+        if self.generation is not None:  # a store at a URL: which lease holder committed it
+            record["generation"] = self.generation
+        line = json.dumps(record)
         new = not path.exists()
         with open(path, "ab") as f:
             f.write(line.encode() + b"\n")
