@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from matdisc.config import ComputeConfig
+from matdisc.config import ComputeConfig, slurm_seconds
 from matdisc.errors import UserError
 from matdisc.locations import matdisc_home
 
@@ -156,6 +156,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     """
     s = cfg.slurm
     per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
+    lifetime = worker_lifetime(slurm_seconds(s.walltime))
     common = {
         "account": s.account,
         "walltime": s.walltime,
@@ -173,7 +174,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "cores": s.cores,
         "processes": per_dft,
         "memory": s.memory,
-        "worker_extra_args": ["--resources", "DFT=1"],  # one calculation per worker at a time
+        "worker_extra_args": ["--resources", "DFT=1", *lifetime],  # one calculation per worker at a time
         "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"],
     }
     mlip: dict[str, Any] = {
@@ -182,12 +183,69 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "cores": s.mlip_cores,
         "processes": 1,
         "memory": s.mlip_memory,
-        "worker_extra_args": ["--resources", "MLIP=1"],
+        "worker_extra_args": ["--resources", "MLIP=1", *lifetime],
         "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}"],
     }
     if s.gpus_per_mlip_job:
         mlip["job_extra_directives"] = [*mlip["job_extra_directives"], f"--gres=gpu:{s.gpus_per_mlip_job}"]
     return dft, mlip
+
+
+def worker_lifetime(walltime_s: float) -> list[str]:
+    """``dask worker`` arguments that end a worker cleanly before Slurm kills its job: its tasks
+    move elsewhere instead of dying with it, and the pools submit a new job (``--lifetime`` a tenth
+    of the walltime short of it, at most 10 min, staggered by half that so workers do not all go
+    at once)."""
+    margin = min(600.0, 0.1 * walltime_s)
+    return ["--lifetime", f"{walltime_s - margin:.0f}s", "--lifetime-stagger", f"{margin / 2:.0f}s"]
+
+
+class GpuPool:
+    """The fixed pool of MLIP (GPU) jobs, kept at its size: dask-jobqueue's adaptive scaling
+    resubmits the DFT pool's jobs, but the GPU jobs are started by hand (one job template per
+    cluster), so a job that ended (its workers' lifetime ran out, the node failed) is replaced here.
+    A job has ended when ``squeue`` no longer lists it; when ``squeue`` fails, nothing is replaced."""
+
+    def __init__(self, cluster: Any, cfg: ComputeConfig):
+        self.cluster, self.cfg = cluster, cfg
+        self.jobs = mlip_jobs(cluster, cfg)
+        self.resubmitted = 0
+
+    def start(self) -> None:
+        for job in self.jobs:
+            self.cluster.sync(job.start)  # sbatch
+
+    def queued(self) -> set[str] | None:
+        """Ids of this user's jobs Slurm still has (pending or running); None when squeue fails."""
+        import getpass
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["squeue", "-h", "-o", "%i", "-u", getpass.getuser()], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return set(out.stdout.split()) if out.returncode == 0 else None
+
+    def keep(self) -> int:
+        """Replace the jobs that ended; returns how many were submitted again."""
+        queued = self.queued()
+        if queued is None:
+            return 0
+        submitted = 0
+        for i, job in enumerate(self.jobs):
+            if job.job_id is not None and str(job.job_id) not in queued:
+                fresh = mlip_jobs(self.cluster, self.cfg)[i]
+                self.cluster.sync(fresh.start)
+                self.jobs[i] = fresh
+                submitted += 1
+        self.resubmitted += submitted
+        return submitted
+
+    def close(self) -> None:
+        for job in self.jobs:
+            self.cluster.sync(job.close)  # scancel
 
 
 def mlip_jobs(cluster: Any, cfg: ComputeConfig) -> list:
@@ -216,16 +274,31 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise UserError("compute.scheduler: slurm needs dask-jobqueue (pip install 'matdisc[hpc]')") from None
+    import threading
+
     dft_opts, _ = slurm_job_options(cfg)
     cluster = SLURMCluster(**dft_opts)
-    gpu_jobs = mlip_jobs(cluster, cfg)
+    pool = GpuPool(cluster, cfg)
+    stop = threading.Event()
+
+    def keep_pool() -> None:
+        while not stop.wait(KEEP_POOL_S):
+            pool.keep()
+
+    keeper = threading.Thread(target=keep_pool, name="matdisc-gpu-pool", daemon=True)
     try:
-        for job in gpu_jobs:
-            cluster.sync(job.start)  # sbatch
+        pool.start()
+        keeper.start()
         cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, cfg.slurm.dft_jobs))
         with clients_use(cluster.security):
             yield cluster.scheduler_address
     finally:
-        for job in gpu_jobs:
-            cluster.sync(job.close)  # scancel
+        stop.set()
+        if keeper.is_alive():
+            keeper.join(timeout=KEEP_POOL_S)
+        pool.close()
         cluster.close()
+
+
+#: Seconds between two looks at the GPU pool's jobs.
+KEEP_POOL_S = 60.0

@@ -83,7 +83,8 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler(tmp_path, 
     from matdisc_flows.cluster import mlip_jobs, slurm_job_options
 
     cfg = ComputeConfig(scheduler="slurm", threads_per_dft_worker=2,
-                        slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1"})
+                        slurm={"queue": "cpu", "mlip_queue": "gpu", "cores": 8, "account": "proj1",
+                               "walltime": "01:00:00"})
     dft, _ = slurm_job_options(cfg)
     cluster = SLURMCluster(**dft)
     try:
@@ -97,12 +98,59 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler(tmp_path, 
         assert "--tls-ca-file" in script and "--tls-key" in script and "--protocol tls://" in script
     assert dft["scheduler_options"] == {"dashboard_address": "127.0.0.1:8787"}  # the dashboard: this machine only
     assert (tmp_path / "dask-tls").stat().st_mode & 0o777 == 0o700  # the jobs' keys: the user's alone
+    # workers end cleanly 6 min (a tenth of the 1 h walltime) before Slurm would kill them, staggered
+    for script in (dft_script, mlip_script):
+        assert "--lifetime 3240s --lifetime-stagger 180s" in script
     assert "#SBATCH -p cpu" in dft_script and "#SBATCH -p gpu" in mlip_script
     assert "#SBATCH --gres=gpu:1" in mlip_script and "gres" not in dft_script
     assert "--resources DFT=1" in dft_script and "--nworkers 4" in dft_script  # 8 cores / 2 threads
     assert "export OMP_NUM_THREADS=2" in dft_script
     assert "--resources MLIP=1" in mlip_script and "--nworkers" not in mlip_script.replace("--nworkers 1", "")
     assert cluster.scheduler_address in mlip_script  # GPU workers join the DFT cluster's scheduler
+
+
+def test_the_gpu_pool_replaces_a_job_that_ended_and_nothing_when_squeue_fails(tmp_path, monkeypatch):
+    """dask-jobqueue's own code against Slurm commands of the test's making (sbatch numbers the
+    jobs it is given, squeue lists the ones a file says are queued, scancel records): a GPU job that
+    left the queue (its workers' lifetime ran out) is submitted again, the running ones are not,
+    and an squeue that fails replaces nothing."""
+    pytest.importorskip("dask_jobqueue", reason="the [hpc] extra")
+    from dask_jobqueue import SLURMCluster
+
+    from matdisc_flows.cluster import GpuPool, slurm_job_options
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    state = tmp_path / "slurm"
+    state.mkdir()
+    (state / "queued").write_text("")
+    scripts = {
+        "sbatch": f'n=$(( $(cat {state}/n 2>/dev/null || echo 0) + 1 )); echo $n > {state}/n; '
+                  f'echo $n >> {state}/queued; cp "$1" {state}/job-$n.sh; echo "Submitted batch job $n"',
+        "squeue": f'[ -e {state}/down ] && exit 1; cat {state}/queued',
+        "scancel": f'echo "$@" >> {state}/cancelled',
+    }
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("MATDISC_HOME", str(tmp_path / "home"))
+    cfg = ComputeConfig(scheduler="slurm", slurm={"queue": "cpu", "mlip_queue": "gpu", "mlip_jobs": 2})
+    cluster = SLURMCluster(**slurm_job_options(cfg)[0])
+    try:
+        pool = GpuPool(cluster, cfg)
+        pool.start()
+        assert [j.job_id for j in pool.jobs] == ["1", "2"] and pool.keep() == 0
+        (state / "queued").write_text("2\n")  # job 1 ended
+        assert pool.keep() == 1 and [j.job_id for j in pool.jobs] == ["3", "2"] and pool.resubmitted == 1
+        assert "#SBATCH -p gpu" in (state / "job-3.sh").read_text()
+        (state / "queued").write_text("")
+        (state / "down").write_text("")  # the controller does not answer: nothing is submitted blindly
+        assert pool.keep() == 0 and (state / "n").read_text().strip() == "3"
+        pool.close()
+        assert (state / "cancelled").read_text().split() == ["3", "2"]
+    finally:
+        cluster.close()
 
 
 def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
