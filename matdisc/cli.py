@@ -518,6 +518,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A campaign's results as a table, structures, pymatgen entries or a prediction table."""
+    from matdisc.export import export
+    from matdisc.store.tables import check_output_dir
+
+    if args.out:
+        out = Path(args.out)
+        check_output_dir(out if args.format in ("cif", "poscar") else out.parent, "--out")
+    path, n = export(args.store, args.format, args.out, stage=args.stage, hits=args.hits)
+    print(f"{n} candidate(s) written to {path}")
+    return 0
+
+
 def _cmd_retry(args: argparse.Namespace) -> int:
     """Ask the next run of a campaign to compute chosen reference calculations again."""
     from matdisc.stages.verify import request_retries
@@ -688,6 +701,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a campaign file")
     p.add_argument("config")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser(
+        "export",
+        help="a campaign's results for other tools: csv, parquet, extxyz, cif, poscar, entries "
+        "(pymatgen ComputedStructureEntry JSON), matbench (MLIP prediction beside the DFT truth)",
+    )
+    p.add_argument("store", help="the campaign store (a path or a URL)")
+    p.add_argument("--format", required=True, help="csv, parquet, extxyz, cif, poscar, entries or matbench")
+    p.add_argument("--stage", default="dft", help="structures of extxyz/cif/poscar: initial, mlip or dft (default)")
+    p.add_argument("--hits", action="store_true", help="only the DFT-verified stable candidates")
+    p.add_argument("--out", default=None, help="file (folder for cif, poscar); default: in the current folder")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser(
         "retry",
         help="ask the next run to compute reference calculations again (after raising a wall time, "
