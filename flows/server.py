@@ -62,10 +62,14 @@ def _use(url: str, auth: str | None) -> str:
 
 
 def configured_api() -> str | None:
-    """The API this process talks to: ``PREFECT_API_URL``, else the server matdisc started (with
-    its auth string), else None."""
+    """The API this process talks to: ``PREFECT_API_URL``, else the one the user's Prefect profile
+    names, else the server matdisc started (with its auth string), else None."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    configured = prefect_configured_api()
+    if configured is not None:
+        os.environ["PREFECT_API_URL"] = configured[0]
+        return configured[0]
     info = recorded()
     return _use(info["api_url"], info.get("auth")) if info else None
 
@@ -93,10 +97,36 @@ def server_env() -> dict[str, str]:
     }
 
 
+#: What Prefect itself resolves (profiles, ``prefect.toml``, ``.env``, Prefect Cloud's login), asked
+#: in a child: importing Prefect here would freeze its settings before matdisc sets its own.
+_PREFECT_API = (
+    "import json; from prefect.context import get_settings_context as c; s = c(); "
+    "print(json.dumps({'url': s.settings.api.url or '', 'profile': s.profile.name}))"
+)
+
+
+def prefect_configured_api() -> tuple[str, str] | None:
+    """(url, profile) of the API the user's own Prefect settings name, or None when they name none."""
+    try:
+        env = {k: v for k, v in os.environ.items() if v or not k.startswith("PREFECT_")}  # empty: unset
+        out = subprocess.run([sys.executable, "-c", _PREFECT_API], capture_output=True, text=True, timeout=120, env=env)
+        found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        found = {}
+    return (found["url"], found.get("profile", "")) if found.get("url") else None
+
+
 def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
-    """The API URL to use, starting a local server if needed (and setting PREFECT_API_URL)."""
+    """The API URL to use: ``PREFECT_API_URL``, else the one the user's Prefect settings name (a
+    profile, Prefect Cloud), else a local server matdisc starts (and says so); sets PREFECT_API_URL."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
+    configured = prefect_configured_api()
+    if configured is not None:
+        url, profile = configured
+        print(f"matdisc: using the Prefect API of your profile {profile!r}: {url}", file=sys.stderr, flush=True)
+        os.environ["PREFECT_API_URL"] = url  # its key or auth string come from the same profile
+        return url
     info = recorded()
     if info is not None and healthy(info["api_url"]):
         if info.get("auth"):
@@ -112,6 +142,7 @@ def ensure_api(port: int | None = None, timeout: float = 90.0) -> str:
             f"port {port} already serves a Prefect API not started by matdisc; "
             f"set PREFECT_API_URL={url} to use it, or MATDISC_PREFECT_PORT to pick another port"
         )
+    print(f"matdisc: no Prefect API configured (PREFECT_API_URL, a profile): starting one at {url}", file=sys.stderr)
     home().mkdir(parents=True, exist_ok=True)
     log = open(log_file(), "ab")
     log_offset = log.tell()  # `matdisc server status` reads this server's lines only

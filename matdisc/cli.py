@@ -436,10 +436,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # a model without our elements, no model at all, or a file changed since the campaign registered it: refuse now
     configured_model(cfg.mlip, cfg.chemsys, _registered_start(cfg))
     _engine_environment()
-    from matdisc_flows.server import ensure_api, ui_url
+    from matdisc_flows.server import ensure_api, recorded, ui_url
 
-    own_server = not os.environ.get("PREFECT_API_URL")
     api = ensure_api()
+    own_server = (recorded() or {}).get("api_url") == api
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
     _warn_if_unhealthy(api)
     import httpx

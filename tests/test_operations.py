@@ -438,3 +438,27 @@ def test_a_lost_prefect_api_stops_the_run_instead_of_failing_the_job():
     assert isinstance(lost.value, PrefectDask.fatal)
     with pytest.raises(RuntimeError, match="a bug in the job"):  # the job's own error stays the job's
         TaskFuture(Broken()).result()
+
+
+def test_the_api_a_prefect_profile_names_is_used_and_no_server_is_started(prefect_api, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A URL set with ``prefect profile`` / ``prefect config set`` (here: the active profile of a
+    profiles file naming the session's API) is the API matdisc uses; it says which profile, and
+    starts no server of its own."""
+    from prefect.settings import PREFECT_API_URL
+
+    from matdisc_flows import server
+
+    url = PREFECT_API_URL.value()
+    profiles = tmp_path / "profiles.toml"
+    profiles.write_text(f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{url}"\n')
+    monkeypatch.setenv("PREFECT_PROFILES_PATH", str(profiles))
+    monkeypatch.setenv("PREFECT_API_URL", "")  # unset for matdisc; restored after the test
+    monkeypatch.setenv("MATDISC_HOME", str(tmp_path / "home"))
+    assert server.ensure_api() == url
+    assert f"using the Prefect API of your profile 'team': {url}" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "prefect-server.json").exists()
+    # without the profile's URL, matdisc would start its own and say so
+    profiles.write_text('active = "team"\n\n[profiles.team]\n')
+    monkeypatch.setenv("PREFECT_API_URL", "")  # ensure_api set it for this process's clients
+    assert server.prefect_configured_api() is None
