@@ -35,9 +35,30 @@ def transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def retried_task(name: str) -> Any:
-    """A Prefect task decorator: retried twice (after 5 and 30 s) when ``transient_failure`` says so."""
-    return task(name=name, retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=transient_failure)
+def retried_task(name: str, run_name: str | Callable[[], str] | None = None) -> Any:
+    """A Prefect task decorator: retried twice (after 5 and 30 s) when ``transient_failure`` says so;
+    its runs are named ``run_name`` (a template of the task's parameters, or a function)."""
+    return task(
+        name=name,
+        task_run_name=run_name,
+        retries=2,
+        retry_delay_seconds=[5, 30],
+        retry_condition_fn=transient_failure,
+    )
+
+
+def _batch_name(stage: str, key: str) -> Callable[[], str]:
+    """A task run's name from the ``(id, atoms)`` batch its parameter ``key`` holds: the stage, the
+    first candidate and how many more, so the UI's list says what each run computed."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        batch = task_run.parameters.get(key) or []
+        first = batch[0][0] if batch else "nothing"
+        return f"{stage} {first}" + (f" +{len(batch) - 1}" if len(batch) > 1 else "")
+
+    return name
 
 
 def worker_threads() -> int | None:
@@ -51,19 +72,19 @@ def worker_threads() -> int | None:
 
 
 #: The jobs that need nothing of the worker are the job functions themselves, as Prefect tasks.
-relax_task = retried_task("relax-mace")(jobs.relax)
-rescore_task = retried_task("rescore-mace")(jobs.rescore)
+relax_task = retried_task("relax-mace", _batch_name("relax", "batch"))(jobs.relax)
+rescore_task = retried_task("rescore-mace", _batch_name("rescore", "batch"))(jobs.rescore)
 evaluate_task = retried_task("evaluate-mace")(jobs.evaluate)
 train_task = retried_task("train-mace")(jobs.train)
 
 
-@retried_task("reference-relax-static")
+@retried_task("reference-relax-static", "dft {cid}")
 def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
     """A reference calculation using the cores this Dask worker has."""
     return jobs.reference(cid, atoms, reference, workdir, threads=worker_threads())
 
 
-@retried_task("reference-statics")
+@retried_task("reference-statics", _batch_name("dft-statics", "batch"))
 def statics_task(batch: list, reference: dict, workdir: str) -> list:
     """Single points of ``(id, atoms)`` jobs in one calculation process (see ``run_statics``)."""
     return jobs.statics(batch, reference, workdir, threads=worker_threads())

@@ -161,3 +161,28 @@ def test_campaign_hull_matches_the_exhaustive_emt_hull(campaign_store, tmp_path)
     for f, e in zip(hits["formula"], hits["e_dft_per_atom"]):
         assert e == pytest.approx(best[f], abs=2e-3)
     assert len(cand[cand["dft_status"] != ""]) < len(cand)  # found without verifying everything
+
+
+def test_task_runs_are_named_by_stage_and_candidate(campaign_store):
+    """The Prefect UI lists task runs by name: each says its stage and the candidate it computed
+    (a batch: its first candidate and how many more), not only the task's name."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    cfg, _ = campaign_store
+
+    async def names() -> list[str]:
+        found: list[str] = []
+        async with get_client() as client:
+            while page := await client.read_task_runs(limit=200, offset=len(found)):
+                found += [t.name for t in page]
+        return found
+
+    runs = asyncio.run(names())
+    camp = open_campaign(cfg.store_path)
+    assert {f"dft {cid}" for cid in camp.table("dft")["id"]} <= set(runs)  # a reference run per verified candidate
+    ids = set(camp.table("mlip")["id"])
+    relax = [n for n in runs if n.startswith("relax ") and n.split()[1] in ids]
+    assert relax and all(len(n.split()) == 2 or n.split()[2][1:].isdigit() for n in relax)
+    assert any(len(n.split()) == 3 for n in relax)  # a batch says how many more it relaxed
