@@ -258,22 +258,29 @@ def interactive_view(structure: Structure):
 def export_structures(
     camp: Campaign, ids: Sequence[str], directory: str | Path, fmt: str = "cif", stage: str = "dft"
 ) -> list[Path]:
-    """Write each candidate's ``stage`` structure as ``directory/<id><suffix>``; returns the paths."""
+    """Write each candidate's ``stage`` structure as ``directory/<id><suffix>`` (an id is data: any
+    character a path could take otherwise becomes ``_``); returns the paths."""
+    from ase.io import write
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from matdisc.dft.runner import dir_name
+
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    structures = camp.structures(stage)  # one read of the stage, not one per candidate
+    missing = [cid for cid in ids if cid not in structures]
+    if missing:
+        raise KeyError(f"candidate {missing[0]!r} has no {stage} structure")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
     for cid in ids:
-        s = camp.structure(cid, stage)
-        path = directory / f"{cid}{FORMATS[fmt]}"
+        path = directory / f"{dir_name(cid)}{FORMATS[fmt]}"
         if fmt == "extxyz":
-            from ase.io import write
-            from pymatgen.io.ase import AseAtomsAdaptor
-
-            write(path, AseAtomsAdaptor.get_atoms(s), format="extxyz")
+            write(path, structures[cid], format="extxyz")
         else:
-            s.to(filename=str(path), fmt="cif" if fmt == "cif" else "poscar")
+            structure = AseAtomsAdaptor.get_structure(structures[cid])
+            structure.to(filename=str(path), fmt="cif" if fmt == "cif" else "poscar")
         paths.append(path)
     return paths
 

@@ -89,7 +89,7 @@ def computed_entries(camp: Campaign, cand: pd.DataFrame) -> list:
     from pymatgen.io.ase import AseAtomsAdaptor
 
     ok = cand[cand["dft_status"] == "ok"]
-    structures = stage_structures(camp, "dft")
+    structures = camp.structures("dft")
     runs = camp.runs()
     calculator = json.loads(runs["calculator"].iloc[-1]) if not runs.empty else {}
     entries = []
@@ -105,15 +105,6 @@ def computed_entries(camp: Campaign, cand: pd.DataFrame) -> list:
             )
         )
     return entries
-
-
-def stage_structures(camp: Campaign, stage: str) -> dict:
-    """id -> the candidate's latest structure at ``stage`` as ASE Atoms, read in one pass."""
-    from matdisc.store.campaign import STAGES as TABLES
-
-    rows = camp.table(TABLES[stage])
-    frames, row_of = camp.latest_frames(TABLES[stage], rows)
-    return {cid: frames.atoms(i) for cid, i in row_of.items()} if frames is not None else {}
 
 
 def labelled_structures(camp: Campaign, cand: pd.DataFrame, stage: str) -> list:
@@ -145,7 +136,7 @@ def labelled_structures(camp: Campaign, cand: pd.DataFrame, stage: str) -> list:
             atoms.info.update(id=row["id"], formula=row["formula"], e_form_per_atom=float(row["e_form_dft"]))
             out.append(atoms)
         return out
-    structures = stage_structures(camp, stage)
+    structures = camp.structures(stage)
     for row in cand[cand["id"].isin(list(structures))].to_dict("records"):
         atoms = structures[row["id"]]
         if stage == "mlip" and np.isfinite(row["e_mlip_per_atom"]):
@@ -156,18 +147,9 @@ def labelled_structures(camp: Campaign, cand: pd.DataFrame, stage: str) -> list:
 
 
 def _structure_files(camp: Campaign, cand: pd.DataFrame, stage: str, folder: Path, fmt: str) -> int:
-    """One CIF or POSCAR per candidate with a ``stage`` structure: ``folder/<id>.cif``."""
-    from pymatgen.io.ase import AseAtomsAdaptor
+    """One CIF or POSCAR per candidate with a ``stage`` structure (``folder/<id>.cif``, ``.vasp``)."""
+    from matdisc.analysis import export_structures
+    from matdisc.store.campaign import STAGES
 
-    from matdisc.dft.runner import dir_name
-
-    structures = stage_structures(camp, stage)
-    folder.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for cid in cand["id"]:
-        if cid in structures:
-            structure = AseAtomsAdaptor.get_structure(structures[cid])
-            name = dir_name(cid) + (".cif" if fmt == "cif" else ".vasp")  # an id is data, never a path
-            structure.to(filename=str(folder / name), fmt="cif" if fmt == "cif" else "poscar")
-            n += 1
-    return n
+    have = set(camp.table(STAGES[stage])["id"])
+    return len(export_structures(camp, [c for c in cand["id"] if c in have], folder, fmt, stage))

@@ -23,7 +23,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from matdisc.store import schema
 from matdisc.store.frames import Frames
 from matdisc.store.rows import ROWS
 from matdisc.store.tables import TableStore, local_path, store_url
+
+if TYPE_CHECKING:
+    from ase import Atoms
 
 STAGES = {"initial": "candidates", "mlip": "mlip", "dft": "dft"}
 
@@ -125,6 +128,14 @@ class Campaign:
         if not len(rows):
             raise KeyError(f"candidate {candidate_id!r} has no {stage} structure")
         return self.tables.read_frames(table, [int(rows[-1])]).structure(0)
+
+    def structures(self, stage: str = "initial") -> dict[str, Atoms]:
+        """Every candidate's latest structure at a stage (``initial``, ``mlip``, ``dft``), read in one
+        pass: id -> ASE Atoms."""
+        if stage not in STAGES:
+            raise UserError(f"stage {stage!r} is not one of {', '.join(STAGES)}")
+        frames, row_of = self.latest_frames(STAGES[stage])
+        return {cid: frames.atoms(i) for cid, i in row_of.items()} if frames is not None else {}
 
     def frames(self, table: str = "frames") -> Frames:
         return self.tables.read_frames(table)
