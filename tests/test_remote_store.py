@@ -48,6 +48,7 @@ def test_a_writer_at_a_url_leases_pushes_each_commit_and_a_second_writer_is_refu
         assert w.location == URL and w.path == mirror_dir(URL) and str(w.path).startswith(str(home))
         lease = _lease(s3_bucket)
         assert lease["pid"] == os.getpid() and lease["host"] == socket.gethostname()
+        assert lease["fenced"] is True  # S3: every write of the lease and the logs is conditional
         assert lease["expires"] > time.time() + 60
         w.append_records("candidates", "r0", *_candidates(3))
         # every commit is on the bucket as soon as append returns: a reader elsewhere sees it
@@ -263,3 +264,18 @@ def test_a_model_this_machine_has_but_the_url_lacks_is_pushed_by_the_next_writer
         w.append_records("candidates", "r1", *_candidates(1, start=1))
     s3_bucket.invalidate_cache()
     assert s3_bucket.cat_file("campaigns/remote.zarr/models/abc.model") == b"model"
+
+
+def test_a_store_without_conditional_writes_says_so_and_records_it(home, caplog):
+    """An fsspec store matdisc cannot fence (here the in-memory filesystem, as gs:// or az://): the
+    writer warns when it opens it and its lease records ``fenced: false``; it still writes."""
+    import fsspec
+
+    url = "memory://campaigns/unfenced.zarr"
+    with caplog.at_level("WARNING", logger="matdisc.store"):
+        with CampaignWriter(url) as w:
+            lease = json.loads(fsspec.filesystem("memory").cat_file(f"/campaigns/unfenced.zarr/{LEASE}"))
+            w.append_records("candidates", "r0", *_candidates(2))
+    assert lease["fenced"] is False
+    assert any("no conditional writes" in r.getMessage() for r in caplog.records)
+    assert list(open_campaign(url).candidates()["id"]) == ["c0", "c1"]

@@ -111,6 +111,7 @@ class Lease:
                 "pid": os.getpid(),
                 "expires": time.time() + self.seconds,
                 "generation": self.generation,
+                "fenced": self.fenced,  # whether its writes are conditional (S3), or not (other stores)
             }
         ).encode()
 
@@ -131,17 +132,17 @@ class Lease:
         except ValueError:  # a torn or foreign file: nobody holds it
             return {}, etag
 
-    def _put(self, condition: str | None) -> None:
-        """Write this writer's lease: created only if absent (``condition`` None), else only over
-        the version ``condition``. FileExistsError / PermissionError when the condition fails."""
+    def _put(self, *, create: bool = False, over: str | None = None) -> None:
+        """Write this writer's lease: ``create`` only if there is none (FileExistsError otherwise);
+        else, where writes are fenced, only over the version ``over`` (PermissionError if it changed)."""
         data = self._record()
-        if condition is None:
+        if create:
             out = self.fs.pipe_file(self.path, data, mode="create")
         elif self.fenced:
             try:
-                out = self.fs.pipe_file(self.path, data, IfMatch=condition)
+                out = self.fs.pipe_file(self.path, data, IfMatch=over)
             except OSError as err:
-                if "pre-condition" in str(err) or "PreconditionFailed" in str(err) or "412" in str(err):
+                if precondition_failed(err):
                     raise PermissionError(f"the lease of {self.url} changed") from None
                 raise
         else:
@@ -152,13 +153,13 @@ class Lease:
     def acquire(self) -> None:
         for attempt in range(2):
             try:
-                self._put(None)
+                self._put(create=True)
             except FileExistsError:
                 held, etag = self._read()
                 if held is not None and attempt == 0 and _is_stale(held):
                     self.generation = int(held.get("generation", 0)) + 1
                     try:  # taken over only if nobody changed it since it was read: one taker wins
-                        self._put(etag if self.fenced else "")
+                        self._put(over=etag)
                     except PermissionError:
                         raise StoreError(
                             f"store {self.url}: another writer took the stale writer lease first"
@@ -188,19 +189,23 @@ class Lease:
                 continue
 
     def renew(self) -> None:
+        """Write the lease again with a new expiry: where writes are fenced, one conditional put (it
+        fails if anyone else wrote it); elsewhere read first, the only check there is."""
         with self._lock:
             if self.lost:
                 raise StoreError(self.lost)
-            held, etag = self._read()
-            if not held or held.get("owner") != self.owner:
-                self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(held or {})}"
-                raise StoreError(self.lost)
-            try:
-                self._put(self.etag if self.fenced else "")
-            except PermissionError:
+            if not self.fenced:
                 held = self.read()
-                self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(held or {})}"
-                raise StoreError(self.lost) from None
+                if not held or held.get("owner") != self.owner:
+                    self._lose(held)
+            try:
+                self._put(over=self.etag)
+            except PermissionError:
+                self._lose(self.read())
+
+    def _lose(self, holder: dict[str, Any] | None) -> None:
+        self.lost = f"store {self.url}: the writer lease was taken by {_holder_text(holder or {})}"
+        raise StoreError(self.lost)
 
     def check(self) -> None:
         """Refuse to write once the lease is lost or this writer cannot know it still holds it: its
@@ -221,6 +226,12 @@ class Lease:
             self._thread.join(timeout=5)
         if not self.lost and (self.read() or {}).get("owner") == self.owner:
             self.fs.rm_file(self.path)
+
+
+def precondition_failed(err: OSError) -> bool:
+    """Whether a conditional put was refused because the object changed (HTTP 412)."""
+    text = str(err)
+    return "pre-condition" in text or "PreconditionFailed" in text or "412" in text
 
 
 def conditional_writes(fs: Any) -> bool:
@@ -356,8 +367,8 @@ class RemoteStore:
                 out = self.fs.pipe_file(path, data, IfMatch=self._log_etags[rel])
             else:
                 out = self.fs.pipe_file(path, data, mode="create")
-        except (FileExistsError, OSError) as err:
-            if isinstance(err, FileExistsError) or "pre-condition" in str(err) or "412" in str(err):
+        except OSError as err:  # FileExistsError included: a log another writer created
+            if isinstance(err, FileExistsError) or precondition_failed(err):
                 self.lease.lost = f"store {self.url}: {rel} was changed by another writer; this one stops"
                 raise StoreError(self.lease.lost) from None
             raise
