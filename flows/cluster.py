@@ -236,7 +236,7 @@ class GpuPool:
         submitted = 0
         for i, job in enumerate(self.jobs):
             if job.job_id is not None and str(job.job_id) not in queued:
-                fresh = mlip_jobs(self.cluster, self.cfg)[i]
+                fresh = mlip_job(self.cluster, self.cfg, i)
                 self.cluster.sync(fresh.start)
                 self.jobs[i] = fresh
                 submitted += 1
@@ -248,22 +248,24 @@ class GpuPool:
             self.cluster.sync(job.close)  # scancel
 
 
-def mlip_jobs(cluster: Any, cfg: ComputeConfig) -> list:
-    """The GPU pool's Slurm jobs: workers that join ``cluster``'s scheduler with its TLS credentials."""
+def mlip_job(cluster: Any, cfg: ComputeConfig, i: int) -> Any:
+    """The GPU pool's ``i``-th Slurm job: a worker that joins ``cluster``'s scheduler with its TLS
+    credentials."""
     from dask_jobqueue.slurm import SLURMJob
 
     _, mlip_opts = slurm_job_options(cfg)
-    worker_security = cluster._job_kwargs["security"]  # the credentials dask-jobqueue wrote for its jobs
-    return [
-        SLURMJob(
-            scheduler=cluster.scheduler_address,
-            name=f"matdisc-mlip-{i}",
-            security=worker_security,
-            protocol="tls://",
-            **mlip_opts,
-        )
-        for i in range(cfg.slurm.mlip_jobs)
-    ]
+    return SLURMJob(
+        scheduler=cluster.scheduler_address,
+        name=f"matdisc-mlip-{i}",
+        security=cluster._job_kwargs["security"],  # the credentials dask-jobqueue wrote for its jobs
+        protocol="tls://",
+        **mlip_opts,
+    )
+
+
+def mlip_jobs(cluster: Any, cfg: ComputeConfig) -> list:
+    """The GPU pool's Slurm jobs (:func:`mlip_job`)."""
+    return [mlip_job(cluster, cfg, i) for i in range(cfg.slurm.mlip_jobs)]
 
 
 @contextlib.contextmanager

@@ -272,11 +272,11 @@ def _results_in_set(dft: Any, reference_set: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in dft["id"][in_reference_set(dft, reference_set)].value_counts().items()}
 
 
-def to_retry(w: CampaignWriter, reference_set: str) -> dict[str, tuple[int, int]]:
+def to_retry(w: CampaignWriter, reference_set: str, dft: Any = None) -> dict[str, tuple[int, int]]:
     """id -> (the round of its latest result, its results so far), for the verified calculations
     the next run computes again: an infrastructure error under the attempt bound, or a ``matdisc
-    retry`` request made since its latest result."""
-    dft = w.table("dft")
+    retry`` request made since its latest result. ``dft``: the table, when the caller has read it."""
+    dft = w.table("dft") if dft is None else dft
     if dft.empty:
         return {}
     mine = dft[in_reference_set(dft, reference_set)]
@@ -381,4 +381,4 @@ def dft_done(w: CampaignWriter, reference_set: str) -> set[str]:
     dft = w.table("dft")
     if dft.empty:
         return set()
-    return set(dft["id"][in_reference_set(dft, reference_set)]) - set(to_retry(w, reference_set))
+    return set(dft["id"][in_reference_set(dft, reference_set)]) - set(to_retry(w, reference_set, dft))
