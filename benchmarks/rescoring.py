@@ -2,10 +2,10 @@
 
 Two campaigns of the product's round (``matdisc.round.run_campaign`` with the in-process
 executor), from the same round-0 store (cold start: EMT seeds and a first committee): one with
-``mlip.rescore_window`` at its default (a new committee relaxes again only new, unusable and
-near-hull candidates and rescores the rest), one with ``rescore_window: null`` (every candidate
-relaxed again by every committee, the behaviour before). Cu-Pd-Au with EMT as the reference, the
-AFLOW library up to ``--max-atoms``, a 2-member committee.
+``mlip.rescore`` at its default (a new committee rescores every candidate relaxed before, then
+relaxes again those whose rescore ranks them within ``mlip.relax_again_per_pick`` x the DFT
+budget), one with ``rescore: false`` (every candidate relaxed again by every committee).
+Cu-Pd-Au with EMT as the reference, the AFLOW library up to ``--max-atoms``, a 2-member committee.
 
 Prints one JSON line: per round the MLIP work in atom-steps (a relaxation: its FIRE steps x atoms;
 a rescore: two evaluations x atoms, as the cost model counts it) of both, ``mlip_work_ratio_vs_rerelax``
@@ -33,21 +33,37 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 
-def config(store: Path, args: argparse.Namespace, window: float | None):
+def config(store: Path, args: argparse.Namespace, rescore: bool):
     from matdisc.config import CampaignConfig
 
-    return CampaignConfig.model_validate({
-        "name": "rescoring-bench", "chemsys": ["Cu", "Pd", "Au"], "store": str(store),
-        "generation": {"max_atoms": args.max_atoms, "seed": 0, "random": {"per_round": 8}},
-        "mlip": {"model": "cold-start", "ensemble": 2, "device": "cpu", "fmax": 0.05, "max_steps": 200,
-                 "rescore_window": window,
-                 "training": {"num_channels": 16, "max_L": 0, "r_max": 4.5, "max_num_epochs": 30, "batch_size": 4,
-                              "finetune_epochs": 10},
-                 "cold_start": {"perturbed_per_structure": 2}},
-        "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 300},
-        "active_learning": {"rounds": args.rounds, "dft_budget": 2, "patience": None},
-        "compute": {"scheduler": "local", "threads_per_mlip_worker": 1},
-    })
+    return CampaignConfig.model_validate(
+        {
+            "name": "rescoring-bench",
+            "chemsys": ["Cu", "Pd", "Au"],
+            "store": str(store),
+            "generation": {"max_atoms": args.max_atoms, "seed": 0, "random": {"per_round": 8}},
+            "mlip": {
+                "model": "cold-start",
+                "ensemble": 2,
+                "device": "cpu",
+                "fmax": 0.05,
+                "max_steps": 200,
+                "rescore": rescore,
+                "training": {
+                    "num_channels": 16,
+                    "max_L": 0,
+                    "r_max": 4.5,
+                    "max_num_epochs": 30,
+                    "batch_size": 4,
+                    "finetune_epochs": 10,
+                },
+                "cold_start": {"perturbed_per_structure": 2},
+            },
+            "reference": {"calculator": "emt", "fmax": 0.02, "max_steps": 300},
+            "active_learning": {"rounds": args.rounds, "dft_budget": 2, "patience": None},
+            "compute": {"scheduler": "local", "threads_per_mlip_worker": 1},
+        }
+    )
 
 
 def work_per_round(store: Path) -> dict[int, float]:
@@ -75,20 +91,22 @@ def main() -> None:
     from matdisc.store import open_campaign
 
     tmp = Path(tempfile.mkdtemp(prefix="matdisc-rescoring-"))
-    run_campaign(config(tmp / "round0.zarr", args, 0.1), InProcess(), rounds=0)
-    default_window = config(tmp / "x", args, 0.1).mlip.rescore_window
-    out: dict = {"rounds": args.rounds, "rescore_window": default_window}
-    for name, window in (("rescore", default_window), ("rerelax", None)):
+    run_campaign(config(tmp / "round0.zarr", args, True), InProcess(), rounds=0)
+    per_pick = config(tmp / "x", args, True).mlip.relax_again_per_pick
+    out: dict = {"rounds": args.rounds, "relax_again_per_pick": per_pick}
+    for name, rescore in (("rescore", True), ("rerelax", False)):
         store = tmp / f"{name}.zarr"
         shutil.copytree(tmp / "round0.zarr", store)
         t = time.perf_counter()
-        run_campaign(config(store, args, window), InProcess(), rounds=args.rounds)
+        run_campaign(config(store, args, rescore), InProcess(), rounds=args.rounds)
         camp = open_campaign(store)
         mlip = camp.table("mlip")
         out[name] = {
             "seconds": round(time.perf_counter() - t, 1),
             "work_atom_steps": {str(k): v for k, v in work_per_round(store).items()},
             "rescored": int((mlip["kind"] == "rescore").sum()),
+            "relaxed_again": int(mlip[mlip["kind"] == "rescore"].merge(mlip[mlip["kind"] == "relax"],
+                                                                      on=["id", "model_sha256"]).shape[0]),
             "relaxed": int(((mlip["kind"] == "relax") & (mlip["round"] >= 1)).sum()),
             "hull_phases": json.loads(camp.rounds()["hull_phases"].iloc[-1]),
             "rounds_done": int(camp.rounds()["round"].max()),

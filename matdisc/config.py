@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -227,12 +228,18 @@ class MLIPConfig(_Strict):
     fmax: float = Field(0.05, gt=0, description="eV/Å, relaxation force criterion")
     max_steps: int = Field(300, ge=1, description="relaxation steps before a structure counts as unconverged")
     structures_per_task: int = Field(200, ge=1, description="structures relaxed by one Dask task")
-    rescore_window: float | None = Field(
-        0.1,
-        ge=0,
-        description="eV/atom: a new committee relaxes again only the candidates predicted within this of the "
-        "hull (and new ones, and those whose last relaxation was unusable); every other candidate is rescored: "
-        "the new committee's energy and spread at its latest MLIP structure (None: relax every candidate again)",
+    rescore: bool = Field(
+        True,
+        description="a new committee rescores the candidates an earlier one relaxed (its energy and spread at "
+        "their latest MLIP structure) and relaxes again only those that could be picked (relax_again_per_pick); "
+        "false: every committee relaxes every candidate again",
+    )
+    relax_again_per_pick: int = Field(
+        10,
+        ge=1,
+        description="a rescored candidate is relaxed again when its rescored optimistic e_hull ranks within this "
+        "many times the round's DFT budget (or the screening shortlist, when that is longer) among the candidates "
+        "not yet verified",
     )
     batch_atoms: int | None = Field(
         None, ge=1, description="most atoms in one batch (None: 2048 on CPU, estimated from GPU memory)"
@@ -256,6 +263,21 @@ class MLIPConfig(_Strict):
         names = mace_mp_names()
         if value not in names:
             raise ValueError(f"{value!r} is not cold-start, a model file, or a mace_mp name ({', '.join(names)})")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rescore_window_renamed(cls, value: Any) -> Any:
+        """``rescore_window`` (eV/atom, 2026-12-05 stores) became ``rescore`` plus a rank: an absolute
+        window did not carry across chemistries. null meant relax everything again."""
+        if isinstance(value, dict) and "rescore_window" in value:
+            value = dict(value)
+            window = value.pop("rescore_window")
+            value.setdefault("rescore", window is not None)
+            warnings.warn(
+                "mlip.rescore_window is replaced by mlip.rescore and mlip.relax_again_per_pick", DeprecationWarning,
+                stacklevel=2,
+            )
         return value
 
     @model_validator(mode="after")

@@ -1,10 +1,10 @@
 """Relax (or rescore): every candidate the current committee has not scored yet, in batches on MLIP
 workers, each batch recorded under a key a resumed round recognises.
 
-A new committee relaxes again only what can change the round's picks: new candidates, those whose
-last relaxation was unusable, and those predicted within ``mlip.rescore_window`` of the hull. Every
-other candidate is rescored: the committee's energy and spread at its latest relaxed structure, a
-single evaluation instead of a relaxation (MLIP work otherwise grows with rounds x candidates)."""
+A new committee relaxes new candidates and those whose last relaxation was unusable; every other
+candidate is rescored: the committee's energy and spread at its latest relaxed structure, a single
+evaluation instead of a relaxation (MLIP work otherwise grows with rounds x candidates). Then it
+relaxes again the rescored candidates whose rescore ranks them where the round could pick them."""
 
 from __future__ import annotations
 
@@ -13,51 +13,78 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 from ase import Atoms
 
 from matdisc import jobs
 from matdisc.budget import planning
+from matdisc.config import CampaignConfig
+from matdisc.dft import settings_hash
 from matdisc.records import USABLE, RelaxResult, scalar_fields
 from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
+from matdisc.stages.score import dft_energies
+from matdisc.stages.select import round_budget
+from matdisc.stages.verify import mlip_starts
 from matdisc.store import CampaignWriter, Frames
+from matdisc.thermo import score
 
 if TYPE_CHECKING:
+    from matdisc.executor import Progress
     from matdisc.stages.registry import ModelRecord
 
 
 def relax_stage(ctx: Round, model: ModelRecord) -> None:
-    """Relax the pending candidates with ``model`` (its registry record); each batch is recorded as it
-    completes, under a key that a resumed round recognises."""
+    """Relax (or rescore) the pending candidates with ``model`` (its registry record), then relax
+    again the rescored ones that could be picked; each batch is recorded as it completes, under a
+    key that a resumed round recognises."""
     w, cfg, round_ = ctx.w, ctx.cfg, ctx.number
     ctx.check_trusted(model.paths)
     pending = pending_relaxations(w, model.sha256)
+    relax, rescore = split_pending(w, cfg.mlip.rescore, pending)
+    progress = ctx.executor.progress(cfg, round_, "MLIP relaxations", len(pending))  # rescores count in it
+    run_batches(ctx, model, relax, rescore, progress)
+    again = relax_again(w, cfg, model.sha256, round_)
+    if rescore or again:
+        ctx.log.info(
+            "round %d: relaxed %d candidates, rescored %d; relaxing again the %d rescored ones that could be picked",
+            round_,
+            len(relax),
+            len(rescore),
+            len(again),
+        )
+    if again:
+        progress = ctx.executor.progress(cfg, round_, "MLIP relaxations again", len(again))
+        run_batches(ctx, model, again, [], progress)
+
+
+def run_batches(
+    ctx: Round,
+    model: ModelRecord,
+    relax: list[tuple[str, Atoms]],
+    rescore: list[tuple[str, Atoms, tuple[str, str]]],
+    progress: Progress,
+) -> None:
+    """Relax ``relax`` and rescore ``rescore`` in batches on MLIP workers, recording each batch as it
+    lands, and what they cost against the cost model's prediction (a ``costs`` row)."""
+    w, cfg, round_ = ctx.w, ctx.cfg, ctx.number
     errors = job_errors(w, model.sha256)
-    relax, rescore = split_pending(w, cfg.mlip.rescore_window, pending)
     size = cfg.mlip.structures_per_task
     batches = [("relax", relax[i : i + size]) for i in range(0, len(relax), size)]
     batches += [("rescore", [(cid, a) for cid, a, _ in rescore[i : i + size]]) for i in range(0, len(rescore), size)]
     outcome = {cid: kept for cid, _, kept in rescore}  # a rescored structure keeps its relaxation's outcome
-    progress = ctx.executor.progress(cfg, round_, "MLIP relaxations", len(pending))  # rescores count in it
-    if rescore:
-        ctx.log.info(
-            "round %d: relaxing %d candidates, rescoring %d (predicted beyond %g eV/atom of the hull)",
-            round_,
-            len(relax),
-            len(rescore),
-            cfg.mlip.rescore_window,
-        )
     rates = ctx.rates()
-    n_workers = planning.workers(cfg)
     sources = w.table("candidates").drop_duplicates("id").set_index("id")["source"].to_dict()
     steps = expected_steps(w.table("mlip"), sources, [cid for cid, _ in relax], rates.mlip_steps)
     steps += [RESCORE_STEPS] * len(rescore)
     cost = planning.relax_cost(
-        [len(a) for _, a in relax] + [len(a) for _, a, _ in rescore], cfg, rates, n_workers, steps
+        [len(a) for _, a in relax] + [len(a) for _, a, _ in rescore], cfg, rates, planning.workers(cfg), steps
     )
     predicted = ctx.run.first_mlip(cost, rates)
-    t0, seconds, work = time.perf_counter(), [], 0.0
+    t0 = time.perf_counter()
+    seconds: list[float] = []
+    work = 0.0
     mlip = cfg.mlip.model_dump(mode="json")
     job = {"relax": jobs.relax, "rescore": jobs.rescore}
     futures = {
@@ -91,8 +118,9 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
         seconds.append(sum(r.walltime_s for r in results))
         work += sum(len(r.atoms) * (r.n_steps if kind == "relax" else RESCORE_STEPS) for r in results)
         progress.advance(len(results))
-        ctx.log.info("MLIP relaxed or rescored %d/%d structures", progress.done, len(pending))
-    planning.record_stage(w, round_, "relax", predicted, seconds, work, time.perf_counter() - t0, n_workers.mlip)
+        ctx.log.info("MLIP relaxed or rescored %d/%d structures", progress.done, len(relax) + len(rescore))
+    n_workers = planning.workers(cfg).mlip
+    planning.record_stage(w, round_, "relax", predicted, seconds, work, time.perf_counter() - t0, n_workers)
 
 
 #: What a rescore costs in FIRE steps of the same structure: one committee evaluation and the
@@ -101,30 +129,61 @@ RESCORE_STEPS = 2.0
 
 
 def split_pending(
-    w: CampaignWriter, window: float | None, pending: list[tuple[str, Atoms]]
+    w: CampaignWriter, rescore: bool, pending: list[tuple[str, Atoms]]
 ) -> tuple[list[tuple[str, Atoms]], list[tuple[str, Atoms, tuple[str, str]]]]:
     """(candidates to relax from their generated structure, candidates to rescore at their latest
-    relaxed structure with that relaxation's outcome). Rescored: a usable last relaxation and a last
-    prediction (``e_hull_pred``) beyond ``window`` of the hull; ``window`` None relaxes everything."""
-    if window is None or not pending:
+    relaxed structure with that relaxation's outcome). Rescored: every candidate whose last
+    relaxation was usable, when ``rescore`` (else every candidate is relaxed)."""
+    if not rescore or not pending:
         return list(pending), []
     mlip = w.table("mlip")
     frames, row_of = w.latest_frames("mlip", mlip)
     if frames is None:
         return list(pending), []
-    cand = w.candidates()
-    predicted = dict(zip(cand["id"], cand["e_hull_pred"].astype(float))) if "e_hull_pred" in cand else {}
-    relax, rescore = [], []
+    relax, out = [], []
     for cid, atoms in pending:
         row = row_of.get(cid)
         status = str(mlip["status"].iloc[row]) if row is not None else ""
-        e = predicted.get(cid, float("nan"))
-        if row is None or status not in USABLE or not e > window:  # NaN: no prediction, relax
+        if row is None or status not in USABLE:
             relax.append((cid, atoms))
         else:
-            kept = (status, str(mlip["reason"].iloc[row]))
-            rescore.append((cid, frames.atoms(row), kept))
-    return relax, rescore
+            out.append((cid, frames.atoms(row), (status, str(mlip["reason"].iloc[row]))))
+    return relax, out
+
+
+def relax_again(w: CampaignWriter, cfg: CampaignConfig, model_sha: str, round_: int) -> list[tuple[str, Atoms]]:
+    """Rescored candidates this committee relaxes again: those whose
+    optimistic e_hull (predicted minus kappa x committee spread, as acquisition ranks) is among the
+    lowest ``mlip.relax_again_per_pick`` x the round's budget (or screening shortlist) of the
+    candidates not yet verified. A rescore is an upper bound on what a relaxation in the same basin
+    gives, so a candidate ranked far down cannot climb into the picks by relaxing. Each continues
+    from its latest MLIP structure unless an earlier model moved it out of its generated type
+    (:func:`matdisc.stages.verify.mlip_starts`, the rule verification's starts follow).
+
+    The ranking uses each candidate's first result by this model (its rescore, for a rescored one),
+    so it does not move as its members are relaxed: a resumed round relaxes the same ones."""
+    mlip = w.table("mlip")
+    mine = mlip[(mlip["model_sha256"] == model_sha) & (mlip["status"] != "error")]
+    rescored = set(mine["id"][mine["kind"] == "rescore"])
+    if not rescored:
+        return []
+    relaxed = set(mine["id"][mine["kind"] == "relax"])
+    first = mine.drop_duplicates("id", keep="first").set_index("id")
+    cand = w.candidates(settings_hash(cfg.reference))
+    ids = cand["id"].tolist()
+    usable = {cid for cid, st in first["status"].items() if st in USABLE}
+    e = np.array([float(first.at[cid, "e_mlip_per_atom"]) if cid in usable else np.nan for cid in ids])
+    sigma = np.array([float(first.at[cid, "sigma"]) if cid in usable else np.nan for cid in ids])
+    al = cfg.active_learning
+    kappa = al.kappa if al.acquisition == "uncertainty" else 0.0
+    e_hull = score(list(cand["formula"]), e, dft_energies(cand, cfg), cfg.chemsys)["e_hull_pred"]
+    optimistic = e_hull - kappa * np.nan_to_num(sigma)
+    open_ = (cand["dft_status"] == "").to_numpy() & np.isfinite(optimistic)
+    n = cfg.mlip.relax_again_per_pick * max(round_budget(w, cfg, round_), cfg.budget.screening.active_shortlist or 0)
+    order = np.flatnonzero(open_)[np.argsort(optimistic[open_], kind="stable")][:n]
+    given_up = {cid for cid, n in job_errors(w, model_sha).items() if n >= MLIP_ATTEMPTS}
+    chosen = sorted({ids[i] for i in order} & rescored - relaxed - given_up)
+    return [(cid, start.atoms) for cid, start in mlip_starts(w, chosen, cfg.reference.start_max_volume_change).items()]
 
 
 #: Attempts at a candidate's MLIP job per model. A job that failed as a whole (status ``error``:

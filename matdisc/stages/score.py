@@ -29,12 +29,18 @@ def update_scores(w: CampaignWriter, cfg: CampaignConfig, round_: int, key: str)
     if cand.empty:
         return cand
     e_mlip = np.where(cand["mlip_status"].isin(USABLE), cand["e_mlip_per_atom"], np.nan)
-    same_settings = cand["settings_hash"] == settings if "settings_hash" in cand else False
-    e_dft = np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan)
+    e_dft = dft_energies(cand, cfg)
     scores = score(list(cand["formula"]), e_mlip, e_dft, cfg.chemsys, cfg.active_learning.hull_tolerance)
     scores["known_match"] = np.array(known_matches(w, cand, e_dft), dtype=str)
     w.append("scores", key, {"id": cand["id"].to_numpy(), "round": np.full(len(cand), round_), **scores})
     return w.candidates(settings)
+
+
+def dft_energies(cand: pd.DataFrame, cfg: CampaignConfig) -> np.ndarray:
+    """Per candidate, its verified DFT energy per atom with the campaign's reference settings (NaN
+    where none)."""
+    same_settings = cand["settings_hash"] == settings_hash(cfg.reference) if "settings_hash" in cand else False
+    return np.asarray(np.where((cand["dft_status"] == "ok") & same_settings, cand["e_dft_per_atom"], np.nan), float)
 
 
 def known_matches(w: CampaignWriter, cand: pd.DataFrame, e_dft: np.ndarray) -> list[str]:

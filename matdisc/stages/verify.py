@@ -168,20 +168,26 @@ class Start:
 
 
 def reference_starts(w: CampaignWriter, ref: ReferenceConfig, ids: list[str]) -> dict[str, Start]:
-    """id -> the structure its reference relaxation starts from.
+    """id -> the structure its reference relaxation starts from: with ``ref.start`` ``mlip``, the
+    latest MLIP-relaxed structure where :func:`mlip_starts` allows it, else the generated one."""
+    if ref.start == "initial":
+        return {cid: Start(a, "initial") for cid, a in candidate_atoms(w, ids)}
+    return mlip_starts(w, ids, ref.start_max_volume_change)
 
-    The latest MLIP-relaxed structure when ``ref.start`` is ``mlip`` and that relaxation is usable
-    (``ok``, ``symmetry_changed``), changed the volume by at most ``ref.start_max_volume_change`` and
-    is still the generated structure's type by StructureMatcher (default tolerances, volume scaled
-    out): then DFT starts near its answer. A young model can carry a cell into another basin
-    (squeezed, sheared, atoms swapped into another arrangement); then the generated structure.
+
+def mlip_starts(w: CampaignWriter, ids: list[str], max_volume_change: float) -> dict[str, Start]:
+    """id -> where a relaxation that could continue from the MLIP structure starts.
+
+    The latest MLIP-relaxed structure when that relaxation is usable (``ok``, ``symmetry_changed``),
+    changed the volume by at most ``max_volume_change`` and is still the generated structure's type
+    by StructureMatcher (default tolerances, volume scaled out): then it starts near its answer. A
+    young model can carry a cell into another basin (squeezed, sheared, atoms swapped into another
+    arrangement); then the generated structure, with the reason.
     """
     from pymatgen.core.structure_matcher import StructureMatcher
     from pymatgen.io.ase import AseAtomsAdaptor
 
     initial = dict(candidate_atoms(w, ids))
-    if ref.start == "initial":
-        return {cid: Start(initial[cid], "initial") for cid in ids}
     mlip = w.table("mlip")
     frames, row_of = w.latest_frames("mlip", mlip)
     matcher = StructureMatcher()
@@ -196,7 +202,7 @@ def reference_starts(w: CampaignWriter, ref: ReferenceConfig, ids: list[str]) ->
         change = relaxed.get_volume() / initial[cid].get_volume() - 1
         if status not in USABLE:
             out[cid] = Start(initial[cid], "initial", f"MLIP outcome {status}")
-        elif abs(change) > ref.start_max_volume_change:
+        elif abs(change) > max_volume_change:
             out[cid] = Start(initial[cid], "initial", f"MLIP volume change {change:+.0%}")
         elif not matcher.fit(AseAtomsAdaptor.get_structure(initial[cid]), AseAtomsAdaptor.get_structure(relaxed)):
             out[cid] = Start(initial[cid], "initial", "MLIP structure no longer matches the generated one")
