@@ -83,6 +83,11 @@ class SubstitutionSourceConfig(_Strict):
     from_prototypes: bool = Field(True, description="substitute into the library's namesake compounds")
     from_hits: bool = Field(True, description="substitute into the campaign's verified hits")
     per_round: int | None = Field(100, ge=0, description="most probable substitutions kept per round")
+    parents: list[str] = Field(
+        default_factory=list,
+        description="structure files (CIF, POSCAR, extxyz, pymatgen JSON; a file, a folder or a glob) whose "
+        "structures are substituted into as well, e.g. a paper's compounds of a neighbouring chemistry",
+    )
 
 
 class RandomSourceConfig(_Strict):
@@ -92,6 +97,31 @@ class RandomSourceConfig(_Strict):
     per_round: int = Field(20, ge=0, description="random crystals wanted per round")
     min_distance: float = Field(0.7, gt=0, le=1.2, description="closest approach, × sum of covalent radii")
     max_attempts: int = Field(5, ge=1, description="draws per wanted structure before giving up")
+
+
+class FileSourceConfig(_Strict):
+    """The user's own structures as candidates: a folder of CIFs from a paper, an extxyz of
+    candidates from another code. Each becomes a candidate once (deduplicated like any other,
+    provenance ``source: file`` with the file and index)."""
+
+    files: list[str] = Field(
+        default_factory=list,
+        description="structure files: CIF, POSCAR/CONTCAR (.vasp), extxyz, or a JSON list of pymatgen "
+        "Structure/ComputedStructureEntry; each entry a file, a folder or a glob pattern",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, (str, Path)):
+            return {"files": [str(value)]}
+        if isinstance(value, list):
+            return {"files": [str(v) for v in value]}
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.files)
 
 
 class GenerationConfig(_Strict):
@@ -107,6 +137,21 @@ class GenerationConfig(_Strict):
     prototype: PrototypeSourceConfig = Field(default_factory=PrototypeSourceConfig)
     substitution: SubstitutionSourceConfig = Field(default_factory=SubstitutionSourceConfig)
     random: RandomSourceConfig = Field(default_factory=RandomSourceConfig)
+    from_files: FileSourceConfig = Field(default_factory=FileSourceConfig)
+
+
+class ExtraDataConfig(_Strict):
+    """The user's own labelled frames (earlier DFT of the same system), trained on beside the
+    campaign's. Energies must share the campaign's reference zero (the same code, functional and
+    pseudopotentials) or they pull the model off it: ``weight`` scales their share of the loss."""
+
+    file: Path = Field(description="extxyz with energies and forces (stress optional) per frame")
+    weight: float = Field(1.0, gt=0, description="loss weight of these frames relative to the campaign's (1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"file": str(value)} if isinstance(value, (str, Path)) else value
 
 
 class TrainingConfig(_Strict):
@@ -139,6 +184,9 @@ class TrainingConfig(_Strict):
     )
     replay_file: Path | None = Field(
         None, description="extxyz of the foundation model's training data: enables multihead fine-tuning"
+    )
+    extra_data: ExtraDataConfig | None = Field(
+        None, description="the user's own labelled frames joining every training set: {file, weight} or a path"
     )
     frames: Literal["all", "diverse"] = Field(
         "all", description="training frames per reference calculation: all, or a diverse subset by energy/forces"
@@ -275,7 +323,8 @@ class MLIPConfig(_Strict):
             window = value.pop("rescore_window")
             value.setdefault("rescore", window is not None)
             warnings.warn(
-                "mlip.rescore_window is replaced by mlip.rescore and mlip.relax_again_per_pick", DeprecationWarning,
+                "mlip.rescore_window is replaced by mlip.rescore and mlip.relax_again_per_pick",
+                DeprecationWarning,
                 stacklevel=2,
             )
         return value
@@ -779,7 +828,29 @@ class CampaignConfig(_Strict):
             from matdisc.known_phases import from_files
 
             from_files(self.known_phases.files, self.chemsys)
+        self._check_structure_files()
         return self
+
+    def _check_structure_files(self) -> None:
+        """Candidate files and substitution parents read now: a bad file is a config error, and a
+        candidate larger than ``generation.max_atoms`` is refused rather than dropped."""
+        from matdisc.structure_files import StructureFileError, read_all
+
+        gen = self.generation
+        if gen.from_files.files:
+            for s in read_all(gen.from_files.files, self.chemsys, "generation.from_files"):
+                if len(s.structure) > gen.max_atoms:
+                    raise StructureFileError(
+                        f"generation.from_files: {s.source}: {s.id} ({s.formula}) has {len(s.structure)} atoms, "
+                        f"more than generation.max_atoms ({gen.max_atoms})"
+                    )
+        extra = self.mlip.training.extra_data
+        if extra is not None:
+            from matdisc.structure_files import labelled_frames
+
+            labelled_frames(extra.file, extra.weight, self.chemsys)
+        if gen.substitution.parents:  # a parent's elements are replaced: only its own file must parse
+            read_all(gen.substitution.parents, [], "generation.substitution.parents", check_elements=False)
 
     @field_validator("store", mode="before")
     @classmethod

@@ -15,173 +15,28 @@ structures): a hit that matches none is ``novel``.
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 
 from pymatgen.analysis.structure_matcher import StructureMatcher
 from pymatgen.core import Structure
 
-from matdisc.errors import UserError
-
-#: File suffixes a known-phases folder is read for.
-SUFFIXES = (".cif", ".extxyz", ".xyz", ".json")
+from matdisc.structure_files import FileStructure, StructureFileError, check, read_all
 
 
-class KnownPhasesError(UserError):
+class KnownPhasesError(StructureFileError):
     """A known-phases source that cannot be used: names the file (or service) and the problem."""
 
 
-@dataclass
-class KnownPhase:
-    """One known structure and where it came from; ``energy`` (eV, whole cell) only when its
-    ``settings_hash`` says it was computed with some settings (then it may be reused as is)."""
-
-    id: str  # e.g. mp-1234, or phases.cif:0
-    structure: Structure
-    source: str  # the file, or materials_project
-    energy: float | None = None
-    settings_hash: str = ""
-
-    @property
-    def formula(self) -> str:
-        return self.structure.composition.reduced_formula
-
-
-# -- files ----------------------------------------------------------------------------------------
-def files_of(spec: str | Path) -> list[Path]:
-    """The files one ``known_phases.files`` entry names: a file, a folder (its CIF/extxyz/JSON
-    files, sorted) or a glob pattern."""
-    text = str(spec)
-    if any(ch in text for ch in "*?["):
-        return [Path(p) for p in sorted(glob.glob(text)) if Path(p).is_file()]
-    path = Path(text)
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
-    return [path] if path.is_file() else []
-
-
-def read_file(path: Path) -> list[KnownPhase]:
-    """Every structure in one file; raises :class:`KnownPhasesError` naming the file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            phases = _read_json(path)
-        elif suffix in (".extxyz", ".xyz"):
-            phases = _read_extxyz(path)
-        elif suffix == ".cif":
-            phases = _read_cif(path)
-        else:
-            raise ValueError(f"unknown format {suffix or '(no suffix)'}: use .cif, .extxyz or .json")
-    except KnownPhasesError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any parser failure is the file's problem, said in one line
-        msg = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise KnownPhasesError(f"known_phases: {path}: cannot be read ({msg})") from None
-    if not phases:
-        raise KnownPhasesError(f"known_phases: {path}: holds no structures")
-    return phases
-
-
-def _read_cif(path: Path) -> list[KnownPhase]:
-    import warnings
-
-    from pymatgen.io.cif import CifParser
-
-    names = re.findall(r"^\s*data_(\S*)", path.read_text(errors="replace"), flags=re.MULTILINE)
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:  # pymatgen keeps one block per name: the others would be lost without a word
-        raise KnownPhasesError(
-            f"known_phases: {path}: data block name repeated ({', '.join(repeated)}): "
-            "give each structure its own data_ name"
-        )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pymatgen warns about every rounded occupancy
-        structures = CifParser(path).parse_structures(primitive=False)
-    return [KnownPhase(f"{path.name}:{i}", s, str(path)) for i, s in enumerate(structures)]
-
-
-def _read_extxyz(path: Path) -> list[KnownPhase]:
-    from ase.io import read
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    out = []
-    for i, atoms in enumerate(read(path, index=":", format="extxyz")):
-        name = atoms.info.get("material_id") or atoms.info.get("id") or f"{path.name}:{i}"
-        out.append(KnownPhase(str(name), AseAtomsAdaptor.get_structure(atoms), str(path)))
-    return out
-
-
-def _read_json(path: Path) -> list[KnownPhase]:
-    from pymatgen.entries.computed_entries import ComputedStructureEntry
-
-    data = json.loads(path.read_text())
-    items = data if isinstance(data, list) else [data]
-    out = []
-    for i, item in enumerate(items):
-        kind = item.get("@class") if isinstance(item, dict) else None
-        if kind == "ComputedStructureEntry":
-            entry = ComputedStructureEntry.from_dict(item)
-            settings = str((entry.parameters or {}).get("settings_hash", ""))
-            out.append(
-                KnownPhase(
-                    str(entry.entry_id or f"{path.name}:{i}"),
-                    entry.structure,
-                    str(path),
-                    float(entry.uncorrected_energy) if settings else None,
-                    settings,
-                )
-            )
-        elif kind == "Structure":
-            out.append(KnownPhase(f"{path.name}:{i}", Structure.from_dict(item), str(path)))
-        else:
-            raise KnownPhasesError(
-                f"known_phases: {path}: item {i} is neither a pymatgen ComputedStructureEntry "
-                "nor a Structure (its @class is "
-                f"{kind!r})"
-            )
-    return out
-
-
-def check(phases: Iterable[KnownPhase], chemsys: Sequence[str]) -> None:
-    """Every known phase ordered and inside the chemical system; raises naming the file."""
-    allowed = set(chemsys)
-    for p in phases:
-        if not p.structure.is_ordered:
-            raise KnownPhasesError(
-                f"known_phases: {p.source}: {p.id} ({p.structure.composition.formula}) is "
-                "disordered (partial occupancies): give an ordered cell"
-            )
-        outside = sorted({str(el) for el in p.structure.composition.elements} - allowed)
-        if outside:
-            raise KnownPhasesError(
-                f"known_phases: {p.source}: {p.id} ({p.formula}) has {', '.join(outside)}, "
-                f"outside the chemical system {'-'.join(chemsys)}"
-            )
+#: One known structure and where it came from (a file, or the Materials Project).
+KnownPhase = FileStructure
 
 
 def from_files(specs: Sequence[str | Path], chemsys: Sequence[str]) -> list[KnownPhase]:
     """The known phases of every ``known_phases.files`` entry, checked against ``chemsys``."""
-    out = []
-    for spec in specs:
-        paths = files_of(spec)
-        if not paths:
-            what = (
-                "matches no file"
-                if any(ch in str(spec) for ch in "*?[")
-                else ("is a folder with no .cif, .extxyz or .json file" if Path(spec).is_dir() else "does not exist")
-            )
-            raise KnownPhasesError(f"known_phases: {spec} {what}")
-        for path in paths:
-            phases = read_file(path)
-            check(phases, chemsys)
-            out += phases
-    return out
+    return read_all(specs, chemsys, "known_phases")
 
 
 # -- the Materials Project ------------------------------------------------------------------------
@@ -235,7 +90,7 @@ def load(cfg, chemsys: Sequence[str], environ: Mapping[str, str] | None = None) 
         fetched = from_materials_project(
             chemsys, endpoint=mp.endpoint, api_key=key, max_e_above_hull=mp.max_e_above_hull
         )
-        check(fetched, chemsys)
+        check(fetched, chemsys, "known_phases")
         phases += fetched
     return phases
 

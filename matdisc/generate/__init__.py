@@ -26,7 +26,7 @@ from matdisc.generate.prototypes import PROTOTYPES, decorate, prototype_names
 from matdisc.generate.random_search import random_batch
 from matdisc.generate.substitution import substitute
 
-SOURCES = ("prototype", "substitution", "random")
+SOURCES = ("file", "prototype", "substitution", "random")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Candidate:
     """A generated structure and where it came from (provenance is stored with it)."""
 
     structure: Structure
-    source: str  # prototype | substitution | random | seed
+    source: str  # file | prototype | substitution | random | seed
     prototype: str = ""  # prototype name (for substitution: the parent's, when known)
     parent: str = ""  # substitution parent: candidate id or library compound
     probability: float = math.nan  # substitution probability
@@ -204,6 +204,13 @@ def substitution_candidates(
         ):
             parents.append((label, s))
             prototype_of[label] = name
+    if sc.parents:
+        from matdisc.structure_files import read_all
+
+        parents.extend(
+            (s.id, s.structure)
+            for s in read_all(sc.parents, [], "generation.substitution.parents", check_elements=False)
+        )
     if sc.from_hits:
         parents.extend(hits)
     subs = substitute(parents, chemsys, comp_screen, threshold=sc.threshold, max_atoms=cfg.max_atoms)
@@ -218,6 +225,23 @@ def substitution_candidates(
         )
         for r in subs
     ]
+
+
+def file_candidates(cfg: GenerationConfig) -> list[Candidate]:
+    """The structures of ``generation.from_files``, as they are (no composition screen: the user
+    chose them), each with its file and its id in the file as provenance."""
+    from pymatgen.symmetry.analyzer import SpacegroupAnalyzer
+
+    from matdisc.structure_files import read_all
+
+    out = []
+    for s in read_all(cfg.from_files.files, [], "generation.from_files", check_elements=False):
+        try:
+            spacegroup = SpacegroupAnalyzer(s.structure, symprec=0.1).get_space_group_number()
+        except Exception:  # noqa: BLE001 - spglib gives up on some cells: the space group is provenance only
+            spacegroup = 0
+        out.append(Candidate(s.structure, "file", spacegroup=spacegroup, parent=s.source, detail=s.id))
+    return out
 
 
 def generate(
@@ -246,6 +270,10 @@ def generate(
     report.seconds["compositions"] = time.perf_counter() - t0
 
     per_source: dict[str, list[Candidate]] = {}
+    if cfg.from_files.enabled:
+        t0 = time.perf_counter()
+        per_source["file"] = file_candidates(cfg)
+        report.seconds["file"] = time.perf_counter() - t0
     if cfg.prototype.enabled:
         t0 = time.perf_counter()
         per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen, skips=report.skips)
@@ -286,7 +314,7 @@ def generate(
     )
     report.seconds["dedup"] = time.perf_counter() - t0
 
-    caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round, "random": None}
+    caps = {"prototype": cfg.prototype.per_round, "substitution": cfg.substitution.per_round}
     taken: dict[str, int] = {}
     out: list[Candidate] = []
     out_keys: list[str] = []

@@ -24,6 +24,7 @@ from matdisc.stages.context import Round
 from matdisc.stages.heldout import evaluate_pair, group_of, groups_of, heldout_structures
 from matdisc.stages.registry import ModelRecord, current_model, register_model
 from matdisc.store import Campaign
+from matdisc.structure_files import labelled_frames
 
 
 def train(ctx: Round) -> ModelRecord:
@@ -143,10 +144,14 @@ def training_set(w: Campaign, cfg: CampaignConfig) -> tuple[list[Atoms], list[st
     ``mlip.training.frames``: ``all`` frames of every calculation, or ``diverse``: at most
     ``frames_per_structure`` per calculation, spread over its energies and forces. The
     groups keep all frames of one structure on one side of the train/validation split.
+    ``mlip.training.extra_data``'s frames come last, each its own group, with their weight.
     """
+    extra = cfg.mlip.training.extra_data
+    added = labelled_frames(extra.file, extra.weight, cfg.chemsys) if extra is not None else []
+    added_groups = [f"extra:{i}" for i in range(len(added))]
     table = w.table("frames")
     if table.empty:
-        return [], []
+        return added, added_groups
     tc = cfg.mlip.training
     settings = settings_hash(cfg.reference)
     usable = np.flatnonzero((table["settings_hash"] == settings).to_numpy() & np.isfinite(table["energy"].to_numpy()))
@@ -186,4 +191,4 @@ def training_set(w: Campaign, cfg: CampaignConfig) -> tuple[list[Atoms], list[st
             a.info["REF_stress"] = np.asarray(row["stress"], dtype=float)
         out.append(a)
         groups.append(group_of(row["id"]))
-    return out, groups
+    return out + added, groups + added_groups
