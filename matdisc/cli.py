@@ -18,10 +18,35 @@ from matdisc.errors import UserError
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    """Every file checked; exit 2 when any is bad, each problem on a line naming its file."""
     from matdisc.config import load_config
 
-    cfg = load_config(args.config)
-    print(f"{args.config}: valid campaign {cfg.name!r} over {'-'.join(cfg.chemsys)}")
+    bad = 0
+    for path in args.config:
+        try:
+            cfg = load_config(path)
+        except UserError as err:
+            bad += 1
+            for line in err.problems:
+                print(f"matdisc: {path}: {line}" if len(args.config) > 1 else f"matdisc: {line}", file=sys.stderr)
+            continue
+        print(f"{path}: valid campaign {cfg.name!r} over {'-'.join(cfg.chemsys)}")
+    return 2 if bad else 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from matdisc.starter import parse_chemsys, starter
+
+    chemsys = parse_chemsys(args.chemsys)
+    out = Path(args.out or f"{'-'.join(chemsys).lower()}.yaml")
+    if out.exists():
+        raise UserError(f"--out: {out} exists; give another file name (nothing was written)")
+    text = starter(chemsys, str(out), args.calculator)
+    try:
+        out.write_text(text)
+    except OSError as err:
+        raise UserError(f"--out: {out} cannot be written ({err.strerror or err})") from None
+    print(f"wrote {out}: check it with `matdisc validate {out}`, preview it with `matdisc candidates {out}`")
     return 0
 
 
@@ -96,24 +121,19 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"campaign store {summary['store']}")
-    for col in (
-        "round",
-        "candidates",
-        "relaxed",
-        "DFT verified",
-        "hits",
-        "new hits",
-        "hit rate",
-        "DAF",
-        "model",
-        "MAE meV/atom",
-        "MAE retrained",
-    ):
-        table.add_column(col, justify="right")
+    # fits 80 columns: short headers, no vertical rules, the columns explained below it
+    table = Table(
+        title=f"campaign store {summary['store']}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    for col in ("round", "cand.", "relaxed", "DFT", "hits", "new", "rate", "DAF", "model", "MAE", "re"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in summary["rounds"]:
         table.add_row(
             str(r["round"]),
@@ -124,12 +144,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
             _fmt(r.get("new_hits"), "d"),
             _fmt(r.get("hit_rate"), ".2f"),
             _fmt(r.get("daf"), ".1f"),
-            r["model_sha256"][:12],
+            r["model_sha256"][:8],
             _fmt(r["mae_mev_per_atom"], ".1f"),
             _fmt(r.get("mae_after_mev"), ".1f"),
         )
     console = Console()
     console.print(table)
+    console.print(
+        "DFT: verified this round; rate: new hits per DFT call; MAE: the screening model's energy error on the "
+        "round's new DFT structures, re: the retrained model's (meV/atom)"
+    )
     engines = [
         f"round {r['round']}: " + ", ".join(f"{k} {n}" for k, n in r["mlip_engines"].items())
         for r in summary["rounds"]
@@ -438,6 +462,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _engine_environment()
     from matdisc_flows.server import ensure_api, recorded, ui_url
 
+    _console(args)
     api = ensure_api()
     own_server = (recorded() or {}).get("api_url") == api
     print(f"Prefect UI: {ui_url(api)}   store: {cfg.store_path}", flush=True)
@@ -465,6 +490,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console(args: argparse.Namespace) -> None:
+    """After Prefect is imported: the flow run's progress on the terminal, Dask's and Prefect's own
+    INFO only with -v."""
+    if not args.verbose:
+        from matdisc_flows.console import show_flow_progress
+
+        show_flow_progress()
+
+
 def _engine_environment() -> None:
     """Settings of the flow runs this process starts (or serves), before Prefect is imported."""
     from matdisc_flows.runs import enable_heartbeats
@@ -485,6 +519,7 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     check_schedule(args.cron, args.interval)
     from matdisc_flows.server import ensure_api, ui_url
 
+    _console(args)
     api = ensure_api()
     from matdisc_flows.artifacts import slug
     from matdisc_flows.deployment import serve_campaign
@@ -647,15 +682,19 @@ def _warn_if_unhealthy(api: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="matdisc", description="materials discovery campaigns")
+    parser.add_argument("--version", action="version", version=f"matdisc {_version()}")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="show Dask's and Prefect's own INFO logs (off by default)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run or resume a campaign")
-    p.add_argument("config")
+    p.add_argument("config", help="campaign file (YAML)")
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
     p.add_argument("--rounds", type=int, help="total active-learning rounds (overrides the config)")
     p.add_argument("--more-rounds", type=int, help="this many rounds past the last completed one")
     p.set_defaults(func=_cmd_run)
     p = sub.add_parser("deploy", help="serve a deployment that continues the campaign (on a cron schedule)")
-    p.add_argument("config")
+    p.add_argument("config", help="campaign file (YAML)")
     p.add_argument("--cron", help='schedule, e.g. "0 2 * * *" (nightly at 02:00); none: runs only on demand')
     p.add_argument("--interval", type=float, help="schedule: seconds between runs (instead of --cron)")
     p.add_argument("--more-rounds", type=int, default=1, help="rounds each run adds (default 1)")
@@ -663,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
     p.set_defaults(func=_cmd_deploy)
     p = sub.add_parser("plan", help="estimate a campaign's cost per round before running it")
-    p.add_argument("config")
+    p.add_argument("config", help="campaign file (YAML)")
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
     p.add_argument("--rounds", type=int, help="total active-learning rounds (overrides the config)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -671,7 +710,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-probe", action="store_true", help="no measurements: cached rates, the store's, or priors")
     p.set_defaults(func=_cmd_plan)
     p = sub.add_parser("tradeoff", help="measured error vs cost of the DFT presets and MACE sizes on a campaign's data")
-    p.add_argument("config")
+    p.add_argument("config", help="campaign file (YAML)")
     p.add_argument("--store", help="campaign store: a path or an fsspec URL, e.g. s3://b/x.zarr (overrides the config)")
     p.add_argument("--presets", default="fast,accurate", help="reference presets to compare (none: skip)")
     p.add_argument(
@@ -691,16 +730,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_candidates)
     p = sub.add_parser("status", help="per-round table of a campaign store")
-    p.add_argument("store")
+    p.add_argument("store", help="campaign store: a path or an fsspec URL (s3://bucket/x.zarr)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
     p = sub.add_parser("report", help="HTML report (figures, hits) and the hits as CIF files")
-    p.add_argument("store")
+    p.add_argument("store", help="campaign store: a path or an fsspec URL (s3://bucket/x.zarr)")
     p.add_argument("--out", help="output folder (default: STORE-report beside the store)")
     p.set_defaults(func=_cmd_report)
-    p = sub.add_parser("validate", help="check a campaign file")
-    p.add_argument("config")
+    p = sub.add_parser("validate", help="check campaign files (exit 2 when any is bad)")
+    p.add_argument("config", nargs="+", help="campaign files (YAML)")
     p.set_defaults(func=_cmd_validate)
+    p = sub.add_parser("init", help="write a starter campaign file for a chemical system, with comments")
+    p.add_argument("chemsys", help="the elements, e.g. Al-Li or Cu,Pd,Au")
+    p.add_argument("--out", help="the file to write (default: the system's name, e.g. al-li.yaml; never overwritten)")
+    p.add_argument("--calculator", default="gpaw", help="reference calculator: gpaw (default), emt, or module:Class")
+    p.set_defaults(func=_cmd_init)
     p = sub.add_parser(
         "export",
         help="a campaign's results for other tools: csv, parquet, extxyz, cif, poscar, entries "
@@ -733,15 +777,30 @@ def build_parser() -> argparse.ArgumentParser:
         "(failing services, schedules without runs, the zombie-run automation), or env (its URL and auth string "
         "as export lines for a shell)",
     )
-    p.add_argument("action", choices=["start", "stop", "status", "env"])
+    p.add_argument(
+        "action", choices=["start", "stop", "status", "env"], help="start, stop, status (health), env (export lines)"
+    )
     p.add_argument("--json", action="store_true", help="status as JSON")
     p.set_defaults(func=_cmd_server)
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("matdisc")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad usage
+    if not args.verbose and args.command in ("run", "deploy"):  # before Dask or Prefect is imported
+        from matdisc_flows.console import quiet_environment
+
+        quiet_environment()
     # import-time notices of the ML stack (e3nn's torch.load, torch.jit deprecations) are not the user's business
     warnings.filterwarnings("ignore", module=r"(e3nn|torch|mace|torch_sim)(\.|$)")
     # model files live beside the tables in STORE/models/: not zarr arrays, and not a problem

@@ -408,6 +408,9 @@ def test_a_campaign_on_an_object_store_killed_mid_round_is_finished_by_another_m
                           env={**api_env, **aws, "MATDISC_HOME": str(node_b)}, capture_output=True, text=True,
                           timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    printed = done.stdout + done.stderr  # the terminal of a whole run: its progress, not the engines' INFO
+    assert "MLIP relaxed or rescored" in printed and "stable phases found" in printed, printed[-3000:]
+    assert "Finished in state Completed" not in printed and "distributed.worker - INFO" not in printed, printed[-3000:]
     s3_bucket.invalidate_cache()
     assert not s3_bucket.exists("campaigns/cu-pd.zarr/_commits/writer.lease")  # released
     resumed = open_campaign(url)

@@ -1,0 +1,123 @@
+"""The terminal: what a run prints (its progress and warnings, not Dask's and Prefect's own INFO),
+--version, validate over several files, init's starter file, and help on every positional."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from conftest import emt_config
+
+from matdisc.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_EMIT = """
+import logging
+from matdisc_flows.console import quiet_environment, show_flow_progress
+quiet_environment()
+import distributed, prefect
+show_flow_progress()
+flow = {"flow_run_name": "brown-penguin", "flow_run_id": "x"}
+task = {"task_run_name": "relax r1-0000 +9", "task_run_id": "y"}
+logging.getLogger("prefect.task_runs").info("TASK-INFO", extra=task)
+logging.getLogger("prefect.task_runs").warning("TASK-WARNING", extra=task)
+logging.getLogger("prefect.flow_runs").info("FLOW-PROGRESS", extra=flow)
+logging.getLogger("distributed.scheduler").info("DASK-INFO")
+logging.getLogger("distributed.scheduler").warning("DASK-WARNING")
+"""
+
+
+def test_a_run_prints_its_progress_and_warnings_but_not_the_engines_info(tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    }
+    out = subprocess.run([sys.executable, "-c", _EMIT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    printed = out.stdout + out.stderr
+    for shown in ("FLOW-PROGRESS", "TASK-WARNING", "DASK-WARNING"):
+        assert shown in printed, printed
+    for hidden in ("TASK-INFO", "DASK-INFO"):
+        assert hidden not in printed, printed
+    # what the quiet environment gives worker processes: Dask at WARNING, Prefect's console at WARNING
+    probe = "import logging, distributed; print(logging.getLogger('distributed').getEffectiveLevel())"
+    level = subprocess.run(
+        [sys.executable, "-c", f"from matdisc_flows.console import quiet_environment;quiet_environment(); {probe}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert level.stdout.strip() == "30", level.stderr[-2000:]
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    try:
+        main(["--version"])
+    except SystemExit as done:
+        assert done.code == 0
+    assert capsys.readouterr().out.strip() == f"matdisc {version('matdisc')}"
+
+
+def test_validate_takes_several_files_and_exits_2_when_any_is_bad(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(emt_config(tmp_path)))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**emt_config(tmp_path), "mlip": {"ensemble": 0}}))
+    assert main(["validate", str(good), str(good)]) == 0
+    assert main(["validate", str(good), str(bad)]) == 2
+    out = capsys.readouterr()
+    assert out.out.count("valid campaign") == 3
+    assert out.err.strip().splitlines() == [
+        f"matdisc: {bad}: mlip.ensemble: Input should be greater than or equal to 1"
+    ]
+
+
+def test_init_writes_a_starter_file_that_validates_and_is_never_overwritten(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "Cu-Pd", "--calculator", "emt"]) == 0
+    text = (tmp_path / "cu-pd.yaml").read_text()
+    assert "chemsys: [Cu, Pd]" in text and text.count("#") > 15  # every setting it writes is explained
+    assert main(["validate", "cu-pd.yaml"]) == 0
+    assert main(["init", "CuPd"]) == 2  # the same file: refused, left as it was
+    assert (tmp_path / "cu-pd.yaml").read_text() == text
+    assert main(["init", "Cu-Xx"]) == 2
+    assert main(["init", "Al,Li", "--out", "al-li-gpaw.yaml"]) == 0
+    assert main(["validate", "al-li-gpaw.yaml"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "matdisc: --out: cu-pd.yaml exists; give another file name (nothing was written)",
+        "matdisc: CHEMSYS: 'Xx' is not an element symbol",
+    ]
+
+
+def test_every_positional_argument_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if not action.option_strings and action.dest != "help":
+                assert action.help, f"matdisc {name}: {action.dest} has no help"
+
+
+def test_status_fits_an_80_column_terminal(campaign_store):
+    cfg, _ = campaign_store
+    out = subprocess.run(
+        [sys.executable, "-m", "matdisc.cli", "status", str(cfg.store_path)],
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(line.split()[:2] == ["round", "cand."] for line in lines if line.strip()), out.stdout
+    assert max(len(line) for line in lines) <= 80 and "…" not in out.stdout, out.stdout
