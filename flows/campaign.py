@@ -17,7 +17,7 @@ from matdisc_flows.executor import PrefectDask
 
 
 @flow(name="matdisc-campaign", log_prints=True)
-def campaign_flow(config: dict, rounds: int | None = None) -> dict:
+def campaign_flow(config: CampaignConfig, rounds: int | None = None) -> dict:
     """Run (or resume) a campaign: cold start, then generate → relax → score → select → verify → train."""
     cfg = CampaignConfig.model_validate(config)
     summary = run_campaign(cfg, PrefectDask(), rounds=rounds, run_id=str(flow_run.id) if flow_run.id else "")

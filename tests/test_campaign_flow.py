@@ -186,3 +186,20 @@ def test_task_runs_are_named_by_stage_and_candidate(campaign_store):
     relax = [n for n in runs if n.startswith("relax ") and n.split()[1] in ids]
     assert relax and all(len(n.split()) == 2 or n.split()[2][1:].isdigit() for n in relax)
     assert any(len(n.split()) == 3 for n in relax)  # a batch says how many more it relaxed
+
+
+def test_the_flow_takes_a_typed_config_so_the_ui_shows_a_form():
+    """The flow's parameter is the config model: Prefect's parameter schema (what the UI renders as a
+    form for a custom run) has every section and field with its description, not an untyped dict."""
+    from prefect.utilities.callables import parameter_schema
+
+    from matdisc.config import CampaignConfig, MLIPConfig
+    from matdisc_flows.campaign import campaign_flow
+
+    schema = parameter_schema(campaign_flow.fn).model_dump()
+    assert schema["properties"]["config"]["$ref"] == "#/definitions/CampaignConfig"
+    assert schema["required"] == ["config"]
+    mlip = schema["definitions"]["MLIPConfig"]["properties"]
+    assert set(mlip) == set(MLIPConfig.model_fields)
+    assert mlip["ensemble"]["description"] == MLIPConfig.model_fields["ensemble"].description
+    assert set(schema["definitions"]["CampaignConfig"]["properties"]) == set(CampaignConfig.model_fields)
