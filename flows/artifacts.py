@@ -25,6 +25,7 @@ from prefect.artifacts import (
 )
 
 from matdisc.config import CampaignConfig
+from matdisc.executor import counts
 from matdisc.store import CampaignWriter
 from matdisc.store.campaign import DISCOVERY_KEYS
 
@@ -83,7 +84,7 @@ class StageProgress:
         self.total, self.done = max(total, 1), 0
         self.description = f"{cfg.name} round {round_}: {stage}"
         self.id: UUID | None = None
-        self._last = time.monotonic()
+        self._last = self.started = time.monotonic()
         if total:
             # sync-compatible: called from the flow's (sync) code it returns the UUID, not a coroutine
             self.id = cast(
@@ -100,7 +101,9 @@ class StageProgress:
         if self.id is not None and (self.done >= self.total or now - self._last >= UPDATE_SECONDS):
             self._last = now
             update_progress_artifact(
-                self.id, 100.0 * self.done / self.total, description=f"{self.description} ({self.done}/{self.total})"
+                self.id,
+                100.0 * self.done / self.total,
+                description=f"{self.description} ({counts(self.done, self.total, self.started)})",
             )
 
 

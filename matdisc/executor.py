@@ -10,6 +10,7 @@ Dask executor lives on the engine side (``flows/executor.py``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -67,6 +68,16 @@ class Executor(Protocol):
     def stopped(self, w: CampaignWriter, cfg: CampaignConfig, round_: int, reason: str) -> None: ...
 
     def opened(self, w: CampaignWriter, cfg: CampaignConfig, earlier_runs: list[str], run_id: str) -> None: ...
+
+
+def counts(done: int, total: int, started: float) -> str:
+    """'120/400, about 3 min left': the count and the time left at the rate so far (``started``:
+    ``time.monotonic()`` when the stage began)."""
+    text = f"{done}/{total}"
+    if 0 < done < total:
+        left = (time.monotonic() - started) * (total - done) / done
+        text += f", about {left:.0f} s left" if left < 90 else f", about {left / 60:.0f} min left"
+    return text
 
 
 class Counter:

@@ -121,3 +121,16 @@ def test_status_fits_an_80_column_terminal(campaign_store):
     lines = out.stdout.splitlines()
     assert any(line.split()[:2] == ["round", "cand."] for line in lines if line.strip()), out.stdout
     assert max(len(line) for line in lines) <= 80 and "…" not in out.stdout, out.stdout
+
+
+def test_progress_counts_say_how_long_is_left_at_the_rate_so_far(monkeypatch):
+    import time
+
+    from matdisc.executor import counts
+
+    monkeypatch.setattr(time, "monotonic", lambda: 1000.0)
+    assert counts(0, 40, 1000.0) == "0/40"  # nothing to go on yet
+    assert counts(10, 40, 970.0) == "10/40, about 2 min left"  # 3 s each, 30 more: 90 s
+    assert counts(10, 40, 980.0) == "10/40, about 60 s left"  # 2 s each, 30 more
+    assert counts(20, 40, 400.0) == "20/40, about 10 min left"
+    assert counts(40, 40, 400.0) == "40/40"

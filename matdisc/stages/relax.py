@@ -21,6 +21,7 @@ from matdisc import jobs
 from matdisc.budget import planning
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
+from matdisc.executor import counts
 from matdisc.records import USABLE, RelaxResult, scalar_fields
 from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
@@ -82,7 +83,7 @@ def run_batches(
         [len(a) for _, a in relax] + [len(a) for _, a, _ in rescore], cfg, rates, planning.workers(cfg), steps
     )
     predicted = ctx.run.first_mlip(cost, rates)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.monotonic()
     seconds: list[float] = []
     work = 0.0
     mlip = cfg.mlip.model_dump(mode="json")
@@ -118,7 +119,9 @@ def run_batches(
         seconds.append(sum(r.walltime_s for r in results))
         work += sum(len(r.atoms) * (r.n_steps if kind == "relax" else RESCORE_STEPS) for r in results)
         progress.advance(len(results))
-        ctx.log.info("MLIP relaxed or rescored %d/%d structures", progress.done, len(relax) + len(rescore))
+        ctx.log.info(
+            "MLIP relaxed or rescored %s structures", counts(progress.done, len(relax) + len(rescore), started)
+        )
     n_workers = planning.workers(cfg).mlip
     planning.record_stage(w, round_, "relax", predicted, seconds, work, time.perf_counter() - t0, n_workers)
 

@@ -18,7 +18,7 @@ from matdisc.budget import planning
 from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import perturbed_copies, settings_hash
-from matdisc.executor import JobFuture
+from matdisc.executor import JobFuture, counts
 from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages import screen as screening
 from matdisc.stages.context import Round, Run
@@ -69,7 +69,7 @@ def reference_stage(
         (cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0) for cid, atoms in jobs
     ]
     window = n_workers if allowance_s is not None or static else len(queue)
-    t0, work = time.perf_counter(), 0.0
+    t0, started, work = time.perf_counter(), time.monotonic(), 0.0
     seconds: list[float] = []
     futures: dict[JobFuture[Any], list[tuple[str, Atoms, float]]] = {}
     reference = ref.model_dump(mode="json")
@@ -131,7 +131,7 @@ def reference_stage(
                 seconds.append(res.walltime_s)
                 work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
                 n += 1
-                log.info("%s %d/%d: %s %s %s", stage, n, len(jobs), res.id, res.status, res.reason)
+                log.info("%s %s: %s %s %s", stage, counts(n, len(jobs), started), res.id, res.status, res.reason)
             progress.advance(len(results))
             if queue:  # a worker is free: submit the next while the allowance lasts
                 fill()
