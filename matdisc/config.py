@@ -35,6 +35,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def files_shorthand(value: Any) -> Any:
+    """A section that takes files may be given as one path or a list of them: ``{files: [...]}``."""
+    if isinstance(value, (str, Path)):
+        return {"files": [str(value)]}
+    if isinstance(value, list):
+        return {"files": [str(v) for v in value]}
+    return value
+
+
 class PrototypeSourceConfig(_Strict):
     """Decorated crystal prototypes: the AFLOW library that pymatgen ships, or the built-in one."""
 
@@ -113,11 +122,7 @@ class FileSourceConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, (str, Path)):
-            return {"files": [str(value)]}
-        if isinstance(value, list):
-            return {"files": [str(v) for v in value]}
-        return value
+        return files_shorthand(value)
 
     @property
     def enabled(self) -> bool:
@@ -760,11 +765,7 @@ class KnownPhasesConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        if isinstance(value, (str, Path)):
-            return {"files": [str(value)]}
-        if isinstance(value, list):
-            return {"files": [str(v) for v in value]}
-        return value
+        return files_shorthand(value)
 
     @property
     def configured(self) -> bool:
