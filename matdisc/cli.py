@@ -402,10 +402,13 @@ def _print_hits(console, store: str | Path) -> None:
     cand = camp.candidates()
     known = camp.known_phase_summary(cand)
     hits = cand[cand["is_hit"]].sort_values("e_form_dft")
-    table = Table(title="stable phases found (DFT-verified)")
-    cols = ("formula", "prototype", "E_form DFT eV/atom", "E_hull DFT eV/atom", "MLIP - DFT meV/atom")
+    from rich import box
+
+    compact = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True}  # fits 80 columns
+    table = Table(title="stable phases found (DFT-verified; E in eV/atom, MLIP - DFT in meV/atom)", **compact)
+    cols = ("formula", "prototype", "E_form DFT", "E_hull DFT", "MLIP - DFT")
     for col in cols + (("novel",) if known["known_phases"] else ()):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for r in hits.to_dict("records"):
         row = [
             r["formula"],
@@ -419,9 +422,9 @@ def _print_hits(console, store: str | Path) -> None:
         table.add_row(*row)
     console.print(table if len(hits) else "no DFT-verified stable compound yet")
     if known["known_phases"]:
-        kt = Table(title="known phases (computed with the campaign's reference settings)")
-        for col in ("known phase", "formula", "source", "DFT", "E_form eV/atom", "E_hull eV/atom", ""):
-            kt.add_column(col, justify="right")
+        kt = Table(title="known phases (computed with the campaign's reference settings; eV/atom)", **compact)
+        for col in ("known phase", "formula", "source", "DFT", "E_form", "E_hull", ""):
+            kt.add_column(col, justify="right", no_wrap=True)
         for k in known["known_phases"]:
             kt.add_row(
                 k["known_id"],
@@ -430,7 +433,7 @@ def _print_hits(console, store: str | Path) -> None:
                 k["dft_status"] or "pending",
                 _fmt(k["e_form_dft"], ".3f"),
                 _fmt(k["e_hull_dft"], ".3f"),
-                "ABOVE the campaign's hull" if k["above_hull"] else "",
+                "ABOVE the hull" if k["above_hull"] else "",
             )
         console.print(kt)
 

@@ -214,7 +214,7 @@ def test_status_table_and_report_show_novelty_and_the_phase_above_the_hull(campa
     assert proc.returncode == 0, proc.stderr
     assert "known: known.cif:0" in proc.stdout and " new " in proc.stdout
     line = next(x for x in proc.stdout.splitlines() if "known.cif:1" in x)
-    assert "ABOVE the campaign's hull" in line
+    assert "ABOVE the hull" in line
     from matdisc.report import write_report
 
     page = write_report(cfg.store_path, tmp_path / "report").read_text()
