@@ -279,3 +279,56 @@ def test_a_batch_is_on_disk_before_the_commit_that_makes_it_visible(tmp_path, mo
     assert data and data <= set(synced[: synced.index(log)])  # every array file before the line
     created_dirs = {str(p) for p in (tmp_path / "s.zarr" / "frames").rglob("*") if p.is_dir() and p not in before}
     assert created_dirs <= set(synced[: synced.index(log)])
+
+
+GROUP_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_store import random_batch
+    from matdisc.store import Batch, CampaignWriter, Frames, TableStore
+    real = TableStore._commit
+    def commit_then_die(self, table, commit, **kw):
+        if table == {die_before!r}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(self, table, commit, **kw)
+    TableStore._commit = commit_then_die
+    atoms, forces, energy = random_batch(5, 7)
+    with CampaignWriter({path!r}) as w:
+        w.append_together([
+            Batch("frames", "r1/c1/s", {{"id": ["c1"] * 7, "energy": energy}}, Frames.from_atoms(atoms, forces=forces)),
+            Batch("dft", "r1/c1/s", {{"id": ["c1"], "e_dft_per_atom": [energy[-1]]}}, Frames.from_atoms(atoms[-1:])),
+        ])
+    """
+)
+
+
+@pytest.mark.parametrize("die_before", ["dft", "frames"])
+def test_a_reference_result_is_one_commit_whatever_line_a_kill_cuts(tmp_path, die_before):
+    """A DFT result is its training frames and its row, in two tables: killed before the row's line
+    (the deciding one) neither is visible; killed after it, before the frames' line, the next writer
+    completes the frames' commit from the data already on disk, so the result is not computed again
+    and its frames are not lost."""
+    path = tmp_path / "c.zarr"
+    with CampaignWriter(path) as w:  # an earlier batch: the group's rows start after it
+        a0, f0, e0 = random_batch(1, 4)
+        w.append("frames", "earlier", {"id": ["c0"] * 4, "energy": e0}, Frames.from_atoms(a0, forces=f0))
+    code = GROUP_WRITER.format(tests=os.path.dirname(__file__), path=str(path), die_before=die_before)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+    atoms, forces, energy = random_batch(5, 7)
+    with CampaignWriter(path) as w:  # opening for writing repairs
+        keys = {t: [c.key for c in w.tables.commits(t)] for t in ("frames", "dft")}
+    camp = open_campaign(path)
+    if die_before == "dft":  # nothing of the group
+        assert keys == {"frames": ["earlier"], "dft": []}
+        assert len(camp.frames()) == 4
+        return
+    assert keys == {"frames": ["earlier", "r1/c1/s"], "dft": ["r1/c1/s"]}
+    frames = camp.frames()
+    assert len(frames) == 11
+    assert np.array_equal(camp.table("frames")["energy"].to_numpy(), np.concatenate([e0, energy]))
+    assert np.array_equal(frames.atoms(4).positions, atoms[0].positions)
+    assert np.allclose(frames.forces[-len(atoms[-1]):], forces[-1], atol=1e-5)
+    assert camp.table("dft")["e_dft_per_atom"].tolist() == [energy[-1]]

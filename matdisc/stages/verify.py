@@ -23,7 +23,7 @@ from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_at
 from matdisc.stages import screen as screening
 from matdisc.stages.context import Round, Run
 from matdisc.stages.generate import candidate_atoms
-from matdisc.store import CampaignWriter, Frames
+from matdisc.store import Batch, CampaignWriter, Frames, record_columns
 from matdisc.store.campaign import in_reference_set
 
 
@@ -232,15 +232,12 @@ def record_reference(
         earlier = _results_in_set(w.table("dft"), reference_set).get(result.id, 0)
         key += f"/attempt{earlier + 1}" if earlier else ""
     settings = getattr(result, "settings_hash", "") or reference_set
+    batches = []
     if result.frames:
         frames, cols = frames_from_atoms_with_results(result.frames)
         n = len(result.frames)
-        w.append(
-            "frames",
-            key,
-            {"id": [result.id] * n, "round": [round_] * n, "settings_hash": [settings] * n, **cols},
-            frames,
-        )
+        meta = {"id": [result.id] * n, "round": [round_] * n, "settings_hash": [settings] * n}
+        batches.append(Batch("frames", key, {**meta, **cols}, frames))
     if verified:
         row = scalar_fields(result)
         row.update(
@@ -251,7 +248,9 @@ def record_reference(
             start=start,
             start_reason=start_reason,
         )
-        w.append_records("dft", key, [row], Frames.from_atoms([result.atoms]))
+        batches.append(Batch("dft", key, record_columns([row]), Frames.from_atoms([result.atoms])))
+    if batches:  # one commit: a kill between the frames and the row would redo the calculation
+        w.append_together(batches)
 
 
 def failed_reference(cid: str, atoms: Atoms, err: BaseException, reference_set: str) -> RelaxResult:

@@ -1,7 +1,7 @@
 """The Zarr campaign store and its read API (see ``campaign.py`` for the tables)."""
 
-from matdisc.store.campaign import Campaign, CampaignWriter, open_campaign
+from matdisc.store.campaign import Campaign, CampaignWriter, open_campaign, record_columns
 from matdisc.store.frames import Frames
-from matdisc.store.tables import TableStore
+from matdisc.store.tables import Batch, TableStore
 
-__all__ = ["Campaign", "CampaignWriter", "Frames", "TableStore", "open_campaign"]
+__all__ = ["Batch", "Campaign", "CampaignWriter", "Frames", "TableStore", "open_campaign", "record_columns"]

@@ -33,7 +33,7 @@ from matdisc.errors import StoreError, UserError
 from matdisc.store import schema
 from matdisc.store.frames import Frames
 from matdisc.store.rows import ROWS
-from matdisc.store.tables import TableStore, local_path, store_url
+from matdisc.store.tables import Batch, TableStore, local_path, store_url
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -349,15 +349,20 @@ class CampaignWriter(Campaign):
         schema.check_columns(table, columns)
         return self.tables.append(table, key, columns, frames, row_dim=schema.table(table).row_dim)
 
+    def append_together(self, batches: Sequence[Batch]) -> bool:
+        """Batches of different tables as one commit (:meth:`TableStore.append_together`): the last
+        decides, and a kill keeps all of them or none."""
+        for b in batches:
+            schema.check_columns(b.table, b.columns)
+        return self.tables.append_together([b._replace(row_dim=schema.table(b.table).row_dim) for b in batches])
+
     def append_records(
         self, table: str, key: str, records: Sequence[Mapping[str, Any]], frames: Frames | None = None
     ) -> bool:
         """Append dict records (same keys each); ``frames`` holds one structure per record."""
         if not records:
             return self.append(table, key, {}, frames) if frames is not None and len(frames) == 0 else False
-        names = list(records[0])
-        columns = {n: [_plain(r.get(n)) for r in records] for n in names}
-        return self.append(table, key, columns, frames)
+        return self.append(table, key, record_columns(records), frames)
 
     def append_rows(self, table: str, key: str, rows: Sequence[Any]) -> bool:
         """Append typed rows (:mod:`matdisc.store.rows`) of ``table``; none commits the key with no rows."""
@@ -396,6 +401,11 @@ class CampaignWriter(Campaign):
                 }
             ],
         )
+
+
+def record_columns(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Columns of dict records (the keys of the first; nested values as JSON)."""
+    return {n: [_plain(r.get(n)) for r in records] for n in records[0]}
 
 
 def _plain(value: Any) -> Any:

@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
@@ -89,11 +89,39 @@ SIDE_GROUPS = ("_commits", "models", "calculations", "training")
 
 @dataclass(frozen=True)
 class Commit:
-    """One committed batch: its key and the half-open row and atom ranges it added."""
+    """One committed batch: its key and the half-open row and atom ranges it added.
+
+    ``together``: the batches of other tables committed with this one (``(table, Commit)``); the
+    line of this commit is the one that decides, and a writer that was cut off before writing
+    theirs writes them when the store is next opened for writing (:meth:`TableStore.append_together`).
+    """
 
     key: str
     rows: tuple[int, int]
     atoms: tuple[int, int]
+    together: tuple[tuple[str, Commit], ...] = ()
+
+    def record(self) -> dict[str, Any]:
+        rec: dict[str, Any] = {"key": self.key, "rows": list(self.rows), "atoms": list(self.atoms)}
+        if self.together:
+            rec["together"] = [{"table": t, **c.record()} for t, c in self.together]
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping[str, Any]) -> Commit:
+        together = tuple((str(o["table"]), cls.from_record(o)) for o in rec.get("together", ()))
+        return cls(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"]), together)  # type: ignore[arg-type]
+
+
+class Batch(NamedTuple):
+    """One table's part of an append: ``columns`` (equal lengths) and, for a table of structures,
+    one frame per row."""
+
+    table: str
+    key: str
+    columns: Mapping[str, Any]
+    frames: Frames | None = None
+    row_dim: str = "row"
 
 
 def url_filesystem(url: str) -> tuple[Any, str]:
@@ -131,8 +159,7 @@ def _parse_log(data: bytes) -> tuple[list[Commit], int]:
         if not line.endswith(b"\n"):
             break
         try:
-            rec = json.loads(line)
-            commits.append(Commit(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"])))
+            commits.append(Commit.from_record(json.loads(line)))
         except (ValueError, KeyError, TypeError):
             break
         good += len(line)
@@ -395,12 +422,19 @@ class TableStore:
         """Drop what an interrupted writer left beyond the last commit."""
         for partial in self._dir.rglob("*.partial"):
             partial.unlink(missing_ok=True)
-        for table in [p.name for p in self._dir.iterdir() if (p / "zarr.json").exists() and p.name not in SIDE_GROUPS]:
+        tables = [p.name for p in self._dir.iterdir() if (p / "zarr.json").exists() and p.name not in SIDE_GROUPS]
+        for table in tables:
             log_path = self._log_path(table)
             _, good = _read_log(log_path)
             if log_path.exists() and good < log_path.stat().st_size:
                 with open(log_path, "r+b") as f:
                     f.truncate(good)
+        for table in tables:  # a grouped commit cut off after its deciding line: its data is on disk
+            for commit in self.commits(table):
+                for other, part in commit.together:
+                    if not self.has_batch(other, part.key) and self.committed(other) == (part.rows[0], part.atoms[0]):
+                        self._commit(other, part, push=False)
+        for table in tables:
             rows, atoms = self.committed(table)
             group = self._group(table)
             for name, arr in group.arrays():
@@ -427,10 +461,34 @@ class TableStore:
         row_dim: str = "row",
     ) -> bool:
         """Append one batch atomically; returns False if ``key`` was committed before."""
+        return self.append_together([Batch(table, key, columns, frames, row_dim)])
+
+    def append_together(self, batches: Sequence[Batch]) -> bool:
+        """Append batches of different tables as one commit. The last batch's commit line decides:
+        it names the others, whose lines follow it; a writer cut off between them (``kill -9``)
+        leaves their data on disk, and the next writer completes their lines before anything else
+        (:meth:`_repair`), so a kill never keeps one part of the group and drops another. Returns
+        False if the deciding key was committed before."""
         if not self.write:
             raise StoreError(f"store {self.path} is open read-only")
-        if self.has_batch(table, key):
+        if len({b.table for b in batches}) != len(batches):
+            raise ValueError("append_together: one batch per table")
+        *others, deciding = batches
+        if self.has_batch(deciding.table, deciding.key):
             return False
+        # a batch of the group committed before (by a writer of two commits) is not written again
+        together = tuple((b.table, self._write(b)) for b in others if not self.has_batch(b.table, b.key))
+        last = self._write(deciding)
+        self._store.sync()  # every batch's data is on disk before the commit that makes it visible
+        self._commit(deciding.table, Commit(last.key, last.rows, last.atoms, together), push=not together)
+        for i, (table, part) in enumerate(together):
+            self._commit(table, part, push=i == len(together) - 1)
+        return True
+
+    def _write(self, batch: Batch) -> Commit:
+        """Grow and fill the arrays of ``batch.table`` past its committed rows; the commit that
+        covers them is the caller's."""
+        table, key, columns, frames, row_dim = batch
         cols = {name: _column_array(v) for name, v in columns.items()}
         lengths = {len(v) for v in cols.values()} | ({len(frames)} if frames is not None else set())
         if len(lengths) != 1:
@@ -466,9 +524,7 @@ class TableStore:
                 self._put(self._require(group, "forces", forces, atoms, "atom"), atoms, forces)
         else:
             n_new = 0
-        self._store.sync()  # the batch's data is on disk before the commit that makes it visible
-        self._commit(table, Commit(key, (rows, rows + n), (atoms, atoms + n_new)))
-        return True
+        return Commit(key, (rows, rows + n), (atoms, atoms + n_new))
 
     def _require(
         self,
@@ -526,10 +582,10 @@ class TableStore:
         if len(values):
             arr[start:stop] = values
 
-    def _commit(self, table: str, commit: Commit) -> None:
+    def _commit(self, table: str, commit: Commit, *, push: bool = True) -> None:
         path = self._log_path(table)
         path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"key": commit.key, "rows": commit.rows, "atoms": commit.atoms, "time": time.time()}
+        record = {**commit.record(), "time": time.time()}
         if self.generation is not None:  # a store at a URL: which lease holder committed it
             record["generation"] = self.generation
         line = json.dumps(record)
@@ -541,7 +597,7 @@ class TableStore:
         if new:
             fsync_dir(path.parent)
         self._logs.setdefault(table, []).append(commit)
-        if self.on_commit is not None:
+        if push and self.on_commit is not None:
             self.on_commit()
 
     # -- read ----------------------------------------------------------------------------
