@@ -11,6 +11,10 @@ TORCH_SPEC ?= torch==2.14.1
 # docker-compose: the tests validate deploy/docker-compose.yml with it (no engine needed)
 APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose
 STAMP := $(VENV)/.installed
+# the extras installed: dev (tests, docs, lint) and gpaw (the default reference calculator);
+# `make install GPU=1` adds gpu (dask-cuda, cuEquivariance for the CUDA major of TORCH_SPEC's wheel)
+comma := ,
+EXTRAS := dev,gpaw$(if $(GPU),$(comma)gpu)
 
 .PHONY: install sysdeps demo test docs bench clean
 
@@ -33,7 +37,7 @@ $(STAMP): pyproject.toml
 	  echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	CC=g++ $(PY) -m pip install -q -e ".[dev]"
+	CC=g++ $(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

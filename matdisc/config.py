@@ -389,7 +389,9 @@ class ReferenceConfig(_Strict):
     settings hash (which energies may share a hull) is computed from the resolved values.
     """
 
-    calculator: str = Field("gpaw", description="gpaw, emt, or module:Class of any ASE calculator")
+    calculator: str = Field(
+        "gpaw", validate_default=True, description="gpaw, emt, or module:Class of any ASE calculator"
+    )
     preset: Literal["fast", "accurate"] = Field(
         "fast", description="fast (screening on a laptop) or accurate (converged settings) defaults"
     )
@@ -455,6 +457,11 @@ class ReferenceConfig(_Strict):
     @field_validator("calculator")
     @classmethod
     def _known_calculator(cls, value: str, info: ValidationInfo) -> str:
+        if value == "gpaw" and not (info.context or {}).get(READ_ONLY) and importlib.util.find_spec("gpaw") is None:
+            raise ValueError(
+                "calculator 'gpaw' is not installed: pip install 'matdisc[gpaw]' (it builds against libxc, "
+                "BLAS and FFTW; `make install` does both), or name another ASE calculator as module:Class"
+            )
         if value in BUILTIN_CALCULATORS:
             return value
         if ":" not in value:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,6 +80,21 @@ def test_cli_user_errors_have_no_traceback(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "matdisc.cli", *args], capture_output=True, text=True)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_without_the_gpaw_extra_a_gpaw_campaign_is_refused_in_one_line_and_others_validate(tmp_path):
+    """GPAW is the ``gpaw`` extra: where it is not installed (Python's own import blocking, as on a
+    machine that never installed it), the default calculator is refused naming the extra, and a
+    campaign whose reference is another ASE calculator validates."""
+    block = "import sys; sys.modules['gpaw'] = None; from matdisc.cli import main; sys.exit(main(sys.argv[1:]))"
+    gpaw = write(tmp_path, {"chemsys": ["Cu", "Pd"]})  # the default reference: gpaw
+    other = tmp_path / "emt.yaml"
+    other.write_text(yaml.safe_dump(emt_config(tmp_path)))
+    proc = subprocess.run([sys.executable, "-c", block, "validate", gpaw], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "pip install 'matdisc[gpaw]'" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", block, "validate", str(other)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_bad_budget_and_plan_arguments_are_one_line_errors(tmp_path, capsys):
@@ -165,3 +181,11 @@ def test_slurm_times_in_every_form_slurm_accepts():
     for bad in ("4h", "1-2:3:4:5", "-1", ""):
         with pytest.raises(ValueError, match="is not a Slurm time"):
             slurm_seconds(bad)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
+def test_every_example_campaign_validates(example, capsys):
+    """The example files are what a new user copies first (the foundation-model one cannot run here:
+    it downloads a model and wants a GPU, so validating it is what the suite can check)."""
+    assert main(["validate", str(Path(__file__).parents[1] / "examples" / example)]) == 0
+    assert "valid campaign" in capsys.readouterr().out

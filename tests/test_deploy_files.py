@@ -185,3 +185,38 @@ def test_prefect_deploy_creates_the_scheduled_deployments(prefect_api):
         assert d.parameters["more_rounds"] == 1 and (ROOT / d.parameters["config_path"]).is_file()
         # the worker's runs send heartbeats: a killed one is marked Crashed by the zombie-run automation
         assert d.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+
+
+def _make_install_commands(*args: str) -> list[str]:
+    """The commands ``make install`` would run from scratch (``-W pyproject.toml``: as if the venv
+    were out of date), without running them."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", "install", *args], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    return [line for line in out.splitlines() if "pip install" in line]
+
+
+def test_the_gpu_install_is_the_pinned_torch_and_the_cuequivariance_of_its_cuda_major():
+    """``make install GPU=1`` installs the same torch as the CPU install (PyPI's wheel is a CUDA
+    build) and the ``gpu`` extra, whose cuEquivariance kernels must be built for the CUDA major
+    version of that torch; the default install has GPAW and no GPU packages."""
+    import tomllib
+
+    import torch
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    gpu, cpu = _make_install_commands("GPU=1"), _make_install_commands()
+    torch_spec = next(line for line in gpu if '"torch==' in line).split('"')[1]
+    assert torch_spec in " ".join(cpu)  # one torch for both
+    pinned = Requirement(torch_spec).specifier
+    assert torch.__version__.split("+")[0] in pinned  # the suite runs on the torch the Makefile pins
+    allowed = next(Requirement(r) for r in project["dependencies"] if r.startswith("torch"))
+    assert all(allowed.specifier.contains(v.version) for v in pinned)
+    assert '.[dev,gpaw,gpu]"' in gpu[-1] and '.[dev,gpaw]"' in cpu[-1]
+    kernels = [Requirement(r).name for r in project["optional-dependencies"]["gpu"] if "ops-torch-cu" in r]
+    assert kernels == [f"cuequivariance-ops-torch-cu{torch.version.cuda.split('.')[0]}"]
+    assert {Requirement(r).name for r in project["optional-dependencies"]["gpaw"]} == {"gpaw", "gpaw-data"}
+    assert not any(Requirement(r).name == "gpaw" for r in project["dependencies"])
