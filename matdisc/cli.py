@@ -13,8 +13,12 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matdisc.errors import UserError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -121,17 +125,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     # fits 80 columns: short headers, no vertical rules, the columns explained below it
-    table = Table(
-        title=f"campaign store {summary['store']}",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-        collapse_padding=True,
-    )
+    table = compact_table(f"campaign store {summary['store']}")
     for col in ("round", "cand.", "relaxed", "DFT", "hits", "new", "rate", "DAF", "model", "MAE", "re"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in summary["rounds"]:
@@ -393,19 +390,22 @@ def _fmt(value: float | int | None, spec: str) -> str:
     return str(int(value)) if spec == "d" else format(value, spec)
 
 
-def _print_hits(console, store: str | Path) -> None:
+def compact_table(title: str) -> Table:
+    """A rich table that fits 80 columns: no vertical rules, no padding at the edges."""
+    from rich import box
     from rich.table import Table
 
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+
+def _print_hits(console, store: str | Path) -> None:
     from matdisc.store import open_campaign
 
     camp = open_campaign(store)
     cand = camp.candidates()
     known = camp.known_phase_summary(cand)
     hits = cand[cand["is_hit"]].sort_values("e_form_dft")
-    from rich import box
-
-    compact = {"box": box.SIMPLE_HEAD, "pad_edge": False, "collapse_padding": True}  # fits 80 columns
-    table = Table(title="stable phases found (DFT-verified; E in eV/atom, MLIP - DFT in meV/atom)", **compact)
+    table = compact_table("stable phases found (DFT-verified; E in eV/atom, MLIP - DFT in meV/atom)")
     cols = ("formula", "prototype", "E_form DFT", "E_hull DFT", "MLIP - DFT")
     for col in cols + (("novel",) if known["known_phases"] else ()):
         table.add_column(col, justify="right", no_wrap=True)
@@ -422,7 +422,7 @@ def _print_hits(console, store: str | Path) -> None:
         table.add_row(*row)
     console.print(table if len(hits) else "no DFT-verified stable compound yet")
     if known["known_phases"]:
-        kt = Table(title="known phases (computed with the campaign's reference settings; eV/atom)", **compact)
+        kt = compact_table("known phases (computed with the campaign's reference settings; eV/atom)")
         for col in ("known phase", "formula", "source", "DFT", "E_form", "E_hull", ""):
             kt.add_column(col, justify="right", no_wrap=True)
         for k in known["known_phases"]:

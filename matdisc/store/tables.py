@@ -110,7 +110,7 @@ class Commit:
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> Commit:
         together = tuple((str(o["table"]), cls.from_record(o)) for o in rec.get("together", ()))
-        return cls(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"]), together)  # type: ignore[arg-type]
+        return cls(rec["key"], tuple(rec["rows"]), tuple(rec["atoms"]), together)
 
 
 class Batch(NamedTuple):
