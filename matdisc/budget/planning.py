@@ -117,10 +117,21 @@ def workers(cfg: CampaignConfig) -> Workers:
 
 # -- stage predictions (shared with the flow) ---------------------------------------------------
 def relax_cost(
-    n_atoms: Sequence[int], cfg: CampaignConfig, rates: Rates, w: Workers, steps: Sequence[float] | None = None
+    n_atoms: Sequence[int],
+    cfg: CampaignConfig,
+    rates: Rates,
+    w: Workers,
+    steps: Sequence[float] | None = None,
+    *,
+    kinds_from: int | None = None,
 ) -> StageCost:
-    """MLIP relaxations of structures of ``n_atoms``, ``steps`` FIRE steps each (default: the mean)."""
-    jobs = relax_tasks(n_atoms, cfg.mlip.structures_per_task, rates, steps)
+    """MLIP relaxations of structures of ``n_atoms``, ``steps`` FIRE steps each (default: the mean).
+    ``kinds_from``: the structures from this index on are another kind of job (rescores), which
+    the stage puts in tasks of their own, as it runs them."""
+    steps = [rates.mlip_steps] * len(n_atoms) if steps is None else steps
+    cut = len(n_atoms) if kinds_from is None else kinds_from
+    size = cfg.mlip.structures_per_task
+    jobs = relax_tasks(n_atoms[:cut], size, rates, steps[:cut]) + relax_tasks(n_atoms[cut:], size, rates, steps[cut:])
     return StageCost(len(jobs), sum(relax_work(n_atoms, rates, steps)), sum(jobs), stage_wall(jobs, w.mlip, rates))
 
 

@@ -80,7 +80,12 @@ def run_batches(
     steps = expected_steps(w.table("mlip"), sources, [cid for cid, _ in relax], rates.mlip_steps)
     steps += [RESCORE_STEPS] * len(rescore)
     cost = planning.relax_cost(
-        [len(a) for _, a in relax] + [len(a) for _, a, _ in rescore], cfg, rates, planning.workers(cfg), steps
+        [len(a) for _, a in relax] + [len(a) for _, a, _ in rescore],
+        cfg,
+        rates,
+        planning.workers(cfg),
+        steps,
+        kinds_from=len(relax),
     )
     predicted = ctx.run.first_mlip(cost, rates)
     t0, started = time.perf_counter(), time.monotonic()
