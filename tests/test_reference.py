@@ -195,11 +195,13 @@ def test_a_single_point_that_crashes_or_hangs_its_process_is_recorded_and_the_re
     here = str(Path(__file__).parent)
     monkeypatch.syspath_prepend(here)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")])))
-    cfg = ReferenceConfig(calculator="faulty_calculators:FaultyEMT", walltime_s=3.0)
+    # the wall time counts from the calculation process's start (imports included): 3 s was too
+    # short for a new process on a loaded machine (the suite's other process training MACE)
+    cfg = ReferenceConfig(calculator="faulty_calculators:FaultyEMT", walltime_s=8.0)
     jobs = [(el, bulk(el, "fcc", a=a)) for el, a in [("Cu", 3.6), ("Ag", 4.1), ("Pd", 3.9), ("Au", 4.1), ("Ni", 3.5)]]
     res = run_statics(jobs, cfg, workdir=tmp_path)
     assert [r.status for r in res] == ["ok", "error", "ok", "timeout", "ok"], [r.reason for r in res]
-    assert "signal 11" in res[1].reason and "wall time 3 s exceeded" in res[3].reason
+    assert "signal 11" in res[1].reason and "wall time 8 s exceeded" in res[3].reason
     for (el, atoms), r in zip(jobs, res):
         if r.ok:
             atoms.calc = EMT()
@@ -207,7 +209,7 @@ def test_a_single_point_that_crashes_or_hangs_its_process_is_recorded_and_the_re
     pids = [(tmp_path / el / "attempt-1" / "runner-0.pid").read_text() for el, _ in jobs]
     assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]  # a new process after each crash and timeout
     assert not Path(f"/proc/{pids[3]}").exists() or "zombie" in Path(f"/proc/{pids[3]}/status").read_text().lower()
-    assert 3.0 < res[3].walltime_s < 8.0
+    assert 8.0 < res[3].walltime_s < 14.0
 
 
 def test_a_candidate_id_never_becomes_a_path_outside_its_calculation_folder(tmp_path):

@@ -30,6 +30,13 @@ ASAP = {"parameters": {"asap_cutoff": True}}
 ROUND = 3  # of the session campaign (two rounds done)
 
 
+@pytest.fixture(autouse=True)
+def _prior_rates(tmp_path, monkeypatch):
+    """The budgets here are set from the model's prior rates: no probe measured by another test of
+    this process (under the other process's load) may price these calculations instead."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 def _tight(cfg: CampaignConfig, tmp_path: Path, name: str, screening: dict) -> tuple[CampaignConfig, list, list]:
     """A copy whose DFT budget verifies the first two of the round's six ranked picks and no more."""
     free = copy_campaign(cfg, tmp_path, name + "-free", active_learning={**cfg.active_learning.model_dump(), "dft_budget": 6})
