@@ -36,9 +36,9 @@ class TaskFuture:
     def __init__(self, future: PrefectFuture) -> None:
         self.future = future
 
-    def result(self) -> Any:
+    def result(self, timeout: float | None = None) -> Any:
         try:
-            return self.future.result()
+            return self.future.result(timeout=timeout)
         except RuntimeError as err:
             if "Failed to reach API" in str(err):
                 raise httpx.ConnectError(str(err)) from err

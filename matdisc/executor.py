@@ -32,7 +32,9 @@ Resource = Literal["mlip", "dft"]
 class JobFuture(Protocol[T_co]):
     """What ``submit`` returns: ``concurrent.futures.Future`` and Prefect's futures both fit."""
 
-    def result(self) -> T_co: ...
+    def result(self, timeout: float | None = None) -> T_co:
+        """The job's value (its exception raised); ``TimeoutError`` when not done within ``timeout`` s."""
+        ...
 
 
 class Progress(Protocol):

@@ -377,3 +377,43 @@ def test_a_configured_model_is_pinned_and_a_resumed_campaign_refuses_it_changed(
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and f"does not have the sha256 expected ({sha[:12]}" in err[0], err
     assert {p: p.read_bytes() for p in (tmp_path / "cu-pd.zarr").rglob("*") if p.is_file()} == before
+
+
+def test_a_training_committee_shows_its_epochs_as_they_go(tmp_path, monkeypatch, caplog):
+    """While a committee trains on a worker, the round reads each member's epoch from mace's own
+    results files and logs the count of finished epochs with the time left: increasing, never past
+    the total, and the stage's progress reaches the total when the committee is back."""
+    import logging
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from conftest import emt_config
+
+    from matdisc.config import CampaignConfig
+    from matdisc.executor import InProcess
+    from matdisc.stages import train as train_stage
+
+    monkeypatch.setattr(train_stage, "EPOCH_POLL_S", 0.2)
+    monkeypatch.setattr(train_stage, "EPOCH_LOG_S", 0.0)
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    frames, groups = emt_frames(12, seed=5)
+    epochs, members = 8, cfg.mlip.ensemble
+    training = TRAINING.model_copy(update={"max_num_epochs": epochs, "batch_size": 2})
+    progress = {}
+
+    class Executor(InProcess):
+        def progress(self, cfg, round_, what, total):
+            progress["bar"] = super().progress(cfg, round_, what, total)
+            return progress["bar"]
+
+    ctx = SimpleNamespace(cfg=cfg, number=1, executor=Executor(), log=logging.getLogger("test-epochs"))
+    with caplog.at_level(logging.INFO, "test-epochs"), ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(train_committee, frames, groups, tmp_path / "r1", training, size=members, seed=0)
+        trained = train_stage.await_training(ctx, fut, tmp_path / "r1", epochs)
+    assert len(trained) == members
+    shown = [re.match(r"training \d+ members: epochs (\d+)/(\d+)", r.getMessage()) for r in caplog.records]
+    done = [int(m[1]) for m in shown if m]
+    assert {int(m[2]) for m in shown if m} == {members * epochs}
+    assert len(done) >= 3 and done == sorted(set(done)) and 0 < done[0] and done[-1] < members * epochs, done
+    assert progress["bar"].done == members * epochs

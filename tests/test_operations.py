@@ -431,11 +431,11 @@ def test_a_lost_prefect_api_stops_the_run_instead_of_failing_the_job():
     from matdisc_flows.executor import PrefectDask, TaskFuture
 
     class Gone:
-        def result(self):
+        def result(self, timeout=None):
             raise RuntimeError("Failed to reach API at http://127.0.0.1:1/api/")
 
     class Broken:
-        def result(self):
+        def result(self, timeout=None):
             raise RuntimeError("a bug in the job")
 
     with pytest.raises(httpx.ConnectError) as lost:

@@ -14,6 +14,7 @@ campaign's frames), and multihead fine-tuning of a foundation model when replay 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -299,3 +300,27 @@ def train_committee(
     # cores halves a committee's wall time; mace's training loop uses a single core poorly)
     with ThreadPoolExecutor(concurrent) as pool:
         return list(pool.map(member, range(size)))
+
+
+def current_epochs(workdir: Path) -> dict[int, int]:
+    """The epoch (counted from 1) each committee member's training is in, read from the tail of the
+    results file to which mace's ``run_train`` appends a JSON line per optimisation step (members
+    without one yet are absent): what the orchestrator shows while a committee trains."""
+    done = {}
+    for path in Path(workdir).glob("member-*/results/*_train.txt"):
+        member = int(path.parts[-3].removeprefix("member-"))
+        try:
+            with open(path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+                tail = f.read().splitlines()
+        except OSError:
+            continue
+        for line in reversed(tail):
+            try:
+                epoch = json.loads(line).get("epoch")
+            except ValueError:  # the first line of the tail, cut, or a line being written
+                continue
+            if isinstance(epoch, int):
+                done[member] = epoch + 1  # mace counts epochs from 0
+                break
+    return done

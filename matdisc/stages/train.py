@@ -6,6 +6,7 @@ screens next is :mod:`matdisc.stages.heldout`'s decision."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -16,10 +17,11 @@ from matdisc.budget.costs import concurrent_members
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.errors import StoreError
+from matdisc.executor import JobFuture, counts
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
 from matdisc.mlip.shipping import unpack
-from matdisc.mlip.train import TrainedModel, diverse_frames
+from matdisc.mlip.train import TrainedModel, current_epochs, diverse_frames
 from matdisc.stages.context import Round
 from matdisc.stages.heldout import evaluate_pair, group_of, groups_of, heldout_structures
 from matdisc.stages.registry import ModelRecord, current_model, register_model
@@ -63,7 +65,7 @@ def train(ctx: Round) -> ModelRecord:
         resource="mlip",
     )
     try:
-        trained: list[TrainedModel] = fut.result()
+        trained: list[TrainedModel] = await_training(ctx, fut, w.path / "training" / f"r{round_}", epochs)
     except ctx.executor.fatal:  # the engine is gone: the run stops, a rerun trains again
         raise
     except Exception as err:  # a failed training is recorded, and the round goes on with the committee it has
@@ -96,6 +98,37 @@ def train(ctx: Round) -> ModelRecord:
         heldout_fraction=cfg.mlip.training.heldout_fraction,
         data_round=round_,
     )
+
+
+#: How often the orchestrator looks at the members' epochs, and the least time between two log lines.
+EPOCH_POLL_S = 2.0
+EPOCH_LOG_S = 15.0
+
+
+def await_training(ctx: Round, fut: JobFuture[list[TrainedModel]], workdir: Path, epochs: int) -> list[TrainedModel]:
+    """The trained committee, and while it trains, its epochs as a count with the time left (log
+    lines at most every ``EPOCH_LOG_S`` and the stage's progress in the UI). The epochs are read
+    from mace's results files in the training directory, so they show where the orchestrator sees
+    that directory (one machine, or a shared filesystem); elsewhere the stage says only when it ends."""
+    members = ctx.cfg.mlip.ensemble
+    total = members * max(epochs, 1)
+    progress = ctx.executor.progress(ctx.cfg, ctx.number, "MACE training epochs", total)
+    started = logged = time.monotonic()
+    while True:
+        try:
+            trained = fut.result(timeout=EPOCH_POLL_S)
+        except TimeoutError:
+            pass
+        else:  # every member ran its epochs (or stopped early, which mace decides)
+            progress.advance(total - progress.done)
+            return trained
+        # an epoch in progress is not finished: a member in epoch e has finished e - 1
+        done = min(total, sum(max(e - 1, 0) for e in current_epochs(workdir).values()))
+        if done > progress.done:
+            progress.advance(done - progress.done)
+            if time.monotonic() - logged >= EPOCH_LOG_S:
+                logged = time.monotonic()
+                ctx.log.info("training %d members: epochs %s", members, counts(done, total, started))
 
 
 def training_failed(ctx: Round, previous: ModelRecord | None, err: BaseException) -> ModelRecord:
