@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # PyPI's wheel: a CUDA build that runs on the CPU too (about 3 GB with its CUDA libraries)
 TORCH_SPEC ?= torch==2.14.1
-# docker-compose: the tests validate deploy/docker-compose.yml with it (no engine needed)
-APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose
+# docker-compose: the tests validate deploy/docker-compose.yml with it (no engine needed); chromium:
+# the tests read the Prefect UI's pages in it, headless
+APT_PKGS := libxc-dev libopenblas-dev libfftw3-dev g++ docker-compose chromium
 STAMP := $(VENV)/.installed
 # the extras installed: dev (tests, docs, lint) and gpaw (the default reference calculator);
 # `make install GPU=1` adds gpu (dask-cuda, cuEquivariance for the CUDA major of TORCH_SPEC's wheel)
@@ -22,7 +23,7 @@ sysdeps:
 	@if command -v dpkg >/dev/null 2>&1; then \
 	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages (GPAW build, compose validation):$$missing"; \
+	    echo "installing Debian packages (GPAW build, compose validation, headless browser):$$missing"; \
 	    SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	  fi; \

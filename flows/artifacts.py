@@ -7,6 +7,7 @@ store: a failure to draw one is logged, never allowed to fail a round.
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,8 +17,6 @@ from uuid import UUID
 import pandas as pd
 from prefect import get_run_logger
 from prefect.artifacts import (
-    create_image_artifact,
-    create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
@@ -136,7 +135,9 @@ def candidates_table(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> No
 
 
 def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
-    """Hull and parity plots of the round as PNG files beside the store, shown as image artifacts."""
+    """Hull and parity plots of the round: PNG files beside the store, and markdown artifacts that
+    carry each image inline (a ``data:`` URI), which the UI shows in any browser (a ``file://``
+    image from an http page is blocked)."""
     from matdisc import analysis
 
     figures = report_dir(cfg) / "figures"
@@ -146,10 +147,11 @@ def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
         def draw(name=name, make=make) -> None:
             path = figures / f"{name}-r{round_}.png"
             make(cand).savefig(path, dpi=100, bbox_inches="tight")
-            create_image_artifact(
-                path.resolve().as_uri(),
+            inline = base64.b64encode(path.read_bytes()).decode()
+            create_markdown_artifact(
+                f"![{name} plot, round {round_}](data:image/png;base64,{inline})\n\n`{path}`",
                 key=f"{slug(cfg.name)}-{name}-r{round_}",
-                description=f"{cfg.name} round {round_}: {name} ({path})",
+                description=f"{cfg.name} round {round_}: {name} plot",
             )
 
         _safely(f"{name} figure", draw)
@@ -157,17 +159,17 @@ def round_figures(cfg: CampaignConfig, round_: int, cand: pd.DataFrame) -> None:
 
 def report_link(cfg: CampaignConfig) -> None:
     """The HTML report (hull, parity, learning and discovery figures) beside the store (a store at a
-    URL: beside this machine's working copy of it), linked from the flow run: the figures the
-    Prefect UI cannot draw itself."""
+    URL: beside this machine's working copy of it), named in a markdown artifact with the command
+    that writes it again: a browser does not follow a ``file://`` link from the UI's page."""
     from matdisc.report import write_report
 
     def write() -> None:
         page = write_report(_local_store(cfg), report_dir(cfg))
         get_run_logger().info("campaign report: %s", page)
-        create_link_artifact(
+        create_markdown_artifact(
+            f"The campaign report (figures and hits) is on the machine that ran the flow:\n\n`{page}`\n\n"
+            f"Open it in a browser there, or write it anywhere with `matdisc report {cfg.store_path} --out DIR`.",
             key=f"{slug(cfg.name)}-report",
-            link=page.as_uri(),
-            link_text=f"{cfg.name} report",
             description=f"{cfg.name}: figures and hits (report.html beside the store)",
         )
 
