@@ -253,8 +253,13 @@ def test_generate_is_deterministic_with_provenance(library):
 
     cfg = GenerationConfig(max_atoms=8, seed=3, random={"per_round": 8}, substitution={"per_round": 5},
                            prototype={"library": library})
-    a, keys_a, report = generate(["Cu", "Pd"], cfg, round_=1)
+    said: list[str] = []
+    a, keys_a, report = generate(["Cu", "Pd"], cfg, round_=1, say=said.append)
     b, keys_b, _ = generate(["Cu", "Pd"], cfg, round_=1)
+    # progress: each source's count as it finishes (of the three enabled), then the dedup
+    assert said == [f"{src}: {report.generated[src]} structures in {report.seconds[src]:.1f} s ({k}/3 sources)"
+                    for k, src in enumerate(("prototype", "substitution", "random"), start=1)] + [
+        f"deduplicating {sum(report.generated.values())} structures against each other and the store"]
     assert [(c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in a] == [
         (c.source, c.formula, c.prototype, c.spacegroup, c.seed) for c in b]
     assert keys_a == keys_b

@@ -253,14 +253,28 @@ def generate(
     existing_keys: list[str] | None = None,
     existing_by_key: Callable[[set[str]], dict[str, list[Structure]]] | None = None,
     hits: Sequence[tuple[str, Structure]] = (),
+    say: Callable[[str], None] | None = None,
 ) -> tuple[list[Candidate], list[str], GenerationReport]:
     """New, unique candidates for a round, their dedup keys, and the report.
 
     ``existing`` are the structures already in the store (with their stored dedup keys when
     known), or ``existing_by_key`` fetches them by bucket; ``hits`` are verified
-    (id, structure) pairs that seed substitution.
+    (id, structure) pairs that seed substitution. ``say`` hears each source's count and time as
+    it finishes, and when deduplication starts (a round's generation can take minutes).
     """
     report = GenerationReport()
+    enabled = [
+        cfg.from_files.enabled,
+        cfg.prototype.enabled,
+        cfg.substitution.enabled,
+        bool(cfg.random.enabled and cfg.random.per_round),
+    ]
+
+    def finished(src: str) -> None:
+        if say is not None:
+            n, seconds, done = len(per_source[src]), report.seconds[src], len(per_source)
+            say(f"{src}: {n} structures in {seconds:.1f} s ({done}/{sum(enabled)} sources)")
+
     t0 = time.perf_counter()
     comp_screen = composition_screen(chemsys, cfg)
     report.compositions = len(comp_screen.kept) + len(comp_screen.cut)
@@ -274,14 +288,17 @@ def generate(
         t0 = time.perf_counter()
         per_source["file"] = file_candidates(cfg)
         report.seconds["file"] = time.perf_counter() - t0
+        finished("file")
     if cfg.prototype.enabled:
         t0 = time.perf_counter()
         per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen, skips=report.skips)
         report.seconds["prototype"] = time.perf_counter() - t0
+        finished("prototype")
     if cfg.substitution.enabled:
         t0 = time.perf_counter()
         per_source["substitution"] = substitution_candidates(chemsys, cfg, comp_screen, hits)
         report.seconds["substitution"] = time.perf_counter() - t0
+        finished("substitution")
     if cfg.random.enabled and cfg.random.per_round:
         t0 = time.perf_counter()
         rc = cfg.random
@@ -301,9 +318,12 @@ def generate(
             {"source": "random", "formula": s.formula, "spacegroup": s.spacegroup, "reason": s.reason} for s in skips
         )
         report.seconds["random"] = time.perf_counter() - t0
+        finished("random")
 
     t0 = time.perf_counter()
     cands = [c for src in SOURCES for c in per_source.get(src, [])]
+    if say is not None:
+        say(f"deduplicating {len(cands)} structures against each other and the store")
     report.generated = {src: len(v) for src, v in per_source.items()}
     keep, keys = unique(
         [c.structure for c in cands],

@@ -26,7 +26,7 @@ def generate(ctx: Round) -> None:
         ctx.log.info("round %d: resuming with its stored candidates", r)
         return
     t0 = time.perf_counter()
-    new, keys = round_candidates(w, cfg, r)
+    new, keys = round_candidates(w, cfg, r, lambda msg: ctx.log.info("round %d generation: %s", r, msg))
     n_new = add_candidates(w, new, r, "generated", keys)
     seconds = time.perf_counter() - t0
     planning.record_stage(w, r, "generate", None, [seconds], 0.0, seconds, 1)
@@ -114,8 +114,11 @@ def stored_by_key(w: Campaign) -> Callable[[set[str]], dict[str, list[Structure]
     return fetch
 
 
-def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tuple[list[Candidate], list[str]]:
-    """New structures for a round, deduplicated against everything already stored.
+def round_candidates(
+    w: CampaignWriter, cfg: CampaignConfig, round_: int, say: Callable[[str], None] | None = None
+) -> tuple[list[Candidate], list[str]]:
+    """New structures for a round, deduplicated against everything already stored (``say`` hears
+    how generation goes).
 
     The generation report (counts per source, composition cuts, skips with reasons,
     timings) is stored in ``generation`` and ``generation_skips`` once per round.
@@ -126,6 +129,7 @@ def round_candidates(w: CampaignWriter, cfg: CampaignConfig, round_: int) -> tup
         round_=round_,
         existing_by_key=stored_by_key(w),
         hits=verified_hits(w) if cfg.generation.substitution.from_hits else [],
+        say=say,
     )
     key = f"r{round_}/generation"
     if not w.has_batch("generation", key):
