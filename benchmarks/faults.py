@@ -3,9 +3,10 @@
 Each fault runs the product's own code in its own processes and compares what the store holds
 afterwards with an uninterrupted run of the same work in the same benchmark:
 
-- ``kill9_writer``: a writer process appending a fixed sequence of DFT records (each a relaxed
-  structure with forces, the flow's pattern) is killed with SIGKILL at several moments, then
-  the same work is run again to the end; the store must equal the uninterrupted one.
+- ``kill9_writer``: a writer process recording a fixed sequence of reference results as the DFT
+  stage does (each a relaxed structure with its row and its relaxation frames, one commit) is
+  killed with SIGKILL at several moments, then the same work is run again to the end; the store
+  (rows, structures, training frames) must equal the uninterrupted one.
 - ``full_disk``: the writer runs with a file-size limit (``RLIMIT_FSIZE``) so a chunk write fails
   part-way; then it runs again without the limit.
 - ``kill9_dft_child``: a reference calculation's own process (EMT, run isolated) is killed while
@@ -48,25 +49,33 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: The writer: appends records r0..r{N-1} (idempotent keys) and exits; ``--slow`` sleeps between them.
+#: The writer: records reference results c0..c{N-1} as the DFT stage does (``record_reference``: each
+#: result's relaxation frames and its row, one commit) and exits; ``pause`` sleeps between them.
 WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
     from ase import Atoms
-    from matdisc.store import CampaignWriter, Frames
+    from matdisc.records import ReferenceResult, labelled
+    from matdisc.stages.verify import record_reference
+    from matdisc.store import CampaignWriter
 
     store, n, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     rng = np.random.default_rng(7)
     with CampaignWriter(store) as w:
+        done = set(w.table("dft").get("id", ()))  # the stage computes only what has no result yet
+        print("opened", flush=True)
         for i in range(n):
             k = 8 + i % 13
             atoms = Atoms(numbers=rng.choice([29, 46], k), positions=rng.uniform(0, 6, (k, 3)), cell=np.eye(3) * 6,
                           pbc=True)
-            forces = rng.normal(0, 0.3, (k, 3))
-            row = {"id": f"c{i}", "round": 1, "status": "ok", "reason": "", "energy": -3.0 - 0.01 * i,
-                   "walltime_s": 1.0}
-            w.append_records("dft", f"r1/c{i}", [row], Frames.from_atoms([atoms], forces=[forces]))
+            steps = [labelled(atoms, -3.0 * k - 0.01 * (i + s), rng.normal(0, 0.3, (k, 3)), np.zeros(6))
+                     for s in range(1 + i % 4)]
+            last = steps[-1]
+            result = ReferenceResult(f"c{i}", "ok", "", last, energy=last.info["REF_energy"], n_steps=len(steps),
+                                     forces=last.arrays["REF_forces"], walltime_s=1.0, frames=steps, settings_hash="s")
+            if result.id not in done:
+                record_reference(w, 1, result, "s", verified=True)
             print(i, flush=True)
             time.sleep(pause)
     """
@@ -87,15 +96,28 @@ SLOW_EMT = textwrap.dedent(
 
 
 def _table(store: Path) -> list[tuple]:
+    """Each DFT row with its structure and the training frames committed with it (ids, energies,
+    positions): a record that lost either part does not compare equal."""
     from matdisc.store import open_campaign
 
     camp = open_campaign(store)
-    dft = camp.table("dft")
-    frames = camp.frames("dft")
+    dft, frames = camp.table("dft"), camp.table("frames")
+    structures = camp.frames("dft") if len(dft) else None
+    training = camp.frames("frames") if len(frames) else None
+    steps: dict[str, list[tuple]] = {}
+    for j, r in enumerate(frames.to_dict("records")):
+        steps.setdefault(r["id"], []).append(
+            (float(r["energy"]), tuple(np.round(training.atoms(j).positions.ravel(), 9)))
+        )
     return [
-        (r["id"], float(r["energy"]), tuple(np.round(frames.atoms(i).positions.ravel(), 9)))
+        (
+            r["id"],
+            float(r["energy"]),
+            tuple(np.round(structures.atoms(i).positions.ravel(), 9)),
+            tuple(steps.get(r["id"], ())),
+        )
         for i, r in enumerate(dft.to_dict("records"))
-    ]
+    ] + [(cid, "frames without a row") for cid in sorted(set(steps) - set(dft.get("id", ())))]
 
 
 def _write(store: Path, n: int, pause: float = 0.0, fsize: int | None = None, kill_after: float | None = None) -> int:
@@ -111,7 +133,11 @@ def _write(store: Path, n: int, pause: float = 0.0, fsize: int | None = None, ki
         text=True,
         preexec_fn=limit,
     )
-    if kill_after is not None:
+    if kill_after is not None:  # seconds after the writer opened the store (its imports take seconds)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.strip() == "opened":
+                break
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=600)
@@ -130,16 +156,16 @@ def store_faults(tmp: Path, kills: int, n: int = 40) -> list[dict]:
     assert _write(reference_store, n) == 0
     reference = _table(reference_store)
     out = []
-    for k in range(kills):  # SIGKILL at moments spread over the writer's run (imports included)
+    for k in range(kills):  # SIGKILL at moments spread over the writer's run
         store = tmp / f"kill-{k}.zarr"
-        _write(store, n, pause=0.05, kill_after=2.0 + 0.6 * k)
+        _write(store, n, pause=0.05, kill_after=0.05 + 0.37 * k)
         committed = len(_table(store)) if (store / "zarr.json").exists() else 0  # where the kill landed
         assert _write(store, n) == 0
         equal, lost, dup = _compare(reference, _table(store))
         out.append(
             {
                 "fault": "kill9_writer",
-                "after_s": 2.0 + 0.6 * k,
+                "after_s": 0.05 + 0.37 * k,
                 "committed_at_kill": committed,
                 "equal": equal,
                 "lost": lost,
