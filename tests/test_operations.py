@@ -263,13 +263,15 @@ def test_round_plan_counts_from_the_last_completed_round(campaign_store):
 def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
     """Artifacts the flow created in the session's Prefect API, for the fixture's campaign."""
     import asyncio
-    from urllib.parse import urlparse
+    import base64
+    import re
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     cfg, summary = campaign_store
     keys = ["cu-pd-emt-r0-reference-calculations", "cu-pd-emt-r1-mlip-relaxations", "cu-pd-emt-r2-mlip-relaxations",
+            "cu-pd-emt-r2-mace-training-epochs",
             "cu-pd-emt-candidates-r2", "cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2", "cu-pd-emt-costs"]
 
     async def latest():
@@ -279,7 +281,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 
     art = asyncio.run(latest())
     assert set(art) == set(keys)
-    for key in keys[:3]:  # progress bars end full
+    for key in keys[:4]:  # progress bars end full
         assert art[key].type == "progress" and float(art[key].data) == 100.0
     table = art["cu-pd-emt-candidates-r2"].data
     rows = json.loads(table) if isinstance(table, str) else table
@@ -287,9 +289,12 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
     assert {r["id"] for r in rows if r["is_hit"]} == hits  # every verified hit, then the best predicted
     predicted = [r["e_hull_pred"] for r in rows if not r["is_hit"] and r["e_hull_pred"] is not None]
     assert predicted == sorted(predicted) and 0 < len(predicted) <= 25
-    for key in ("cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"):
-        png = Path(urlparse(art[key].data).path)
-        assert art[key].type == "image" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2"):  # the figure inline: a browser shows it
+        data = art[key].data
+        inline = re.search(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", data)[1]
+        png = Path(re.search(r"`([^`]+\.png)`", data)[1])
+        assert art[key].type == "markdown" and base64.b64decode(inline) == png.read_bytes()
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # predicted vs actual seconds per round and stage (the latest version: this campaign's last round)
     costs = art["cu-pd-emt-costs"].data
     costs = json.loads(costs) if isinstance(costs, str) else costs
