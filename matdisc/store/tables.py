@@ -429,11 +429,12 @@ class TableStore:
             if log_path.exists() and good < log_path.stat().st_size:
                 with open(log_path, "r+b") as f:
                     f.truncate(good)
-        for table in tables:  # a grouped commit cut off after its deciding line: its data is on disk
-            for commit in self.commits(table):
-                for other, part in commit.together:
-                    if not self.has_batch(other, part.key) and self.committed(other) == (part.rows[0], part.atoms[0]):
-                        self._commit(other, part, push=False)
+        # a grouped commit cut off after its deciding line (its data is on disk): appends are
+        # sequential and every open repairs, so only a table's last commit can be one
+        for log in (self.commits(table) for table in tables):
+            for other, part in log[-1].together if log else ():
+                if not self.has_batch(other, part.key) and self.committed(other) == (part.rows[0], part.atoms[0]):
+                    self._commit(other, part, push=False)
         for table in tables:
             rows, atoms = self.committed(table)
             group = self._group(table)
