@@ -11,7 +11,7 @@ import base64
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from uuid import UUID
 
 import pandas as pd
@@ -24,9 +24,13 @@ from prefect.artifacts import (
 )
 
 from matdisc.config import CampaignConfig
-from matdisc.executor import counts
+from matdisc.executor import Counter
 from matdisc.store import CampaignWriter
 from matdisc.store.campaign import DISCOVERY_KEYS
+from matdisc_flows import console
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 #: Per-round figures the discovery table artifact shows (the hull itself is in the round report).
 DISCOVERY_COLUMNS = ("round", "hits", *(k for k in DISCOVERY_KEYS if k != "hull_phases"))
@@ -76,33 +80,40 @@ def _safely(what: str, make: Callable[[], object]) -> None:
         get_run_logger().warning("%s not written: %s", what, err)
 
 
-class StageProgress:
-    """A progress artifact for one stage of one round, updated as results come in."""
+class StageProgress(Counter):
+    """A stage's progress in the UI (a progress artifact, updated as results come in) and, when
+    the run's console is a terminal, as a redrawn bar there."""
 
-    def __init__(self, cfg: CampaignConfig, round_: int, stage: str, total: int):
-        self.total, self.done = max(total, 1), 0
+    def __init__(self, cfg: CampaignConfig, round_: int, stage: str, total: int, expected_s: float | None = None):
+        super().__init__(max(total, 1), expected_s)
         self.description = f"{cfg.name} round {round_}: {stage}"
         self.id: UUID | None = None
-        self._last = self.started = time.monotonic()
+        self.bar: TaskID | None = None
+        self._last = self.started
         if total:
             # sync-compatible: called from the flow's (sync) code it returns the UUID, not a coroutine
             self.id = cast(
                 UUID,
                 create_progress_artifact(
-                    0.0, key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}", description=f"{self.description} (0/{total})"
+                    0.0,
+                    key=f"{slug(cfg.name)}-r{round_}-{slug(stage)}",
+                    description=f"{self.description} ({self.text()})",
                 ),
             )
+            if console.BARS is not None:
+                self.bar = console.BARS.add(f"round {round_} {stage}", self.total, self.text())
 
-    def advance(self, n: int = 1) -> None:
-        """Count finished work; the UI hears of it at most every ``UPDATE_SECONDS`` and at the end."""
-        self.done += n
+    def advance(self, n: int = 1, left_s: float | None = None) -> None:
+        """Count finished work; the terminal's bar hears of it at once, the UI at most every
+        ``UPDATE_SECONDS`` and at the end."""
+        super().advance(n, left_s)
+        if self.bar is not None and console.BARS is not None:
+            console.BARS.update(self.bar, self.done, self.text())
         now = time.monotonic()
         if self.id is not None and (self.done >= self.total or now - self._last >= UPDATE_SECONDS):
             self._last = now
             update_progress_artifact(
-                self.id,
-                100.0 * self.done / self.total,
-                description=f"{self.description} ({counts(self.done, self.total, self.started)})",
+                self.id, 100.0 * self.done / self.total, description=f"{self.description} ({self.text()})"
             )
 
 

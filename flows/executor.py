@@ -65,8 +65,10 @@ class PrefectDask:
         wrapped = {f.future: f for f in futures}
         return (wrapped[f] for f in as_completed(list(wrapped)))
 
-    def progress(self, cfg: CampaignConfig, round_: int, what: str, total: int) -> Progress:
-        return artifacts.StageProgress(cfg, round_, what, total)
+    def progress(
+        self, cfg: CampaignConfig, round_: int, what: str, total: int, expected_s: float | None = None
+    ) -> Progress:
+        return artifacts.StageProgress(cfg, round_, what, total, expected_s)
 
     def opened(self, w: CampaignWriter, cfg: CampaignConfig, earlier_runs: list[str], run_id: str) -> None:
         dead = runs.mark_stale_runs_crashed(earlier_runs, run_id, str(cfg.store_path))

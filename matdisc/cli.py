@@ -235,6 +235,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _warn_if_unhealthy(api)
     import httpx
 
+    from matdisc_flows.console import stop_progress_bars
     from matdisc_flows.deployment import run_campaign
 
     try:
@@ -247,6 +248,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        stop_progress_bars()
     from rich.console import Console
 
     from matdisc.printouts import print_hits
@@ -259,12 +262,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _console(args: argparse.Namespace) -> None:
-    """After Prefect is imported: the flow run's progress on the terminal, Dask's and Prefect's own
-    INFO only with -v."""
-    if not args.verbose:
-        from matdisc_flows.console import show_flow_progress
+    """After Prefect is imported: the flow run's progress on the terminal (log lines, and redrawn
+    bars when it is a terminal), Dask's and Prefect's own INFO only with -v."""
+    from matdisc_flows.console import show_flow_progress, show_progress_bars
 
+    if not args.verbose:
         show_flow_progress()
+    show_progress_bars()
 
 
 def _engine_environment() -> None:

@@ -38,11 +38,17 @@ class JobFuture(Protocol[T_co]):
 
 
 class Progress(Protocol):
-    """Counts finished work of one stage; ``done`` is the count so far."""
+    """Counts finished work of one stage; ``done`` is the count so far, ``text()`` says it with the
+    time left ("120/400, about 3 min left")."""
 
     done: int
 
-    def advance(self, n: int = 1) -> None: ...
+    def advance(self, n: int = 1, left_s: float | None = None) -> None:
+        """Count ``n`` more finished; ``left_s``: the time left, when the stage knows it better than
+        the rate so far (its parts differ in cost)."""
+        ...
+
+    def text(self) -> str: ...
 
 
 class Executor(Protocol):
@@ -59,7 +65,12 @@ class Executor(Protocol):
 
     def as_completed(self, futures: Iterable[JobFuture[Any]]) -> Iterator[JobFuture[Any]]: ...
 
-    def progress(self, cfg: CampaignConfig, round_: int, what: str, total: int) -> Progress: ...
+    def progress(
+        self, cfg: CampaignConfig, round_: int, what: str, total: int, expected_s: float | None = None
+    ) -> Progress:
+        """A stage's progress; ``expected_s``: the cost model's wall time for all of it, the time
+        left until the first results give a rate."""
+        ...
 
     def trained(self, cfg: CampaignConfig, round_: int, models: list[TrainedModel]) -> None: ...
 
@@ -72,24 +83,46 @@ class Executor(Protocol):
     def opened(self, w: CampaignWriter, cfg: CampaignConfig, earlier_runs: list[str], run_id: str) -> None: ...
 
 
-def counts(done: int, total: int, started: float) -> str:
-    """'120/400, about 3 min left': the count and the time left at the rate so far (``started``:
-    ``time.monotonic()`` when the stage began)."""
+def duration(seconds: float) -> str:
+    """'45 s', '3 min', '2.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def counts(done: int, total: int, started: float, expected_s: float | None = None, left_s: float | None = None) -> str:
+    """'120/400, about 3 min left': the count and the time left (``started``: ``time.monotonic()``
+    when the stage began). The time left is ``left_s`` when given, else the rate so far; before
+    the first result it is the prediction ``expected_s`` less the time spent, said as predicted."""
     text = f"{done}/{total}"
-    if 0 < done < total:
-        left = (time.monotonic() - started) * (total - done) / done
-        text += f", about {left:.0f} s left" if left < 90 else f", about {left / 60:.0f} min left"
-    return text
+    if done >= total:
+        return text
+    spent = time.monotonic() - started
+    if left_s is None and done > 0:
+        left_s = spent * (total - done) / done
+    if left_s is not None:
+        return text + f", about {duration(left_s)} left"
+    if expected_s is None:
+        return text
+    if expected_s > spent:
+        return text + f", about {duration(expected_s - spent)} left (predicted)"
+    return text + f", over the predicted {duration(expected_s)}"
 
 
 class Counter:
-    """A progress counter that reports nothing (the log lines say how a stage goes)."""
+    """A stage's progress that reports nothing itself (the stage's log lines say it)."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
+    def __init__(self, total: int, expected_s: float | None = None) -> None:
+        self.total, self.done, self.expected_s = total, 0, expected_s
+        self.left_s: float | None = None
+        self.started = time.monotonic()
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, left_s: float | None = None) -> None:
         self.done += n
+        self.left_s = left_s
+
+    def text(self) -> str:
+        return counts(self.done, self.total, self.started, self.expected_s, self.left_s)
 
 
 class InProcess:
@@ -117,8 +150,10 @@ class InProcess:
     def as_completed(self, futures: Iterable[JobFuture[Any]]) -> Iterator[JobFuture[Any]]:
         return iter(list(futures))
 
-    def progress(self, cfg: CampaignConfig, round_: int, what: str, total: int) -> Progress:
-        return Counter(total)
+    def progress(
+        self, cfg: CampaignConfig, round_: int, what: str, total: int, expected_s: float | None = None
+    ) -> Progress:
+        return Counter(total, expected_s)
 
     def trained(self, cfg: CampaignConfig, round_: int, models: list[TrainedModel]) -> None:
         return None

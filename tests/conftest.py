@@ -183,3 +183,45 @@ def store_after_cold_start(src: Path, dst: Path) -> None:
     for model in (dst / "models").glob("*.model"):
         if f"models/{model.name}" not in keep:
             model.unlink()
+
+
+#: Control sequences a terminal program writes (colours, cursor moves, line erases).
+ANSI = __import__("re").compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def run_in_terminal(args: list[str], env: dict, timeout: float, cwd=None, columns: int = 120) -> tuple[int, str]:
+    """(exit code, raw output) of ``args`` run with a pseudo-terminal as stdin, stdout and stderr,
+    as a user's shell runs it (so what draws only on a terminal draws)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+    import time
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(args, cwd=cwd, env={**env, "TERM": "xterm-256color"}, stdin=follower, stdout=follower,
+                            stderr=follower, start_new_session=True)
+    os.close(follower)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{args} ran over {timeout} s: {out[-3000:].decode(errors='replace')}")
+            if not select.select([leader], [], [], 1.0)[0]:
+                continue
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: every holder of the terminal closed it
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if proc.poll() is None:
+            stop_process_group(proc)
+        os.close(leader)
+    return proc.wait(30), out.decode(errors="replace")

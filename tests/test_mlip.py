@@ -403,8 +403,8 @@ def test_a_training_committee_shows_its_epochs_as_they_go(tmp_path, monkeypatch,
     progress = {}
 
     class Executor(InProcess):
-        def progress(self, cfg, round_, what, total):
-            progress["bar"] = super().progress(cfg, round_, what, total)
+        def progress(self, cfg, round_, what, total, expected_s=None):
+            progress["bar"] = super().progress(cfg, round_, what, total, expected_s)
             return progress["bar"]
 
     ctx = SimpleNamespace(cfg=cfg, number=1, executor=Executor(), log=logging.getLogger("test-epochs"))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import emt_config, stop_process_group, store_after_cold_start
+from conftest import ANSI, emt_config, run_in_terminal, stop_process_group, store_after_cold_start
 
 from matdisc.store import open_campaign
 from matdisc.store.remote import mirror_dir
@@ -271,7 +271,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 
     cfg, summary = campaign_store
     keys = ["cu-pd-emt-r0-reference-calculations", "cu-pd-emt-r1-mlip-relaxations", "cu-pd-emt-r2-mlip-relaxations",
-            "cu-pd-emt-r2-mace-training-epochs",
+            "cu-pd-emt-r2-mace-training-epochs", "cu-pd-emt-r2-generation",
             "cu-pd-emt-candidates-r2", "cu-pd-emt-hull-r2", "cu-pd-emt-parity-r2", "cu-pd-emt-costs"]
 
     async def latest():
@@ -281,7 +281,7 @@ def test_the_ui_gets_progress_tables_and_figures_per_round(campaign_store):
 
     art = asyncio.run(latest())
     assert set(art) == set(keys)
-    for key in keys[:4]:  # progress bars end full
+    for key in keys[:5]:  # progress bars end full
         assert art[key].type == "progress" and float(art[key].data) == 100.0
     table = art["cu-pd-emt-candidates-r2"].data
     rows = json.loads(table) if isinstance(table, str) else table
@@ -409,12 +409,18 @@ def test_a_campaign_on_an_object_store_killed_mid_round_is_finished_by_another_m
     assert open_campaign(url).rounds()["round"].max() == 0
 
     node_b = tmp_path / "node-b"
-    done = subprocess.run([sys.executable, "-m", "matdisc.cli", "run", str(config)], cwd=ROOT,
-                          env={**api_env, **aws, "MATDISC_HOME": str(node_b)}, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    printed = done.stdout + done.stderr  # the terminal of a whole run: its progress, not the engines' INFO
+    # run on a terminal, as a user's shell runs it: its progress, not the engines' INFO, and bars
+    code, raw = run_in_terminal([sys.executable, "-m", "matdisc.cli", "run", str(config)],
+                                {**api_env, **aws, "MATDISC_HOME": str(node_b)}, timeout=900, cwd=ROOT)
+    printed = ANSI.sub("", raw).replace("\r", "\n")
+    assert code == 0, printed[-3000:]
     assert "MLIP relaxed or rescored" in printed and "stable phases found" in printed, printed[-3000:]
+    # each stage's bar, redrawn in place; before its first result the time left is the cost model's
+    draws = [ANSI.sub("", d) for d in raw.split("\x1b[2K")]
+    for stage in ("MLIP relaxations", "reference calculations", "MACE training epochs"):
+        mine = [d for d in draws if d.startswith(f"round 1 {stage} ")]
+        assert len(mine) >= 2, (stage, [d[:60] for d in draws][-40:])
+        assert "left (predicted)" in mine[0] or "over the predicted" in mine[0], mine[0]
     engine_info = [line for line in printed.splitlines() if ("Task run" in line and "Finished in state" in line)
                    or "distributed.worker - INFO" in line or "distributed.scheduler - INFO" in line]
     assert not engine_info, engine_info[:5]

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import emt_config
+from conftest import ANSI, emt_config, run_in_terminal
 
 from matdisc.cli import build_parser, main
 
@@ -54,6 +54,94 @@ def test_a_run_prints_its_progress_and_warnings_but_not_the_engines_info(tmp_pat
         text=True,
     )
     assert level.stdout.strip() == "30", level.stderr[-2000:]
+
+
+_BARS = """
+import logging, sys
+from matdisc_flows.console import quiet_environment, show_flow_progress, show_progress_bars
+quiet_environment()
+import prefect
+show_flow_progress()
+shown = show_progress_bars()
+print("bars:", shown, flush=True)
+if shown:
+    from matdisc_flows import console
+    flow = {"flow_run_name": "brown-penguin", "flow_run_id": "x"}
+    task = console.BARS.add("round 1 MLIP relaxations", 4, "0/4, about 1 min left (predicted)")
+    for i in range(1, 5):
+        console.BARS.update(task, i, f"{i}/4")
+        console.BARS.bars.refresh()
+        logging.getLogger("prefect.flow_runs").info("RELAXED-%d", i, extra=flow)
+    print("live after the last:", console.BARS.bars.live.is_started)
+"""
+
+
+def test_on_a_terminal_stages_draw_bars_under_the_log_lines_and_a_pipe_gets_lines_only(tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",
+        "PREFECT_LOGGING_TO_API_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    code, raw = run_in_terminal([sys.executable, "-c", _BARS], env, timeout=120, cwd=ROOT)
+    assert code == 0, raw[-2000:]
+    text = ANSI.sub("", raw)
+    assert "bars: True" in text and "live after the last: False" in text, text  # the last stage gone: display off
+    # the bar is redrawn in place (erase the line, draw again) with its counts, the prediction first
+    draws = [d for d in raw.split("\x1b[2K") if d.startswith("round 1 MLIP relaxations")]
+    assert len(draws) >= 4 and "0/4, about 1 min left (predicted)" in draws[0], draws
+    assert any(ANSI.sub("", d).rstrip().endswith("3/4") for d in draws), draws
+    # every log line printed once, in order, on a line of its own above the bar
+    lines = [line for line in text.replace("\r", "\n").splitlines() if "RELAXED-" in line]
+    assert [line.split(" - ")[-1].strip() for line in lines] == [f"RELAXED-{i}" for i in range(1, 5)], lines
+    assert raw.rstrip().endswith("\x1b[?25h") or "\x1b[?25h" in raw  # the cursor is given back
+    piped = subprocess.run([sys.executable, "-c", _BARS], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert piped.stdout.strip() == "bars: False" and "\x1b[" not in piped.stdout + piped.stderr, piped
+
+
+def test_generation_says_its_sources_with_the_time_left_from_the_last_round(tmp_path, caplog):
+    """Sources differ a lot in cost, so once the store has a round's generation, the time left is
+    what the sources still to run took then; a first round has only its rate so far."""
+    import logging
+    import re
+    from types import SimpleNamespace
+
+    from matdisc.config import CampaignConfig
+    from matdisc.executor import InProcess, duration
+    from matdisc.stages.generate import GenerationProgress, add_candidates, round_candidates
+    from matdisc.store import CampaignWriter
+
+    cfg = CampaignConfig.model_validate(emt_config(tmp_path))
+    made: dict[int, tuple] = {}
+
+    class Executor(InProcess):
+        def progress(self, cfg, round_, what, total, expected_s=None):
+            made[round_] = (what, total, expected_s, super().progress(cfg, round_, what, total, expected_s))
+            return made[round_][3]
+
+    log = logging.getLogger("test-generation")
+    with CampaignWriter(cfg.store_path) as w, caplog.at_level(logging.INFO, "test-generation"):
+        for r in (1, 2):
+            ctx = SimpleNamespace(w=w, cfg=cfg, number=r, log=log, executor=Executor())
+            new, keys = round_candidates(w, cfg, r, GenerationProgress(ctx))
+            add_candidates(w, new, r, "generated", keys)
+        gen = w.table("generation")
+    first = dict(zip(gen[gen["round"] == 1]["source"], gen[gen["round"] == 1]["seconds"]))
+    sources = ["prototype", "substitution", "random", "dedup"]
+    assert made[1][:3] == ("generation", 4, None)  # nothing to predict from
+    assert made[2][:3] == ("generation", 4, sum(first[s] for s in sources))
+    assert made[1][3].done == made[2][3].done == 4
+    said = {r: [m.getMessage() for m in caplog.records if m.getMessage().startswith(f"round {r} generation: ")]
+            for r in (1, 2)}
+    for r in (1, 2):
+        shown = [re.match(rf"round {r} generation: (\w+): \d+ structures in [\d.]+ s \(sources (\d)/4", m)
+                 for m in said[r]]
+        assert [(m[1], int(m[2])) for m in shown if m] == [(s, k) for k, s in enumerate(sources[:3], start=1)]
+        assert said[r][-1].startswith(f"round {r} generation: deduplicating ")
+    for k, line in enumerate(said[2][:3], start=1):  # round 2: what the sources still to run took in round 1
+        assert line.endswith(f"(sources {k}/4, about {duration(sum(first[s] for s in sources[k:]))} left)"), line
 
 
 def test_version(capsys):
@@ -134,3 +222,8 @@ def test_progress_counts_say_how_long_is_left_at_the_rate_so_far(monkeypatch):
     assert counts(10, 40, 980.0) == "10/40, about 60 s left"  # 2 s each, 30 more
     assert counts(20, 40, 400.0) == "20/40, about 10 min left"
     assert counts(40, 40, 400.0) == "40/40"
+    # before the first result, the cost model's prediction less the time spent, said as predicted
+    assert counts(0, 40, 970.0, expected_s=150.0) == "0/40, about 2 min left (predicted)"
+    assert counts(0, 40, 700.0, expected_s=150.0) == "0/40, over the predicted 2 min"
+    assert counts(10, 40, 970.0, expected_s=10_000.0) == "10/40, about 2 min left"  # then the rate so far
+    assert counts(1, 4, 990.0, left_s=9000.0) == "1/4, about 2.5 h left"  # the stage knows better

@@ -244,6 +244,17 @@ def file_candidates(cfg: GenerationConfig) -> list[Candidate]:
     return out
 
 
+def enabled_sources(cfg: GenerationConfig) -> list[str]:
+    """The sources a round's generation runs, in the order it runs them."""
+    on = {
+        "file": cfg.from_files.enabled,
+        "prototype": cfg.prototype.enabled,
+        "substitution": cfg.substitution.enabled,
+        "random": bool(cfg.random.enabled and cfg.random.per_round),
+    }
+    return [src for src in SOURCES if on[src]]
+
+
 def generate(
     chemsys: list[str],
     cfg: GenerationConfig,
@@ -253,27 +264,21 @@ def generate(
     existing_keys: list[str] | None = None,
     existing_by_key: Callable[[set[str]], dict[str, list[Structure]]] | None = None,
     hits: Sequence[tuple[str, Structure]] = (),
-    say: Callable[[str], None] | None = None,
+    heard: Callable[[str, int], None] | None = None,
 ) -> tuple[list[Candidate], list[str], GenerationReport]:
     """New, unique candidates for a round, their dedup keys, and the report.
 
     ``existing`` are the structures already in the store (with their stored dedup keys when
     known), or ``existing_by_key`` fetches them by bucket; ``hits`` are verified
-    (id, structure) pairs that seed substitution. ``say`` hears each source's count and time as
-    it finishes, and when deduplication starts (a round's generation can take minutes).
+    (id, structure) pairs that seed substitution. ``heard(source, structures)`` hears each source
+    of ``enabled_sources`` as it finishes, then ``("dedup", structures)`` as deduplication starts
+    (a round's generation can take minutes).
     """
     report = GenerationReport()
-    enabled = [
-        cfg.from_files.enabled,
-        cfg.prototype.enabled,
-        cfg.substitution.enabled,
-        bool(cfg.random.enabled and cfg.random.per_round),
-    ]
 
     def finished(src: str) -> None:
-        if say is not None:
-            n, seconds, done = len(per_source[src]), report.seconds[src], len(per_source)
-            say(f"{src}: {n} structures in {seconds:.1f} s ({done}/{sum(enabled)} sources)")
+        if heard is not None:
+            heard(src, len(per_source[src]))
 
     t0 = time.perf_counter()
     comp_screen = composition_screen(chemsys, cfg)
@@ -322,8 +327,8 @@ def generate(
 
     t0 = time.perf_counter()
     cands = [c for src in SOURCES for c in per_source.get(src, [])]
-    if say is not None:
-        say(f"deduplicating {len(cands)} structures against each other and the store")
+    if heard is not None:
+        heard("dedup", len(cands))
     report.generated = {src: len(v) for src, v in per_source.items()}
     keep, keys = unique(
         [c.structure for c in cands],
@@ -359,6 +364,7 @@ __all__ = [
     "GenerationReport",
     "PROTOTYPES",
     "SOURCES",
+    "enabled_sources",
     "composition_screen",
     "dedup_key",
     "enumerate_compositions",

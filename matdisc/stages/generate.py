@@ -12,7 +12,14 @@ from pymatgen.io.ase import AseAtomsAdaptor
 
 from matdisc.budget import planning
 from matdisc.config import CampaignConfig
-from matdisc.generate import Candidate, GenerationReport, dedup_key, prototype_candidates, unique_against
+from matdisc.generate import (
+    Candidate,
+    GenerationReport,
+    dedup_key,
+    enabled_sources,
+    prototype_candidates,
+    unique_against,
+)
 from matdisc.generate import generate as generate_candidates
 from matdisc.stages.context import Round
 from matdisc.store import Campaign, CampaignWriter, Frames
@@ -26,11 +33,64 @@ def generate(ctx: Round) -> None:
         ctx.log.info("round %d: resuming with its stored candidates", r)
         return
     t0 = time.perf_counter()
-    new, keys = round_candidates(w, cfg, r, lambda msg: ctx.log.info("round %d generation: %s", r, msg))
+    new, keys = round_candidates(w, cfg, r, GenerationProgress(ctx))
     n_new = add_candidates(w, new, r, "generated", keys)
     seconds = time.perf_counter() - t0
     planning.record_stage(w, r, "generate", None, [seconds], 0.0, seconds, 1)
     ctx.log.info("round %d: %d new candidates (%s)", r, n_new, generation_summary(w, r))
+
+
+class GenerationProgress:
+    """Hears generation's sources finish: a log line each and the stage's progress (sources, then
+    the dedup). Sources differ a lot in cost (a PyXtal batch takes far longer than the prototypes),
+    so the time left is what the same sources took in the last round that generated, when the
+    store has one; otherwise the rate so far."""
+
+    def __init__(self, ctx: Round) -> None:
+        self.ctx = ctx
+        self.sources = [*enabled_sources(ctx.cfg.generation), "dedup"]
+        self.expected = earlier_generation_seconds(ctx.w, ctx.number)
+        known = all(src in self.expected for src in self.sources)
+        self.progress = ctx.executor.progress(
+            ctx.cfg,
+            ctx.number,
+            "generation",
+            len(self.sources),
+            sum(self.expected[src] for src in self.sources) if known else None,
+        )
+        self.known, self.last = known, time.monotonic()
+
+    def __call__(self, source: str, structures: int) -> None:
+        now, r = time.monotonic(), self.ctx.number
+        if source == "dedup":
+            self.ctx.log.info(
+                "round %d generation: deduplicating %d structures against each other and the store", r, structures
+            )
+            return
+        left = self.sources[self.sources.index(source) + 1 :]
+        self.progress.advance(1, sum(self.expected[src] for src in left) if self.known else None)
+        self.ctx.log.info(
+            "round %d generation: %s: %d structures in %.1f s (sources %s)",
+            r,
+            source,
+            structures,
+            now - self.last,
+            self.progress.text(),
+        )
+        self.last = now
+
+    def finished(self) -> None:
+        """Deduplicated: the stage is done."""
+        self.progress.advance(len(self.sources) - self.progress.done)
+
+
+def earlier_generation_seconds(w: Campaign, round_: int) -> dict[str, float]:
+    """{source or "dedup": seconds} of the last round before ``round_`` that recorded its generation."""
+    gen = w.table("generation")
+    if gen.empty or not (gen["round"] < round_).any():
+        return {}
+    last = gen[gen["round"] == gen.loc[gen["round"] < round_, "round"].max()]
+    return {str(src): float(sec) for src, sec in zip(last["source"], last["seconds"])}
 
 
 def add_candidates(
@@ -115,10 +175,10 @@ def stored_by_key(w: Campaign) -> Callable[[set[str]], dict[str, list[Structure]
 
 
 def round_candidates(
-    w: CampaignWriter, cfg: CampaignConfig, round_: int, say: Callable[[str], None] | None = None
+    w: CampaignWriter, cfg: CampaignConfig, round_: int, progress: GenerationProgress | None = None
 ) -> tuple[list[Candidate], list[str]]:
-    """New structures for a round, deduplicated against everything already stored (``say`` hears
-    how generation goes).
+    """New structures for a round, deduplicated against everything already stored (``progress``
+    hears how generation goes).
 
     The generation report (counts per source, composition cuts, skips with reasons,
     timings) is stored in ``generation`` and ``generation_skips`` once per round.
@@ -129,8 +189,10 @@ def round_candidates(
         round_=round_,
         existing_by_key=stored_by_key(w),
         hits=verified_hits(w) if cfg.generation.substitution.from_hits else [],
-        say=say,
+        heard=progress,
     )
+    if progress is not None:
+        progress.finished()
     key = f"r{round_}/generation"
     if not w.has_batch("generation", key):
         w.append_records(

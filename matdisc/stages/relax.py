@@ -21,7 +21,6 @@ from matdisc import jobs
 from matdisc.budget import planning
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
-from matdisc.executor import counts
 from matdisc.records import USABLE, RelaxResult, scalar_fields
 from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
@@ -32,7 +31,6 @@ from matdisc.store import CampaignWriter, Frames
 from matdisc.thermo import score
 
 if TYPE_CHECKING:
-    from matdisc.executor import Progress
     from matdisc.stages.registry import ModelRecord
 
 
@@ -44,8 +42,7 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
     ctx.check_trusted(model.paths)
     pending = pending_relaxations(w, model.sha256)
     relax, rescore = split_pending(w, cfg.mlip.rescore, pending)
-    progress = ctx.executor.progress(cfg, round_, "MLIP relaxations", len(pending))  # rescores count in it
-    run_batches(ctx, model, relax, rescore, progress)
+    run_batches(ctx, model, relax, rescore, "MLIP relaxations")  # rescores count in it
     again = relax_again(w, cfg, model.sha256, round_)
     if rescore or again:
         ctx.log.info(
@@ -56,8 +53,7 @@ def relax_stage(ctx: Round, model: ModelRecord) -> None:
             len(again),
         )
     if again:
-        progress = ctx.executor.progress(cfg, round_, "MLIP relaxations again", len(again))
-        run_batches(ctx, model, again, [], progress)
+        run_batches(ctx, model, again, [], "MLIP relaxations again")
 
 
 def run_batches(
@@ -65,10 +61,11 @@ def run_batches(
     model: ModelRecord,
     relax: list[tuple[str, Atoms]],
     rescore: list[tuple[str, Atoms, tuple[str, str]]],
-    progress: Progress,
+    what: str,
 ) -> None:
     """Relax ``relax`` and rescore ``rescore`` in batches on MLIP workers, recording each batch as it
-    lands, and what they cost against the cost model's prediction (a ``costs`` row)."""
+    lands, and what they cost against the cost model's prediction (a ``costs`` row); ``what``
+    names the stage's progress, whose time left starts from that prediction."""
     w, cfg, round_ = ctx.w, ctx.cfg, ctx.number
     errors = job_errors(w, model.sha256)
     size = cfg.mlip.structures_per_task
@@ -88,7 +85,8 @@ def run_batches(
         kinds_from=len(relax),
     )
     predicted = ctx.run.first_mlip(cost, rates)
-    t0, started = time.perf_counter(), time.monotonic()
+    progress = ctx.executor.progress(cfg, round_, what, len(relax) + len(rescore), predicted.wall_s)
+    t0 = time.perf_counter()
     seconds: list[float] = []
     work = 0.0
     mlip = cfg.mlip.model_dump(mode="json")
@@ -124,9 +122,7 @@ def run_batches(
         seconds.append(sum(r.walltime_s for r in results))
         work += sum(len(r.atoms) * (r.n_steps if kind == "relax" else RESCORE_STEPS) for r in results)
         progress.advance(len(results))
-        ctx.log.info(
-            "MLIP relaxed or rescored %s structures", counts(progress.done, len(relax) + len(rescore), started)
-        )
+        ctx.log.info("MLIP relaxed or rescored %s structures", progress.text())
     n_workers = planning.workers(cfg).mlip
     planning.record_stage(w, round_, "relax", predicted, seconds, work, time.perf_counter() - t0, n_workers)
 

@@ -17,7 +17,7 @@ from matdisc.budget.costs import concurrent_members
 from matdisc.config import CampaignConfig
 from matdisc.dft import settings_hash
 from matdisc.errors import StoreError
-from matdisc.executor import JobFuture, counts
+from matdisc.executor import JobFuture
 from matdisc.metrics import energy_mae_mev
 from matdisc.mlip import resolve_device
 from matdisc.mlip.shipping import unpack
@@ -65,7 +65,9 @@ def train(ctx: Round) -> ModelRecord:
         resource="mlip",
     )
     try:
-        trained: list[TrainedModel] = await_training(ctx, fut, w.path / "training" / f"r{round_}", epochs)
+        trained: list[TrainedModel] = await_training(
+            ctx, fut, w.path / "training" / f"r{round_}", epochs, predicted.wall_s
+        )
     except ctx.executor.fatal:  # the engine is gone: the run stops, a rerun trains again
         raise
     except Exception as err:  # a failed training is recorded, and the round goes on with the committee it has
@@ -105,15 +107,18 @@ EPOCH_POLL_S = 2.0
 EPOCH_LOG_S = 15.0
 
 
-def await_training(ctx: Round, fut: JobFuture[list[TrainedModel]], workdir: Path, epochs: int) -> list[TrainedModel]:
+def await_training(
+    ctx: Round, fut: JobFuture[list[TrainedModel]], workdir: Path, epochs: int, expected_s: float | None = None
+) -> list[TrainedModel]:
     """The trained committee, and while it trains, its epochs as a count with the time left (log
-    lines at most every ``EPOCH_LOG_S`` and the stage's progress in the UI). The epochs are read
+    lines at most every ``EPOCH_LOG_S`` and the stage's progress; before the first epoch the time
+    left is the cost model's ``expected_s``). The epochs are read
     from mace's results files in the training directory, so they show where the orchestrator sees
     that directory (one machine, or a shared filesystem); elsewhere the stage says only when it ends."""
     members = ctx.cfg.mlip.ensemble
     total = members * max(epochs, 1)
-    progress = ctx.executor.progress(ctx.cfg, ctx.number, "MACE training epochs", total)
-    started = logged = time.monotonic()
+    progress = ctx.executor.progress(ctx.cfg, ctx.number, "MACE training epochs", total, expected_s)
+    logged = time.monotonic()
     while True:
         try:
             trained = fut.result(timeout=EPOCH_POLL_S)
@@ -128,7 +133,7 @@ def await_training(ctx: Round, fut: JobFuture[list[TrainedModel]], workdir: Path
             progress.advance(done - progress.done)
             if time.monotonic() - logged >= EPOCH_LOG_S:
                 logged = time.monotonic()
-                ctx.log.info("training %d members: epochs %s", members, counts(done, total, started))
+                ctx.log.info("training %d members: epochs %s", members, progress.text())
 
 
 def training_failed(ctx: Round, previous: ModelRecord | None, err: BaseException) -> ModelRecord:

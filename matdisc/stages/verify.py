@@ -18,7 +18,7 @@ from matdisc.budget import planning
 from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import perturbed_copies, settings_hash
-from matdisc.executor import JobFuture, counts
+from matdisc.executor import JobFuture
 from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages import screen as screening
 from matdisc.stages.context import Round, Run
@@ -59,17 +59,17 @@ def reference_stage(
         else ("dft", "training frames" if static else "reference calculations")
     )
     workdir = str(w.path / "calculations" / (f"r{round_}-screen" if screen else f"r{round_}"))
-    progress = ex.progress(cfg, round_, what, len(jobs))
     rates = ctx.rates()
     steps = None if static else (rates.seed_steps if round_ == 0 else rates.dft_steps)
     n_workers = planning.workers(cfg).dft
     predicted = planning.dft_cost([a for _, a in jobs], cfg, rates, planning.workers(cfg), steps, ref)
+    progress = ex.progress(cfg, round_, what, len(jobs), predicted.wall_s)
     # each job's prediction only matters under an allowance (the stage's total is in ``predicted``)
     queue = [
         (cid, atoms, dft_seconds(atoms, ref, rates, steps) if allowance_s is not None else 0.0) for cid, atoms in jobs
     ]
     window = n_workers if allowance_s is not None or static else len(queue)
-    t0, started, work = time.perf_counter(), time.monotonic(), 0.0
+    t0, work = time.perf_counter(), 0.0
     seconds: list[float] = []
     futures: dict[JobFuture[Any], list[tuple[str, Atoms, float]]] = {}
     reference = ref.model_dump(mode="json")
@@ -104,7 +104,6 @@ def reference_stage(
             futures[fut] = batch
 
     fill()
-    n = 0
     while futures:
         for fut in ex.as_completed(list(futures)):
             batch = futures.pop(fut)
@@ -130,9 +129,8 @@ def reference_stage(
                     )
                 seconds.append(res.walltime_s)
                 work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
-                n += 1
-                log.info("%s %s: %s %s %s", stage, counts(n, len(jobs), started), res.id, res.status, res.reason)
-            progress.advance(len(results))
+                progress.advance()
+                log.info("%s %s: %s %s %s", stage, progress.text(), res.id, res.status, res.reason)
             if queue:  # a worker is free: submit the next while the allowance lasts
                 fill()
                 break
