@@ -109,17 +109,17 @@ def test_a_push_cut_between_data_and_log_leaves_the_url_consistent_and_the_batch
     the previous commit only; the next writer (another machine: a fresh working copy) redoes it."""
     w = CampaignWriter(URL)  # never closed: the process dies (kill -9) inside a push
     w.append_records("candidates", "r0", *_candidates(2))
-    real_pipe = w.remote.fs.pipe_file
+    real_put = w.remote._put_fenced
 
-    def die_before_the_log(path, data, **kw):
-        if "/_commits/" in path and not path.endswith(LEASE):
+    def die_before_the_log(rels):
+        if any(rel.startswith("_commits/") for rel in rels):
             raise KeyboardInterrupt  # the process is gone before the log's put
-        return real_pipe(path, data, **kw)
+        return real_put(rels)
 
-    monkeypatch.setattr(w.remote.fs, "pipe_file", die_before_the_log)
+    monkeypatch.setattr(w.remote, "_put_fenced", die_before_the_log)
     with pytest.raises(KeyboardInterrupt):
         w.append_records("candidates", "r1", *_candidates(3, start=2))
-    monkeypatch.setattr(w.remote.fs, "pipe_file", real_pipe)
+    monkeypatch.setattr(w.remote, "_put_fenced", real_put)
     w.remote.lease.release()  # as a dead writer's lease runs out
     w.tables.close()
     assert s3_bucket.exists("campaigns/remote.zarr/candidates/id/c/0")
@@ -279,3 +279,41 @@ def test_a_store_without_conditional_writes_says_so_and_records_it(home, caplog)
     assert lease["fenced"] is False
     assert any("no conditional writes" in r.getMessage() for r in caplog.records)
     assert list(open_campaign(url).candidates()["id"]) == ["c0", "c1"]
+
+
+def test_a_writer_paused_inside_its_upload_cannot_replace_a_table_file_the_new_writer_wrote(s3_bucket, home,
+                                                                                            monkeypatch):
+    """The window the lease checks leave: writer A renewed and checked its lease, then was paused
+    in the middle of its upload past its lease; B took the store over and committed. When A goes
+    on, each table file is put only over the version A last saw, so the first file B rewrote
+    refuses it: A stops, and every file B left on the URL is as B left it."""
+    from matdisc.store import remote
+
+    monkeypatch.setattr(remote, "LEASE_SECONDS", 2.0)
+    monkeypatch.setenv("MATDISC_HOME", str(home / "node-a"))
+    a = CampaignWriter(URL)
+    try:
+        a.append_records("candidates", "a0", *_candidates(2))
+        lease = a.remote.lease
+        lease._stop.set()  # noqa: SLF001 - A is paused: no renewals from here
+        lease._thread.join()  # noqa: SLF001
+        # the pause came after A's renewal and check for its next push: they pass as they did then
+        monkeypatch.setattr(lease, "renew", lambda: None)
+        monkeypatch.setattr(lease, "check", lambda: None)
+        time.sleep(2.5)
+        monkeypatch.setenv("MATDISC_HOME", str(home / "node-b"))
+        with CampaignWriter(URL) as b:
+            assert b.remote.lease.generation == 1
+            b.append_records("candidates", "b0", *_candidates(3, start=20))
+        s3_bucket.invalidate_cache()
+        left_by_b = {p: s3_bucket.cat_file(p) for p in s3_bucket.find("campaigns/remote.zarr")}
+        with pytest.raises(StoreError, match="was changed by another writer"):
+            a.append_records("candidates", "a1", *_candidates(2, start=10))
+    finally:
+        a.close()
+    s3_bucket.invalidate_cache()
+    assert {p: s3_bucket.cat_file(p) for p in left_by_b} == left_by_b
+    store = open_campaign(URL)
+    assert list(store.candidates()["id"]) == ["c0", "c1", "c20", "c21", "c22"]
+    frames = store.frames("candidates")
+    assert [len(frames.atoms(i)) for i in range(len(frames))] == [4, 8, 4, 8, 4]

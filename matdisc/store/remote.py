@@ -12,9 +12,13 @@ copy and keeps the URL the truth:
   (S3 ``If-Match`` on the ETag): of two writers taking over one stale lease exactly one wins,
   and a writer whose lease was taken cannot renew it. Every push first renews the lease (so a
   writer paused past its lease, by Slurm suspend or a laptop's sleep, finds out before it
-  writes), stops when its renewal is older than half the lease, and puts each commit log on the
-  condition that it is the version this writer last wrote: a stale writer's commit is refused,
-  never merged over the new writer's. Each commit line records the writer's generation.
+  writes), stops when its renewal is older than half the lease, and puts every table file and
+  commit log on the condition that the URL still has the version this writer last saw or wrote
+  (a new one only if absent): a writer paused even in the middle of an upload, after its lease
+  check, cannot replace one file the new writer wrote; its commit is refused, never merged over
+  the new writer's. Models are content-addressed (a name is its bytes' sha256) and calculation
+  folders are provenance, so neither needs the condition. Each commit line records the
+  writer's generation.
 - **Pull on open.** The tables and commit logs are downloaded into a fresh working copy under
   ``$MATDISC_HOME/mirrors``; models are content-addressed and kept when already there.
 - **Push after every commit.** Changed files are uploaded first, the changed commit logs last,
@@ -29,6 +33,7 @@ local scratch; the trained models themselves are in ``models/``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -53,6 +58,8 @@ LEASE_SECONDS = float(os.environ.get("MATDISC_LEASE_SECONDS", "300"))
 SCRATCH = ("calculations", "training")
 NOT_PUSHED = ("training",)
 _LOCAL_ONLY = ("_commits/writer.lock", LEASE)
+#: Conditional puts in flight at once (one per file: a batch's chunks go up together).
+PUT_CONCURRENCY = 16
 
 
 def mirror_dir(url: str) -> Path:
@@ -228,6 +235,12 @@ class Lease:
             self.fs.rm_file(self.path)
 
 
+def _fenced_file(rel: str) -> bool:
+    """Store state whose every put is conditional: the tables' files and the commit logs (not the
+    content-addressed models, not provenance)."""
+    return rel.split("/", 1)[0] not in ("models", *SCRATCH) and rel not in _LOCAL_ONLY
+
+
 def precondition_failed(err: OSError) -> bool:
     """Whether a conditional put was refused because the object changed (HTTP 412)."""
     text = str(err)
@@ -258,7 +271,7 @@ class RemoteStore:
         self.local = local or mirror_dir(self.url)
         self.lease = Lease(self.fs, self.root, self.url)
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
-        self._log_etags: dict[str, str] = {}  # commit log -> the version this writer last saw or wrote
+        self._etags: dict[str, str] = {}  # table file or commit log -> the version this writer last saw or wrote
         if not self.lease.fenced:
             logging.getLogger("matdisc.store").warning(
                 "store %s: %s has no conditional writes matdisc uses, so a writer paused past its lease could "
@@ -288,13 +301,13 @@ class RemoteStore:
             return {}
         prefix = self.root.rstrip("/") + "/"
         files = {}
-        self._log_etags = {}
+        self._etags = {}
         for path, info in found.items():
             rel = path.removeprefix(prefix)
             if info.get("type", "file") == "file" and rel not in _LOCAL_ONLY and rel.split("/", 1)[0] not in SCRATCH:
                 files[rel] = int(info.get("size") or 0)
-                if rel.startswith("_commits/") and info.get("ETag"):
-                    self._log_etags[rel] = str(info["ETag"])
+                if _fenced_file(rel) and info.get("ETag"):
+                    self._etags[rel] = str(info["ETag"])
         return files
 
     def pull(self) -> None:
@@ -336,43 +349,63 @@ class RemoteStore:
 
     def push(self) -> None:
         """Upload what changed since the last push: data first (models before the rows that name
-        them), commit logs last, each on the condition that the URL still has the version this
-        writer last wrote; the lease is renewed first and checked again before the logs."""
+        them), commit logs last, table files and logs each on the condition that the URL still has
+        the version this writer last saw or wrote; the lease is renewed first and checked again
+        before the logs."""
         self.lease.renew()  # a writer paused past its lease finds out here, before it writes
         now = self._local_files()
         changed = [rel for rel, stamp in now.items() if self._pushed.get(rel) != stamp]
         logs = [rel for rel in changed if rel.startswith("_commits/")]
         data = [rel for rel in changed if not rel.startswith("_commits/")]
+        fenced = [rel for rel in data if self.lease.fenced and _fenced_file(rel)]
+        plain = [rel for rel in data if rel not in fenced]
         self.lease.check()
-        if data:
-            self.fs.put([str(self.local / rel) for rel in data], [f"{self.root}/{rel}" for rel in data])
+        if plain:
+            self.fs.put([str(self.local / rel) for rel in plain], [f"{self.root}/{rel}" for rel in plain])
+        self._put_fenced(fenced)
         self.lease.check()
         for rel in logs:
-            self._put_log(rel)
+            self._put_fenced([rel])
         gone = [rel for rel in self._pushed if rel not in now]
         if gone:
             self.fs.rm([f"{self.root}/{rel}" for rel in gone])
         self._pushed = now
 
-    def _put_log(self, rel: str) -> None:
-        """One commit log, only over the version this writer last saw or wrote (a new one only if
-        absent): a writer whose lease was taken cannot replace the new writer's log."""
-        data = (self.local / rel).read_bytes()
-        path = f"{self.root}/{rel}"
-        if not self.lease.fenced:
-            self.fs.pipe_file(path, data)
+    def _put_fenced(self, rels: list[str]) -> None:
+        """Put each file only over the version this writer last saw or wrote (a new one only if
+        absent), concurrently; any refused means another writer took the store: this one stops."""
+        if not rels:
             return
-        try:
-            if rel in self._log_etags:
-                out = self.fs.pipe_file(path, data, IfMatch=self._log_etags[rel])
-            else:
-                out = self.fs.pipe_file(path, data, mode="create")
-        except OSError as err:  # FileExistsError included: a log another writer created
-            if isinstance(err, FileExistsError) or precondition_failed(err):
-                self.lease.lost = f"store {self.url}: {rel} was changed by another writer; this one stops"
-                raise StoreError(self.lease.lost) from None
-            raise
-        self._log_etags[rel] = str(out["ETag"])
+        if not self.lease.fenced:
+            for rel in rels:
+                self.fs.pipe_file(f"{self.root}/{rel}", (self.local / rel).read_bytes())
+            return
+        from fsspec.asyn import sync
+
+        async def put(rel: str, limit: asyncio.Semaphore) -> Any:
+            condition = {"IfMatch": self._etags[rel]} if rel in self._etags else {"mode": "create"}
+            async with limit:
+                return await self.fs._pipe_file(f"{self.root}/{rel}", (self.local / rel).read_bytes(), **condition)
+
+        async def put_all() -> list[Any]:
+            limit = asyncio.Semaphore(PUT_CONCURRENCY)
+            return await asyncio.gather(*(put(rel, limit) for rel in rels), return_exceptions=True)
+
+        outcomes = sync(self.fs.loop, put_all)
+        refused = [
+            rel
+            for rel, out in zip(rels, outcomes)
+            if isinstance(out, FileExistsError) or (isinstance(out, OSError) and precondition_failed(out))
+        ]
+        for rel, out in zip(rels, outcomes):
+            if not isinstance(out, BaseException):
+                self._etags[rel] = str(out["ETag"])
+        if refused:
+            self.lease.lost = f"store {self.url}: {refused[0]} was changed by another writer; this one stops"
+            raise StoreError(self.lease.lost)
+        failed = [out for out in outcomes if isinstance(out, BaseException)]
+        if failed:
+            raise failed[0]
 
     def close(self) -> None:
         try:
