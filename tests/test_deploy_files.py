@@ -43,7 +43,7 @@ def test_compose_file_validates_and_binds_every_port_to_localhost():
     assert "--resources DFT=1" in services["dft-worker"]["command"]
     gpus = services["mlip-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["capabilities"] == ["gpu"]
-    assert services["prefect-worker"]["environment"]["MATDISC_SCHEDULER"] == "tcp://dask-scheduler:8786"
+    assert services["prefect-worker"]["environment"]["MATDISC_SCHEDULER"] == "tls://dask-scheduler:8786"
     assert "not-a-real-secret" not in (DEPLOY / "docker-compose.yml").read_text()
     # the API requires the auth string, and the worker sends it
     assert services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == "admin:not-real-either"
@@ -220,3 +220,88 @@ def test_the_gpu_install_is_the_pinned_torch_and_the_cuequivariance_of_its_cuda_
     assert kernels == [f"cuequivariance-ops-torch-cu{torch.version.cuda.split('.')[0]}"]
     assert {Requirement(r).name for r in project["optional-dependencies"]["gpaw"]} == {"gpaw", "gpaw-data"}
     assert not any(Requirement(r).name == "gpaw" for r in project["dependencies"])
+
+
+_CLIENT = """
+import os, sys
+from distributed import Client
+with Client(os.environ["MATDISC_SCHEDULER"], timeout=60) as client:
+    client.wait_for_workers(1, timeout=60)
+    workers = client.scheduler_info()["workers"]
+    print(sorted(int(w["resources"].get("DFT", 0)) for w in workers.values()), client.submit(sum, [1, 2]).result())
+"""
+
+_OTHERS = """
+import sys
+from distributed import Client, Security
+try:
+    Client(sys.argv[1], timeout=8, security=Security.temporary() if sys.argv[2] == "other-cert" else None)
+    print("connected")
+except Exception as err:
+    print("refused", type(err).__name__)
+"""
+
+
+def test_the_compose_files_dask_speaks_tls_and_refuses_clients_without_its_certificate(tmp_path):
+    """The compose file's own commands, run here with its paths and host names moved to this
+    machine: the dask-tls service makes the credentials (0600, kept on a restart), its scheduler
+    and a DFT worker join over TLS, the prefect worker's environment connects as it is, and a
+    plain-TCP client or one with other certificates is refused."""
+    import shlex
+    import socket
+    import sys
+
+    from conftest import stop_process_group
+
+    proc = _compose_config({"POSTGRES_PASSWORD": "not-a-real-secret", "PREFECT_AUTH_STRING": "admin:not-real-either"})
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    tls, ports = tmp_path / "dask-tls", []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+
+    def here(text: str) -> str:
+        return (text.replace("/dask-tls", str(tls)).replace("dask-scheduler:8786", f"127.0.0.1:{ports[0]}")
+                .replace("--host 0.0.0.0 --port 8786", f"--host 127.0.0.1 --port {ports[0]}")
+                .replace("--dashboard-address :8787", f"--dashboard-address 127.0.0.1:{ports[1]}"))
+
+    def command(service: str) -> list[str]:
+        args = shlex.split(here(services[service]["command"]))
+        return [sys.executable, *args[1:]] if args[0] == "python" else [str(Path(sys.executable).parent / args[0]),
+                                                                         *args[1:]]
+
+    def environment(service: str) -> dict[str, str]:
+        return {**os.environ, **{k: here(str(v)) for k, v in services[service]["environment"].items()}}
+
+    for service in ("dask-scheduler", "dft-worker", "mlip-worker", "prefect-worker"):
+        assert services[service]["depends_on"]["dask-tls"]["condition"] == "service_completed_successfully"
+        assert "dask-tls:/dask-tls:ro" in services[service]["volumes"]
+    assert services["prefect-worker"]["environment"]["MATDISC_SCHEDULER"] == "tls://dask-scheduler:8786"
+    made = subprocess.run(command("dask-tls"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    files = {p.name: p.read_bytes() for p in tls.iterdir()}
+    assert sorted(files) == ["ca.pem", "cert.pem", "key.pem"] and b"PRIVATE KEY" in files["key.pem"]
+    assert tls.stat().st_mode & 0o777 == 0o700 and all((tls / n).stat().st_mode & 0o777 == 0o600 for n in files)
+    assert subprocess.run(command("dask-tls"), cwd=ROOT, capture_output=True, timeout=120).returncode == 0
+    assert {p.name: p.read_bytes() for p in tls.iterdir()} == files  # a restart keeps the cluster's identity
+
+    started = []
+    try:
+        for service in ("dask-scheduler", "dft-worker"):
+            started.append(subprocess.Popen(command(service), cwd=tmp_path, env=environment(service),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                            start_new_session=True))
+        client = subprocess.run([sys.executable, "-c", _CLIENT], env=environment("prefect-worker"),
+                                capture_output=True, text=True, timeout=180)
+        assert client.stdout.strip() == "[1] 3", client.stderr[-3000:]
+        for address, security in ((f"tcp://127.0.0.1:{ports[0]}", "none"), (f"tls://127.0.0.1:{ports[0]}",
+                                                                             "other-cert")):
+            other = subprocess.run([sys.executable, "-c", _OTHERS, address, security], capture_output=True,
+                                   text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                                if not k.startswith("DASK_")})
+            assert other.stdout.startswith("refused"), (address, security, other.stdout, other.stderr[-2000:])
+    finally:
+        for p in reversed(started):
+            stop_process_group(p)
