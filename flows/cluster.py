@@ -62,15 +62,43 @@ def local_worker_specs(cfg: ComputeConfig, *, cuda_devices: int = 0, security: A
             env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(i, devices)
         specs[f"mlip-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": MLIP, "host": "127.0.0.1", "env": env, "name": f"mlip-{i}", **tls},
+            "options": {
+                "nthreads": 1,
+                "resources": MLIP,
+                "host": "127.0.0.1",
+                "env": env,
+                "name": f"mlip-{i}",
+                "preload": WORKER_PRELOAD,
+                **tls,
+            },
         }
     for i in range(n_dft):
         env = {"OMP_NUM_THREADS": str(cfg.threads_per_dft_worker)}
         specs[f"dft-{i}"] = {
             "cls": Nanny,
-            "options": {"nthreads": 1, "resources": DFT, "host": "127.0.0.1", "env": env, "name": f"dft-{i}", **tls},
+            "options": {
+                "nthreads": 1,
+                "resources": DFT,
+                "host": "127.0.0.1",
+                "env": env,
+                "name": f"dft-{i}",
+                "preload": WORKER_PRELOAD,
+                **tls,
+            },
         }
     return specs
+
+
+#: How long a connection may go unanswered before Dask calls it dead (its default: 30 s). A
+#: worker whose event loop is held that long (the GIL of a first import or of the science code on
+#: a loaded machine: 33.7 s was seen in the suite) was dropped by the scheduler, and its nanny
+#: closed with it instead of restarting it: the round then waited for ever on a DFT worker that
+#: no longer existed. A worker that is really gone still fails sooner: its process's end is seen
+#: by its nanny at once.
+COMM_TIMEOUT = "300s"
+#: Imported by every worker as it starts, before it joins: a task's first unpickling then imports
+#: nothing (it runs on the worker's event loop, which heartbeats wait on).
+WORKER_PRELOAD = ["matdisc_flows.tasks"]
 
 
 @contextlib.contextmanager
@@ -99,7 +127,10 @@ def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
         },
     }
     workers = local_worker_specs(cfg, cuda_devices=cuda, security=security)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_start_environ()}):  # restarts too
+    # the scheduler runs here; nannies hand this process's config to their workers (restarts too)
+    with dask.config.set(
+        {"distributed.nanny.pre-spawn-environ": worker_start_environ(), "distributed.comm.timeouts.tcp": COMM_TIMEOUT}
+    ):
         cluster = SpecCluster(scheduler=scheduler, workers=workers, name="matdisc", silence_logs=40, security=security)
         try:
             with clients_use(security):
@@ -157,6 +188,8 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     s = cfg.slurm
     per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
     lifetime = worker_lifetime(slurm_seconds(s.walltime))
+    preload = [arg for module in WORKER_PRELOAD for arg in ("--preload", module)]
+    timeout = f"export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP={COMM_TIMEOUT}"  # see COMM_TIMEOUT
     common = {
         "account": s.account,
         "walltime": s.walltime,
@@ -174,8 +207,8 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "cores": s.cores,
         "processes": per_dft,
         "memory": s.memory,
-        "worker_extra_args": ["--resources", "DFT=1", *lifetime],  # one calculation per worker at a time
-        "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}"],
+        "worker_extra_args": ["--resources", "DFT=1", *lifetime, *preload],  # one calculation per worker at a time
+        "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}", timeout],
     }
     mlip: dict[str, Any] = {
         **common,
@@ -183,8 +216,8 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "cores": s.mlip_cores,
         "processes": 1,
         "memory": s.mlip_memory,
-        "worker_extra_args": ["--resources", "MLIP=1", *lifetime],
-        "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}"],
+        "worker_extra_args": ["--resources", "MLIP=1", *lifetime, *preload],
+        "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}", timeout],
     }
     if s.gpus_per_mlip_job:
         mlip["job_extra_directives"] = [*mlip["job_extra_directives"], f"--gres=gpu:{s.gpus_per_mlip_job}"]
@@ -278,7 +311,10 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
         raise UserError("compute.scheduler: slurm needs dask-jobqueue (pip install 'matdisc[hpc]')") from None
     import threading
 
+    import dask
+
     dft_opts, _ = slurm_job_options(cfg)
+    timeout = dask.config.set({"distributed.comm.timeouts.tcp": COMM_TIMEOUT})  # the scheduler runs here
     cluster = SLURMCluster(**dft_opts)
     pool = GpuPool(cluster, cfg)
     stop = threading.Event()
@@ -300,6 +336,7 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
             keeper.join(timeout=KEEP_POOL_S)
         pool.close()
         cluster.close()
+        timeout.__exit__(None, None, None)
 
 
 #: Seconds between two looks at the GPU pool's jobs.

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import dask
 import pytest
 from distributed import Client, Security
 
@@ -69,3 +70,10 @@ def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
         assert client.submit(_malloc_trim, resources=MLIP, pure=False).result() is None
         client.restart_workers([w for w, info in client.scheduler_info()["workers"].items() if "MLIP" in info["resources"]])
         assert client.submit(_malloc_trim, resources=MLIP, pure=False).result() is None
+        # a worker's event loop held past Dask's 30 s default (seen: 33.7 s under load) no longer
+        # drops it for good: scheduler and workers (restarted ones too) wait 300 s on a connection,
+        # and every worker imported the task module before it joined
+        assert client.run_on_scheduler(lambda: dask.config.get("distributed.comm.timeouts.tcp")) == "300s"
+        on_workers = client.run(lambda: (dask.config.get("distributed.comm.timeouts.tcp"),
+                                         "matdisc_flows.tasks" in sys.modules))
+        assert sorted(on_workers.values()) == [("300s", True)] * 2, on_workers

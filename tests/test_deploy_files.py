@@ -105,6 +105,9 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler(tmp_path, 
     assert "#SBATCH --gres=gpu:1" in mlip_script and "gres" not in dft_script
     assert "--resources DFT=1" in dft_script and "--nworkers 4" in dft_script  # 8 cores / 2 threads
     assert "export OMP_NUM_THREADS=2" in dft_script
+    for script in (dft_script, mlip_script):  # a worker held past 30 s under load is not dropped for good
+        assert "export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP=300s" in script
+        assert "--preload matdisc_flows.tasks" in script
     assert "--resources MLIP=1" in mlip_script and "--nworkers" not in mlip_script.replace("--nworkers 1", "")
     assert cluster.scheduler_address in mlip_script  # GPU workers join the DFT cluster's scheduler
 
