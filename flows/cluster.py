@@ -314,29 +314,28 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
     import dask
 
     dft_opts, _ = slurm_job_options(cfg)
-    timeout = dask.config.set({"distributed.comm.timeouts.tcp": COMM_TIMEOUT})  # the scheduler runs here
-    cluster = SLURMCluster(**dft_opts)
-    pool = GpuPool(cluster, cfg)
-    stop = threading.Event()
+    with dask.config.set({"distributed.comm.timeouts.tcp": COMM_TIMEOUT}):  # the scheduler runs here
+        cluster = SLURMCluster(**dft_opts)
+        pool = GpuPool(cluster, cfg)
+        stop = threading.Event()
 
-    def keep_pool() -> None:
-        while not stop.wait(KEEP_POOL_S):
-            pool.keep()
+        def keep_pool() -> None:
+            while not stop.wait(KEEP_POOL_S):
+                pool.keep()
 
-    keeper = threading.Thread(target=keep_pool, name="matdisc-gpu-pool", daemon=True)
-    try:
-        pool.start()
-        keeper.start()
-        cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, cfg.slurm.dft_jobs))
-        with clients_use(cluster.security):
-            yield cluster.scheduler_address
-    finally:
-        stop.set()
-        if keeper.is_alive():
-            keeper.join(timeout=KEEP_POOL_S)
-        pool.close()
-        cluster.close()
-        timeout.__exit__(None, None, None)
+        keeper = threading.Thread(target=keep_pool, name="matdisc-gpu-pool", daemon=True)
+        try:
+            pool.start()
+            keeper.start()
+            cluster.adapt(minimum_jobs=0, maximum_jobs=max(1, cfg.slurm.dft_jobs))
+            with clients_use(cluster.security):
+                yield cluster.scheduler_address
+        finally:
+            stop.set()
+            if keeper.is_alive():
+                keeper.join(timeout=KEEP_POOL_S)
+            pool.close()
+            cluster.close()
 
 
 #: Seconds between two looks at the GPU pool's jobs.

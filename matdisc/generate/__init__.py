@@ -275,6 +275,7 @@ def generate(
     (a round's generation can take minutes).
     """
     report = GenerationReport()
+    sources = enabled_sources(cfg)
 
     def finished(src: str) -> None:
         if heard is not None:
@@ -289,22 +290,22 @@ def generate(
     report.seconds["compositions"] = time.perf_counter() - t0
 
     per_source: dict[str, list[Candidate]] = {}
-    if cfg.from_files.enabled:
+    if "file" in sources:
         t0 = time.perf_counter()
         per_source["file"] = file_candidates(cfg)
         report.seconds["file"] = time.perf_counter() - t0
         finished("file")
-    if cfg.prototype.enabled:
+    if "prototype" in sources:
         t0 = time.perf_counter()
         per_source["prototype"] = prototype_candidates(chemsys, cfg, comp_screen=comp_screen, skips=report.skips)
         report.seconds["prototype"] = time.perf_counter() - t0
         finished("prototype")
-    if cfg.substitution.enabled:
+    if "substitution" in sources:
         t0 = time.perf_counter()
         per_source["substitution"] = substitution_candidates(chemsys, cfg, comp_screen, hits)
         report.seconds["substitution"] = time.perf_counter() - t0
         finished("substitution")
-    if cfg.random.enabled and cfg.random.per_round:
+    if "random" in sources:
         t0 = time.perf_counter()
         rc = cfg.random
         crystals, skips = random_batch(

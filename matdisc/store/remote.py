@@ -357,8 +357,10 @@ class RemoteStore:
         changed = [rel for rel, stamp in now.items() if self._pushed.get(rel) != stamp]
         logs = [rel for rel in changed if rel.startswith("_commits/")]
         data = [rel for rel in changed if not rel.startswith("_commits/")]
-        fenced = [rel for rel in data if self.lease.fenced and _fenced_file(rel)]
-        plain = [rel for rel in data if rel not in fenced]
+        fenced: list[str] = []
+        plain: list[str] = []
+        for rel in data:
+            (fenced if self.lease.fenced and _fenced_file(rel) else plain).append(rel)
         self.lease.check()
         if plain:
             self.fs.put([str(self.local / rel) for rel in plain], [f"{self.root}/{rel}" for rel in plain])
