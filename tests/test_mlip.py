@@ -68,9 +68,21 @@ def rattled(n: int, seed: int = 0) -> list[tuple[str, Atoms]]:
     return out
 
 
+def test_a_training_mace_rejects_fails_with_maces_own_error(tmp_path):
+    """The trainer runs in a forked child: its exit code and the tail of its output come back."""
+    from matdisc.mlip.train import TrainingError, train_mace
+
+    frames, _ = emt_frames(4, seed=1)
+    bad = TRAINING.model_copy(update={"num_channels": 0}).sized("cpu")
+    with pytest.raises(TrainingError, match=r"mace training failed \(exit 1\): .*\S"):
+        train_mace(frames[:12], frames[12:16], tmp_path / "m", bad)
+    assert not (tmp_path / "m" / "mace-s0.model").exists()
+
+
 def test_training_from_scratch_reaches_force_bound(committee):
     for m in committee:
         assert m.mode == "scratch"
+        assert m.preloaded  # forked with mace's trainer imported, not importing it per run (mlip.launch)
         assert m.n_valid > 0 and m.n_train > 100
         assert m.metrics["forces_rmse"] < FORCE_RMSE_BOUND, m.metrics
         assert m.metrics["energy_rmse_per_atom"] < 0.05, m.metrics

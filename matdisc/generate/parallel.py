@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
+
+from matdisc.forkserver import forkserver_context
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: safe beside threads (Dask, torch) yet cheaper than spawn per task
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver"))
+    # forkserver: safe beside threads (Dask, torch) yet cheaper than spawn per task; the one
+    # forkserver of this process, which training shares (matdisc.forkserver)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=forkserver_context())
 
 
 def chunks(seq: Sequence, n: int) -> list[Sequence]:

@@ -1,7 +1,8 @@
 """Training and fine-tuning MACE on the campaign's reference frames with mace-torch's own code.
 
-Training runs ``mace.cli.run_train`` in a subprocess: it configures logging and global
-torch state for itself, and a subprocess keeps that out of the worker. Frames are split
+Training runs ``mace.cli.run_train`` in a child process (:mod:`matdisc.mlip.launch`): it
+configures logging and global torch state for itself, and a process keeps that out of the
+worker. Frames are split
 into train/validation by structure (all frames of one structure land on the same side);
 the validation structures are the same for every committee member, so their metrics
 compare, while each member trains on its own random subsample of the rest (diversity).
@@ -17,9 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from ase import Atoms
 from ase.io import write
 
 from matdisc.config import TrainingConfig
+from matdisc.mlip.launch import run_trainer
 from matdisc.mlip.model import MODEL_LOCK
 
 
@@ -44,8 +43,9 @@ class TrainedModel:
     n_train: int
     n_valid: int
     metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0  # training run (subprocess) wall time: the training cost model is fitted on it
+    seconds: float = 0.0  # training run (child process) wall time: the training cost model is fitted on it
     content: bytes | None = None  # the file's bytes, for a writer on another machine (mlip.shipping)
+    preloaded: bool = False  # the trainer was forked with mace imported (matdisc.mlip.launch)
 
 
 def split_by_structure(
@@ -101,9 +101,6 @@ def _run_train_args(
 ) -> list[str]:
     assert cfg.batch_size is not None  # train_mace takes a sized config
     return [
-        sys.executable,
-        "-m",
-        "mace.cli.run_train",
         f"--name={name}",
         f"--work_dir={workdir}",
         f"--model_dir={workdir}",
@@ -184,21 +181,17 @@ def train_mace(
             ]
         else:
             args.append("--multiheads_finetuning=False")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if threads:  # torch's intra-op threads for this training run
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    t0 = time.perf_counter()
-    proc = subprocess.run(args, cwd=workdir, capture_output=True, text=True, env=env)
-    seconds = time.perf_counter() - t0
+    log = workdir / "run_train.log"
+    run = run_trainer(args, workdir, log, threads=threads)
     model = workdir / f"{name}.model"
-    if proc.returncode != 0 or not model.exists():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise TrainingError(f"mace training failed (exit {proc.returncode}): {' | '.join(tail)}")
+    if run.exitcode != 0 or not model.exists():
+        tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+        raise TrainingError(f"mace training failed (exit {run.exitcode}): {' | '.join(tail)}")
     if mode == "multihead":
         _keep_campaign_head(model)
     with MODEL_LOCK:  # members run in threads: see MODEL_LOCK
         metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
-    return TrainedModel(model, mode, len(train), len(valid), metrics, seconds)
+    return TrainedModel(model, mode, len(train), len(valid), metrics, run.seconds, preloaded=run.preloaded)
 
 
 def _keep_campaign_head(path: Path) -> None:
