@@ -7,12 +7,13 @@ orchestrating process, and :func:`records_to_columns` turns a list of them into 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from ase import Atoms
 
-from matdisc.store.frames import Frames
+if TYPE_CHECKING:  # the store (zarr, pandas) stays out of calculation processes that import records
+    from matdisc.store.frames import Frames
 
 #: Relaxation outcomes whose energies may enter a convex hull (see :mod:`matdisc.mlip.outcome`).
 USABLE = ("ok", "symmetry_changed")
@@ -76,6 +77,8 @@ class ReferenceResult(RelaxResult):
 def frames_from_atoms_with_results(atoms_list: list[Atoms]) -> tuple[Frames, dict[str, Any]]:
     """Pack Atoms whose ``info``/``arrays`` hold REF_energy/REF_forces/REF_stress."""
     forces = [a.arrays.get("REF_forces", np.full((len(a), 3), np.nan)) for a in atoms_list]
+    from matdisc.store.frames import Frames
+
     frames = Frames.from_atoms(atoms_list, forces=forces)
     energy = np.array([a.info.get("REF_energy", np.nan) for a in atoms_list], dtype=float)
     stress = np.array([a.info.get("REF_stress", np.full(6, np.nan)) for a in atoms_list], dtype=float).reshape(-1, 6)
