@@ -99,6 +99,10 @@ COMM_TIMEOUT = "300s"
 #: Imported by every worker as it starts, before it joins: a task's first unpickling then imports
 #: nothing (it runs on the worker's event loop, which heartbeats wait on).
 WORKER_PRELOAD = ["matdisc_flows.tasks"]
+#: Dask config every worker matdisc starts gets: the waits above, and worker processes that are not
+#: daemonic, so a task may start processes of its own (MACE training forks its members from a
+#: forkserver with mace imported, matdisc.mlip.launch: a daemonic process may have no children).
+WORKER_CONFIG = {"distributed.comm.timeouts.tcp": COMM_TIMEOUT, "distributed.worker.daemon": False}
 
 
 @contextlib.contextmanager
@@ -128,9 +132,7 @@ def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
     }
     workers = local_worker_specs(cfg, cuda_devices=cuda, security=security)
     # the scheduler runs here; nannies hand this process's config to their workers (restarts too)
-    with dask.config.set(
-        {"distributed.nanny.pre-spawn-environ": worker_start_environ(), "distributed.comm.timeouts.tcp": COMM_TIMEOUT}
-    ):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_start_environ(), **WORKER_CONFIG}):
         cluster = SpecCluster(scheduler=scheduler, workers=workers, name="matdisc", silence_logs=40, security=security)
         try:
             with clients_use(security):
@@ -189,7 +191,8 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
     lifetime = worker_lifetime(slurm_seconds(s.walltime))
     preload = [arg for module in WORKER_PRELOAD for arg in ("--preload", module)]
-    timeout = f"export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP={COMM_TIMEOUT}"  # see COMM_TIMEOUT
+    # see COMM_TIMEOUT and WORKER_CONFIG
+    timeout = f"export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP={COMM_TIMEOUT} DASK_DISTRIBUTED__WORKER__DAEMON=False"
     common = {
         "account": s.account,
         "walltime": s.walltime,

@@ -74,6 +74,8 @@ def test_a_cpu_mlip_worker_uses_every_core_and_dft_workers_their_share():
         # drops it for good: scheduler and workers (restarted ones too) wait 300 s on a connection,
         # and every worker imported the task module before it joined
         assert client.run_on_scheduler(lambda: dask.config.get("distributed.comm.timeouts.tcp")) == "300s"
+        # and may start processes of their own (training forks its members: not daemonic)
         on_workers = client.run(lambda: (dask.config.get("distributed.comm.timeouts.tcp"),
-                                         "matdisc_flows.tasks" in sys.modules))
-        assert sorted(on_workers.values()) == [("300s", True)] * 2, on_workers
+                                         "matdisc_flows.tasks" in sys.modules,
+                                         __import__("multiprocessing").current_process().daemon))
+        assert sorted(on_workers.values()) == [("300s", True, False)] * 2, on_workers

@@ -106,7 +106,7 @@ def test_slurm_pools_render_gpu_and_cpu_job_scripts_for_one_scheduler(tmp_path, 
     assert "--resources DFT=1" in dft_script and "--nworkers 4" in dft_script  # 8 cores / 2 threads
     assert "export OMP_NUM_THREADS=2" in dft_script
     for script in (dft_script, mlip_script):  # a worker held past 30 s under load is not dropped for good
-        assert "export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP=300s" in script
+        assert "export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP=300s DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
         assert "--preload matdisc_flows.tasks" in script
     assert "--resources MLIP=1" in mlip_script and "--nworkers" not in mlip_script.replace("--nworkers 1", "")
     assert cluster.scheduler_address in mlip_script  # GPU workers join the DFT cluster's scheduler

@@ -79,6 +79,26 @@ def test_a_training_mace_rejects_fails_with_maces_own_error(tmp_path):
     assert not (tmp_path / "m" / "mace-s0.model").exists()
 
 
+def _launch_in_daemon(args, cwd, out):  # a daemonic process, as a Dask worker left at its default
+    from matdisc.mlip.launch import run_trainer
+
+    out.put(run_trainer(args, cwd, cwd / "run_train.log"))
+
+
+def test_a_daemonic_process_trains_through_a_subprocess_and_says_so(tmp_path):
+    """A daemonic process may not fork: the run is ``python -m mace.cli.run_train``, reported as such."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_launch_in_daemon, args=(["--name=x", "--num_channels=0"], tmp_path, out), daemon=True)
+    proc.start()
+    launch = out.get(timeout=300)
+    proc.join(60)
+    assert (launch.mode, launch.preloaded, launch.exitcode) == ("subprocess", False, 1)
+    assert "num_channels must be positive integer" in (tmp_path / "run_train.log").read_text()
+
+
 def test_training_from_scratch_reaches_force_bound(committee):
     for m in committee:
         assert m.mode == "scratch"

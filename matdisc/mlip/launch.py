@@ -10,12 +10,18 @@ starts from a fork of them. The forkserver imports torch but never touches a GPU
 may still use CUDA.
 
 Whether a run's child had the trainer imported before the fork (:mod:`matdisc.forkserver`
-says when it has) is reported per run (:class:`Launch`), and tests assert it.
+says when it has) is reported per run (:class:`Launch`), and tests assert it. A daemonic process
+(a Dask worker whose ``distributed.worker.daemon`` is left true: the clusters matdisc starts set it
+false) may not fork children: there the run is ``python -m mace.cli.run_train`` as before, with a
+warning that says why and how to avoid it.
 """
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +38,17 @@ class Launch:
     exitcode: int
     seconds: float
     preloaded: bool
+    mode: str = "forkserver"  # or "subprocess" (a daemonic process: no children of its own)
+
+
+logger = logging.getLogger(__name__)
 
 
 def run_trainer(args: list[str], cwd: Path, log: Path, threads: int | None = None) -> Launch:
     """Run ``mace.cli.run_train`` with command-line ``args`` in ``cwd``, its stdout and stderr to
     ``log``, with ``threads`` torch threads; returns when it ends."""
+    if multiprocessing.current_process().daemon:
+        return _run_subprocess(args, cwd, log, threads)
     ctx = forkserver_context(train=True)
     flag = Path(cwd) / ".preloaded"
     flag.unlink(missing_ok=True)
@@ -47,6 +59,20 @@ def run_trainer(args: list[str], cwd: Path, log: Path, threads: int | None = Non
     seconds = time.perf_counter() - t0
     exitcode = proc.exitcode if proc.exitcode is not None else -1
     return Launch(exitcode, seconds, flag.exists())
+
+
+def _run_subprocess(args: list[str], cwd: Path, log_path: Path, threads: int | None) -> Launch:
+    logger.warning(
+        "MACE training imports mace in each run (~12 s of CPU): this process is daemonic and may not fork "
+        "(a Dask worker: set distributed.worker.daemon: false, DASK_DISTRIBUTED__WORKER__DAEMON=False)"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        proc = subprocess.run([sys.executable, "-m", TRAINER, *args], cwd=cwd, env=env, stdout=out, stderr=out)
+    return Launch(proc.returncode, time.perf_counter() - t0, preloaded=False, mode="subprocess")
 
 
 def _child(args: list[str], cwd: str, log: str, threads: int | None) -> None:
