@@ -105,6 +105,13 @@ WORKER_PRELOAD = ["matdisc_flows.tasks"]
 WORKER_CONFIG = {"distributed.comm.timeouts.tcp": COMM_TIMEOUT, "distributed.worker.daemon": False}
 
 
+def worker_config_exports() -> str:
+    """``WORKER_CONFIG`` as the shell line a job script runs before ``dask worker`` (Dask reads
+    ``DASK_A__B__C`` as ``a.b.c``)."""
+    names = {key: "DASK_" + key.upper().replace(".", "__").replace("-", "_") for key in WORKER_CONFIG}
+    return "export " + " ".join(f"{names[key]}={value}" for key, value in WORKER_CONFIG.items())
+
+
 @contextlib.contextmanager
 def campaign_cluster(cfg: ComputeConfig) -> Iterator[str]:
     """Yield a scheduler address for the campaign's tasks; tear down what we started."""
@@ -191,8 +198,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
     per_dft = max(1, s.cores // cfg.threads_per_dft_worker)
     lifetime = worker_lifetime(slurm_seconds(s.walltime))
     preload = [arg for module in WORKER_PRELOAD for arg in ("--preload", module)]
-    # see COMM_TIMEOUT and WORKER_CONFIG
-    timeout = f"export DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP={COMM_TIMEOUT} DASK_DISTRIBUTED__WORKER__DAEMON=False"
+    exports = worker_config_exports()
     common = {
         "account": s.account,
         "walltime": s.walltime,
@@ -211,7 +217,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "processes": per_dft,
         "memory": s.memory,
         "worker_extra_args": ["--resources", "DFT=1", *lifetime, *preload],  # one calculation per worker at a time
-        "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}", timeout],
+        "job_script_prologue": [f"export OMP_NUM_THREADS={cfg.threads_per_dft_worker}", exports],
     }
     mlip: dict[str, Any] = {
         **common,
@@ -220,7 +226,7 @@ def slurm_job_options(cfg: ComputeConfig) -> tuple[dict, dict]:
         "processes": 1,
         "memory": s.mlip_memory,
         "worker_extra_args": ["--resources", "MLIP=1", *lifetime, *preload],
-        "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}", timeout],
+        "job_script_prologue": [f"export OMP_NUM_THREADS={s.mlip_cores}", exports],
     }
     if s.gpus_per_mlip_job:
         mlip["job_extra_directives"] = [*mlip["job_extra_directives"], f"--gres=gpu:{s.gpus_per_mlip_job}"]
@@ -317,7 +323,7 @@ def slurm_cluster(cfg: ComputeConfig) -> Iterator[str]:
     import dask
 
     dft_opts, _ = slurm_job_options(cfg)
-    with dask.config.set({"distributed.comm.timeouts.tcp": COMM_TIMEOUT}):  # the scheduler runs here
+    with dask.config.set(WORKER_CONFIG):  # the scheduler runs here
         cluster = SLURMCluster(**dft_opts)
         pool = GpuPool(cluster, cfg)
         stop = threading.Event()

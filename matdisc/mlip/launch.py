@@ -66,13 +66,16 @@ def _run_subprocess(args: list[str], cwd: Path, log_path: Path, threads: int | N
         "MACE training imports mace in each run (~12 s of CPU): this process is daemonic and may not fork "
         "(a Dask worker: set distributed.worker.daemon: false, DASK_DISTRIBUTED__WORKER__DAEMON=False)"
     )
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **_thread_env(threads)}
     t0 = time.perf_counter()
     with open(log_path, "w") as out:
         proc = subprocess.run([sys.executable, "-m", TRAINER, *args], cwd=cwd, env=env, stdout=out, stderr=out)
     return Launch(proc.returncode, time.perf_counter() - t0, preloaded=False, mode="subprocess")
+
+
+def _thread_env(threads: int | None) -> dict[str, str]:
+    """The environment that gives a training run ``threads`` intra-op threads (none: inherited)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}
 
 
 def _child(args: list[str], cwd: str, log: str, threads: int | None) -> None:
@@ -87,8 +90,7 @@ def _child(args: list[str], cwd: str, log: str, threads: int | None) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
-    if threads:
-        os.environ.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.environ.update(_thread_env(threads))
     import torch
     from mace.cli.run_train import main
 

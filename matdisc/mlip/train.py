@@ -2,10 +2,9 @@
 
 Training runs ``mace.cli.run_train`` in a child process (:mod:`matdisc.mlip.launch`): it
 configures logging and global torch state for itself, and a process keeps that out of the
-worker. Frames are split
-into train/validation by structure (all frames of one structure land on the same side);
-the validation structures are the same for every committee member, so their metrics
-compare, while each member trains on its own random subsample of the rest (diversity).
+worker. Frames are split into train/validation by structure (all frames of one structure land
+on the same side); the validation structures are the same for every committee member, so their
+metrics compare, while each member trains on its own random subsample of the rest (diversity).
 
 Three starts: from scratch (cold start), naive fine-tuning of an earlier model (a
 previous campaign model or a foundation model: all weights continue training on the
