@@ -173,9 +173,10 @@ def _coordinates(atoms: Atoms, relax_cell: bool, cell_filter: str) -> Any:
     return FrechetCellFilter(atoms) if cell_filter == "frechet" else UnitCellFilter(atoms)
 
 
-#: Smallest curvature (eV/Å² in the optimizer's coordinates) a model Hessian passes on to BFGS:
-#: rigid translations have none and a saddle has negative ones; either would make BFGS's first
-#: step undefined or uphill. Soft phonon modes of metals lie around 1-5 eV/Å².
+#: Smallest curvature (eV/Å² in the optimizer's coordinates) a model Hessian passes on to BFGS.
+#: Rigid translations and, with a cell filter, cell rotations have none (their gradient is zero);
+#: a saddle has negative ones: either would make BFGS's first step undefined or uphill. Softer real
+#: modes (a C11_b cell's c/a: 0.5) are stiffened to it, which BFGS corrects as it goes.
 MIN_CURVATURE = 1.0
 
 

@@ -17,6 +17,7 @@ from ase import Atoms
 from matdisc.ase_relax import Evaluation, relaxation_hessian
 from matdisc.config import MLIPConfig
 from matdisc.mlip.model import resolve_device
+from matdisc.mlip.relax import load_committee
 
 
 def hessians_many(
@@ -25,9 +26,7 @@ def hessians_many(
     """``(id, Hessian, "")`` per structure, in order, or ``(id, None, reason)`` where the model
     gave none (a non-finite force, an error): that relaxation starts with ASE's guess. Each
     structure's displaced copies are evaluated in batches by the committee mean (torch-sim)."""
-    from matdisc.mlip.relax import _committee
-
-    model, _ = _committee(model_paths, mlip, resolve_device(mlip.device))
+    model, _ = load_committee(model_paths, mlip, resolve_device(mlip.device))
     evaluate = batched_evaluation(model, mlip.batch_atoms)
     out: list[tuple[str, np.ndarray | None, str]] = []
     for cid, atoms in structures:
