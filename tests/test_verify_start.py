@@ -128,3 +128,43 @@ def test_bfgs_started_from_the_curvature_takes_fewer_reference_steps_to_the_same
     assert abs(seeded.energy_per_atom - plain.energy_per_atom) < 1e-4
     # the relaxation's first frame is the start itself: only the curvature differs
     assert np.allclose(seeded.frames[0].positions, start.positions)
+
+
+def test_a_lost_hessian_job_leaves_bfgs_with_the_default_guess_and_says_why(campaign_store, tmp_path):
+    """The committee's Hessians are one MLIP job: when it is lost, the verifications still go out,
+    each with ASE's guess and the reason in its ``curvature`` (what the dft table records); when it
+    runs, each MLIP start gets the committee's Hessian in the relaxation's coordinates."""
+    from conftest import copy_campaign
+
+    from matdisc import jobs
+    from matdisc.executor import InProcess
+    from matdisc.stages.context import Run
+    from matdisc.stages.start import with_hessians
+
+    class Lost(InProcess):
+        def submit(self, fn, *args, resource):
+            if fn is jobs.hessians:
+                fn = _lost_job
+            return super().submit(fn, *args, resource=resource)
+
+    cfg, _ = campaign_store
+    here = copy_campaign(cfg, tmp_path, "hessians.zarr")
+    with CampaignWriter(here.store_path) as w:
+        from matdisc.stages.start import reference_starts
+
+        dft = w.table("dft")
+        mine = dft[dft["start"] == "mlip"]
+        round_, ids = int(mine["round"].iloc[0]), list(mine["id"][mine["round"] == mine["round"].iloc[0]])
+        starts = reference_starts(w, here.reference, ids)
+        lost = with_hessians(Run(w, here, Lost()).round(round_), starts)
+        ran = with_hessians(Run(w, here, InProcess()).round(round_), starts)
+    for cid in ids:
+        assert starts[cid].start == "mlip"
+        assert lost[cid].hessian is None
+        assert lost[cid].curvature == "default: model Hessian job failed: RuntimeError: worker lost three times"
+        n = 3 * len(starts[cid].atoms) + 9
+        assert ran[cid].curvature == "mlip" and ran[cid].hessian.shape == (n, n)
+
+
+def _lost_job(*args):
+    raise RuntimeError("worker lost three times")
