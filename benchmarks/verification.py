@@ -39,44 +39,61 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 
-def verify_both_ways(store: Path, ref, ids: list[str], workdir: Path) -> dict:
-    """Each id verified from the product's start and from its generated structure."""
+def verify_both_ways(store: Path, cfg, ids: list[str], workdir: Path) -> dict:
+    """Each id verified three ways: from its generated structure with ASE's initial Hessian (what
+    verification did before), from the product's start with ASE's Hessian (the start alone), and
+    as the product verifies it (its start, with the committee's Hessian at an MLIP start)."""
     from pymatgen.core.structure_matcher import StructureMatcher
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from matdisc import jobs
-    from matdisc.stages.verify import reference_starts
+    from matdisc.executor import InProcess
+    from matdisc.stages.context import Run
+    from matdisc.stages.start import reference_starts, with_hessians
     from matdisc.store import CampaignWriter
 
+    ref = cfg.reference
     with CampaignWriter(store) as w:
-        product = reference_starts(w, ref.model_copy(update={"start": "mlip"}), ids)
+        sel = w.table("selections")
+        picked_in = dict(zip(sel["id"], sel["round"]))
+        start_only = reference_starts(w, ref.model_copy(update={"start": "mlip"}), ids)
+        t = time.perf_counter()
+        run = Run(w, cfg.model_copy(update={"reference": ref.model_copy(update={"start": "mlip", "hessian": "mlip"})}),
+                  InProcess())
+        product = {}
+        for round_ in sorted({int(picked_in.get(cid, 1)) for cid in ids}):  # the committee that screened its round
+            mine = {cid: start_only[cid] for cid in ids if int(picked_in.get(cid, 1)) == round_}
+            product.update(with_hessians(run.round(round_), mine))
+        hessian_seconds = time.perf_counter() - t
         initial = reference_starts(w, ref.model_copy(update={"start": "initial"}), ids)
         formula = dict(zip(w.table("candidates")["id"], w.table("candidates")["formula"]))
     settings = ref.model_dump(mode="json")
     rows = []
     for cid in ids:
         res = {}
-        for side, start in (("initial", initial[cid]), ("mlip", product[cid])):
-            if side == "mlip" and start.start == "initial":
+        for side, start in (("initial", initial[cid]), ("start_only", start_only[cid]), ("mlip", product[cid])):
+            if side != "initial" and start.start == "initial":
                 res[side] = res["initial"]  # the rule fell back: the product runs the same calculation
                 continue
             t = time.perf_counter()
-            r = jobs.reference(cid, start.atoms, settings, str(workdir / side))
+            r = jobs.reference(cid, start.atoms, settings, str(workdir / side), start.hessian)
             res[side] = (r, time.perf_counter() - t)
-        (ri, ti), (rm, tm) = res["initial"], res["mlip"]
+        (ri, ti), (rs, _), (rm, tm) = res["initial"], res["start_only"], res["mlip"]
         same = (ri.ok and rm.ok and StructureMatcher().fit(AseAtomsAdaptor.get_structure(ri.atoms),
                                                            AseAtomsAdaptor.get_structure(rm.atoms)))
         rows.append({"id": cid, "formula": formula[cid], "start": product[cid].start,
-                     "reason": product[cid].reason, "steps_initial": ri.n_steps, "steps_mlip": rm.n_steps,
+                     "reason": product[cid].reason, "hessian": product[cid].curvature,
+                     "steps_initial": ri.n_steps, "steps_start_only": rs.n_steps, "steps_mlip": rm.n_steps,
                      "seconds_initial": ti, "seconds_mlip": tm, "status_initial": ri.status,
                      "status_mlip": rm.status, "e_initial": ri.energy_per_atom, "e_mlip": rm.energy_per_atom,
                      "same_minimum": bool(same)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    return summarise(rows)
+    return {**summarise(rows), "hessian_seconds": round(hessian_seconds, 1)}
 
 
 def summarise(rows: list[dict]) -> dict:
     si, sm = sum(r["steps_initial"] for r in rows), sum(r["steps_mlip"] for r in rows)
+    ss = sum(r["steps_start_only"] for r in rows)
     ti, tm = sum(r["seconds_initial"] for r in rows), sum(r["seconds_mlip"] for r in rows)
     same = [abs(r["e_mlip"] - r["e_initial"]) * 1000 for r in rows if r["same_minimum"]]
     different = [{"formula": r["formula"], "id": r["id"], "e_initial": round(r["e_initial"], 5),
@@ -85,7 +102,9 @@ def summarise(rows: list[dict]) -> dict:
                  for r in rows if not r["same_minimum"]]
     return {"picks": len(rows), "from_mlip": sum(r["start"] == "mlip" for r in rows),
             "fallbacks": [f"{r['formula']}: {r['reason']}" for r in rows if r["start"] != "mlip"],
+            "with_model_hessian": sum(r["hessian"] == "mlip" for r in rows),
             "dft_steps_initial": si, "dft_steps_mlip": sm, "steps_ratio": round(sm / si, 3) if si else None,
+            "dft_steps_start_only": ss, "steps_ratio_start_only": round(ss / si, 3) if si else None,
             "dft_seconds_initial": round(ti, 1), "dft_seconds_mlip": round(tm, 1),
             "dft_seconds_ratio": round(tm / ti, 3) if ti else None,
             "max_abs_dE_same_minimum_mev": round(max(same), 3) if same else None,
@@ -118,7 +137,7 @@ def emt_set(n: int, workdir: Path) -> dict:
         sel = w.table("selections")
         ids = list(sel["id"][sel["round"] == 1])
         ids += [p.id for p in rank_for_reference(w, ranked_cfg, 1) if p.id not in ids]
-    return verify_both_ways(cfg.store_path, cfg.reference, ids[:n], workdir / "emt-calcs")
+    return verify_both_ways(cfg.store_path, cfg, ids[:n], workdir / "emt-calcs")
 
 
 def gpaw_set(store: Path, n: int, workdir: Path) -> dict:
@@ -136,7 +155,7 @@ def gpaw_set(store: Path, n: int, workdir: Path) -> dict:
     dft = camp.table("dft")
     verified = set(dft["id"][dft["status"] == "ok"])
     ids = [cid for cid in sel["id"] if cid in verified][:n]
-    return verify_both_ways(copy, cfg.reference, ids, workdir / "gpaw-calcs")
+    return verify_both_ways(copy, cfg, ids, workdir / "gpaw-calcs")
 
 
 def main() -> None:

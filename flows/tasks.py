@@ -76,12 +76,13 @@ relax_task = retried_task("relax-mace", _batch_name("relax", "batch"))(jobs.rela
 rescore_task = retried_task("rescore-mace", _batch_name("rescore", "batch"))(jobs.rescore)
 evaluate_task = retried_task("evaluate-mace")(jobs.evaluate)
 train_task = retried_task("train-mace")(jobs.train)
+hessians_task = retried_task("hessians-mace", _batch_name("hessians", "batch"))(jobs.hessians)
 
 
 @retried_task("reference-relax-static", "dft {cid}")
-def reference_task(cid: str, atoms: Any, reference: dict, workdir: str) -> Any:
+def reference_task(cid: str, atoms: Any, reference: dict, workdir: str, hessian: Any = None) -> Any:
     """A reference calculation using the cores this Dask worker has."""
-    return jobs.reference(cid, atoms, reference, workdir, threads=worker_threads())
+    return jobs.reference(cid, atoms, reference, workdir, hessian, threads=worker_threads())
 
 
 @retried_task("reference-statics", _batch_name("dft-statics", "batch"))
@@ -98,4 +99,5 @@ TASKS: dict[Callable[..., Any], Any] = {
     jobs.statics: statics_task,
     jobs.evaluate: evaluate_task,
     jobs.train: train_task,
+    jobs.hessians: hessians_task,
 }

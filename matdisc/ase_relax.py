@@ -4,6 +4,11 @@
 calculator, classifies the outcome, and optionally keeps every evaluated frame. Failures
 are outcomes, not exceptions: a calculator error, a NaN, atoms closer than a physical
 minimum or a blown-up volume come back as a result with a reason.
+
+``relaxation_hessian`` gives the curvature of a structure in the same coordinates (atoms and
+cell filter) with any calculator, so a cheap model's curvature can start BFGS with a dearer one
+(``relax(hessian=...)``): ASE's default guess, 70 eV/Å² times the identity, costs the expensive
+calculator several steps to learn what the model already knows.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.filters import FrechetCellFilter, UnitCellFilter
 from ase.optimize import BFGS, FIRE, LBFGS
 
@@ -69,6 +75,7 @@ def relax(
     keep_frames: bool = False,
     on_step: Callable[[Atoms], None] | None = None,
     scf_error: Callable[[BaseException], bool] | None = None,
+    hessian: np.ndarray | None = None,
 ) -> RelaxResult:
     """Relax a copy of ``atoms`` with ``calc``; never raises for a failed calculation.
 
@@ -77,6 +84,8 @@ def relax(
     forces must be below ``fmax``. ``deadline`` (``time.monotonic()``) is checked between
     steps: past it the result is ``timeout`` with the last energy. An exception for which
     ``scf_error`` is true comes back as ``scf_unconverged`` (the caller may escalate).
+    ``hessian``: BFGS's initial Hessian in the relaxation's coordinates
+    (:func:`relaxation_hessian` of the same structure and settings); other optimizers ignore it.
     """
     work = atoms.copy()
     work.calc = calc
@@ -117,13 +126,16 @@ def relax(
         )
 
     try:
-        cell = FrechetCellFilter if cell_filter == "frechet" else UnitCellFilter
-        target = cell(work) if (relax_cell and periodic) else work
+        target = _coordinates(work, relax_cell, cell_filter)
         done = max_steps == 0
         if done:
             record()
         else:
             opt = OPTIMIZERS[optimizer](target, logfile=None)
+            if hessian is not None and isinstance(opt, BFGS):
+                if hessian.shape != opt.H0.shape:
+                    raise ValueError(f"hessian: shape {hessian.shape}, the relaxation has {opt.H0.shape}")
+                opt.H0 = hessian
             for _ in opt.irun(fmax=0.0, steps=max_steps):  # fmax 0: convergence is ours to judge
                 n_steps = opt.nsteps
                 record()
@@ -152,6 +164,78 @@ def relax(
     final = work.copy()
     final.calc = None
     return result(status, reason, energy, final=final, forces=forces, stress=stress)
+
+
+def _coordinates(atoms: Atoms, relax_cell: bool, cell_filter: str) -> Any:
+    """What the optimizer moves: the atoms, or the atoms and the cell through a cell filter."""
+    if not (relax_cell and atoms.pbc.all()):
+        return atoms
+    return FrechetCellFilter(atoms) if cell_filter == "frechet" else UnitCellFilter(atoms)
+
+
+#: Smallest curvature (eV/Å² in the optimizer's coordinates) a model Hessian passes on to BFGS.
+#: Rigid translations and, with a cell filter, cell rotations have none (their gradient is zero);
+#: a saddle has negative ones: either would make BFGS's first step undefined or uphill. Softer real
+#: modes (a C11_b cell's c/a: 0.5) are stiffened to it, which BFGS corrects as it goes.
+MIN_CURVATURE = 1.0
+
+
+#: What a Hessian needs of a model at each displaced structure: energy, forces, stress (Voigt).
+Evaluation = tuple[float, np.ndarray, np.ndarray]
+
+
+def relaxation_hessian(
+    atoms: Atoms,
+    model: Calculator | Callable[[list[Atoms]], list[Evaluation]],
+    *,
+    relax_cell: bool = True,
+    cell_filter: str = "frechet",
+    step: float = 0.003,
+) -> np.ndarray:
+    """The Hessian of ``model``'s energy at ``atoms`` in the coordinates :func:`relax` optimises
+    (central differences of its forces, ``step`` Å), made positive definite for BFGS: each
+    eigenvalue by its magnitude, at least :data:`MIN_CURVATURE`. ``model``: an ASE calculator, or
+    a function that evaluates a list of structures at once (a batched MLIP); ``2 * ndofs`` structures."""
+    work = atoms.copy()
+    target = _coordinates(work, relax_cell, cell_filter)
+    x0 = target.get_positions().copy()
+    n = x0.size
+    moves = [(i, sign) for i in range(n) for sign in (1.0, -1.0)]
+
+    def moved(i: int, sign: float) -> None:
+        x = x0.copy().ravel()
+        x[i] += sign * step
+        target.set_positions(x.reshape(x0.shape))
+
+    displaced = []
+    for i, sign in moves:
+        moved(i, sign)
+        displaced.append(work.copy())
+    evaluate = model if callable(model) and not isinstance(model, Calculator) else _calculator_evaluation(model)
+    results = evaluate(displaced)
+    grads = np.empty((len(moves), n))
+    for k, ((i, sign), (energy, forces, stress)) in enumerate(zip(moves, results)):
+        moved(i, sign)  # the filter's gradient at this displacement, from the model's results there
+        work.calc = SinglePointCalculator(work, energy=energy, forces=forces, stress=stress)
+        grads[k] = -np.asarray(target.get_forces()).ravel()
+    hess = (grads[0::2] - grads[1::2]) / (2 * step)
+    if not np.isfinite(hess).all():
+        raise ValueError("the model's Hessian is not finite")
+    w, v = np.linalg.eigh((hess + hess.T) / 2)
+    return (v * np.maximum(np.abs(w), MIN_CURVATURE)) @ v.T
+
+
+def _calculator_evaluation(calc: Calculator) -> Callable[[list[Atoms]], list[Evaluation]]:
+    def evaluate(structures: list[Atoms]) -> list[Evaluation]:
+        out = []
+        for a in structures:
+            a = a.copy()
+            a.calc = calc
+            stress = a.get_stress(voigt=True) if a.pbc.all() else np.zeros(6)
+            out.append((float(a.get_potential_energy()), a.get_forces(), stress))
+        return out
+
+    return evaluate
 
 
 def _max_norm(forces: np.ndarray) -> float:

@@ -422,6 +422,12 @@ class ReferenceConfig(_Strict):
         "usable and it kept the generated structure's type (StructureMatcher) and volume (start_max_volume_change); "
         "else, or with 'initial', the generated structure. Recorded per calculation (dft table: start, start_reason)",
     )
+    hessian: Literal["mlip", "default"] = Field(
+        "mlip",
+        description="BFGS's initial Hessian at an MLIP start: the screening committee's (finite differences in the "
+        "relaxation's coordinates, on an MLIP worker), which saves DFT steps; or 'default', ASE's 70 eV/Å² times the "
+        "identity. Other starts and optimizers use the default. Recorded per calculation (dft table: hessian)",
+    )
     start_max_volume_change: float = Field(
         0.2,
         gt=0,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     from ase import Atoms
 
     from matdisc.mlip.train import TrainedModel
@@ -31,12 +32,36 @@ def relax(
     return relax_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip))
 
 
-def reference(cid: str, atoms: Atoms, reference: dict, workdir: str, threads: int | None = None) -> ReferenceResult:
-    """One reference relaxation and single point (:func:`matdisc.dft.run_reference`)."""
+def reference(
+    cid: str,
+    atoms: Atoms,
+    reference: dict,
+    workdir: str,
+    hessian: np.ndarray | None = None,
+    threads: int | None = None,
+) -> ReferenceResult:
+    """One reference relaxation and single point (:func:`matdisc.dft.run_reference`), BFGS
+    starting from ``hessian`` when given."""
     from matdisc.config import ReferenceConfig
     from matdisc.dft import run_reference
 
-    return run_reference(atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir), threads=threads)
+    return run_reference(
+        atoms, ReferenceConfig(**reference), id=cid, workdir=Path(workdir), threads=threads, hessian=hessian
+    )
+
+
+def hessians(
+    batch: list[tuple[str, Atoms]], model_paths: list[str], mlip: dict, relax_cell: bool, store: str | None = None
+) -> list[tuple[str, np.ndarray | None, str]]:
+    """The committee's Hessians at ``(id, atoms)`` in the reference relaxation's coordinates
+    (:func:`matdisc.mlip.hessian.hessians_many`)."""
+    from matdisc.config import MLIPConfig
+    from matdisc.mlip.hessian import hessians_many
+    from matdisc.mlip.model import worker_threads
+    from matdisc.mlip.shipping import localize
+
+    worker_threads()
+    return hessians_many(batch, localize(model_paths, store), MLIPConfig.model_validate(mlip), relax_cell=relax_cell)
 
 
 def rescore(

@@ -449,3 +449,35 @@ def test_a_training_committee_shows_its_epochs_as_they_go(tmp_path, monkeypatch,
     assert {int(m[2]) for m in shown if m} == {members * epochs}
     assert len(done) >= 3 and done == sorted(set(done)) and 0 < done[0] and done[-1] < members * epochs, done
     assert progress["bar"].done == members * epochs
+
+
+def test_the_committees_hessian_starts_bfgs_on_its_own_surface_in_fewer_steps(model_paths):
+    """The committee's Hessian (matdisc.mlip.hessian, the job verification uses) is its curvature in
+    the relaxation's coordinates: BFGS on the committee's own surface from a rattled, strained cell
+    converges in well under the steps of ASE's guess (measured 34 against 67), to the same energy. A
+    Hessian in the wrong coordinates or units does no better than the guess."""
+    from matdisc.ase_relax import relax
+    from matdisc.mlip.hessian import hessians_many
+    from matdisc.mlip.model import load_calculator
+
+    structures = rattled(4, seed=7)
+    for _, a in structures:
+        a.set_cell(a.cell * 1.02, scale_atoms=True)
+    mlip = MLIPConfig(device="cpu")
+    results = hessians_many(structures, model_paths, mlip)
+    assert [cid for cid, _, _ in results] == [cid for cid, _ in structures]
+    assert all(h is not None and why == "" for _, h, why in results)
+    calc = load_calculator(model_paths)
+    # the batched evaluation (torch-sim) gives the curvature the ASE calculator gives
+    from matdisc.ase_relax import relaxation_hessian
+
+    assert np.allclose(results[0][1], relaxation_hessian(structures[0][1], calc), atol=1e-3)
+    plain = seeded = 0
+    for (cid, atoms), (_, hessian, _) in zip(structures, results):
+        assert hessian.shape == (3 * len(atoms) + 9,) * 2
+        a = relax(atoms, calc, fmax=0.01, max_steps=300, optimizer="BFGS")
+        b = relax(atoms, calc, fmax=0.01, max_steps=300, optimizer="BFGS", hessian=hessian)
+        assert a.status == b.status == "ok", (a.reason, b.reason)
+        assert abs(a.energy_per_atom - b.energy_per_atom) < 1e-3, cid
+        plain, seeded = plain + a.n_steps, seeded + b.n_steps
+    assert seeded <= 0.6 * plain, (seeded, plain)

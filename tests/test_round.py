@@ -29,7 +29,8 @@ def test_an_in_process_campaign_stores_what_the_prefect_dask_flow_stores(campaig
 
     # every kind of job a round has ran, on the kind of worker the flow routes it to
     assert set(executor.jobs) == {
-        ("dft", "reference"), ("mlip", "relax"), ("mlip", "rescore"), ("mlip", "train"), ("mlip", "evaluate")}
+        ("dft", "reference"), ("mlip", "relax"), ("mlip", "rescore"), ("mlip", "train"), ("mlip", "evaluate"),
+        ("mlip", "hessians")}
     flow, mine = open_campaign(cfg.store_path), open_campaign(here.store_path)
     a, b = flow.candidates().set_index("id").sort_index(), mine.candidates().set_index("id").sort_index()
     assert list(a.index) == list(b.index) and set(a["round"]) == {0, 1, 2}

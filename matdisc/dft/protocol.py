@@ -40,11 +40,15 @@ def run_protocol(
     workdir: Path,
     deadline: float | None = None,
     on_frame: FrameSink | None = None,
+    hessian: np.ndarray | None = None,
 ) -> ReferenceResult:
     """Relax + static in this process. Never raises for a failed calculation.
 
     ``deadline`` (``time.monotonic()``) is checked between steps; ``on_frame`` receives each
     labelled frame as soon as it is computed (the isolated runner streams them to disk).
+    ``hessian``: BFGS's initial Hessian at ``atoms`` (:func:`matdisc.ase_relax.relaxation_hessian`
+    with the same ``relax_cell``); a relaxation continued on a recovery rung starts elsewhere and
+    goes without it.
     """
     ref = cfg.resolved()
     rungs = ladder(ref)
@@ -53,7 +57,9 @@ def run_protocol(
     notes: list[str] = []
     start = _with_moments(atoms, ref)
     if ref.max_steps:
-        res, rung, _ = _climb(start, ref, rungs, 0, "relax", ref.max_steps, id, workdir, deadline, on_frame, notes)
+        res, rung, _ = _climb(
+            start, ref, rungs, 0, "relax", ref.max_steps, id, workdir, deadline, on_frame, notes, hessian
+        )
     else:  # a static calculation only: no relaxation phase
         res, rung = RelaxResult(id, "ok", "", start), 0
     magmom = float("nan")
@@ -114,6 +120,7 @@ def _climb(
     deadline: float | None,
     on_frame: FrameSink | None,
     notes: list[str],
+    hessian: np.ndarray | None = None,
 ) -> tuple[RelaxResult, int, float]:
     """Run one phase, moving up the ladder while the SCF fails; continue from the last geometry.
 
@@ -140,6 +147,7 @@ def _climb(
             keep_frames=True,
             on_step=sink,
             scf_error=is_scf_failure,
+            hessian=hessian if current is atoms else None,
         )
         frames += res.frames
         n_steps += res.n_steps

@@ -31,6 +31,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 
 from matdisc.config import ReferenceConfig
@@ -42,20 +43,27 @@ JOB, RESULT, FRAMES, LOG = "job.pkl", "result.pkl", "frames.extxyz", "runner.log
 
 
 def run_reference(
-    atoms: Atoms, cfg: ReferenceConfig, *, id: str, workdir: Path, threads: int | None = None
+    atoms: Atoms,
+    cfg: ReferenceConfig,
+    *,
+    id: str,
+    workdir: Path,
+    threads: int | None = None,
+    hessian: np.ndarray | None = None,
 ) -> ReferenceResult:
     """Relax + static with the configured reference calculator. Never raises for a failed calculation.
 
-    ``threads``: cores an isolated calculation may use when ``OMP_NUM_THREADS`` is unset."""
+    ``threads``: cores an isolated calculation may use when ``OMP_NUM_THREADS`` is unset.
+    ``hessian``: the relaxation's initial BFGS Hessian (:func:`matdisc.dft.protocol.run_protocol`)."""
     ref = cfg.resolved()
     t0 = time.perf_counter()
     calc_dir = _new_attempt_dir(Path(workdir) / dir_name(id))
     walltime = float(ref.walltime_s or 0)
     if ref.runs_isolated:
-        _write_job(calc_dir, atoms, ref, id)
+        _write_job(calc_dir, atoms, ref, id, hessian)
         res = _run_isolated([(id, atoms, calc_dir)], ref, threads)[0]
     else:
-        res = run_protocol(atoms, ref, id=id, workdir=calc_dir, deadline=time.monotonic() + walltime)
+        res = run_protocol(atoms, ref, id=id, workdir=calc_dir, deadline=time.monotonic() + walltime, hessian=hessian)
         if res.status == "timeout":
             res.reason = f"wall time {walltime:g} s exceeded ({res.reason})"
     res.walltime_s = time.perf_counter() - t0  # what the worker spent, process start included (budgets)
@@ -123,9 +131,9 @@ def _threads(threads: int | None) -> int:
     return threads or 1
 
 
-def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str) -> None:
+def _write_job(calc_dir: Path, atoms: Atoms, ref: ReferenceConfig, id: str, hessian: np.ndarray | None = None) -> None:
     with open(calc_dir / JOB, "wb") as f:
-        pickle.dump({"atoms": atoms, "config": ref.model_dump(mode="json"), "id": id}, f)
+        pickle.dump({"atoms": atoms, "config": ref.model_dump(mode="json"), "id": id, "hessian": hessian}, f)
     (calc_dir / "worker.pid").write_text(str(os.getpid()))
 
 
@@ -303,7 +311,14 @@ def _run_job(calc_dir: Path) -> None:
         flush=True,
     )
     sink = (lambda frame: _append_frame(calc_dir / FRAMES, frame)) if lead else None
-    res = run_protocol(job["atoms"], ReferenceConfig(**job["config"]), id=job["id"], workdir=calc_dir, on_frame=sink)
+    res = run_protocol(
+        job["atoms"],
+        ReferenceConfig(**job["config"]),
+        id=job["id"],
+        workdir=calc_dir,
+        on_frame=sink,
+        hessian=job.get("hessian"),
+    )
     if lead:
         tmp = calc_dir / (RESULT + ".tmp")
         with open(tmp, "wb") as f:

@@ -55,7 +55,7 @@ def relax_many(
     return results
 
 
-def _committee(model_paths: list[str], mlip: MLIPConfig, device: str) -> tuple[Any, list]:
+def load_committee(model_paths: list[str], mlip: MLIPConfig, device: str) -> tuple[Any, list]:
     """(the torch-sim model the committee mean drives, its members for the spread; each keeps a
     structure with a non-finite energy from spoiling the others' forces)."""
     from matdisc.mlip.batched import IsolatingModel, mace_models
@@ -79,7 +79,7 @@ def rescore_many(
         return []
     t0 = time.perf_counter()
     device = resolve_device(mlip.device)
-    model, members = _committee(model_paths, mlip, device)
+    model, members = load_committee(model_paths, mlip, device)
     atoms_list = [a for _, a in structures]
     energies: list[float] = []
     for _, chunk in atom_chunks(atoms_list, mlip.batch_atoms or CPU_BATCH_ATOMS):
@@ -109,7 +109,7 @@ def rescore_many(
 def _relax_torch_sim(structures, model_paths, mlip: MLIPConfig, device: str) -> list[RelaxResult]:
     from matdisc.mlip.batched import BatchSettings, committee_spread
 
-    model, members = _committee(model_paths, mlip, device)
+    model, members = load_committee(model_paths, mlip, device)
     settings = BatchSettings(
         fmax=mlip.fmax,
         max_steps=mlip.max_steps,

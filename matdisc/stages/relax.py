@@ -26,7 +26,7 @@ from matdisc.stages.context import Round
 from matdisc.stages.generate import candidate_atoms
 from matdisc.stages.score import dft_energies
 from matdisc.stages.select import round_budget
-from matdisc.stages.verify import mlip_starts
+from matdisc.stages.start import mlip_starts
 from matdisc.store import CampaignWriter, Frames
 from matdisc.thermo import score
 
@@ -162,7 +162,7 @@ def relax_again(w: CampaignWriter, cfg: CampaignConfig, model_sha: str, round_: 
     candidates not yet verified. A rescore is an upper bound on what a relaxation in the same basin
     gives, so a candidate ranked far down cannot climb into the picks by relaxing. Each continues
     from its latest MLIP structure unless an earlier model moved it out of its generated type
-    (:func:`matdisc.stages.verify.mlip_starts`, the rule verification's starts follow).
+    (:func:`matdisc.stages.start.mlip_starts`, the rule verification's starts follow).
 
     The ranking uses each candidate's first result by this model (its rescore, for a rescored one),
     so it does not move as its members are relaxed: a resumed round relaxes the same ones."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 from ase import Atoms
@@ -19,10 +18,10 @@ from matdisc.budget.costs import dft_seconds, dft_work, scf_cycles
 from matdisc.config import CampaignConfig, ReferenceConfig
 from matdisc.dft import perturbed_copies, settings_hash
 from matdisc.executor import JobFuture
-from matdisc.records import USABLE, ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
+from matdisc.records import ReferenceResult, RelaxResult, frames_from_atoms_with_results, scalar_fields
 from matdisc.stages import screen as screening
 from matdisc.stages.context import Round, Run
-from matdisc.stages.generate import candidate_atoms
+from matdisc.stages.start import DEFAULT_HESSIAN, Start, reference_starts, with_hessians
 from matdisc.store import Batch, CampaignWriter, Frames, record_columns
 from matdisc.store.campaign import in_reference_set
 
@@ -39,7 +38,8 @@ def reference_stage(
 ) -> None:
     """Run reference calculations of ``(id, atoms)`` jobs; record each as it completes.
 
-    ``starts``: where each job's structure came from, recorded with its DFT row (default: initial).
+    ``starts``: where each job's structure came from and the Hessian its BFGS starts with
+    (:mod:`matdisc.stages.start`), recorded with its DFT row (default: initial, ASE's guess).
 
     ``screen``: single points with these cheaper settings, recorded in the screening table
     (stage ``screen``), never in the DFT table or the training frames. ``allowance_s``: seconds
@@ -100,7 +100,9 @@ def reference_stage(
                     run_jobs.statics, [(cid, atoms) for cid, atoms, _ in batch], reference, workdir, resource="dft"
                 )
             else:
-                fut = ex.submit(run_jobs.reference, batch[0][0], batch[0][1], reference, workdir, resource="dft")
+                cid, atoms, _ = batch[0]
+                hessian = starts[cid].hessian if starts and cid in starts else None
+                fut = ex.submit(run_jobs.reference, cid, atoms, reference, workdir, hessian, resource="dft")
             futures[fut] = batch
 
     fill()
@@ -126,6 +128,7 @@ def reference_stage(
                         verified=verified,
                         start=start.start if start else "initial",
                         start_reason=start.reason if start else "",
+                        hessian=start.curvature if start else DEFAULT_HESSIAN,
                     )
                 seconds.append(res.walltime_s)
                 work += dft_work(atoms, ref) * scf_cycles(None if static else res.n_steps)
@@ -139,10 +142,10 @@ def reference_stage(
 
 def verify_picks(ctx: Round, picks: list[str]) -> None:
     """The round's picks relaxed and computed with the reference settings (those not done yet),
-    each from where :func:`reference_starts` says."""
+    each from where :func:`reference_starts` says, with the committee's Hessian at MLIP starts."""
     done = dft_done(ctx.w, settings_hash(ctx.cfg.reference))
     todo = [c for c in picks if c not in done]
-    starts = reference_starts(ctx.w, ctx.cfg.reference, todo)
+    starts = with_hessians(ctx, reference_starts(ctx.w, ctx.cfg.reference, todo))
     from_mlip = sum(s.start == "mlip" for s in starts.values())
     ctx.log.info(
         "round %d: verifying %d candidates with %s (%s acquisition), %d from their MLIP structure",
@@ -155,60 +158,6 @@ def verify_picks(ctx: Round, picks: list[str]) -> None:
     reference_stage(ctx, [(c, starts[c].atoms) for c in todo], verified=True, starts=starts)
 
 
-@dataclass(frozen=True)
-class Start:
-    """Where one reference relaxation starts: ``start`` is ``mlip`` or ``initial``; ``reason``
-    says why the initial structure was used where the configuration asked for the MLIP one."""
-
-    atoms: Atoms
-    start: str
-    reason: str = ""
-
-
-def reference_starts(w: CampaignWriter, ref: ReferenceConfig, ids: list[str]) -> dict[str, Start]:
-    """id -> the structure its reference relaxation starts from: with ``ref.start`` ``mlip``, the
-    latest MLIP-relaxed structure where :func:`mlip_starts` allows it, else the generated one."""
-    if ref.start == "initial":
-        return {cid: Start(a, "initial") for cid, a in candidate_atoms(w, ids)}
-    return mlip_starts(w, ids, ref.start_max_volume_change)
-
-
-def mlip_starts(w: CampaignWriter, ids: list[str], max_volume_change: float) -> dict[str, Start]:
-    """id -> where a relaxation that could continue from the MLIP structure starts.
-
-    The latest MLIP-relaxed structure when that relaxation is usable (``ok``, ``symmetry_changed``),
-    changed the volume by at most ``max_volume_change`` and is still the generated structure's type
-    by StructureMatcher (default tolerances, volume scaled out): then it starts near its answer. A
-    young model can carry a cell into another basin (squeezed, sheared, atoms swapped into another
-    arrangement); then the generated structure, with the reason.
-    """
-    from pymatgen.core.structure_matcher import StructureMatcher
-    from pymatgen.io.ase import AseAtomsAdaptor
-
-    initial = dict(candidate_atoms(w, ids))
-    mlip = w.table("mlip")
-    frames, row_of = w.latest_frames("mlip", mlip)
-    matcher = StructureMatcher()
-    out = {}
-    for cid in ids:
-        if cid not in row_of or frames is None:
-            out[cid] = Start(initial[cid], "initial", "no MLIP result")
-            continue
-        row = row_of[cid]
-        status = str(mlip["status"].iloc[row])
-        relaxed = frames.atoms(row)
-        change = relaxed.get_volume() / initial[cid].get_volume() - 1
-        if status not in USABLE:
-            out[cid] = Start(initial[cid], "initial", f"MLIP outcome {status}")
-        elif abs(change) > max_volume_change:
-            out[cid] = Start(initial[cid], "initial", f"MLIP volume change {change:+.0%}")
-        elif not matcher.fit(AseAtomsAdaptor.get_structure(initial[cid]), AseAtomsAdaptor.get_structure(relaxed)):
-            out[cid] = Start(initial[cid], "initial", "MLIP structure no longer matches the generated one")
-        else:
-            out[cid] = Start(relaxed, "mlip")
-    return out
-
-
 def record_reference(
     w: CampaignWriter,
     round_: int,
@@ -218,6 +167,7 @@ def record_reference(
     verified: bool,
     start: str = "initial",
     start_reason: str = "",
+    hessian: str = DEFAULT_HESSIAN,
 ) -> None:
     """A reference result: its frames join the training set; a verified one joins the DFT table.
 
@@ -245,6 +195,7 @@ def record_reference(
             e_dft_per_atom=result.energy_per_atom,
             start=start,
             start_reason=start_reason,
+            hessian=hessian,
         )
         batches.append(Batch("dft", key, record_columns([row]), Frames.from_atoms([result.atoms])))
     if batches:  # one commit: a kill between the frames and the row would redo the calculation
@@ -345,7 +296,7 @@ def retry_references(run: Run, pending: dict[str, tuple[int, int]]) -> None:
             by_round.setdefault(round_, []).append(cid)
     for round_, ids in sorted(by_round.items()):
         ctx = run.round(round_)
-        starts = reference_starts(run.w, run.cfg.reference, ids)
+        starts = with_hessians(ctx, reference_starts(run.w, run.cfg.reference, ids))
         ctx.log.info("round %d: computing %d reference calculations again (%s)", round_, len(ids), ", ".join(ids[:5]))
         reference_stage(ctx, [(c, starts[c].atoms) for c in ids], verified=True, starts=starts)
 

@@ -107,13 +107,16 @@ TABLES: dict[str, Table] = {
                 "e_dft_per_atom": "float",
                 "start": "str",
                 "start_reason": "str",
+                "hessian": "str",
             },
-            "verified reference calculations: one per candidate and reference set, with the relaxed structure "
-            "and where the relaxation started (mlip or initial, and why initial)",
+            "verified reference calculations: one per candidate and reference set, with the relaxed structure, "
+            "where the relaxation started (mlip or initial, and why initial) and the Hessian BFGS started with "
+            "(mlip: the screening committee's; default: ASE's guess, with the reason where mlip was asked for)",
             structures=True,
             migrate={
                 "reference_set": lambda df: df["settings_hash"],  # stores before reference sets
                 "start": lambda df: pd.Series("initial", index=df.index),  # stores before MLIP starts
+                "hessian": lambda df: pd.Series("default", index=df.index),  # stores before model Hessians
             },
         ),
         Table(
