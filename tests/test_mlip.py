@@ -6,6 +6,7 @@ Cu-Pd (real mace-torch training); every test uses it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -121,6 +122,12 @@ def test_fine_tuning_improves_on_new_data(committee, tmp_path):
     before = evaluate(start, held_out)["forces_rmse"]
     after = evaluate(str(tuned.path), held_out)["forces_rmse"]
     assert after < before, (before, after)
+    # every epoch is validated and the best one kept (validated every fifth, a 6-epoch fine-tune kept
+    # its first or sixth epoch whatever the others were)
+    evals = [json.loads(line) for line in next(tuned.path.parent.glob("results/*_train.txt")).read_text().splitlines()]
+    losses = {e["epoch"]: e["loss"] for e in evals if e["mode"] == "eval" and e["epoch"] is not None}
+    assert sorted(losses) == list(range(TRAINING.finetune_epochs)) and tuned.epochs == TRAINING.finetune_epochs
+    assert tuned.kept_epoch == min(losses, key=losses.get) + 1
 
 
 def test_multihead_fine_tuning_with_replay_data(committee, tmp_path):

@@ -45,6 +45,8 @@ class TrainedModel:
     seconds: float = 0.0  # training run (child process) wall time: the training cost model is fitted on it
     content: bytes | None = None  # the file's bytes, for a writer on another machine (mlip.shipping)
     preloaded: bool = False  # the trainer was forked with mace imported (matdisc.mlip.launch)
+    epochs: int = 0  # epochs trained
+    kept_epoch: int | None = None  # the epoch (from 1) whose state was kept: the best on validation
 
 
 def split_by_structure(
@@ -128,7 +130,9 @@ def _run_train_args(
         "--ema_decay=0.99",
         "--amsgrad",
         "--save_cpu",
-        "--eval_interval=5",
+        # mace keeps the best *evaluated* epoch and evaluates only when epoch % eval_interval == 0:
+        # at 5 a 5-epoch fine-tune kept the state after its first epoch and threw epochs 1-4 away
+        "--eval_interval=1",
         "--log_level=WARNING",
     ]
 
@@ -190,7 +194,24 @@ def train_mace(
         _keep_campaign_head(model)
     with MODEL_LOCK:  # members run in threads: see MODEL_LOCK
         metrics = evaluate(str(model), valid, device=device, dtype=dtype) if valid else {}
-    return TrainedModel(model, mode, len(train), len(valid), metrics, run.seconds, preloaded=run.preloaded)
+    return TrainedModel(
+        model,
+        mode,
+        len(train),
+        len(valid),
+        metrics,
+        run.seconds,
+        preloaded=run.preloaded,
+        epochs=epochs,
+        kept_epoch=kept_epoch(workdir),
+    )
+
+
+def kept_epoch(workdir: Path) -> int | None:
+    """The epoch (from 1) of the checkpoint mace loaded at the end, the best on validation (it keeps
+    only that one, ``checkpoints/<name>_epoch-<k>.pt`` with ``k`` from 0); None without one."""
+    found = [int(p.stem.rsplit("-", 1)[1]) for p in Path(workdir).glob("checkpoints/*_epoch-*.pt")]
+    return max(found) + 1 if found else None
 
 
 def _keep_campaign_head(path: Path) -> None:

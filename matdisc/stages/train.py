@@ -85,7 +85,12 @@ def train(ctx: Round) -> ModelRecord:
     )
     metrics = {k: float(sum(m.metrics[k] for m in trained) / len(trained)) for k in trained[0].metrics}
     ctx.executor.trained(cfg, round_, trained)
-    log.info("trained: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    log.info(
+        "trained (kept epochs %s of %d, the best on validation): %s",
+        [m.kept_epoch for m in trained],
+        trained[0].epochs,
+        ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+    )
     paths = unpack(trained, w.path / "training" / f"r{round_}-shipped")
     return register_model(
         w,
