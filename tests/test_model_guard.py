@@ -59,9 +59,18 @@ def test_the_heldout_structures_are_fixed_by_id_and_never_trained_on(campaign_st
 
 def test_a_retrained_model_made_worse_is_caught_and_the_previous_one_screens(campaign_store, tmp_path):
     """Two committees fine-tuned from the campaign's last one on the same frames (the held-out half of
-    the round >= 1 structures left out of both), one with corrupted labels (each frame's energy moved
-    by +-0.3 eV/atom): judged against the clean one, the corrupted one is caught, the decision is
-    recorded, the clean one is registered again for the round and is what the next round uses."""
+    the round >= 1 structures left out of both), one with corrupted labels: each frame's energy 1
+    eV/atom higher, as labels from another code's energy zero would be (GPAW's energies are against
+    isolated atoms, most codes' are not). Judged against the clean one, the corrupted one is caught,
+    the decision is recorded, the clean one is registered again for the round and is what the next
+    round uses.
+
+    Smaller corruptions are worse too, but not beyond what a paired test on the fixture's five
+    held-out structures can tell (measured 2026-12-08): random +-0.3 eV/atom per frame averages out
+    over a relaxation's frames (11 meV/atom worse); 0.5 eV per Pd atom was 89 worse with a noise
+    bound of 161, +0.3 eV/atom 136 worse with 179 (the model learns the shift unevenly, and the
+    previous committee's own errors, 88 meV/atom, vary by structure). +1 eV/atom: 752 worse, 293.
+    """
     from matdisc.jobs import train
     from matdisc.mlip.shipping import unpack
     from matdisc.stages.context import Run
@@ -71,7 +80,6 @@ def test_a_retrained_model_made_worse_is_caught_and_the_previous_one_screens(cam
 
     cfg = _copy(campaign_store, tmp_path, heldout_fraction=0.5)
     training = cfg.mlip.training.model_dump(mode="json")
-    rng = np.random.default_rng(0)
     with CampaignWriter(cfg.store_path) as w:
         start = current_model(w)
         frames, groups = training_set(w, cfg)
@@ -79,7 +87,7 @@ def test_a_retrained_model_made_worse_is_caught_and_the_previous_one_screens(cam
         for name in ("clean", "corrupted"):
             if name == "corrupted":
                 for a in frames:
-                    a.info["REF_energy"] += rng.choice([-0.3, 0.3]) * len(a)
+                    a.info["REF_energy"] += 1.0 * len(a)
             members = train(frames, groups, str(tmp_path / name), training, cfg.mlip.ensemble, 0, "cpu",
                             cfg.mlip.dtype, start.paths)
             committees[name] = register_model(
