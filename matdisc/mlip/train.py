@@ -187,6 +187,12 @@ def train_mace(
     log = workdir / "run_train.log"
     run = run_trainer(args, workdir, log, threads=threads)
     model = workdir / f"{name}.model"
+    if run.exitcode != 0 and not log.exists():  # the child died before it opened its log
+        raise TrainingError(
+            f"the training process exited ({run.exitcode}) before mace started: a script that runs a "
+            'campaign must do so under `if __name__ == "__main__":` (the process re-imports the main '
+            "module, see the traceback above)"
+        )
     if run.exitcode != 0 or not model.exists():
         tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
         raise TrainingError(f"mace training failed (exit {run.exitcode}): {' | '.join(tail)}")
