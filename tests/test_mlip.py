@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,26 @@ def test_a_training_mace_rejects_fails_with_maces_own_error(tmp_path):
     with pytest.raises(TrainingError, match=r"mace training failed \(exit 1\): .*\S"):
         train_mace(frames[:12], frames[12:16], tmp_path / "m", bad)
     assert not (tmp_path / "m" / "mace-s0.model").exists()
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path):
+    """The training child re-imports the main module: a script that trains at import time restarts
+    inside it, and the error names the guard instead of an empty mace failure."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from test_mlip import TRAINING, emt_frames\n"
+        "from matdisc.mlip.train import train_mace\n"
+        "frames, _ = emt_frames(2, seed=1)\n"
+        f"train_mace(frames[:6], frames[6:], Path({str(tmp_path / 'm')!r}), TRAINING.sized('cpu'))\n"
+    )
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("matdisc.mlip.train.TrainingError: the training process exited (1) before mace started")
+    assert '`if __name__ == "__main__":`' in last
 
 
 def _launch_in_daemon(args, cwd, out):  # a daemonic process, as a Dask worker left at its default
